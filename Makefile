@@ -1,0 +1,41 @@
+# invoice — developer entry points. `make` alone lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+# Development-only settings for `make run` (never used in production).
+DEV_ENV := set -a; source scripts/dev.env; set +a;
+
+.PHONY: help deps deps-down deps-status run test lint bench topics build
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+deps: ## Install if missing and start Postgres, Redis and Kafka on 127.0.0.1 (idempotent)
+	@scripts/deps.sh up
+
+deps-down: ## Stop the local Postgres, Redis and Kafka
+	@scripts/deps.sh down
+
+deps-status: ## Show whether each local dependency answers
+	@scripts/deps.sh status
+
+build: ## Build the release binary
+	$(CARGO) build --locked --release --bin invoice
+
+run: deps build ## Migrate with seed data, create topics, and run the service locally
+	@$(DEV_ENV) target/release/invoice migrate --seed
+	@$(DEV_ENV) target/release/invoice topics apply
+	@scripts/run.sh
+
+test: deps ## Start the dependencies and run every test
+	RUST_TEST_THREADS=$${RUST_TEST_THREADS:-4} $(CARGO) test --locked --all-targets
+
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets --all-features -- -D warnings
+
+bench: deps ## Micro benchmarks (criterion)
+	$(CARGO) bench --locked --bench micro
+
+topics: deps build ## Create the Kafka topics of topics/ on the local broker, report differences
+	@$(DEV_ENV) target/release/invoice topics apply

@@ -1,0 +1,138 @@
+//! Wiring: builds the shared clients for a mode and runs it until the shutdown token is
+//! cancelled. `main` and the integration tests both come through here, so tests exercise
+//! the production path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::FutureProducer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::crypto::Keyring;
+use crate::http::{self, HttpState};
+use crate::ids::SystemClock;
+use crate::metrics::Metrics;
+use crate::storage::{self, workers};
+
+/// How long start-up waits for Postgres before giving up with an error naming it.
+const DATABASE_WAIT: Duration = Duration::from_secs(30);
+
+/// Resolves on SIGTERM or SIGINT and cancels `token`.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+                    _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+                    _ = token.cancelled() => return,
+                }
+            }
+            _ => {
+                tracing::error!("Cannot install signal handlers; only an internal stop will shut down");
+                token.cancelled().await;
+                return;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = token.cancelled() => return,
+        }
+    }
+    token.cancel();
+}
+
+/// Opens the Postgres pool and waits (bounded) until it answers.
+pub async fn database(cfg: &Config, application_name: &str) -> anyhow::Result<sqlx::PgPool> {
+    let pool = storage::pool(cfg.database_url.expose(), application_name, cfg.database_max_connections)?;
+    let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
+    loop {
+        match storage::ping(&pool).await {
+            Ok(()) => return Ok(pool),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%error, "Postgres is not answering yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context("Postgres (APP_ENV_INVOICE_DATABASE_URL) did not answer"))
+            }
+        }
+    }
+}
+
+/// The Redis pool (connections are opened on first use).
+pub fn redis(cfg: &Config) -> anyhow::Result<deadpool_redis::Pool> {
+    deadpool_redis::Config::from_url(cfg.redis_url.expose().as_str())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .context("APP_ENV_INVOICE_REDIS_URL: cannot build a Redis pool")
+}
+
+/// A Kafka producer with the settings every output of ours needs: idempotence (no
+/// duplicates from internal retries) and acks from all in-sync replicas.
+pub fn kafka_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka_brokers)
+        .set("client.id", format!("{}-{}", cfg.service_code, cfg.worker_id))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()
+        .context("APP_ENV_INVOICE_KAFKA_BROKERS: cannot build a Kafka producer")
+}
+
+/// The credentials keyring.
+pub fn keyring(cfg: &Config) -> Keyring {
+    Keyring::new(cfg.credentials_key.clone())
+}
+
+/// Runs the HTTP API on `listener` until `shutdown` is cancelled.
+pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    metrics.running("api");
+    let db = database(&cfg, "invoice-api").await?;
+    let holder = format!("api@{}", hostname());
+    let lease = workers::acquire(
+        cfg.database_url.expose(),
+        cfg.worker_id,
+        &holder,
+        Arc::new(SystemClock),
+        metrics.clone(),
+    )
+    .await?;
+    let state = Arc::new(HttpState {
+        metrics: metrics.clone(),
+        readiness: http::health::Readiness {
+            db: db.clone(),
+            redis: redis(&cfg)?,
+            kafka: kafka_producer(&cfg)?,
+            timeout: cfg.ready_timeout,
+        },
+    });
+    tracing::info!(addr = %listener.local_addr()?, worker_id = cfg.worker_id, "Serving the HTTP API");
+    http::server::serve(listener, state, shutdown).await;
+    lease.release().await;
+    db.close().await;
+    tracing::info!("API stopped");
+    Ok(())
+}
+
+/// This host's name, for lease holders and client ids.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+        + &format!(":{}", std::process::id())
+}

@@ -1,0 +1,575 @@
+//! Configuration (SPEC §6): environment variables read once at start-up into a typed,
+//! validated [`Config`]. Nothing else in the crate reads the environment.
+//!
+//! Each mode requires only what it uses: the HTTP secrets are required for `api` (and
+//! `all`), not for `stream`. A missing or malformed required value is a [`ConfigError`]
+//! naming the variable; `main` prints it and exits with code 2.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The prefix of every variable of ours (the webhook secrets excepted, as SPEC §6 names them).
+pub const PREFIX: &str = "APP_ENV_INVOICE_";
+
+/// What the process will run; decides which variables are required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The HTTP API.
+    Api,
+    /// The Kafka stream processor.
+    Stream,
+    /// The issuance workers.
+    Worker,
+    /// API, stream and workers in one process.
+    All,
+    /// A one-shot command (migrate, topics, inspect…): needs the connections, not the HTTP
+    /// secrets.
+    Tool,
+}
+
+impl Mode {
+    fn serves_http(self) -> bool {
+        matches!(self, Mode::Api | Mode::All)
+    }
+}
+
+/// A value that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps a secret value.
+    pub fn new(value: T) -> Self {
+        Secret(value)
+    }
+    /// The secret itself, for the one place that needs it (signing, decrypting).
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl<T> fmt::Display for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A configuration problem, naming the variable so the operator can fix it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("configuration: {var}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: String,
+    /// What is wrong with it (never its value when the value is a secret).
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(var: &str, reason: impl Into<String>) -> Self {
+        ConfigError { var: var.to_owned(), reason: reason.into() }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `key=value` text lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Topic names (SPEC §2), each overridable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// `payment.succeeded.v1`
+    pub payment: String,
+    /// `merchant.cdc.v1`
+    pub merchant_cdc: String,
+    /// `invoice.events.v1`
+    pub events: String,
+    /// `invoice.deadletter.v1`
+    pub deadletter: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            payment: "payment.succeeded.v1".into(),
+            merchant_cdc: "merchant.cdc.v1".into(),
+            events: "invoice.events.v1".into(),
+            deadletter: "invoice.deadletter.v1".into(),
+        }
+    }
+}
+
+/// Secrets and JWT settings of the HTTP API; present only in modes that serve it.
+#[derive(Debug, Clone)]
+pub struct HttpAuth {
+    /// `WEBHOOK_SECRET`
+    pub webhook_secret: Secret<String>,
+    /// `WEBHOOK_SECRET_PREVIOUS`, accepted during a rotation.
+    pub webhook_secret_previous: Option<Secret<String>>,
+    /// `WEBHOOK_INTERNAL_SECRET`
+    pub webhook_internal_secret: Secret<String>,
+    /// `WEBHOOK_INTERNAL_SECRET_PREVIOUS`
+    pub webhook_internal_secret_previous: Option<Secret<String>>,
+    /// Where the ES256 verification keys are published.
+    pub jwks_url: String,
+    /// Expected `iss`.
+    pub jwt_issuer: String,
+    /// Expected `aud`.
+    pub jwt_audience: String,
+}
+
+/// The whole configuration of one process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Postgres connection string (may hold a password: masked).
+    pub database_url: Secret<String>,
+    /// Redis connection string (may hold a password: masked).
+    pub redis_url: Secret<String>,
+    /// Kafka bootstrap servers.
+    pub kafka_brokers: String,
+    /// The service code, used in the default group id and in audit actors.
+    pub service_code: String,
+    /// Kafka consumer group.
+    pub kafka_group_id: String,
+    /// Snowflake worker id, 0–1023; unique per process (held with an advisory lock).
+    pub worker_id: u16,
+    /// 32-byte AES-256-GCM key for provider credentials.
+    pub credentials_key: Secret<[u8; 32]>,
+    /// HTTP listen address.
+    pub http_addr: SocketAddr,
+    /// Number of issuance queue partitions (SPEC §4).
+    pub queue_partitions: u32,
+    /// Topic names.
+    pub topics: Topics,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// HTTP API auth settings; `Some` exactly when the mode serves HTTP.
+    pub http_auth: Option<HttpAuth>,
+    /// Largest Postgres pool per process.
+    pub database_max_connections: u32,
+    /// How long `/ready` waits for each dependency.
+    pub ready_timeout: Duration,
+}
+
+/// Where variables come from: the process environment in production, a map in tests.
+pub trait Source {
+    /// The value of `name`, if set.
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment (after `.env` was merged into it).
+pub struct Environment;
+
+impl Source for Environment {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+/// Reads `.env` from the working directory if it exists; variables already set win.
+pub fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(e) => Err(ConfigError::new(".env", e.to_string())),
+    }
+}
+
+impl Config {
+    /// Reads and validates the configuration for `mode` from the process environment.
+    pub fn from_env(mode: Mode) -> Result<Config, ConfigError> {
+        Config::from_source(&Environment, mode)
+    }
+
+    /// Reads and validates the configuration for `mode` from `source`.
+    pub fn from_source(source: &dyn Source, mode: Mode) -> Result<Config, ConfigError> {
+        let var = |suffix: &str| format!("{PREFIX}{suffix}");
+        // An empty value counts as unset: a deployment template that renders `FOO=` must not
+        // silently configure an empty secret.
+        let get = |name: &str| source.get(name).filter(|v| !v.trim().is_empty());
+
+        let database_url =
+            get(&var("DATABASE_URL")).unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/invoice".into());
+        check_url(&var("DATABASE_URL"), &database_url, &["postgres", "postgresql"])?;
+        let redis_url = get(&var("REDIS_URL")).unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
+        check_url(&var("REDIS_URL"), &redis_url, &["redis", "rediss"])?;
+        let kafka_brokers = get(&var("KAFKA_BROKERS")).unwrap_or_else(|| "127.0.0.1:9092".into());
+        for broker in kafka_brokers.split(',') {
+            let ok = broker
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.trim().is_empty() && port.trim().parse::<u16>().is_ok());
+            if !ok {
+                return Err(ConfigError::new(
+                    &var("KAFKA_BROKERS"),
+                    format!("`{broker}` is not host:port (comma-separated list expected)"),
+                ));
+            }
+        }
+        let service_code = get(&var("SERVICE_CODE")).unwrap_or_else(|| "SVC-00150-INVOICE".into());
+        let kafka_group_id =
+            get(&var("KAFKA_GROUP_ID")).unwrap_or_else(|| format!("{service_code}_CONSUMER"));
+
+        let worker_id_var = var("WORKER_ID");
+        let worker_id = get(&worker_id_var)
+            .ok_or_else(|| ConfigError::new(&worker_id_var, "required (an integer 0–1023)"))?;
+        let worker_id =
+            worker_id.trim().parse::<u16>().ok().filter(|id| *id <= crate::ids::MAX_WORKER_ID).ok_or_else(
+                || ConfigError::new(&worker_id_var, format!("`{worker_id}` is not an integer 0–1023")),
+            )?;
+
+        let key_var = var("CREDENTIALS_KEY");
+        let key_hex = get(&key_var).ok_or_else(|| {
+            ConfigError::new(&key_var, "required (64 hex characters; `invoice keygen` makes one)")
+        })?;
+        let credentials_key = parse_key(key_hex.trim())
+            .ok_or_else(|| ConfigError::new(&key_var, "must be exactly 64 hex characters (32 bytes)"))?;
+
+        let http_addr_var = var("HTTP_ADDR");
+        let http_addr = get(&http_addr_var).unwrap_or_else(|| "127.0.0.1:31140".into());
+        let http_addr = http_addr.trim().parse::<SocketAddr>().map_err(|_| {
+            ConfigError::new(&http_addr_var, format!("`{http_addr}` is not an ip:port address"))
+        })?;
+
+        let partitions_var = var("QUEUE_PARTITIONS");
+        let queue_partitions = match get(&partitions_var) {
+            None => 3,
+            Some(v) => v.trim().parse::<u32>().ok().filter(|p| (1..=1024).contains(p)).ok_or_else(|| {
+                ConfigError::new(&partitions_var, format!("`{v}` is not an integer 1–1024"))
+            })?,
+        };
+
+        let defaults = Topics::default();
+        let topic = |suffix: &str, default: String| -> Result<String, ConfigError> {
+            let name = var(&format!("TOPIC_{suffix}"));
+            match get(&name) {
+                None => Ok(default),
+                Some(t) if valid_topic_name(&t) => Ok(t),
+                Some(t) => Err(ConfigError::new(
+                    &name,
+                    format!("`{t}` is not a valid Kafka topic name ([a-zA-Z0-9._-], 1–249 characters)"),
+                )),
+            }
+        };
+        let topics = Topics {
+            payment: topic("PAYMENT", defaults.payment)?,
+            merchant_cdc: topic("MERCHANT_CDC", defaults.merchant_cdc)?,
+            events: topic("EVENTS", defaults.events)?,
+            deadletter: topic("DEADLETTER", defaults.deadletter)?,
+        };
+
+        let log_var = var("LOG_FORMAT");
+        let log_format = match get(&log_var).as_deref().map(str::trim) {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(&log_var, format!("`{other}` is not `text` or `json`")))
+            }
+        };
+
+        let pool_var = var("DATABASE_MAX_CONNECTIONS");
+        let database_max_connections = match get(&pool_var) {
+            None => 16,
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| ConfigError::new(&pool_var, format!("`{v}` is not an integer 1–1000")))?,
+        };
+
+        let http_auth = if mode.serves_http() {
+            let required =
+                |name: &str| get(name).ok_or_else(|| ConfigError::new(name, "required for the HTTP API"));
+            let secret = |name: &str| -> Result<Secret<String>, ConfigError> {
+                let value = required(name)?;
+                check_webhook_secret(name, &value)?;
+                Ok(Secret::new(value))
+            };
+            let optional_secret = |name: &str| -> Result<Option<Secret<String>>, ConfigError> {
+                get(name)
+                    .map(|value| {
+                        check_webhook_secret(name, &value)?;
+                        Ok(Secret::new(value))
+                    })
+                    .transpose()
+            };
+            let jwks_url = required(&var("JWKS_URL"))?;
+            check_url(&var("JWKS_URL"), &jwks_url, &["http", "https"])?;
+            Some(HttpAuth {
+                webhook_secret: secret("WEBHOOK_SECRET")?,
+                webhook_secret_previous: optional_secret("WEBHOOK_SECRET_PREVIOUS")?,
+                webhook_internal_secret: secret("WEBHOOK_INTERNAL_SECRET")?,
+                webhook_internal_secret_previous: optional_secret("WEBHOOK_INTERNAL_SECRET_PREVIOUS")?,
+                jwks_url,
+                jwt_issuer: required(&var("JWT_ISSUER"))?,
+                jwt_audience: required(&var("JWT_AUDIENCE"))?,
+            })
+        } else {
+            None
+        };
+
+        Ok(Config {
+            database_url: Secret::new(database_url),
+            redis_url: Secret::new(redis_url),
+            kafka_brokers,
+            service_code,
+            kafka_group_id,
+            worker_id,
+            credentials_key: Secret::new(credentials_key),
+            http_addr,
+            queue_partitions,
+            topics,
+            log_format,
+            http_auth,
+            database_max_connections,
+            ready_timeout: Duration::from_secs(2),
+        })
+    }
+}
+
+fn parse_key(hex_key: &str) -> Option<[u8; 32]> {
+    if hex_key.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(hex_key, &mut key).ok()?;
+    Some(key)
+}
+
+fn check_url(var: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    // Never echo the URL itself: it may carry a password.
+    match value.split_once("://") {
+        Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => Ok(()),
+        _ => Err(ConfigError::new(var, format!("not a URL with scheme {}", schemes.join(" or ")))),
+    }
+}
+
+fn check_webhook_secret(var: &str, value: &str) -> Result<(), ConfigError> {
+    use base64::Engine as _;
+    if let Some(b64) = value.strip_prefix("whsec_") {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| ConfigError::new(var, "has the `whsec_` prefix but is not base64 after it"))?;
+        if bytes.len() < 24 {
+            return Err(ConfigError::new(
+                var,
+                "decodes to fewer than 24 bytes; use at least 24 random bytes",
+            ));
+        }
+    } else if value.len() < 24 {
+        return Err(ConfigError::new(var, "is shorter than 24 characters; use a long random secret"));
+    }
+    Ok(())
+}
+
+/// Kafka's own rule for topic names.
+pub fn valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    fn minimal() -> HashMap<String, String> {
+        HashMap::from([
+            ("APP_ENV_INVOICE_WORKER_ID".to_owned(), "7".to_owned()),
+            ("APP_ENV_INVOICE_CREDENTIALS_KEY".to_owned(), KEY.to_owned()),
+        ])
+    }
+
+    fn with_api(mut env: HashMap<String, String>) -> HashMap<String, String> {
+        for (k, v) in [
+            ("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ("WEBHOOK_INTERNAL_SECRET", "an-internal-secret-of-sufficient-length"),
+            ("APP_ENV_INVOICE_JWKS_URL", "http://127.0.0.1:1/jwks.json"),
+            ("APP_ENV_INVOICE_JWT_ISSUER", "https://auth.example.vn"),
+            ("APP_ENV_INVOICE_JWT_AUDIENCE", "invoice"),
+        ] {
+            env.insert(k.to_owned(), v.to_owned());
+        }
+        env
+    }
+
+    fn err(env: &HashMap<String, String>, mode: Mode) -> ConfigError {
+        match Config::from_source(env, mode) {
+            Ok(_) => panic!("expected a configuration error"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let cfg = Config::from_source(&minimal(), Mode::Stream).unwrap();
+        assert_eq!(cfg.database_url.expose(), "postgres://postgres@127.0.0.1:5432/invoice");
+        assert_eq!(cfg.redis_url.expose(), "redis://127.0.0.1:6379/0");
+        assert_eq!(cfg.kafka_brokers, "127.0.0.1:9092");
+        assert_eq!(cfg.service_code, "SVC-00150-INVOICE");
+        assert_eq!(cfg.kafka_group_id, "SVC-00150-INVOICE_CONSUMER");
+        assert_eq!(cfg.http_addr.to_string(), "127.0.0.1:31140");
+        assert_eq!(cfg.queue_partitions, 3);
+        assert_eq!(cfg.topics, Topics::default());
+        assert_eq!(cfg.log_format, LogFormat::Text);
+        assert_eq!(cfg.worker_id, 7);
+        assert!(cfg.http_auth.is_none());
+    }
+
+    #[test]
+    fn group_id_follows_a_changed_service_code() {
+        let mut env = minimal();
+        env.insert("APP_ENV_INVOICE_SERVICE_CODE".into(), "SVC-1".into());
+        let cfg = Config::from_source(&env, Mode::Tool).unwrap();
+        assert_eq!(cfg.kafka_group_id, "SVC-1_CONSUMER");
+    }
+
+    #[test]
+    fn each_required_variable_missing_is_named() {
+        for var in ["APP_ENV_INVOICE_WORKER_ID", "APP_ENV_INVOICE_CREDENTIALS_KEY"] {
+            let mut env = minimal();
+            env.remove(var);
+            assert_eq!(err(&env, Mode::Stream).var, var);
+            // Empty is the same as missing.
+            env.insert(var.into(), "  ".into());
+            assert_eq!(err(&env, Mode::Stream).var, var);
+        }
+        for var in [
+            "WEBHOOK_SECRET",
+            "WEBHOOK_INTERNAL_SECRET",
+            "APP_ENV_INVOICE_JWKS_URL",
+            "APP_ENV_INVOICE_JWT_ISSUER",
+            "APP_ENV_INVOICE_JWT_AUDIENCE",
+        ] {
+            let mut env = with_api(minimal());
+            env.remove(var);
+            let e = err(&env, Mode::Api);
+            assert_eq!(e.var, var);
+            assert!(e.reason.contains("required"), "{e}");
+            assert_eq!(err(&env, Mode::All).var, var);
+            // Modes without HTTP do not need it.
+            assert!(Config::from_source(&env, Mode::Worker).is_ok());
+        }
+    }
+
+    #[test]
+    fn each_malformed_value_is_named() {
+        let cases = [
+            ("APP_ENV_INVOICE_WORKER_ID", "1024"),
+            ("APP_ENV_INVOICE_WORKER_ID", "-1"),
+            ("APP_ENV_INVOICE_WORKER_ID", "seven"),
+            ("APP_ENV_INVOICE_CREDENTIALS_KEY", &KEY[..62]),
+            (
+                "APP_ENV_INVOICE_CREDENTIALS_KEY",
+                "zz112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+            ),
+            ("APP_ENV_INVOICE_CREDENTIALS_KEY", &format!("{KEY}00")),
+            ("APP_ENV_INVOICE_DATABASE_URL", "mysql://x"),
+            ("APP_ENV_INVOICE_REDIS_URL", "127.0.0.1:6379"),
+            ("APP_ENV_INVOICE_KAFKA_BROKERS", "127.0.0.1"),
+            ("APP_ENV_INVOICE_KAFKA_BROKERS", "127.0.0.1:9092,:x"),
+            ("APP_ENV_INVOICE_HTTP_ADDR", "localhost"),
+            ("APP_ENV_INVOICE_QUEUE_PARTITIONS", "0"),
+            ("APP_ENV_INVOICE_QUEUE_PARTITIONS", "three"),
+            ("APP_ENV_INVOICE_TOPIC_PAYMENT", "bad topic"),
+            ("APP_ENV_INVOICE_TOPIC_MERCHANT_CDC", "x/y"),
+            ("APP_ENV_INVOICE_TOPIC_EVENTS", ".."),
+            ("APP_ENV_INVOICE_TOPIC_DEADLETTER", "a*b"),
+            ("APP_ENV_INVOICE_LOG_FORMAT", "xml"),
+            ("APP_ENV_INVOICE_DATABASE_MAX_CONNECTIONS", "0"),
+        ];
+        for (var, value) in cases {
+            let mut env = minimal();
+            env.insert(var.into(), value.into());
+            assert_eq!(err(&env, Mode::Stream).var, var, "{var}={value}");
+        }
+        let api_cases = [
+            ("WEBHOOK_SECRET", "short"),
+            ("WEBHOOK_SECRET", "whsec_!!!not-base64!!!"),
+            ("WEBHOOK_SECRET_PREVIOUS", "short"),
+            ("WEBHOOK_INTERNAL_SECRET", "whsec_c2hvcnQ="),
+            ("WEBHOOK_INTERNAL_SECRET_PREVIOUS", "short"),
+            ("APP_ENV_INVOICE_JWKS_URL", "ftp://x"),
+        ];
+        for (var, value) in api_cases {
+            let mut env = with_api(minimal());
+            env.insert(var.into(), value.into());
+            assert_eq!(err(&env, Mode::Api).var, var, "{var}={value}");
+        }
+    }
+
+    #[test]
+    fn errors_and_debug_never_show_secret_values() {
+        let mut env = with_api(minimal());
+        env.insert("APP_ENV_INVOICE_DATABASE_URL".into(), "postgres://u:hunter2-password@db/invoice".into());
+        let cfg = Config::from_source(&env, Mode::Api).unwrap();
+        let shown = format!("{cfg:?}");
+        for secret in
+            ["hunter2-password", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "an-internal-secret", "00112233"]
+        {
+            assert!(!shown.contains(secret), "Debug shows {secret}: {shown}");
+        }
+        env.insert("APP_ENV_INVOICE_DATABASE_URL".into(), "mysql://u:hunter2-password@db".into());
+        let e = err(&env, Mode::Api);
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        env = with_api(minimal());
+        env.insert("APP_ENV_INVOICE_CREDENTIALS_KEY".into(), format!("{KEY}0"));
+        assert!(!err(&env, Mode::Api).to_string().contains(&KEY[..20]));
+    }
+
+    #[test]
+    fn overrides_are_read() {
+        let mut env = with_api(minimal());
+        for (k, v) in [
+            ("APP_ENV_INVOICE_QUEUE_PARTITIONS", "8"),
+            ("APP_ENV_INVOICE_TOPIC_PAYMENT", "p.v1"),
+            ("APP_ENV_INVOICE_TOPIC_MERCHANT_CDC", "m.v1"),
+            ("APP_ENV_INVOICE_TOPIC_EVENTS", "e.v1"),
+            ("APP_ENV_INVOICE_TOPIC_DEADLETTER", "d.v1"),
+            ("APP_ENV_INVOICE_LOG_FORMAT", "json"),
+            ("APP_ENV_INVOICE_KAFKA_GROUP_ID", "g1"),
+            ("APP_ENV_INVOICE_HTTP_ADDR", "0.0.0.0:8080"),
+        ] {
+            env.insert(k.into(), v.into());
+        }
+        let cfg = Config::from_source(&env, Mode::All).unwrap();
+        assert_eq!(cfg.queue_partitions, 8);
+        assert_eq!(
+            cfg.topics,
+            Topics {
+                payment: "p.v1".into(),
+                merchant_cdc: "m.v1".into(),
+                events: "e.v1".into(),
+                deadletter: "d.v1".into()
+            }
+        );
+        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.kafka_group_id, "g1");
+        assert_eq!(cfg.http_addr.port(), 8080);
+        let auth = cfg.http_auth.unwrap();
+        assert_eq!(auth.jwt_audience, "invoice");
+        assert!(auth.webhook_secret_previous.is_none());
+    }
+}

@@ -1,0 +1,107 @@
+//! Liveness and readiness. `/health` only says the process serves HTTP; `/ready` asks
+//! Postgres, Redis and Kafka, concurrently and each with a deadline, and names the ones
+//! that failed.
+
+use std::time::Duration;
+
+use hyper::{Response, StatusCode};
+use rdkafka::producer::{FutureProducer, Producer};
+use serde_json::json;
+
+use super::problem::Problem;
+use super::server::bytes_body::Body;
+use crate::metrics::{Dependency, Metrics};
+
+/// `GET /health`.
+pub fn health() -> Response<Body> {
+    super::json(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+/// The clients `/ready` probes.
+pub struct Readiness {
+    /// Postgres pool.
+    pub db: sqlx::PgPool,
+    /// Redis pool.
+    pub redis: deadpool_redis::Pool,
+    /// Any Kafka client (metadata request).
+    pub kafka: FutureProducer,
+    /// Deadline per probe.
+    pub timeout: Duration,
+}
+
+impl Readiness {
+    async fn postgres(&self) -> Result<(), String> {
+        match tokio::time::timeout(self.timeout, crate::storage::ping(&self.db)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    async fn redis(&self) -> Result<(), String> {
+        let probe = async {
+            let mut conn = self.redis.get().await.map_err(|e| e.to_string())?;
+            let pong: String =
+                deadpool_redis::redis::cmd("PING").query_async(&mut conn).await.map_err(|e| e.to_string())?;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(format!("unexpected reply {pong}"))
+            }
+        };
+        tokio::time::timeout(self.timeout, probe).await.unwrap_or_else(|_| Err("timed out".into()))
+    }
+
+    async fn kafka(&self) -> Result<(), String> {
+        let producer = self.kafka.clone();
+        let timeout = self.timeout;
+        let probe = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, timeout).map_err(|e| e.to_string()).and_then(|m| {
+                if m.brokers().is_empty() {
+                    Err("no broker in metadata".to_owned())
+                } else {
+                    Ok(())
+                }
+            })
+        });
+        match probe.await {
+            Ok(result) => result,
+            Err(_) => Err("probe task failed".into()),
+        }
+    }
+
+    /// `GET /ready`: 200 when all answer, else 503 naming the failed ones.
+    pub async fn check(&self, metrics: &Metrics) -> Response<Body> {
+        let (pg, redis, kafka) = tokio::join!(self.postgres(), self.redis(), self.kafka());
+        let results = [(Dependency::Postgres, pg), (Dependency::Redis, redis), (Dependency::Kafka, kafka)];
+        let mut checks = serde_json::Map::new();
+        let mut failed = Vec::new();
+        for (dependency, result) in &results {
+            metrics.dependency_checked(*dependency, result.is_ok());
+            match result {
+                Ok(()) => {
+                    checks.insert(dependency.as_str().into(), json!("ok"));
+                }
+                Err(reason) => {
+                    tracing::warn!(dependency = dependency.as_str(), reason = %reason, "Readiness check failed");
+                    // Connection errors may carry a host name but never credentials; still,
+                    // keep the client-facing text to the dependency's name and a class.
+                    checks.insert(dependency.as_str().into(), json!("unavailable"));
+                    failed.push(dependency.as_str());
+                }
+            }
+        }
+        if failed.is_empty() {
+            super::json(StatusCode::OK, &json!({"status": "ok", "checks": checks}))
+        } else {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-ready",
+                format!("not ready: {} did not answer", failed.join(", ")),
+            )
+            .with("checks", serde_json::Value::Object(checks))
+            .with("failed", json!(failed))
+            .into_response()
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Postgres, the system of record. All SQL of the service lives under this module; callers
+//! get typed functions. Functions that must be atomic with others take a `&mut Tx`, so the
+//! caller owns the transaction boundary.
+
+pub mod error;
+pub mod seed;
+pub mod workers;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+
+pub use error::StorageError;
+
+/// A Postgres transaction.
+pub type Tx = Transaction<'static, Postgres>;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connection options from a URL, with the application name set so `pg_stat_activity`
+/// shows who is connected.
+pub fn connect_options(url: &str, application_name: &str) -> Result<PgConnectOptions, StorageError> {
+    let options: PgConnectOptions = url.parse().map_err(|_| StorageError::InvalidUrl)?;
+    Ok(options.application_name(application_name))
+}
+
+/// Opens a pool. Does not wait for the database to answer: start-up checks it explicitly
+/// so the error names the dependency.
+pub fn pool(url: &str, application_name: &str, max_connections: u32) -> Result<PgPool, StorageError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .connect_lazy_with(connect_options(url, application_name)?))
+}
+
+/// Applies every migration not yet applied. Safe to run concurrently from several processes
+/// (sqlx takes an advisory lock).
+pub async fn migrate(pool: &PgPool) -> Result<(), StorageError> {
+    MIGRATOR.run(pool).await.map_err(StorageError::from)
+}
+
+/// A trivial round trip, for readiness.
+pub async fn ping(pool: &PgPool) -> Result<(), StorageError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! The snowflake worker-id lease (security notes R17–R19): a process holds a Postgres
+//! advisory lock on its worker id, on a connection of its own, for its whole life. A second
+//! process with the same id is refused at start-up. If the lease connection drops, id
+//! generation stops until the lock is taken again. The newest millisecond used is written
+//! back every second so a restarted process waits for its clock to pass it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+
+use super::{connect_options, StorageError};
+use crate::ids::{Clock, Snowflake};
+use crate::metrics::Metrics;
+
+/// First key of the two-key advisory lock; the second is the worker id.
+const LOCK_NAMESPACE: i32 = 0x1_1405;
+/// How long start-up will wait for the clock to pass the last used millisecond.
+const MAX_START_WAIT: Duration = Duration::from_secs(5);
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// Why the worker id could not be leased.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// Another live process holds the id.
+    #[error("snowflake worker id {worker_id} is already held by another process (APP_ENV_INVOICE_WORKER_ID must be unique per process)")]
+    Taken {
+        /// The contested id.
+        worker_id: u16,
+    },
+    /// The clock is far behind the last id this worker issued.
+    #[error("system clock is {behind_ms} ms behind the last id issued with worker id {worker_id}; refusing to start")]
+    ClockBehind {
+        /// The worker id.
+        worker_id: u16,
+        /// How far behind.
+        behind_ms: u64,
+    },
+    /// Postgres failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// A held worker id and the generator it licenses. Dropping it (or cancelling the token
+/// given to [`acquire`]) ends the background task, which writes the last millisecond back
+/// and closes the connection, releasing the lock.
+pub struct WorkerLease {
+    /// The id generator; clones may be handed to every task.
+    pub ids: Snowflake,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl WorkerLease {
+    /// Writes the last used millisecond and releases the lock.
+    pub async fn release(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ended = task.await;
+        }
+    }
+}
+
+impl Drop for WorkerLease {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn try_lock(conn: &mut PgConnection, worker_id: u16) -> Result<bool, StorageError> {
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(LOCK_NAMESPACE)
+        .bind(i32::from(worker_id))
+        .fetch_one(conn)
+        .await?)
+}
+
+async fn persist(
+    conn: &mut PgConnection,
+    worker_id: u16,
+    last_ms: u64,
+    holder: &str,
+) -> Result<(), StorageError> {
+    sqlx::query(
+        "INSERT INTO snowflake_worker (worker_id, last_ms, holder) VALUES ($1, $2, $3)
+         ON CONFLICT (worker_id) DO UPDATE
+           SET last_ms = GREATEST(snowflake_worker.last_ms, EXCLUDED.last_ms),
+               holder = EXCLUDED.holder, updated_at = now()",
+    )
+    .bind(i32::from(worker_id))
+    .bind(last_ms as i64)
+    .bind(holder)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Takes the lease on `worker_id` or fails; `holder` names this process in the table.
+pub async fn acquire(
+    database_url: &str,
+    worker_id: u16,
+    holder: &str,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+) -> Result<WorkerLease, LeaseError> {
+    let options = connect_options(database_url, "invoice-worker-id-lease")?;
+    let mut conn = PgConnection::connect_with(&options).await.map_err(StorageError::from)?;
+    if !try_lock(&mut conn, worker_id).await? {
+        return Err(LeaseError::Taken { worker_id });
+    }
+    let last_ms: Option<i64> =
+        sqlx::query_scalar("SELECT last_ms FROM snowflake_worker WHERE worker_id = $1")
+            .bind(i32::from(worker_id))
+            .fetch_optional(&mut conn)
+            .await
+            .map_err(StorageError::from)?;
+    let last_ms = last_ms.unwrap_or(0).max(0) as u64;
+    let now = clock.now_ms();
+    if last_ms >= now {
+        let behind = last_ms - now;
+        if behind > MAX_START_WAIT.as_millis() as u64 {
+            return Err(LeaseError::ClockBehind { worker_id, behind_ms: behind });
+        }
+        tracing::warn!(worker_id, behind_ms = behind, "Clock is behind the last issued id; waiting");
+        tokio::time::sleep(Duration::from_millis(behind + 1)).await;
+    }
+    let ids = Snowflake::new(worker_id, clock.clone(), last_ms);
+    persist(&mut conn, worker_id, clock.now_ms().max(last_ms), holder).await?;
+    tracing::info!(worker_id, holder, "Holding snowflake worker id");
+
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(keep(conn, options, ids.clone(), holder.to_owned(), stop.clone(), metrics));
+    Ok(WorkerLease { ids, task: Some(task), stop })
+}
+
+async fn keep(
+    conn: PgConnection,
+    options: sqlx::postgres::PgConnectOptions,
+    ids: Snowflake,
+    holder: String,
+    stop: CancellationToken,
+    metrics: Metrics,
+) {
+    let worker_id = ids.worker_id();
+    let mut conn = Some(conn);
+    let mut tick = tokio::time::interval(PERSIST_EVERY);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.cancelled() => true,
+        };
+        match conn.as_mut() {
+            Some(c) => {
+                if let Err(error) = persist(c, worker_id, ids.last_used_ms(), &holder).await {
+                    // The lock lived on that connection; another process may take the id now.
+                    ids.set_leased(false);
+                    metrics.worker_id_lease_lost(worker_id);
+                    tracing::error!(worker_id, %error, "Lost the worker-id lease; refusing to issue ids until it is re-acquired");
+                    conn = None;
+                }
+            }
+            None => match PgConnection::connect_with(&options).await {
+                Ok(mut c) => match try_lock(&mut c, worker_id).await {
+                    Ok(true) => {
+                        if persist(&mut c, worker_id, ids.last_used_ms(), &holder).await.is_ok() {
+                            ids.set_leased(true);
+                            tracing::info!(worker_id, "Re-acquired the worker-id lease");
+                            conn = Some(c);
+                        }
+                    }
+                    Ok(false) => tracing::error!(
+                        worker_id,
+                        "Worker id is now held by another process; ids stay refused"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(worker_id, %error, "Re-acquiring the worker-id lease failed")
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(worker_id, error = %StorageError::from(error), "Reconnecting for the worker-id lease failed")
+                }
+            },
+        }
+        if stopping {
+            if let Some(c) = conn.take() {
+                // Closing the connection releases the advisory lock.
+                if let Err(error) = c.close().await {
+                    tracing::warn!(worker_id, %error, "Closing the worker-id lease connection failed");
+                }
+            }
+            return;
+        }
+    }
+}

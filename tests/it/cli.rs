@@ -1,0 +1,197 @@
+//! The binary's command line: exit codes, configuration errors, migrate and seed.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::support::{base_env, invoice_cmd, wait_until, TestDb};
+
+fn run(env: &HashMap<String, String>, args: &[&str]) -> (i32, String, String) {
+    let out = invoice_cmd(env).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn partition_of_prints_the_runbook_partition() {
+    let env = HashMap::new();
+    assert_eq!(run(&env, &["partition-of", "polygenelubricants"]), (0, "2\n".into(), String::new()));
+    assert_eq!(run(&env, &["partition-of", "ORD-2026-000123"]).1, "0\n");
+    assert_eq!(run(&env, &["partition-of", "ĐƠN-HÀNG-1"]).1, "2\n");
+    assert_eq!(run(&env, &["partition-of", "ĐƠN-HÀNG-1", "--partitions", "7"]).1, "0\n");
+    let env = HashMap::from([("APP_ENV_INVOICE_QUEUE_PARTITIONS".to_owned(), "7".to_owned())]);
+    assert_eq!(run(&env, &["partition-of", "Hello World"]).1, "5\n");
+    let (code, _, err) = run(&HashMap::new(), &["partition-of", "x", "--partitions", "0"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn keygen_prints_a_fresh_64_hex_key() {
+    let (code, a, _) = run(&HashMap::new(), &["keygen"]);
+    let (_, b, _) = run(&HashMap::new(), &["keygen"]);
+    assert_eq!(code, 0);
+    assert_eq!(a.trim().len(), 64);
+    assert!(a.trim().bytes().all(|c| c.is_ascii_hexdigit()));
+    assert_ne!(a, b);
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["migrate", "--help"],
+        vec!["api", "--help"],
+        vec!["topics", "--help"],
+        vec!["topics", "apply", "--help"],
+        vec!["partition-of", "--help"],
+        vec!["keygen", "--help"],
+    ] {
+        let (code, out, _) = run(&HashMap::new(), &args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("Usage: invoice"), "{args:?}: {out}");
+    }
+}
+
+#[test]
+fn a_missing_or_malformed_required_variable_exits_2_naming_it() {
+    let env = base_env("postgres://postgres@127.0.0.1:5432/unused");
+    let cases: Vec<(&str, Option<&str>, &[&str])> = vec![
+        ("APP_ENV_INVOICE_WORKER_ID", None, &["migrate"]),
+        ("APP_ENV_INVOICE_WORKER_ID", Some("1024"), &["migrate"]),
+        ("APP_ENV_INVOICE_CREDENTIALS_KEY", None, &["migrate"]),
+        ("APP_ENV_INVOICE_CREDENTIALS_KEY", Some("abc"), &["api"]),
+        ("WEBHOOK_SECRET", None, &["api"]),
+        ("APP_ENV_INVOICE_JWKS_URL", None, &["api"]),
+        ("APP_ENV_INVOICE_HTTP_ADDR", Some("nowhere"), &["api"]),
+        ("APP_ENV_INVOICE_LOG_FORMAT", Some("yaml"), &["topics", "apply"]),
+    ];
+    for (var, value, args) in cases {
+        let mut env = env.clone();
+        match value {
+            Some(v) => env.insert(var.into(), v.into()),
+            None => env.remove(var),
+        };
+        let (code, _, err) = run(&env, args);
+        assert_eq!(code, 2, "{var}={value:?}: {err}");
+        assert!(err.contains(var), "{var}: {err}");
+    }
+}
+
+#[test]
+fn a_dotenv_file_is_read_and_set_variables_win() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "APP_ENV_INVOICE_WORKER_ID=5000\n").unwrap();
+    let env = base_env("postgres://postgres@127.0.0.1:5432/unused");
+    let mut without = env.clone();
+    without.remove("APP_ENV_INVOICE_WORKER_ID");
+    let out = invoice_cmd(&without).current_dir(dir.path()).args(["migrate"]).output().unwrap();
+    // The .env value (5000) was read: it is out of range.
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`5000` is not an integer 0–1023"));
+    // A variable already set wins over .env: this run gets past configuration.
+    let out = invoice_cmd(&env).current_dir(dir.path()).args(["partition-of", "a"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn migrate_with_seed_twice_changes_nothing_the_second_time() {
+    let db = TestDb::create_empty().await;
+    let env = base_env(&db.url);
+    let (code, out, err) = run(&env, &["migrate", "--seed"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "migrated; rows written: permissions 5, provinces 34, wards 3321, demo 2");
+    let tables = [
+        "permission",
+        "admin_province",
+        "admin_ward",
+        "merchant_tax_info",
+        "provider_config",
+        "_sqlx_migrations",
+    ];
+    let mut first = Vec::new();
+    for t in tables {
+        first.push(db.count(t).await);
+    }
+    assert_eq!(&first[..5], &[5, 34, 3321, 1, 1]);
+    let config_before: (Vec<u8>, Vec<u8>) =
+        sqlx::query_as("SELECT credentials_ciphertext, credentials_nonce FROM provider_config")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+
+    let (code, out, err) = run(&env, &["migrate", "--seed"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "migrated; rows written: permissions 0, provinces 0, wards 0, demo 0");
+    for (t, before) in tables.iter().zip(&first) {
+        assert_eq!(db.count(t).await, *before, "{t}");
+    }
+    let config_after: (Vec<u8>, Vec<u8>) =
+        sqlx::query_as("SELECT credentials_ciphertext, credentials_nonce FROM provider_config")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(config_before, config_after, "the demo credentials were re-encrypted");
+    // The demo credentials are ciphertext: the plaintext password is nowhere in the row.
+    assert!(!String::from_utf8_lossy(&config_after.0).contains("demo-password"));
+
+    let hanoi: (String, String) = sqlx::query_as("SELECT name, kind FROM admin_province WHERE code = '01'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(hanoi, ("Thành phố Hà Nội".to_owned(), "municipality".to_owned()));
+    let hanoi_wards: i64 = sqlx::query_scalar("SELECT count(*) FROM admin_ward WHERE province_code = '01'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(hanoi_wards > 100, "{hanoi_wards}");
+}
+
+#[tokio::test]
+async fn migrate_without_seed_loads_reference_data_but_no_demo_merchant() {
+    let db = TestDb::create_empty().await;
+    let (code, _, err) = run(&base_env(&db.url), &["migrate"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(db.count("admin_province").await, 34);
+    assert_eq!(db.count("merchant_tax_info").await, 0);
+    assert_eq!(db.count("provider_config").await, 0);
+}
+
+#[tokio::test]
+async fn migrate_names_postgres_when_it_cannot_connect() {
+    let env = base_env("postgres://postgres@127.0.0.1:1/invoice");
+    let started = std::time::Instant::now();
+    let (code, _, err) = tokio::task::spawn_blocking(move || run(&env, &["migrate"])).await.unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("APP_ENV_INVOICE_DATABASE_URL"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[tokio::test]
+async fn api_exits_0_on_sigterm() {
+    let db = TestDb::create().await;
+    let mut env = base_env(&db.url);
+    let port = free_port();
+    env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{port}"));
+    let mut child = invoice_cmd(&env).arg("api").stderr(std::process::Stdio::null()).spawn().unwrap();
+    let url = format!("http://127.0.0.1:{port}/health");
+    wait_until(Duration::from_secs(30), "the api process to answer", || {
+        let url = url.clone();
+        async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+    })
+    .await;
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = wait_until(Duration::from_secs(30), "the api process to exit", || {
+        let status = child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0));
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

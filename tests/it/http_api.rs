@@ -1,0 +1,106 @@
+//! `invoice api`: health, readiness, metrics, error shape, graceful stop.
+
+use crate::support::TestApi;
+
+#[tokio::test]
+async fn health_answers_ok() {
+    let api = TestApi::spawn().await;
+    let response = reqwest::get(api.url("/health")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"status": "ok"}));
+    api.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ready_is_200_when_postgres_redis_and_kafka_answer() {
+    let api = TestApi::spawn().await;
+    let response = reqwest::get(api.url("/ready")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["checks"], serde_json::json!({"postgres": "ok", "redis": "ok", "kafka": "ok"}));
+    api.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ready_is_503_naming_redis_when_redis_is_down() {
+    let api = TestApi::spawn_with(|env| {
+        env.insert("APP_ENV_INVOICE_REDIS_URL".into(), "redis://127.0.0.1:1/0".into());
+    })
+    .await;
+    let response = reqwest::get(api.url("/ready")).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["failed"], serde_json::json!(["redis"]));
+    assert_eq!(body["checks"]["postgres"], "ok");
+    assert_eq!(body["checks"]["kafka"], "ok");
+    assert!(body["detail"].as_str().unwrap().contains("redis"), "{body}");
+    let metrics = reqwest::get(api.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("invoice_dependency_up{dependency=\"redis\"} 0"), "{metrics}");
+    assert!(metrics.contains("invoice_dependency_up{dependency=\"postgres\"} 1"), "{metrics}");
+    api.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ready_is_503_naming_kafka_when_no_broker_answers() {
+    let api = TestApi::spawn_with(|env| {
+        env.insert("APP_ENV_INVOICE_KAFKA_BROKERS".into(), "127.0.0.1:1".into());
+    })
+    .await;
+    let response = reqwest::get(api.url("/ready")).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["failed"], serde_json::json!(["kafka"]));
+    api.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_the_invoice_prefix() {
+    let api = TestApi::spawn().await;
+    reqwest::get(api.url("/health")).await.unwrap();
+    let response = reqwest::get(api.url("/metrics")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = response.text().await.unwrap();
+    assert!(text.contains("# TYPE invoice_http_request_duration_seconds histogram"), "{text}");
+    assert!(
+        text.contains(
+            "invoice_http_request_duration_seconds_count{method=\"GET\",route=\"/health\",status=\"200\"}"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("invoice_build_info{mode=\"api\""), "{text}");
+    api.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_paths_and_wrong_methods_get_problem_json() {
+    let api = TestApi::spawn().await;
+    let response = reqwest::get(api.url("/v1/api/nothing-here/42")).await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], 404);
+    assert_eq!(body["title"], "Not Found");
+    assert!(body["type"].as_str().unwrap().starts_with("https://"));
+    assert!(body["detail"].as_str().unwrap().contains("/v1/api/nothing-here/42"));
+
+    let response = reqwest::Client::new().post(api.url("/health")).send().await.unwrap();
+    assert_eq!(response.status(), 405);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("GET"), "{body}");
+    // The raw path never becomes a metric label.
+    let metrics = reqwest::get(api.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(!metrics.contains("nothing-here"), "{metrics}");
+    assert!(metrics.contains("route=\"unmatched\",status=\"404\""), "{metrics}");
+    api.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn stopping_releases_the_listener_and_returns_ok() {
+    let api = TestApi::spawn().await;
+    let addr = api.addr;
+    api.stop().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still listening after stop");
+}

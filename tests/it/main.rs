@@ -1,0 +1,11 @@
+//! Integration tests against the real local stack (`make deps`): one binary, one module per
+//! area. See `support` for the harness.
+// Test code: a failed unwrap is a failed test with its location, which is what we want.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod harness;
+mod http_api;
+mod support;
+mod topics;
+mod worker_ids;

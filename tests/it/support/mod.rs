@@ -1,0 +1,260 @@
+//! The test harness: every test gets its own Postgres database (cloned from a template
+//! migrated once per run), its own Kafka topics and its own Redis key prefix, so tests run
+//! in parallel against the real local stack (`make deps`) without seeing each other.
+
+#![allow(dead_code)]
+
+pub mod kafka;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use invoice::config::{Config, Mode};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+/// Server URL (no database) of the local Postgres.
+pub fn pg_server_url() -> String {
+    std::env::var("INVOICE_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+/// The local Kafka.
+pub fn kafka_brokers() -> String {
+    std::env::var("INVOICE_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+/// The local Redis.
+pub fn redis_url() -> String {
+    std::env::var("INVOICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A fixed credentials key for tests.
+pub const TEST_KEY: &str = "746573742d6f6e6c792d6b65792d746573742d6f6e6c792d6b65792d74657374";
+
+/// A short random suffix.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Polls `check` until it yields `Some`, or fails the test after `timeout` saying what was
+/// awaited. The only way tests wait.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A worker id no other running test holds (the advisory lock is server-wide).
+pub fn next_worker_id() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(7919);
+    ((base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))) % 900 + 100) as u16
+}
+
+/// A private database, dropped when this value is.
+pub struct TestDb {
+    /// Its name.
+    pub name: String,
+    /// URL to reach it.
+    pub url: String,
+    /// A pool on it.
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// A new database with the schema and reference data, cloned from the run's template.
+    pub async fn create() -> TestDb {
+        let template = template().await;
+        let name = unique("it_");
+        let mut admin = PgConnection::connect(&format!("{}/postgres", pg_server_url())).await.unwrap();
+        // Concurrent clones of one template can collide on its lock; retry briefly.
+        let mut tries = 0;
+        loop {
+            match sqlx::query(&format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""))
+                .execute(&mut admin)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if tries < 50 && e.to_string().contains("being accessed by other users") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("creating test database {name}: {e}"),
+            }
+        }
+        let url = format!("{}/{name}", pg_server_url());
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(5).connect(&url).await.unwrap();
+        TestDb { name, url, pool }
+    }
+
+    /// An empty database (no migrations), for testing `migrate` itself.
+    pub async fn create_empty() -> TestDb {
+        let name = unique("it_empty_");
+        let mut admin = PgConnection::connect(&format!("{}/postgres", pg_server_url())).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await.unwrap();
+        let url = format!("{}/{name}", pg_server_url());
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(5).connect(&url).await.unwrap();
+        TestDb { name, url, pool }
+    }
+
+    /// `SELECT count(*) FROM table`.
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(&self.pool).await.unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime; do the async cleanup on a thread of its own.
+        // The pool is not touched there: its connections belong to the test's runtime, which
+        // is blocked while we join. `WITH (FORCE)` ends them server-side.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_server_url())).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Name of the template database for the current migrations, created once (under an
+/// advisory lock, so parallel test binaries agree).
+async fn template() -> String {
+    static TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    TEMPLATE
+        .get_or_init(|| async {
+            use sha2::{Digest, Sha256};
+            let mut hash = Sha256::new();
+            for m in invoice::storage::MIGRATOR.iter() {
+                hash.update(m.version.to_le_bytes());
+                hash.update(&m.checksum);
+            }
+            // The reference data is part of the template too.
+            hash.update(include_bytes!("../../../data/vn-admin-units/wards.csv"));
+            hash.update(include_bytes!("../../../data/vn-admin-units/provinces.csv"));
+            let name = format!("invoice_tpl_{}", &hex::encode(hash.finalize())[..16]);
+            let mut admin = PgConnection::connect(&format!("{}/postgres", pg_server_url())).await.unwrap();
+            sqlx::query("SELECT pg_advisory_lock(7315002)").execute(&mut admin).await.unwrap();
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                    .bind(&name)
+                    .fetch_one(&mut admin)
+                    .await
+                    .unwrap();
+            if !exists {
+                let building = format!("{name}_building");
+                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+                sqlx::query(&format!("CREATE DATABASE \"{building}\"")).execute(&mut admin).await.unwrap();
+                let pool = PgPool::connect(&format!("{}/{building}", pg_server_url())).await.unwrap();
+                invoice::storage::migrate(&pool).await.unwrap();
+                invoice::storage::seed::reference_data(&pool).await.unwrap();
+                pool.close().await;
+                sqlx::query(&format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\""))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+            }
+            sqlx::query("SELECT pg_advisory_unlock(7315002)").execute(&mut admin).await.unwrap();
+            name
+        })
+        .await
+        .clone()
+}
+
+/// Environment for a process or config of the service, pointing at `db` and the local
+/// stack, with a fresh worker id.
+pub fn base_env(db_url: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("APP_ENV_INVOICE_DATABASE_URL".to_owned(), db_url.to_owned()),
+        ("APP_ENV_INVOICE_REDIS_URL".to_owned(), redis_url()),
+        ("APP_ENV_INVOICE_KAFKA_BROKERS".to_owned(), kafka_brokers()),
+        ("APP_ENV_INVOICE_WORKER_ID".to_owned(), next_worker_id().to_string()),
+        ("APP_ENV_INVOICE_CREDENTIALS_KEY".to_owned(), TEST_KEY.to_owned()),
+        ("APP_ENV_INVOICE_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ("WEBHOOK_SECRET".to_owned(), "whsec_dGVzdC13ZWJob29rLXNlY3JldC1tZXJjaGFudA==".to_owned()),
+        ("WEBHOOK_INTERNAL_SECRET".to_owned(), "whsec_dGVzdC13ZWJob29rLXNlY3JldC1pbnRlcm5hbA==".to_owned()),
+        ("APP_ENV_INVOICE_JWKS_URL".to_owned(), "http://127.0.0.1:9/jwks.json".to_owned()),
+        ("APP_ENV_INVOICE_JWT_ISSUER".to_owned(), "https://auth.test".to_owned()),
+        ("APP_ENV_INVOICE_JWT_AUDIENCE".to_owned(), "invoice".to_owned()),
+    ])
+}
+
+/// The API running in this process on an ephemeral port, through the production `run_api`.
+pub struct TestApi {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its database.
+    pub db: TestDb,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApi {
+    /// Starts the API on a fresh database; `tweak` may change the environment first.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApi {
+        invoice::telemetry::init_with_writer(invoice::config::LogFormat::Text, std::io::sink);
+        let db = TestDb::create().await;
+        let mut env = base_env(&db.url);
+        tweak(&mut env);
+        let cfg = Config::from_source(&env, Mode::Api).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(invoice::app::run_api(cfg, listener, shutdown.clone()));
+        let api = TestApi { addr, db, shutdown, task };
+        let url = api.url("/health");
+        wait_until(Duration::from_secs(20), "the API to answer /health", || {
+            let url = url.clone();
+            async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+        api
+    }
+
+    /// Starts the API with the default test environment.
+    pub async fn spawn() -> TestApi {
+        TestApi::spawn_with(|_| {}).await
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Graceful stop; returns what `run_api` returned.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+/// The `invoice` binary with a clean environment (only `env`), run in an empty directory so
+/// no `.env` file is picked up.
+pub fn invoice_cmd(env: &HashMap<String, String>) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_invoice"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .envs(env)
+        .current_dir(std::env::temp_dir());
+    cmd
+}

@@ -1,0 +1,75 @@
+//! Snowflake worker ids are unique per live process (advisory lock) and survive restarts
+//! without reuse.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use invoice::ids::{decompose, SystemClock};
+use invoice::metrics::Metrics;
+use invoice::storage::workers::{self, LeaseError};
+
+use crate::cli::free_port;
+use crate::support::{base_env, invoice_cmd, next_worker_id, wait_until, TestDb};
+
+#[tokio::test]
+async fn a_second_holder_of_a_worker_id_is_refused_until_the_first_releases() {
+    let db = TestDb::create().await;
+    let id = next_worker_id();
+    let first = workers::acquire(&db.url, id, "first", Arc::new(SystemClock), Metrics::new()).await.unwrap();
+    let second = workers::acquire(&db.url, id, "second", Arc::new(SystemClock), Metrics::new()).await;
+    assert!(matches!(second, Err(LeaseError::Taken { worker_id }) if worker_id == id));
+    let issued = first.ids.next_id().unwrap();
+    assert_eq!(decompose(issued).worker_id, id);
+    first.release().await;
+
+    let again = workers::acquire(&db.url, id, "again", Arc::new(SystemClock), Metrics::new()).await.unwrap();
+    let later = again.ids.next_id().unwrap();
+    assert!(later > issued, "a restart must not reuse ids");
+    let (last_ms, holder): (i64, String) =
+        sqlx::query_as("SELECT last_ms, holder FROM snowflake_worker WHERE worker_id = $1")
+            .bind(i32::from(id))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(last_ms as u64 >= decompose(issued).unix_ms);
+    assert_eq!(holder, "again");
+    again.release().await;
+}
+
+#[tokio::test]
+async fn a_restart_with_a_clock_far_behind_the_last_id_refuses_to_start() {
+    let db = TestDb::create().await;
+    let id = next_worker_id();
+    let future = invoice::ids::Clock::now_ms(&SystemClock) + 60_000;
+    sqlx::query("INSERT INTO snowflake_worker (worker_id, last_ms, holder) VALUES ($1, $2, 'earlier')")
+        .bind(i32::from(id))
+        .bind(future as i64)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let result = workers::acquire(&db.url, id, "now", Arc::new(SystemClock), Metrics::new()).await;
+    assert!(matches!(result, Err(LeaseError::ClockBehind { behind_ms, .. }) if behind_ms > 50_000));
+}
+
+#[tokio::test]
+async fn two_api_processes_with_one_worker_id_the_second_exits_with_a_clear_error() {
+    let db = TestDb::create().await;
+    let mut env = base_env(&db.url);
+    let port = free_port();
+    env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{port}"));
+    let mut first = invoice_cmd(&env).arg("api").stderr(std::process::Stdio::null()).spawn().unwrap();
+    let url = format!("http://127.0.0.1:{port}/health");
+    wait_until(Duration::from_secs(30), "the first api process", || {
+        let url = url.clone();
+        async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+    })
+    .await;
+    env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{}", free_port()));
+    let out =
+        tokio::task::spawn_blocking(move || invoice_cmd(&env).arg("api").output().unwrap()).await.unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already held by another process"), "{stderr}");
+}
