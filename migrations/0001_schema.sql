@@ -213,15 +213,17 @@ CREATE TABLE consumer_offset (
     PRIMARY KEY (group_id, topic, partition)
 );
 
--- Transactional outbox for `invoice.events.v1`, published in id order.
+-- Transactional outbox: every message this service produces to Kafka (lifecycle events and
+-- dead letters) is written here in the transaction that caused it, and published by one
+-- relay in id order, so an event exists if and only if its change committed.
 CREATE TABLE outbox (
     id           BIGSERIAL PRIMARY KEY,
     event_id     UUID NOT NULL UNIQUE,
     topic        TEXT NOT NULL,
-    message_key  TEXT NOT NULL,
-    payload      JSONB NOT NULL,
+    message_key  BYTEA,
+    -- NULL once published if it carried a secret (a clear claim token).
+    payload      BYTEA,
     headers      JSONB NOT NULL DEFAULT '{}'::jsonb,
-    -- Set on rows that carry a clear claim token: the publisher scrubs it after sending.
     has_secret   BOOLEAN NOT NULL DEFAULT FALSE,
     created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
     published_at TIMESTAMPTZ

@@ -127,6 +127,64 @@ pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationT
     Ok(())
 }
 
+/// Runs the stream processor (and the outbox relay, and an HTTP listener for health,
+/// readiness and metrics) until `shutdown` is cancelled.
+pub async fn run_stream(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    metrics.running("stream");
+    let db = database(&cfg, "invoice-stream").await?;
+    let holder = format!("stream@{}", hostname());
+    let lease = workers::acquire(cfg.database_url.expose(), cfg.worker_id, &holder, Arc::new(SystemClock), metrics.clone())
+        .await?;
+    let producer = kafka_producer(&cfg)?;
+    let deps = crate::stream::Deps {
+        db: db.clone(),
+        ids: lease.ids.clone(),
+        metrics: metrics.clone(),
+        topics: cfg.topics.clone(),
+        group_id: cfg.kafka_group_id.clone(),
+        brokers: cfg.kafka_brokers.clone(),
+        client_id: format!("{}-stream-{}", cfg.service_code, cfg.worker_id),
+        settings: crate::stream::Settings {
+            batch_max: cfg.stream_batch_max,
+            batch_linger: cfg.stream_batch_linger,
+            stall_after: cfg.stream_stall_after,
+            session_timeout: cfg.kafka_session_timeout,
+            ..crate::stream::Settings::default()
+        },
+    };
+    let state = Arc::new(HttpState {
+        metrics: metrics.clone(),
+        readiness: http::health::Readiness {
+            db: db.clone(),
+            redis: redis(&cfg)?,
+            kafka: producer.clone(),
+            timeout: cfg.ready_timeout,
+        },
+    });
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(crate::outbox::run(
+        db.clone(),
+        cfg.database_url.expose().clone(),
+        producer.clone(),
+        metrics.clone(),
+        relay_stop.clone(),
+    ));
+    tracing::info!(group = %cfg.kafka_group_id, worker_id = cfg.worker_id, "Stream starting");
+    let result = crate::stream::run(deps, shutdown).await;
+    // The relay goes last so that what the final batches wrote is published if it can be.
+    relay_stop.cancel();
+    let _ended = relay.await;
+    http_stop.cancel();
+    let _ended = http.await;
+    lease.release().await;
+    db.close().await;
+    tracing::info!("Stream stopped");
+    result
+}
+
 /// This host's name, for lease holders and client ids.
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

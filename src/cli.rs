@@ -24,6 +24,9 @@ pub enum Command {
     },
     /// Serve the HTTP API (health, readiness, metrics) until SIGTERM or SIGINT.
     Api,
+    /// Consume payments and merchant CDC, decide issuance, publish lifecycle events (until
+    /// SIGTERM or SIGINT; also serves /health, /ready and /metrics on the HTTP address).
+    Stream,
     /// Manage the Kafka topics defined in `topics/`.
     Topics {
         /// What to do.

@@ -161,6 +161,14 @@ pub struct Config {
     pub database_max_connections: u32,
     /// How long `/ready` waits for each dependency.
     pub ready_timeout: Duration,
+    /// Most messages per stream batch (one transaction).
+    pub stream_batch_max: usize,
+    /// How long a stream batch waits for more messages after its first.
+    pub stream_batch_linger: Duration,
+    /// A partition with lag and no progress for this long is recovered.
+    pub stream_stall_after: Duration,
+    /// Kafka consumer `session.timeout.ms`.
+    pub kafka_session_timeout: Duration,
 }
 
 /// Where variables come from: the process environment in production, a map in tests.
@@ -295,6 +303,20 @@ impl Config {
                 .ok_or_else(|| ConfigError::new(&pool_var, format!("`{v}` is not an integer 1–1000")))?,
         };
 
+        let number = |suffix: &str, default: u64, range: std::ops::RangeInclusive<u64>| -> Result<u64, ConfigError> {
+            let name = var(suffix);
+            match get(&name) {
+                None => Ok(default),
+                Some(v) => v.trim().parse::<u64>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
+                    ConfigError::new(&name, format!("`{v}` is not an integer {}–{}", range.start(), range.end()))
+                }),
+            }
+        };
+        let stream_batch_max = number("STREAM_BATCH_MAX", 500, 1..=10_000)? as usize;
+        let stream_batch_linger = Duration::from_millis(number("STREAM_BATCH_LINGER_MS", 5, 0..=10_000)?);
+        let stream_stall_after = Duration::from_secs(number("STREAM_STALL_SECONDS", 30, 1..=3600)?);
+        let kafka_session_timeout = Duration::from_millis(number("KAFKA_SESSION_TIMEOUT_MS", 10_000, 1_000..=300_000)?);
+
         let http_auth = if mode.serves_http() {
             let required =
                 |name: &str| get(name).ok_or_else(|| ConfigError::new(name, "required for the HTTP API"));
@@ -341,6 +363,10 @@ impl Config {
             http_auth,
             database_max_connections,
             ready_timeout: Duration::from_secs(2),
+            stream_batch_max,
+            stream_batch_linger,
+            stream_stall_after,
+            kafka_session_timeout,
         })
     }
 }
@@ -499,6 +525,10 @@ mod tests {
             ("APP_ENV_INVOICE_TOPIC_DEADLETTER", "a*b"),
             ("APP_ENV_INVOICE_LOG_FORMAT", "xml"),
             ("APP_ENV_INVOICE_DATABASE_MAX_CONNECTIONS", "0"),
+            ("APP_ENV_INVOICE_STREAM_BATCH_MAX", "0"),
+            ("APP_ENV_INVOICE_STREAM_BATCH_LINGER_MS", "soon"),
+            ("APP_ENV_INVOICE_STREAM_STALL_SECONDS", "0"),
+            ("APP_ENV_INVOICE_KAFKA_SESSION_TIMEOUT_MS", "10"),
         ];
         for (var, value) in cases {
             let mut env = minimal();

@@ -128,6 +128,14 @@ pub fn generate_key_hex() -> String {
     hex::encode(key)
 }
 
+/// A fresh claim token: 256 random bits, URL-safe base64 without padding (43 characters).
+pub fn random_token() -> String {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
     }
     let mode = match cli.command {
         Command::Api => Mode::Api,
+        Command::Stream => Mode::Stream,
         _ => Mode::Tool,
     };
     let cfg = match config::load_dotenv().and_then(|()| Config::from_env(mode)) {
@@ -81,6 +82,15 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             let shutdown = CancellationToken::new();
             tokio::spawn(app::cancel_on_signal(shutdown.clone()));
             app::run_api(cfg, listener, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stream => {
+            let listener = tokio::net::TcpListener::bind(cfg.http_addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("APP_ENV_INVOICE_HTTP_ADDR {}: cannot listen: {e}", cfg.http_addr))?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(app::cancel_on_signal(shutdown.clone()));
+            app::run_stream(cfg, listener, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Topics { action: TopicsAction::Apply } => {

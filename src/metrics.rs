@@ -17,6 +17,21 @@ pub struct Metrics {
     build_info: IntGaugeVec,
     started: IntGauge,
     worker_id_lease_lost: IntCounterVec,
+    consumer_lag: IntGaugeVec,
+    consumer_lag_seconds: prometheus::GaugeVec,
+    messages_consumed: IntCounterVec,
+    decisions: IntCounterVec,
+    cdc_updates: IntCounterVec,
+    dead_lettered: IntCounterVec,
+    rebalances: IntCounterVec,
+    partition_stalls: IntCounterVec,
+    fenced: IntCounterVec,
+    batch_duration: HistogramVec,
+    batch_size: HistogramVec,
+    claims: IntCounterVec,
+    outbox_published: IntCounterVec,
+    outbox_backlog: IntGauge,
+    stream_transaction_retries: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -84,6 +99,100 @@ impl Metrics {
             &["worker_id"],
         )
         .expect("valid metric");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new("kafka_consumer_lag", "High watermark minus the stored next offset, per topic and partition"),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        let consumer_lag_seconds = prometheus::GaugeVec::new(
+            Opts::new("kafka_consumer_lag_seconds", "Age of the last processed message (0 when caught up)"),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        let messages_consumed = IntCounterVec::new(
+            Opts::new("kafka_messages_consumed_total", "Messages consumed, by topic and outcome"),
+            &["topic", "outcome"],
+        )
+        .expect("valid metric");
+        let decisions = IntCounterVec::new(
+            Opts::new("decisions_total", "Issuance decisions by outcome and skip reason"),
+            &["outcome", "reason"],
+        )
+        .expect("valid metric");
+        let cdc_updates = IntCounterVec::new(
+            Opts::new("cdc_updates_total", "Merchant CDC events by outcome (applied, skipped, stale, deleted, ...)"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let dead_lettered = IntCounterVec::new(
+            Opts::new("dead_lettered_total", "Input messages sent to the dead-letter topic, by source topic"),
+            &["topic"],
+        )
+        .expect("valid metric");
+        let rebalances = IntCounterVec::new(
+            Opts::new("kafka_rebalances_total", "Consumer group rebalance callbacks by kind"),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let partition_stalls = IntCounterVec::new(
+            Opts::new("kafka_partition_stalls_total", "Partitions with lag that made no progress and were recovered"),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        let fenced = IntCounterVec::new(
+            Opts::new("kafka_offset_fenced_total", "Batches refused because another owner moved the stored offset"),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        let batch_duration = HistogramVec::new(
+            HistogramOpts::new("stream_batch_duration_seconds", "Time to decide and commit one batch")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["topic"],
+        )
+        .expect("valid metric");
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new("stream_batch_messages", "Messages per committed batch")
+                .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0]),
+            &["topic"],
+        )
+        .expect("valid metric");
+        let claims = IntCounterVec::new(
+            Opts::new("claims_total", "Claims by event (opened, claimed, expired)"),
+            &["event"],
+        )
+        .expect("valid metric");
+        let outbox_published = IntCounterVec::new(
+            Opts::new("outbox_published_total", "Outbox messages published, by topic"),
+            &["topic"],
+        )
+        .expect("valid metric");
+        let outbox_backlog =
+            IntGauge::new("outbox_backlog", "Outbox messages not yet published (as of the relay's last pass)")
+                .expect("valid metric");
+        let stream_transaction_retries = IntCounterVec::new(
+            Opts::new("stream_transaction_retries_total", "Batch transactions retried after a transient error"),
+            &["topic"],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(consumer_lag.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consumer_lag_seconds.clone()),
+            Box::new(messages_consumed.clone()),
+            Box::new(decisions.clone()),
+            Box::new(cdc_updates.clone()),
+            Box::new(dead_lettered.clone()),
+            Box::new(rebalances.clone()),
+            Box::new(partition_stalls.clone()),
+            Box::new(fenced.clone()),
+            Box::new(batch_duration.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(claims.clone()),
+            Box::new(outbox_published.clone()),
+            Box::new(outbox_backlog.clone()),
+            Box::new(stream_transaction_retries.clone()),
+        ] {
+            registry.register(collector).expect("metric names are unique");
+        }
         for collector in [
             Box::new(http_request_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(dependency_up.clone()),
@@ -100,7 +209,29 @@ impl Metrics {
             registry.register(Box::new(process)).expect("registered once");
         }
         started.set(chrono::Utc::now().timestamp());
-        Metrics { registry, http_request_duration, dependency_up, build_info, started, worker_id_lease_lost }
+        Metrics {
+            registry,
+            http_request_duration,
+            dependency_up,
+            build_info,
+            started,
+            worker_id_lease_lost,
+            consumer_lag,
+            consumer_lag_seconds,
+            messages_consumed,
+            decisions,
+            cdc_updates,
+            dead_lettered,
+            rebalances,
+            partition_stalls,
+            fenced,
+            batch_duration,
+            batch_size,
+            claims,
+            outbox_published,
+            outbox_backlog,
+            stream_transaction_retries,
+        }
     }
 
     /// Marks the running mode in `invoice_build_info`.
@@ -123,6 +254,90 @@ impl Metrics {
     /// The connection holding the worker-id advisory lock dropped.
     pub fn worker_id_lease_lost(&self, worker_id: u16) {
         self.worker_id_lease_lost.with_label_values(&[&worker_id.to_string()]).inc();
+    }
+
+    /// Lag of a partition: high watermark − stored next offset, and the age of the last
+    /// processed message.
+    pub fn partition_lag(&self, topic: &str, partition: i32, messages: i64, seconds: f64) {
+        let p = partition.to_string();
+        self.consumer_lag.with_label_values(&[topic, &p]).set(messages.max(0));
+        self.consumer_lag_seconds.with_label_values(&[topic, &p]).set(seconds.max(0.0));
+    }
+
+    /// A partition left this consumer: its lag series go away rather than freeze.
+    pub fn partition_released(&self, topic: &str, partition: i32) {
+        let p = partition.to_string();
+        let _absent = self.consumer_lag.remove_label_values(&[topic, &p]);
+        let _absent = self.consumer_lag_seconds.remove_label_values(&[topic, &p]);
+    }
+
+    /// Messages of a committed batch, by outcome (`processed`, `dead_lettered`, `tombstone`).
+    pub fn consumed(&self, topic: &str, outcome: &'static str, count: u64) {
+        if count > 0 {
+            self.messages_consumed.with_label_values(&[topic, outcome]).inc_by(count);
+        }
+    }
+
+    /// A committed issuance decision; `reason` is empty for a created invoice.
+    pub fn decision(&self, outcome: &'static str, reason: &'static str) {
+        self.decisions.with_label_values(&[outcome, reason]).inc();
+    }
+
+    /// A committed CDC event outcome.
+    pub fn cdc_update(&self, outcome: &'static str) {
+        self.cdc_updates.with_label_values(&[outcome]).inc();
+    }
+
+    /// Committed dead letters from `topic`.
+    pub fn dead_lettered(&self, topic: &str, count: u64) {
+        if count > 0 {
+            self.dead_lettered.with_label_values(&[topic]).inc_by(count);
+        }
+    }
+
+    /// A rebalance callback (`assign`, `revoke`, `error`).
+    pub fn rebalance(&self, kind: &'static str) {
+        self.rebalances.with_label_values(&[kind]).inc();
+    }
+
+    /// A stalled partition was recovered by the watchdog.
+    pub fn partition_stalled(&self, topic: &str, partition: i32) {
+        self.partition_stalls.with_label_values(&[topic, &partition.to_string()]).inc();
+    }
+
+    /// A batch was refused because the stored offset had moved.
+    pub fn offset_fenced(&self, topic: &str, partition: i32) {
+        self.fenced.with_label_values(&[topic, &partition.to_string()]).inc();
+    }
+
+    /// A batch committed.
+    pub fn batch_committed(&self, topic: &str, messages: usize, elapsed: Duration) {
+        self.batch_duration.with_label_values(&[topic]).observe(elapsed.as_secs_f64());
+        self.batch_size.with_label_values(&[topic]).observe(messages as f64);
+    }
+
+    /// A batch transaction failed transiently and will be retried.
+    pub fn stream_transaction_retried(&self, topic: &str) {
+        self.stream_transaction_retries.with_label_values(&[topic]).inc();
+    }
+
+    /// Claims opened, claimed or expired.
+    pub fn claim(&self, event: &'static str, count: u64) {
+        if count > 0 {
+            self.claims.with_label_values(&[event]).inc_by(count);
+        }
+    }
+
+    /// Outbox messages published to `topic`.
+    pub fn outbox_published(&self, topic: &str, count: u64) {
+        if count > 0 {
+            self.outbox_published.with_label_values(&[topic]).inc_by(count);
+        }
+    }
+
+    /// Outbox messages waiting.
+    pub fn outbox_backlog(&self, count: i64) {
+        self.outbox_backlog.set(count);
     }
 
     /// The time this process started, as exported.

@@ -2,7 +2,11 @@
 //! get typed functions. Functions that must be atomic with others take a `&mut Tx`, so the
 //! caller owns the transaction boundary.
 
+pub mod decisions;
 pub mod error;
+pub mod merchants;
+pub mod offsets;
+pub mod outbox;
 pub mod seed;
 pub mod workers;
 

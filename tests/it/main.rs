@@ -4,8 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod events;
 mod harness;
 mod http_api;
+mod stream;
 mod support;
 mod topics;
 mod worker_ids;

@@ -54,6 +54,15 @@ where
     }
 }
 
+/// Logs of in-process services: silent unless `TEST_LOG` is set (then to stderr).
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        invoice::telemetry::init_with_writer(invoice::config::LogFormat::Text, std::io::stderr);
+    } else {
+        invoice::telemetry::init_with_writer(invoice::config::LogFormat::Text, std::io::sink);
+    }
+}
+
 /// A worker id no other running test holds (the advisory lock is server-wide).
 pub fn next_worker_id() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -211,7 +220,7 @@ pub struct TestApi {
 impl TestApi {
     /// Starts the API on a fresh database; `tweak` may change the environment first.
     pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApi {
-        invoice::telemetry::init_with_writer(invoice::config::LogFormat::Text, std::io::sink);
+        init_logs();
         let db = TestDb::create().await;
         let mut env = base_env(&db.url);
         tweak(&mut env);
@@ -257,4 +266,87 @@ pub fn invoice_cmd(env: &HashMap<String, String>) -> std::process::Command {
         .envs(env)
         .current_dir(std::env::temp_dir());
     cmd
+}
+
+/// `invoice stream` running in this process against `db` and `topics`, through the
+/// production `run_stream`.
+pub struct TestStream {
+    /// Where its health/metrics listener is.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// The environment of a stream on `db` with `topics` and consumer group `group`.
+pub fn stream_env(db: &TestDb, topics: &invoice::config::Topics, group: &str) -> HashMap<String, String> {
+    let mut env = base_env(&db.url);
+    env.insert("APP_ENV_INVOICE_TOPIC_PAYMENT".into(), topics.payment.clone());
+    env.insert("APP_ENV_INVOICE_TOPIC_MERCHANT_CDC".into(), topics.merchant_cdc.clone());
+    env.insert("APP_ENV_INVOICE_TOPIC_EVENTS".into(), topics.events.clone());
+    env.insert("APP_ENV_INVOICE_TOPIC_DEADLETTER".into(), topics.deadletter.clone());
+    env.insert("APP_ENV_INVOICE_KAFKA_GROUP_ID".into(), group.to_owned());
+    env.insert("APP_ENV_INVOICE_KAFKA_SESSION_TIMEOUT_MS".into(), "6000".into());
+    env
+}
+
+impl TestStream {
+    /// Starts the stream with `env` (see [`stream_env`]).
+    pub async fn spawn(env: &HashMap<String, String>) -> TestStream {
+        init_logs();
+        let cfg = Config::from_source(env, Mode::Stream).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(invoice::app::run_stream(cfg, listener, shutdown.clone()));
+        TestStream { addr, shutdown, task }
+    }
+
+    /// The Prometheus text of its registry.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.addr)).await.unwrap().text().await.unwrap()
+    }
+
+    /// Graceful stop.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+/// The value of the first sample of `metric` whose labels contain every `label="value"` in
+/// `labels`, or 0.
+pub fn metric_value(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Inserts a live provider configuration for `merchant_id` (credentials sealed with the
+/// test key), as the API will.
+pub async fn insert_provider_config(db: &TestDb, merchant_id: &str, id: i64) {
+    let keyring = invoice::crypto::Keyring::new(invoice::config::Secret::new({
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(TEST_KEY, &mut key).unwrap();
+        key
+    }));
+    let sealed = keyring.seal(
+        br#"{"username":"u","password":"p"}"#,
+        &invoice::storage::seed::provider_config_aad(merchant_id, id),
+    );
+    sqlx::query(
+        "INSERT INTO provider_config (id, merchant_id, provider, endpoint, supplier_tax_code, template_code, series,
+             credentials_ciphertext, credentials_nonce, key_id, created_by)
+         VALUES ($1, $2, 'viettel', 'http://127.0.0.1:9/api', '0100109106', '1/001', 'C26TAA', $3, $4, $5, 'test')",
+    )
+    .bind(id)
+    .bind(merchant_id)
+    .bind(&sealed.ciphertext)
+    .bind(&sealed.nonce)
+    .bind(&sealed.key_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
 }

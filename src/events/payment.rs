@@ -1,0 +1,247 @@
+//! `payment.succeeded.v1`: parsing and validation into a domain [`Payment`]. Amounts and
+//! quantities must be decimal strings (a JSON number is refused: floats lose đồng), the VAT
+//! rate must be allowed on the payment's date, and the total must equal the sum of the lines.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+
+use super::{json_kind, Invalid};
+use crate::domain::buyer::Buyer;
+use crate::domain::claim::vietnam;
+use crate::domain::decision::Payment;
+use crate::domain::money::{self, LineInput, VatRate};
+use crate::domain::rules;
+
+const MAX_ID: usize = 64;
+const MAX_ITEMS: usize = 1000;
+
+fn string<'a>(map: &'a Map<String, Value>, path: &str, field: &str, max: usize) -> Result<&'a str, Invalid> {
+    let name = if path.is_empty() { field.to_owned() } else { format!("{path}.{field}") };
+    match map.get(field) {
+        None | Some(Value::Null) => Err(Invalid::field(name, "required")),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(Invalid::field(name, "must not be empty")),
+        Some(Value::String(s)) if s.chars().count() > max => {
+            Err(Invalid::field(name, format!("longer than {max} characters")))
+        }
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(Invalid::field(name, format!("expected a string, found {}", json_kind(other)))),
+    }
+}
+
+fn optional_string(map: &Map<String, Value>, path: &str, field: &str, max: usize) -> Result<Option<String>, Invalid> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => string(map, path, field, max).map(|s| Some(s.to_owned())),
+    }
+}
+
+fn decimal(map: &Map<String, Value>, path: &str, field: &str) -> Result<Decimal, Invalid> {
+    let name = if path.is_empty() { field.to_owned() } else { format!("{path}.{field}") };
+    match map.get(field) {
+        None | Some(Value::Null) => Err(Invalid::field(name, "required")),
+        Some(Value::String(s)) => {
+            let plain = !s.is_empty()
+                && s.trim_start_matches('-').split_once('.').map_or(
+                    s.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()),
+                    |(i, f)| !i.is_empty() && !f.is_empty() && (i.bytes().chain(f.bytes())).all(|b| b.is_ascii_digit()),
+                );
+            if !plain {
+                return Err(Invalid::field(name, format!("`{s}` is not a plain decimal (digits, optional point)")));
+            }
+            Decimal::from_str(s).map_err(|_| Invalid::field(name, format!("`{s}` is out of range")))
+        }
+        Some(Value::Number(n)) => {
+            Err(Invalid::field(name, format!("expected a decimal string, found the number {n} (floats are refused)")))
+        }
+        Some(other) => Err(Invalid::field(name, format!("expected a decimal string, found {}", json_kind(other)))),
+    }
+}
+
+/// Parses and validates one message value.
+pub fn parse(value: &[u8]) -> Result<Payment, Invalid> {
+    let json: Value = serde_json::from_slice(value).map_err(|e| Invalid(format!("not JSON: {e}")))?;
+    let Value::Object(map) = &json else {
+        return Err(Invalid(format!("expected a JSON object, found {}", json_kind(&json))));
+    };
+    let event_id = string(map, "", "eventId", MAX_ID)?.to_owned();
+    let order_id = string(map, "", "orderId", MAX_ID)?.to_owned();
+    let merchant_id = string(map, "", "merchantId", MAX_ID)?.to_owned();
+    let paid_at_text = string(map, "", "paidAt", 64)?;
+    let paid_at = DateTime::parse_from_rfc3339(paid_at_text)
+        .map_err(|_| Invalid::field("paidAt", format!("`{paid_at_text}` is not an RFC 3339 date-time with offset")))?
+        .with_timezone(&Utc);
+    let currency = string(map, "", "currency", 3)?.to_owned();
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(Invalid::field("currency", format!("`{currency}` is not an ISO 4217 code")));
+    }
+    let total = decimal(map, "", "totalAmount")?;
+    money::check_scale("totalAmount", total, &currency).map_err(|e| Invalid(e.to_string()))?;
+
+    let legal_day = paid_at.with_timezone(&vietnam()).date_naive();
+    let rule = rules::rules_for(legal_day).map_err(|e| Invalid::field("paidAt", e))?;
+
+    let items = match map.get("items") {
+        Some(Value::Array(items)) if items.is_empty() => return Err(Invalid::field("items", "must not be empty")),
+        Some(Value::Array(items)) if items.len() > MAX_ITEMS => {
+            return Err(Invalid::field("items", format!("more than {MAX_ITEMS} lines")))
+        }
+        Some(Value::Array(items)) => items,
+        None | Some(Value::Null) => return Err(Invalid::field("items", "required")),
+        Some(other) => return Err(Invalid::field("items", format!("expected an array, found {}", json_kind(other)))),
+    };
+    let mut inputs = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("items[{i}]");
+        let Value::Object(item) = item else {
+            return Err(Invalid::field(&path, format!("expected an object, found {}", json_kind(item))));
+        };
+        let rate_text = string(item, &path, "vatRate", 16)?;
+        let vat_rate = VatRate::parse(rate_text).map_err(|e| Invalid::field(format!("{path}.vatRate"), e))?;
+        if vat_rate == VatRate::Eight && !rule.eight_percent_allowed {
+            return Err(Invalid::field(
+                format!("{path}.vatRate"),
+                format!("8% is not allowed on {legal_day} ({})", rule.basis),
+            ));
+        }
+        let quantity = decimal(item, &path, "quantity")?;
+        let unit_price = decimal(item, &path, "unitPrice")?;
+        inputs.push(LineInput {
+            sku: optional_string(item, &path, "sku", 50)?,
+            name: string(item, &path, "name", 500)?.to_owned(),
+            unit: optional_string(item, &path, "unit", 50)?,
+            quantity,
+            unit_price,
+            vat_rate,
+        });
+    }
+    let (lines, totals) = money::compute(&currency, &inputs).map_err(|e| {
+        // Point at the first line that fails on its own, for a precise message.
+        let line = inputs.iter().position(|l| money::compute(&currency, std::slice::from_ref(l)).is_err());
+        match line {
+            Some(i) => Invalid::field(format!("items[{i}]"), e),
+            None => Invalid::field("items", e),
+        }
+    })?;
+    if totals.gross != total {
+        return Err(Invalid::field(
+            "totalAmount",
+            format!("{total} does not equal the sum of the lines with VAT ({})", totals.gross),
+        ));
+    }
+    let buyer = match map.get("buyer") {
+        None | Some(Value::Null) => None,
+        Some(b @ Value::Object(_)) => {
+            let buyer: Buyer = serde_json::from_value(b.clone())
+                .map_err(|e| Invalid::field("buyer", format!("members must be strings or null ({e})")))?;
+            Some(buyer.validate().map_err(|e| Invalid(e.to_string()))?)
+        }
+        Some(other) => return Err(Invalid::field("buyer", format!("expected an object, found {}", json_kind(other)))),
+    };
+    Ok(Payment { event_id, order_id, merchant_id, paid_at, currency, total, lines, totals, buyer })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn example() -> Value {
+        json!({
+            "eventId": "0b7c2f9e-5d1a-4f7e-9a57-1f6b7b1d2c3e",
+            "orderId": "ORD-2026-000123",
+            "merchantId": "M-1001",
+            "paidAt": "2026-11-24T10:15:00+07:00",
+            "currency": "VND",
+            "totalAmount": "1080000",
+            "items": [{"sku": "SKU-1", "name": "Cà phê sữa", "unit": "ly", "quantity": "2", "unitPrice": "500000", "vatRate": "8"}],
+            "buyer": {"name": "Nguyễn Văn A", "email": "a@example.vn", "phone": "0901234567", "taxCode": null, "legalName": null, "address": null}
+        })
+    }
+
+    fn reason(mut edit: impl FnMut(&mut Value)) -> String {
+        let mut v = example();
+        edit(&mut v);
+        parse(v.to_string().as_bytes()).unwrap_err().0
+    }
+
+    #[test]
+    fn the_spec_example_parses() {
+        let p = parse(example().to_string().as_bytes()).unwrap();
+        assert_eq!(p.order_id, "ORD-2026-000123");
+        assert_eq!(p.total, Decimal::from(1_080_000));
+        assert_eq!(p.totals.vat, Decimal::from(80_000));
+        assert_eq!(p.paid_at.to_rfc3339(), "2026-11-24T03:15:00+00:00");
+        assert_eq!(p.buyer.unwrap().buyer.email.as_deref(), Some("a@example.vn"));
+    }
+
+    #[test]
+    fn the_topic_file_example_parses() {
+        let spec: Value = serde_json::from_str(include_str!("../../topics/payment.succeeded.v1.json")).unwrap();
+        assert!(parse(spec["example"].to_string().as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn precise_reasons() {
+        assert!(parse(b"{not json").unwrap_err().0.starts_with("not JSON"));
+        assert_eq!(parse(b"[1]").unwrap_err().0, "expected a JSON object, found an array");
+        assert_eq!(reason(|v| { v.as_object_mut().unwrap().remove("orderId"); }), "orderId: required");
+        assert_eq!(
+            reason(|v| v["items"][0]["quantity"] = json!(2.0)),
+            "items[0].quantity: expected a decimal string, found the number 2.0 (floats are refused)"
+        );
+        assert_eq!(reason(|v| v["totalAmount"] = json!(1080000)), "totalAmount: expected a decimal string, found the number 1080000 (floats are refused)");
+        assert!(reason(|v| v["items"][0]["vatRate"] = json!("7")).starts_with("items[0].vatRate: unknown VAT rate `7`"));
+        assert_eq!(
+            reason(|v| v["totalAmount"] = json!("1000000")),
+            "totalAmount: 1000000 does not equal the sum of the lines with VAT (1080000)"
+        );
+        assert!(reason(|v| v["paidAt"] = json!("yesterday")).starts_with("paidAt: `yesterday` is not an RFC 3339"));
+        assert!(reason(|v| v["items"][0]["unitPrice"] = json!("1e5")).contains("not a plain decimal"));
+        assert!(reason(|v| v["totalAmount"] = json!("1080000.5")).contains("more decimals than VND allows"));
+        assert_eq!(reason(|v| v["items"] = json!([])), "items: must not be empty");
+        assert!(reason(|v| v["items"][0]["quantity"] = json!("0")).starts_with("items[0]: quantity must be greater than zero"));
+        assert!(reason(|v| v["buyer"]["taxCode"] = json!("0100109106")).starts_with("buyer.legalName is required"));
+        assert!(reason(|v| v["buyer"]["taxCode"] = json!("123")).starts_with("buyer.taxCode: "));
+        assert_eq!(reason(|v| v["currency"] = json!("vnd")), "currency: `vnd` is not an ISO 4217 code");
+    }
+
+    #[test]
+    fn eight_percent_follows_the_dated_rules() {
+        let r = reason(|v| v["paidAt"] = json!("2027-01-01T00:00:00+07:00"));
+        assert!(r.starts_with("items[0].vatRate: 8% is not allowed on 2027-01-01"), "{r}");
+        // 2026-12-31 23:59 in Hà Nội is still inside the window although it is 2026-12-31 in UTC too.
+        let mut v = example();
+        v["paidAt"] = json!("2026-12-31T23:59:59+07:00");
+        assert!(parse(v.to_string().as_bytes()).is_ok());
+        // 2026-12-31T17:30Z is 2027-01-01 00:30 in Hà Nội: the legal day is local.
+        let r = reason(|v| v["paidAt"] = json!("2026-12-31T17:30:00Z"));
+        assert!(r.contains("2027-01-01"), "{r}");
+    }
+
+    #[test]
+    fn a_buyer_with_a_tax_code_is_a_company() {
+        let mut v = example();
+        v["buyer"] = json!({"legalName": "Công ty B", "taxCode": "0101243150", "address": "HCM"});
+        let p = parse(v.to_string().as_bytes()).unwrap();
+        assert_eq!(p.buyer.unwrap().kind, crate::domain::buyer::BuyerKind::Company);
+    }
+
+    proptest! {
+        #[test]
+        fn no_input_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn no_json_edit_panics(field in prop_oneof![Just("eventId"), Just("totalAmount"), Just("items"), Just("buyer"), Just("paidAt")],
+                               value in prop_oneof![Just(json!(null)), Just(json!(1.5)), Just(json!("x")), Just(json!([])), Just(json!({})), Just(json!(true))]) {
+            let mut v = example();
+            v[field] = value;
+            let _ = parse(v.to_string().as_bytes());
+        }
+    }
+}

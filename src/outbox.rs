@@ -1,0 +1,137 @@
+//! The outbox relay: publishes what transactions wrote to the `outbox` table (lifecycle
+//! events, dead letters) to Kafka, in id order, then marks it published. One relay runs at a
+//! time across all processes (a Postgres advisory lock), so events of an order keep their
+//! order. A crash between publishing and marking re-publishes the same rows with the same
+//! `eventId`: duplicates only across a crash, never a loss.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::storage::{self, outbox};
+
+const BATCH: i64 = 1000;
+const IDLE_POLL: Duration = Duration::from_millis(20);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Published rows are kept this long for inspection, then deleted.
+const KEEP_PUBLISHED_HOURS: i32 = 24;
+
+/// Runs the relay until `shutdown`; only the process holding the lock publishes.
+pub async fn run(db: PgPool, database_url: String, producer: FutureProducer, metrics: Metrics, shutdown: CancellationToken) {
+    let mut last_prune = tokio::time::Instant::now();
+    'lead: loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let mut leader = match lead(&database_url).await {
+            Some(conn) => conn,
+            None => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue 'lead,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        };
+        tracing::info!("Outbox relay leading");
+        loop {
+            if shutdown.is_cancelled() {
+                let _closed = leader.close().await;
+                return;
+            }
+            // The lock lives on this connection: if it is gone, so is the leadership.
+            if let Err(error) = leader.ping().await {
+                tracing::warn!(%error, "Outbox relay lost its lock connection");
+                continue 'lead;
+            }
+            match publish_once(&db, &producer, &metrics).await {
+                Ok(0) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "Outbox relay pass failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = tokio::time::Instant::now();
+                match outbox::prune(&db, KEEP_PUBLISHED_HOURS, 10_000).await {
+                    Ok(n) if n > 0 => tracing::info!(deleted = n, "Pruned published outbox rows"),
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "Pruning the outbox failed"),
+                }
+                if let Ok(backlog) = outbox::backlog(&db).await {
+                    metrics.outbox_backlog(backlog);
+                }
+            }
+        }
+    }
+}
+
+async fn lead(database_url: &str) -> Option<PgConnection> {
+    let options = storage::connect_options(database_url, "invoice-outbox-relay").ok()?;
+    let mut conn = PgConnection::connect_with(&options).await.ok()?;
+    match outbox::try_lead(&mut conn).await {
+        Ok(true) => Some(conn),
+        _ => None,
+    }
+}
+
+/// Publishes up to one batch; returns how many rows were published.
+pub async fn publish_once(db: &PgPool, producer: &FutureProducer, metrics: &Metrics) -> Result<usize, storage::StorageError> {
+    let rows = outbox::pending(db, BATCH).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    // Sent together (the producer keeps per-partition order with idempotence on), awaited
+    // together; only acknowledged rows are marked, the rest are retried next pass.
+    let sends = rows.iter().map(|row| {
+        let mut headers = OwnedHeaders::new();
+        if let serde_json::Value::Object(map) = &row.headers {
+            for (k, v) in map {
+                let value = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+                headers = headers.insert(Header { key: k, value: Some(value.as_bytes()) });
+            }
+        }
+        let event_id = row.event_id.to_string();
+        headers = headers.insert(Header { key: "x-event-id", value: Some(event_id.as_bytes()) });
+        let mut record = FutureRecord::<[u8], [u8]>::to(&row.topic).headers(headers);
+        if let Some(key) = &row.message_key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &row.payload {
+            record = record.payload(payload.as_slice());
+        }
+        producer.send(record, Duration::from_secs(30))
+    });
+    let results = join_all(sends).await;
+    let mut published = Vec::with_capacity(rows.len());
+    let mut per_topic: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for (row, result) in rows.iter().zip(results) {
+        match result {
+            Ok(_) => {
+                published.push(row.id);
+                *per_topic.entry(row.topic.as_str()).or_default() += 1;
+            }
+            Err((error, _)) => {
+                tracing::warn!(%error, topic = %row.topic, "Publishing an outbox row failed; will retry");
+                break;
+            }
+        }
+    }
+    if !published.is_empty() {
+        outbox::mark_published(db, &published).await?;
+    }
+    for (topic, n) in per_topic {
+        metrics.outbox_published(topic, n);
+    }
+    Ok(published.len())
+}

@@ -1,0 +1,340 @@
+//! What the stream writes per batch: invoices, claims, decisions, audit rows, outbox rows and
+//! request joins, each as one multi-row statement (`UNNEST`), and the lookups that feed the
+//! decisions, each one query per batch.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::StorageError;
+
+/// Event ids of `event_ids` that were decided before.
+pub async fn decided_events(conn: &mut PgConnection, event_ids: &[String]) -> Result<HashSet<String>, StorageError> {
+    let rows: Vec<String> = sqlx::query_scalar("SELECT event_id FROM payment_decision WHERE event_id = ANY($1)")
+        .bind(event_ids)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// `(merchant, order)` pairs among the given ones that have an active original invoice.
+pub async fn active_orders(
+    conn: &mut PgConnection,
+    merchants: &[String],
+    orders: &[String],
+) -> Result<HashSet<(String, String)>, StorageError> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.merchant_id, i.order_id FROM invoice i
+         JOIN UNNEST($1::text[], $2::text[]) AS k(merchant_id, order_id)
+           ON i.merchant_id = k.merchant_id AND i.order_id = k.order_id
+         WHERE i.kind = 'original' AND i.status <> 'CANCELLED' AND i.deleted_at IS NULL",
+    )
+    .bind(merchants)
+    .bind(orders)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Pending (not yet joined) invoice requests for the given pairs: `(merchant, order) → (id, buyer)`.
+pub async fn pending_requests(
+    conn: &mut PgConnection,
+    merchants: &[String],
+    orders: &[String],
+) -> Result<HashMap<(String, String), (i64, Value)>, StorageError> {
+    let rows: Vec<(String, String, i64, Value)> = sqlx::query_as(
+        "SELECT r.merchant_id, r.order_id, r.id, r.buyer FROM invoice_request r
+         JOIN UNNEST($1::text[], $2::text[]) AS k(merchant_id, order_id)
+           ON r.merchant_id = k.merchant_id AND r.order_id = k.order_id
+         WHERE r.joined_at IS NULL AND r.deleted_at IS NULL",
+    )
+    .bind(merchants)
+    .bind(orders)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(m, o, id, buyer)| ((m, o), (id, buyer))).collect())
+}
+
+/// A new invoice row.
+#[derive(Debug, Clone)]
+pub struct NewInvoice {
+    /// Snowflake id.
+    pub id: i64,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Order.
+    pub order_id: String,
+    /// Status.
+    pub status: &'static str,
+    /// Mode.
+    pub issuance_mode: &'static str,
+    /// Payment event id.
+    pub payment_event_id: String,
+    /// Paid at.
+    pub paid_at: DateTime<Utc>,
+    /// Currency.
+    pub currency: String,
+    /// Buyer object (None: consumer).
+    pub buyer: Option<Value>,
+    /// Buyer kind.
+    pub buyer_kind: &'static str,
+    /// Lines JSON.
+    pub lines: Value,
+    /// Totals.
+    pub total_net: Decimal,
+    /// Totals.
+    pub total_vat: Decimal,
+    /// Totals.
+    pub total_amount: Decimal,
+    /// Provider config id.
+    pub provider_config_id: i64,
+    /// Snapshot.
+    pub config_snapshot: Value,
+    /// Idempotency key.
+    pub transaction_uuid: String,
+    /// When a worker may take it (QUEUED) — `None` for PENDING_CLAIM.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// A new claim row.
+#[derive(Debug, Clone)]
+pub struct NewClaim {
+    /// Snowflake id.
+    pub id: i64,
+    /// Its invoice.
+    pub invoice_id: i64,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Order.
+    pub order_id: String,
+    /// SHA-256 of the token.
+    pub token_hash: Vec<u8>,
+    /// Deadline.
+    pub deadline: DateTime<Utc>,
+}
+
+/// A payment decision row.
+#[derive(Debug, Clone)]
+pub struct NewDecision {
+    /// Event id.
+    pub event_id: String,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Order.
+    pub order_id: String,
+    /// `created` or `skipped`.
+    pub outcome: &'static str,
+    /// Skip reason.
+    pub skip_reason: Option<&'static str>,
+    /// The invoice created.
+    pub invoice_id: Option<i64>,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+}
+
+/// An audit row.
+#[derive(Debug, Clone)]
+pub struct NewAudit {
+    /// `invoice`, `claim`, `tax_info`, …
+    pub entity: &'static str,
+    /// Entity id as text.
+    pub entity_id: String,
+    /// Invoice, if about one.
+    pub invoice_id: Option<i64>,
+    /// Merchant.
+    pub merchant_id: Option<String>,
+    /// Order.
+    pub order_id: Option<String>,
+    /// Event type.
+    pub event_type: &'static str,
+    /// Outcome (usually the status after).
+    pub outcome: String,
+    /// State before.
+    pub before: Option<Value>,
+    /// State after.
+    pub after: Option<Value>,
+    /// Who.
+    pub actor: String,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// An outbox row.
+#[derive(Debug, Clone)]
+pub struct NewOutbox {
+    /// Event id.
+    pub event_id: Uuid,
+    /// Topic.
+    pub topic: String,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes.
+    pub payload: Vec<u8>,
+    /// Headers.
+    pub headers: Value,
+    /// Carries a clear claim token.
+    pub has_secret: bool,
+}
+
+/// Everything one batch writes.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// Invoices.
+    pub invoices: Vec<NewInvoice>,
+    /// Claims.
+    pub claims: Vec<NewClaim>,
+    /// Decisions.
+    pub decisions: Vec<NewDecision>,
+    /// Audit rows.
+    pub audits: Vec<NewAudit>,
+    /// Outbox rows.
+    pub outbox: Vec<NewOutbox>,
+    /// `(request id, invoice id)` joins.
+    pub request_joins: Vec<(i64, i64)>,
+}
+
+impl Writes {
+    /// Writes everything, one statement per table (none when a list is empty).
+    pub async fn write(&self, tx: &mut PgConnection, decision_topic: &str) -> Result<(), StorageError> {
+        if !self.invoices.is_empty() {
+            let v = &self.invoices;
+            sqlx::query(
+                "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at,
+                     currency, buyer, buyer_kind, lines, total_net, total_vat, total_amount, provider_config_id,
+                     config_snapshot, transaction_uuid, next_attempt_at)
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::timestamptz[], $8::text[], $9::jsonb[], $10::text[], $11::jsonb[], $12::numeric[],
+                     $13::numeric[], $14::numeric[], $15::bigint[], $16::jsonb[], $17::text[], $18::timestamptz[])",
+            )
+            .bind(v.iter().map(|i| i.id).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.merchant_id.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.order_id.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.status).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.issuance_mode).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.payment_event_id.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.paid_at).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.currency.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.buyer.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.buyer_kind).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.lines.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.total_net).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.total_vat).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.total_amount).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.provider_config_id).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.config_snapshot.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.transaction_uuid.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| i.next_attempt_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.claims.is_empty() {
+            let v = &self.claims;
+            sqlx::query(
+                "INSERT INTO claim (id, invoice_id, merchant_id, order_id, token_hash, deadline, status)
+                 SELECT id, invoice_id, merchant_id, order_id, token_hash, deadline, 'OPEN'
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bytea[], $6::timestamptz[])
+                   AS t(id, invoice_id, merchant_id, order_id, token_hash, deadline)",
+            )
+            .bind(v.iter().map(|c| c.id).collect::<Vec<_>>())
+            .bind(v.iter().map(|c| c.invoice_id).collect::<Vec<_>>())
+            .bind(v.iter().map(|c| c.merchant_id.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|c| c.order_id.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|c| c.token_hash.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|c| c.deadline).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.decisions.is_empty() {
+            let v = &self.decisions;
+            // ON CONFLICT: a replay of an event decided before records nothing new.
+            sqlx::query(
+                "INSERT INTO payment_decision (event_id, merchant_id, order_id, outcome, skip_reason, invoice_id,
+                     topic, partition, \"offset\")
+                 SELECT event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, $9, partition, off
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::int[],
+                     $8::bigint[]) AS t(event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, partition, off)
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(v.iter().map(|d| d.event_id.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|d| d.merchant_id.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|d| d.order_id.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|d| d.outcome).collect::<Vec<_>>())
+            .bind(v.iter().map(|d| d.skip_reason).collect::<Vec<_>>())
+            .bind(v.iter().map(|d| d.invoice_id).collect::<Vec<_>>())
+            .bind(v.iter().map(|d| d.partition).collect::<Vec<_>>())
+            .bind(v.iter().map(|d| d.offset).collect::<Vec<_>>())
+            .bind(decision_topic)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.request_joins.is_empty() {
+            sqlx::query(
+                "UPDATE invoice_request r SET invoice_id = j.invoice_id, joined_at = now()
+                 FROM UNNEST($1::bigint[], $2::bigint[]) AS j(id, invoice_id) WHERE r.id = j.id",
+            )
+            .bind(self.request_joins.iter().map(|j| j.0).collect::<Vec<_>>())
+            .bind(self.request_joins.iter().map(|j| j.1).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        insert_audits(tx, &self.audits).await?;
+        insert_outbox(tx, &self.outbox).await?;
+        Ok(())
+    }
+}
+
+/// Inserts audit rows.
+pub async fn insert_audits(tx: &mut PgConnection, v: &[NewAudit]) -> Result<(), StorageError> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO audit_log (entity, entity_id, invoice_id, merchant_id, order_id, event_type, outcome, before,
+             after, actor, reason)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
+             $8::jsonb[], $9::jsonb[], $10::text[], $11::text[])",
+    )
+    .bind(v.iter().map(|a| a.entity).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.entity_id.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.invoice_id).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.merchant_id.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.order_id.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.event_type).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.outcome.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.before.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.after.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.actor.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.reason.clone()).collect::<Vec<_>>())
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Inserts outbox rows (in the order given: ids follow it, and so does publication).
+pub async fn insert_outbox(tx: &mut PgConnection, v: &[NewOutbox]) -> Result<(), StorageError> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, message_key, payload, headers, has_secret)
+         SELECT event_id, topic, message_key, payload, headers, has_secret
+         FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::bool[]) WITH ORDINALITY
+           AS t(event_id, topic, message_key, payload, headers, has_secret, n)
+         ORDER BY n",
+    )
+    .bind(v.iter().map(|o| o.event_id).collect::<Vec<_>>())
+    .bind(v.iter().map(|o| o.topic.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|o| o.key.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|o| o.payload.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|o| o.headers.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|o| o.has_secret).collect::<Vec<_>>())
+    .execute(tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! One batch of `merchant.cdc.v1` messages of one partition. The task keeps every merchant it
+//! has seen in a cache, so an update that changes nothing is decided without any I/O (the
+//! batch still advances its offset).
+
+use std::collections::HashMap;
+
+use rdkafka::message::{Message, OwnedMessage};
+use serde_json::json;
+use sqlx::PgConnection;
+
+use super::deadletter::dead_letter;
+use super::{BatchError, Deps};
+use crate::domain::tax_info::{decide_cdc, CdcChange, CdcOutcome, StoredTax};
+use crate::events::merchant_cdc::{self, MerchantEvent};
+use crate::storage::decisions::{insert_audits, insert_outbox, NewAudit};
+use crate::storage::merchants::{self, Source};
+
+/// Stored TaxInfo per merchant as this task knows it (`None`: known to be absent). Valid only
+/// while the task owns the partition: merchants are keyed by id, so no one else writes them.
+pub type Cache = HashMap<String, Option<StoredTax>>;
+
+/// What a committed batch did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// CDC outcomes.
+    pub outcomes: Vec<CdcOutcome>,
+    /// Tombstones ignored.
+    pub tombstones: u64,
+    /// Dead letters.
+    pub dead_lettered: u64,
+    /// Cache entries to install once the transaction committed (never before: a rolled-back
+    /// batch must leave the cache as the database is).
+    pub cache_updates: Vec<(String, Option<StoredTax>)>,
+}
+
+/// Decides and writes one batch inside `tx`.
+pub async fn process(
+    deps: &Deps,
+    tx: &mut PgConnection,
+    partition: i32,
+    messages: &[OwnedMessage],
+    cache: &Cache,
+) -> Result<Summary, BatchError> {
+    let topic = deps.topics.merchant_cdc.as_str();
+    let parsed: Vec<(&OwnedMessage, Result<MerchantEvent, crate::events::Invalid>)> =
+        messages.iter().map(|m| (m, merchant_cdc::parse(m.key(), m.payload()))).collect();
+    // Load the merchants this task has not seen yet, in one query.
+    let misses: Vec<String> = {
+        let mut ids: Vec<String> = parsed
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Ok(MerchantEvent::Change(c)) if !cache.contains_key(&c.merchant_id) => Some(c.merchant_id.clone()),
+                _ => None,
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    let mut view: HashMap<String, Option<StoredTax>> = HashMap::new();
+    if !misses.is_empty() {
+        let loaded = merchants::load(tx, &misses).await?;
+        for id in misses {
+            let stored = loaded.get(&id).map(|r| r.stored.clone());
+            view.insert(id, stored);
+        }
+    }
+    let mut summary = Summary::default();
+    let mut audits = Vec::new();
+    let mut dead = Vec::new();
+    for (message, event) in &parsed {
+        let change = match event {
+            Ok(MerchantEvent::Tombstone) => {
+                summary.tombstones += 1;
+                continue;
+            }
+            Ok(MerchantEvent::Change(change)) => change,
+            Err(reason) => {
+                tracing::warn!(topic, partition, offset = message.offset(), error = %reason,
+                    "[handleMerchantCDC] invalid message, dead-lettered");
+                dead.push(dead_letter(&deps.topics.deadletter, message, reason));
+                summary.dead_lettered += 1;
+                continue;
+            }
+        };
+        let merchant_id = change.merchant_id.as_str();
+        let stored = match view.get(merchant_id) {
+            Some(s) => s.clone(),
+            None => cache.get(merchant_id).cloned().flatten(),
+        };
+        let outcome = decide_cdc(&change.change, &change.position, stored.as_ref());
+        let source = Source { topic, partition, offset: message.offset() };
+        let op = match &change.change {
+            CdcChange::Upsert { op, .. } => *op,
+            CdcChange::Delete => 'd',
+        };
+        match outcome {
+            CdcOutcome::Apply => {
+                let (CdcChange::Upsert { tax, .. }, Some(info)) = (&change.change, &change.tax_info) else {
+                    return Err(BatchError::Bug("an applied CDC change without tax"));
+                };
+                merchants::upsert(tx, merchant_id, change.merchant_name.as_deref(), tax, info, &change.position, source)
+                    .await?;
+                audits.push(NewAudit {
+                    entity: "tax_info",
+                    entity_id: merchant_id.to_owned(),
+                    invoice_id: None,
+                    merchant_id: Some(merchant_id.to_owned()),
+                    order_id: None,
+                    event_type: "tax_info.applied",
+                    outcome: "applied".into(),
+                    before: stored.as_ref().filter(|s| !s.deleted).map(|s| s.tax.clone()),
+                    after: Some(tax.clone()),
+                    actor: "cdc".into(),
+                    reason: Some(format!("op={op} lsn={:?} ts_ms={:?}", change.position.lsn, change.position.ts_ms)),
+                });
+                let new = StoredTax { tax: tax.clone(), position: change.position, deleted: false };
+                view.insert(merchant_id.to_owned(), Some(new));
+                tracing::info!(merchantId = merchant_id, partition, op = %op, "[handleMerchantCDC] TaxInfo applied");
+            }
+            CdcOutcome::Delete => {
+                merchants::soft_delete(tx, merchant_id, &change.position, source).await?;
+                audits.push(NewAudit {
+                    entity: "tax_info",
+                    entity_id: merchant_id.to_owned(),
+                    invoice_id: None,
+                    merchant_id: Some(merchant_id.to_owned()),
+                    order_id: None,
+                    event_type: "tax_info.deleted",
+                    outcome: "deleted".into(),
+                    before: stored.as_ref().map(|s| s.tax.clone()),
+                    after: None,
+                    actor: "cdc".into(),
+                    reason: Some(json!({"lsn": change.position.lsn, "tsMs": change.position.ts_ms}).to_string()),
+                });
+                let new = stored.map(|s| StoredTax { position: change.position, deleted: true, ..s });
+                view.insert(merchant_id.to_owned(), new);
+                tracing::info!(merchantId = merchant_id, partition, "[handleMerchantCDC] op=d TaxInfo soft-deleted");
+            }
+            CdcOutcome::SkipUnchanged => {
+                tracing::info!(merchantId = merchant_id, partition, "[handleMerchantCDC] op={op} tax unchanged, SKIP");
+            }
+            CdcOutcome::Stale => {
+                tracing::info!(merchantId = merchant_id, partition, op = %op, lsn = ?change.position.lsn,
+                    ts_ms = ?change.position.ts_ms, "[handleMerchantCDC] event older than the stored TaxInfo, SKIP");
+            }
+            CdcOutcome::AlreadyDeleted => {
+                tracing::info!(merchantId = merchant_id, partition, "[handleMerchantCDC] op=d for an absent TaxInfo, SKIP");
+            }
+        }
+        summary.outcomes.push(outcome);
+    }
+    insert_audits(tx, &audits).await?;
+    insert_outbox(tx, &dead).await?;
+    // Everything loaded or changed here (misses included, so the next skip needs no query).
+    summary.cache_updates = view.into_iter().collect();
+    Ok(summary)
+}

@@ -1,0 +1,251 @@
+//! One assigned partition: read in offset order, batch, commit decisions and offset in one
+//! transaction, retry transient failures in place, follow Postgres when fenced.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::consumer::{Ctx, PartitionQueue};
+use super::merchants::{self, Cache};
+use super::{payments, BatchError, Deps};
+use crate::storage::offsets;
+
+/// Which input a partition belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `payment.succeeded.v1`
+    Payment,
+    /// `merchant.cdc.v1`
+    MerchantCdc,
+}
+
+/// What the watchdog and the lag gauges read of a running partition.
+#[derive(Debug)]
+pub struct PartitionState {
+    /// Next offset to process (= the stored next offset once committed).
+    pub position: AtomicI64,
+    /// Unix ms of the last committed batch (or of the assignment).
+    pub last_progress_ms: AtomicI64,
+    /// Kafka timestamp (Unix ms) of the last processed message, -1 if none.
+    pub last_message_ts_ms: AtomicI64,
+    /// Asks the task to re-fetch from its position (stall or stray message).
+    pub recover: Notify,
+}
+
+impl PartitionState {
+    /// State for a partition starting at `position`.
+    pub fn new(position: i64) -> PartitionState {
+        PartitionState {
+            position: AtomicI64::new(position),
+            last_progress_ms: AtomicI64::new(now_ms()),
+            last_message_ts_ms: AtomicI64::new(-1),
+            recover: Notify::new(),
+        }
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A running partition.
+pub struct PartitionTask {
+    /// The consumer (for seeks, offset stores and the assignment check).
+    pub consumer: Arc<StreamConsumer<Ctx>>,
+    /// This partition's own queue.
+    pub queue: PartitionQueue,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Which input.
+    pub kind: Kind,
+    /// Shared dependencies.
+    pub deps: Deps,
+    /// The stored next offset this task believes in (`None`: no row yet).
+    pub expected: Option<i64>,
+    /// Stops the task (revoke, shutdown).
+    pub cancel: CancellationToken,
+    /// Shared with the watchdog.
+    pub state: Arc<PartitionState>,
+}
+
+enum Committed {
+    Yes,
+    Fenced,
+    Cancelled,
+}
+
+impl PartitionTask {
+    fn position(&self) -> i64 {
+        self.state.position.load(Ordering::Acquire)
+    }
+
+    fn seek(&self, offset: i64) {
+        // Seek with a zero timeout is asynchronous; prefetched messages of the old position
+        // are discarded by librdkafka, and `run` drops any older offset that slips through.
+        if let Err(error) =
+            self.consumer.seek(&self.topic, self.partition, Offset::Offset(offset), Duration::from_secs(0))
+        {
+            tracing::warn!(topic = %self.topic, partition = self.partition, offset, %error, "Seek failed");
+        }
+    }
+
+    fn owned(&self) -> bool {
+        match self.consumer.assignment() {
+            Ok(tpl) => tpl.find_partition(&self.topic, self.partition).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// Runs until cancelled.
+    pub async fn run(mut self) {
+        let mut cache = Cache::new();
+        tracing::info!(topic = %self.topic, partition = self.partition, position = self.position(), "Partition task started");
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                _ = self.state.recover.notified() => {
+                    self.seek(self.position());
+                    continue;
+                }
+                received = self.queue.recv() => received.map(|m| m.detach()),
+            };
+            let first = match first {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, %error, "Consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            let linger_until = tokio::time::Instant::now() + self.deps.settings.batch_linger;
+            while batch.len() < self.deps.settings.batch_max {
+                match tokio::time::timeout_at(linger_until, self.queue.recv()).await {
+                    Ok(Ok(message)) => batch.push(message.detach()),
+                    Ok(Err(error)) => {
+                        tracing::warn!(topic = %self.topic, partition = self.partition, %error, "Consumer error");
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            // After a seek, messages from before the position may still be queued.
+            let position = self.position();
+            batch.retain(|m| m.offset() >= position);
+            if batch.is_empty() {
+                continue;
+            }
+            match self.commit(&batch, &mut cache).await {
+                Committed::Yes | Committed::Fenced => {}
+                Committed::Cancelled => break,
+            }
+        }
+        tracing::info!(topic = %self.topic, partition = self.partition, position = self.position(), "Partition task stopped");
+    }
+
+    async fn commit(&mut self, batch: &[OwnedMessage], cache: &mut Cache) -> Committed {
+        let next = batch.last().map(|m| m.offset() + 1).unwrap_or_else(|| self.position());
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            match self.try_commit(batch, next, cache).await {
+                Ok(()) => {
+                    self.deps.metrics.batch_committed(&self.topic, batch.len(), started.elapsed());
+                    self.expected = Some(next);
+                    self.state.position.store(next, Ordering::Release);
+                    self.state.last_progress_ms.store(now_ms(), Ordering::Release);
+                    if let Some(ts) = batch.last().and_then(|m| m.timestamp().to_millis()) {
+                        self.state.last_message_ts_ms.store(ts, Ordering::Release);
+                    }
+                    // The Kafka-side mirror for lag tools; auto-commit sends it.
+                    let mut tpl = TopicPartitionList::new();
+                    if tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(next)).is_ok() {
+                        if let Err(error) = self.consumer.store_offsets(&tpl) {
+                            tracing::debug!(topic = %self.topic, partition = self.partition, %error, "Offset mirror not stored");
+                        }
+                    }
+                    return Committed::Yes;
+                }
+                Err(BatchError::Fenced { stored }) => {
+                    self.deps.metrics.offset_fenced(&self.topic, self.partition);
+                    tracing::warn!(topic = %self.topic, partition = self.partition, expected = ?self.expected, stored = ?stored,
+                        "Stored offset moved by another owner; following Postgres");
+                    if !self.owned() {
+                        self.cancel.cancel();
+                        return Committed::Cancelled;
+                    }
+                    let resume = stored.unwrap_or(0);
+                    self.expected = stored;
+                    self.state.position.store(resume, Ordering::Release);
+                    self.seek(resume);
+                    return Committed::Fenced;
+                }
+                Err(error) => {
+                    self.deps.metrics.stream_transaction_retried(&self.topic);
+                    tracing::warn!(topic = %self.topic, partition = self.partition, %error, retry_in_ms = backoff.as_millis() as u64,
+                        "Batch failed; retrying in place");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.cancel.cancelled() => return Committed::Cancelled,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn try_commit(&mut self, batch: &[OwnedMessage], next: i64, cache: &mut Cache) -> Result<(), BatchError> {
+        let deps = &self.deps;
+        let mut tx = deps.db.begin().await?;
+        // First: the row lock serialises two owners; the loser sees the new value.
+        if !offsets::compare_and_set(&mut tx, &deps.group_id, &self.topic, self.partition, self.expected, next).await? {
+            let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
+            tx.rollback().await?;
+            return Err(BatchError::Fenced { stored });
+        }
+        match self.kind {
+            Kind::Payment => {
+                let summary = payments::process(deps, &mut tx, self.partition, batch).await?;
+                tx.commit().await?;
+                let processed = batch.len() as u64 - summary.dead_lettered;
+                deps.metrics.consumed(&self.topic, "processed", processed);
+                deps.metrics.consumed(&self.topic, "dead_lettered", summary.dead_lettered);
+                deps.metrics.dead_lettered(&self.topic, summary.dead_lettered);
+                deps.metrics.claim("opened", summary.claims_opened);
+                for (outcome, reason) in &summary.decisions {
+                    deps.metrics.decision(outcome, reason);
+                }
+                for (order_id, merchant_id, outcome, reason, invoice_id) in &summary.log {
+                    tracing::info!(orderId = %order_id, merchantId = %merchant_id, partition = self.partition,
+                        outcome = *outcome, reason = *reason, invoiceId = ?invoice_id, "[handlePaymentSuccess] decided");
+                }
+            }
+            Kind::MerchantCdc => {
+                let summary = merchants::process(deps, &mut tx, self.partition, batch, cache).await?;
+                tx.commit().await?;
+                for (merchant, stored) in summary.cache_updates {
+                    cache.insert(merchant, stored);
+                }
+                let processed = batch.len() as u64 - summary.dead_lettered - summary.tombstones;
+                deps.metrics.consumed(&self.topic, "processed", processed);
+                deps.metrics.consumed(&self.topic, "tombstone", summary.tombstones);
+                deps.metrics.consumed(&self.topic, "dead_lettered", summary.dead_lettered);
+                deps.metrics.dead_lettered(&self.topic, summary.dead_lettered);
+                for outcome in summary.outcomes {
+                    deps.metrics.cdc_update(outcome.as_str());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,289 @@
+//! `invoice stream` against the real broker and database.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::events::{cdc, payment, tax};
+use crate::support::kafka::{produce, producer, read_all, TestTopics};
+use crate::support::{insert_provider_config, metric_value, stream_env, unique, wait_until, TestDb, TestStream};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The first column of the first row; -1 when there is no row or it is NULL.
+async fn scalar(db: &TestDb, sql: &str) -> i64 {
+    let value: Option<Option<i64>> = sqlx::query_scalar(sql).fetch_optional(&db.pool).await.unwrap();
+    value.flatten().unwrap_or(-1)
+}
+
+async fn wait_scalar(db: &TestDb, sql: &str, expected: i64) {
+    let what = format!("`{sql}` to reach {expected}");
+    wait_until(WAIT, &what, || async { (scalar(db, sql).await == expected).then_some(()) }).await;
+}
+
+async fn send(p: &rdkafka::producer::FutureProducer, topic: &str, key: &str, value: &Value) {
+    produce(p, topic, key, Some(value.to_string().as_bytes()), &[]).await;
+}
+
+async fn read_events(topic: &str, n: usize) -> Vec<Value> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || read_all(&topic, n, WAIT))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| m.value.and_then(|v| serde_json::from_slice(&v).ok()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_become_invoices_with_claims_audit_events_and_offsets() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(3).await;
+    let p = producer();
+    for (merchant, mode, lsn) in [("M-1", "immediate", 10), ("M-2", "claim_window", 11)] {
+        send(&p, &topics.names.merchant_cdc, merchant, &cdc("c", merchant, tax(mode), lsn)).await;
+    }
+    insert_provider_config(&db, "M-1", 1).await;
+    insert_provider_config(&db, "M-2", 2).await;
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 2).await;
+
+    for i in 0..20 {
+        let order = format!("ORD-A-{i}");
+        send(&p, &topics.names.payment, &order, &payment(&format!("ev-a-{i}"), &order, "M-1")).await;
+    }
+    for i in 0..10 {
+        let order = format!("ORD-B-{i}");
+        send(&p, &topics.names.payment, &order, &payment(&format!("ev-b-{i}"), &order, "M-2")).await;
+    }
+    send(&p, &topics.names.payment, "ORD-X", &payment("ev-x", "ORD-X", "M-9")).await;
+    wait_scalar(&db, "SELECT count(*) FROM payment_decision", 31).await;
+
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE merchant_id = 'M-1' AND status = 'QUEUED'").await, 20);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE merchant_id = 'M-2' AND status = 'PENDING_CLAIM'").await, 10);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM claim WHERE status = 'OPEN'").await, 30);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE event_type = 'invoice.created'").await, 30);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM payment_decision WHERE outcome = 'skipped' AND skip_reason = 'merchant_unknown'").await,
+        1
+    );
+    // The config snapshot carries ciphertext only.
+    let snapshot: Value = sqlx::query_scalar("SELECT config_snapshot FROM invoice LIMIT 1").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(snapshot["series"], "C26TAA");
+    assert!(snapshot["credentials"]["ciphertext"].is_string());
+    assert!(!snapshot.to_string().contains("\"password\""));
+    // Stored offsets cover every payment: 31 messages over 3 partitions.
+    assert_eq!(
+        scalar(&db, &format!("SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'", topics.names.payment)).await,
+        31
+    );
+
+    // Events: created + claim_opened per invoice, claim tokens match the stored hashes.
+    let events = read_events(&topics.names.events, 60).await;
+    assert_eq!(events.len(), 60);
+    let opened: Vec<&Value> = events.iter().filter(|e| e["type"] == "invoice.claim_opened").collect();
+    assert_eq!(opened.len(), 30);
+    for e in &opened {
+        let token = e["claim"]["token"].as_str().unwrap();
+        assert!(token.len() >= 43, "{token}");
+        let hash = invoice::domain::claim::token_hash(token).to_vec();
+        let found: i64 = sqlx::query_scalar("SELECT count(*) FROM claim WHERE token_hash = $1 AND invoice_id = $2")
+            .bind(&hash)
+            .bind(e["invoiceId"].as_str().unwrap().parse::<i64>().unwrap())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(found, 1);
+    }
+    assert!(events.iter().all(|e| e["invoiceId"].is_string()));
+    // Once published, the outbox no longer holds any clear token.
+    wait_scalar(&db, "SELECT count(*) FROM outbox WHERE published_at IS NULL", 0).await;
+    assert_eq!(scalar(&db, "SELECT count(*) FROM outbox WHERE has_secret OR (payload IS NOT NULL AND convert_from(payload, 'UTF8') LIKE '%\"token\"%')").await, 0);
+
+    let metrics = stream.metrics().await;
+    assert_eq!(metric_value(&metrics, "invoice_decisions_total", &["outcome=\"queued\""]), 20.0);
+    assert_eq!(metric_value(&metrics, "invoice_decisions_total", &["outcome=\"pending_claim\""]), 10.0);
+    assert_eq!(metric_value(&metrics, "invoice_decisions_total", &["reason=\"merchant_unknown\""]), 1.0);
+    assert_eq!(metric_value(&metrics, "invoice_claims_total", &["event=\"opened\""]), 30.0);
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partition() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let p = producer();
+    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    let mut float_amount = payment("ev-float", "ORD-F", "M-1");
+    float_amount["totalAmount"] = json!(1080000.0);
+    let mut bad_total = payment("ev-total", "ORD-T", "M-1");
+    bad_total["totalAmount"] = json!("999");
+    let mut bad_rate = payment("ev-rate", "ORD-R", "M-1");
+    bad_rate["items"][0]["vatRate"] = json!("7");
+    // One partition: poison and good messages interleaved in one order.
+    send(&p, &topics.names.payment, "ORD-1", &payment("ev-1", "ORD-1", "M-1")).await;
+    produce(&p, &topics.names.payment, "ORD-J", Some(b"{not json"), &[]).await;
+    send(&p, &topics.names.payment, "ORD-F", &float_amount).await;
+    send(&p, &topics.names.payment, "ORD-2", &payment("ev-2", "ORD-2", "M-1")).await;
+    send(&p, &topics.names.payment, "ORD-T", &bad_total).await;
+    send(&p, &topics.names.payment, "ORD-R", &bad_rate).await;
+    send(&p, &topics.names.payment, "ORD-3", &payment("ev-3", "ORD-3", "M-1")).await;
+    produce(&p, &topics.names.merchant_cdc, "M-2", Some(br#"{"op":"x","after":{"id":"M-2"}}"#), &[]).await;
+    produce(&p, &topics.names.merchant_cdc, "M-3", None, &[]).await;
+
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, "SELECT count(*) FROM invoice", 3).await;
+    let dead = {
+        let topic = topics.names.deadletter.clone();
+        tokio::task::spawn_blocking(move || read_all(&topic, 5, WAIT)).await.unwrap()
+    };
+    assert_eq!(dead.len(), 5);
+    let header = |m: &crate::support::kafka::Received, name: &str| {
+        m.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
+    };
+    let mut reasons: Vec<(String, String)> = dead.iter().map(|m| (header(m, "x-source-offset"), header(m, "x-error"))).collect();
+    reasons.sort();
+    let by_key = |key: &str| dead.iter().find(|m| m.key.as_deref() == Some(key.as_bytes())).unwrap();
+    assert!(header(by_key("ORD-J"), "x-error").starts_with("not JSON"));
+    assert_eq!(by_key("ORD-J").value.as_deref(), Some(&b"{not json"[..]), "the original value is forwarded unchanged");
+    assert_eq!(header(by_key("ORD-J"), "x-source-topic"), topics.names.payment);
+    assert_eq!(header(by_key("ORD-J"), "x-source-partition"), "0");
+    assert_eq!(header(by_key("ORD-J"), "x-source-offset"), "1");
+    assert!(header(by_key("ORD-F"), "x-error").contains("floats are refused"));
+    assert!(header(by_key("ORD-T"), "x-error").starts_with("totalAmount: 999 does not equal"));
+    assert!(header(by_key("ORD-R"), "x-error").contains("unknown VAT rate `7`"));
+    assert!(header(by_key("M-2"), "x-error").contains("unknown op `x`"));
+    assert_eq!(header(by_key("M-2"), "x-source-topic"), topics.names.merchant_cdc);
+    // Every offset passed: 7 payments and 3 CDC messages (one tombstone).
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.payment), 7).await;
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.merchant_cdc), 3).await;
+    let metrics = stream.metrics().await;
+    assert_eq!(metric_value(&metrics, "invoice_dead_lettered_total", &[]), 5.0);
+    assert_eq!(metric_value(&metrics, "invoice_kafka_messages_consumed_total", &["outcome=\"tombstone\""]), 1.0);
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(2).await;
+    let p = producer();
+    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    for i in 0..10 {
+        let order = format!("ORD-{i}");
+        send(&p, &topics.names.payment, &order, &payment(&format!("ev-{i}"), &order, "M-1")).await;
+    }
+    let first = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, "SELECT count(*) FROM invoice", 10).await;
+    wait_scalar(&db, "SELECT count(*) FROM outbox WHERE published_at IS NULL", 0).await;
+    // The same events produced again, and a second order event for an order that has one.
+    for i in 0..10 {
+        let order = format!("ORD-{i}");
+        send(&p, &topics.names.payment, &order, &payment(&format!("ev-{i}"), &order, "M-1")).await;
+    }
+    send(&p, &topics.names.payment, "ORD-0", &payment("ev-0-again", "ORD-0", "M-1")).await;
+    wait_scalar(&db, &format!("SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'", topics.names.payment), 21).await;
+    first.stop().await.unwrap();
+    // A new consumer group reads both topics from offset 0.
+    let replay = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-replay-"))).await;
+    wait_scalar(&db, &format!("SELECT count(DISTINCT group_id) FROM consumer_offset WHERE topic = '{}'", topics.names.payment), 2).await;
+    wait_scalar(&db, &format!("SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'", topics.names.payment), 42).await;
+    replay.stop().await.unwrap();
+
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 10);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM claim").await, 10);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'invoice'").await, 10);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM outbox WHERE topic <> 'x'").await, 20);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM payment_decision WHERE skip_reason = 'active_invoice_exists'").await, 1);
+    let events = read_events(&topics.names.events, 21).await;
+    assert_eq!(events.len(), 20, "exactly one created and one claim_opened per order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdc_keeps_the_newest_tax_info_whatever_the_order_and_format() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let p = producer();
+    let t = &topics.names.merchant_cdc;
+    let enabled = tax("immediate");
+    let mut disabled = tax("immediate");
+    disabled["invoiceEnabled"] = json!(false);
+    // M-1: created, updated, then an older update arrives late (stale), then a duplicate.
+    send(&p, t, "M-1", &cdc("c", "M-1", enabled.clone(), 100)).await;
+    send(&p, t, "M-1", &cdc("u", "M-1", disabled.clone(), 200)).await;
+    send(&p, t, "M-1", &cdc("u", "M-1", enabled.clone(), 150)).await;
+    send(&p, t, "M-1", &cdc("u", "M-1", disabled.clone(), 200)).await;
+    // M-2: metadata as an object, then the same tax as a string with other key order and
+    // number format inside the schema wrapper: unchanged, skipped.
+    let mut object_form = cdc("c", "M-2", enabled.clone(), 300);
+    object_form["after"]["metadata"] = json!({"tax": enabled.clone()});
+    send(&p, t, "M-2", &object_form).await;
+    let reordered = r#"{"tax": {"provider": "viettel", "claimWindowMinutes": 1.44e3, "issuanceMode": "immediate", "invoiceEnabled": true, "phone": "02812345678", "email": "ketoan@abc.vn", "address": "1 Tràng Tiền, Hà Nội", "legalName": "Công ty TNHH ABC", "taxCode": "0100109106"}}"#;
+    let mut string_form = cdc("u", "M-2", enabled.clone(), 301);
+    string_form["after"]["metadata"] = json!(reordered);
+    send(&p, t, "M-2", &json!({"schema": {"type": "struct"}, "payload": string_form})).await;
+    // M-3: created, deleted (tombstone follows), then an older create is stale.
+    send(&p, t, "M-3", &cdc("c", "M-3", enabled.clone(), 400)).await;
+    send(&p, t, "M-3", &cdc("d", "M-3", enabled.clone(), 500)).await;
+    produce(&p, t, "M-3", None, &[]).await;
+    send(&p, t, "M-3", &cdc("c", "M-3", enabled.clone(), 450)).await;
+
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 10).await;
+    let row = |m: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (bool, Option<i64>, bool)>(
+                "SELECT invoice_enabled, source_lsn, deleted_at IS NOT NULL FROM merchant_tax_info WHERE merchant_id = $1",
+            )
+            .bind(m)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(row("M-1").await, (false, Some(200), false));
+    assert_eq!(row("M-2").await, (true, Some(300), false), "the unchanged update wrote nothing");
+    assert_eq!(row("M-3").await, (true, Some(500), true));
+    assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'tax_info'").await, 5);
+    let metrics = stream.metrics().await;
+    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"applied\""]), 4.0);
+    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"skipped\""]), 2.0);
+    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"stale\""]), 2.0);
+    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"deleted\""]), 1.0);
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoice_request_recorded_before_the_payment_is_joined() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let p = producer();
+    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("claim_window"), 1)).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    sqlx::query(
+        "INSERT INTO invoice_request (id, merchant_id, order_id, buyer, source) VALUES (77, 'M-1', 'ORD-REQ', $1, 'merchant_webhook')",
+    )
+    .bind(json!({"legalName": "Công ty B", "taxCode": "0101243150", "address": "TP HCM", "email": "b@b.vn"}))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    send(&p, &topics.names.payment, "ORD-REQ", &payment("ev-r", "ORD-REQ", "M-1")).await;
+    send(&p, &topics.names.payment, "ORD-NONE", &payment("ev-n", "ORD-NONE", "M-1")).await;
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, "SELECT count(*) FROM invoice", 2).await;
+    let (status, kind, tax_code): (String, String, Option<String>) =
+        sqlx::query_as("SELECT status, buyer_kind, buyer->>'taxCode' FROM invoice WHERE order_id = 'ORD-REQ'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), kind.as_str(), tax_code.as_deref()), ("QUEUED", "company", Some("0101243150")));
+    let joined: (Option<i64>, bool) =
+        sqlx::query_as("SELECT invoice_id, joined_at IS NOT NULL FROM invoice_request WHERE id = 77").fetch_one(&db.pool).await.unwrap();
+    assert!(joined.0.is_some() && joined.1);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM claim WHERE order_id = 'ORD-REQ'").await, 0, "no claim for a known buyer");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-NONE' AND status = 'PENDING_CLAIM'").await, 1);
+    stream.stop().await.unwrap();
+}
