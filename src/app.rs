@@ -129,13 +129,23 @@ pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationT
 
 /// Runs the stream processor (and the outbox relay, and an HTTP listener for health,
 /// readiness and metrics) until `shutdown` is cancelled.
-pub async fn run_stream(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_stream(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     metrics.running("stream");
     let db = database(&cfg, "invoice-stream").await?;
     let holder = format!("stream@{}", hostname());
-    let lease = workers::acquire(cfg.database_url.expose(), cfg.worker_id, &holder, Arc::new(SystemClock), metrics.clone())
-        .await?;
+    let lease = workers::acquire(
+        cfg.database_url.expose(),
+        cfg.worker_id,
+        &holder,
+        Arc::new(SystemClock),
+        metrics.clone(),
+    )
+    .await?;
     let producer = kafka_producer(&cfg)?;
     let deps = crate::stream::Deps {
         db: db.clone(),

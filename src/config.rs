@@ -303,19 +303,24 @@ impl Config {
                 .ok_or_else(|| ConfigError::new(&pool_var, format!("`{v}` is not an integer 1–1000")))?,
         };
 
-        let number = |suffix: &str, default: u64, range: std::ops::RangeInclusive<u64>| -> Result<u64, ConfigError> {
-            let name = var(suffix);
-            match get(&name) {
-                None => Ok(default),
-                Some(v) => v.trim().parse::<u64>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
-                    ConfigError::new(&name, format!("`{v}` is not an integer {}–{}", range.start(), range.end()))
-                }),
-            }
-        };
+        let number =
+            |suffix: &str, default: u64, range: std::ops::RangeInclusive<u64>| -> Result<u64, ConfigError> {
+                let name = var(suffix);
+                match get(&name) {
+                    None => Ok(default),
+                    Some(v) => v.trim().parse::<u64>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
+                        ConfigError::new(
+                            &name,
+                            format!("`{v}` is not an integer {}–{}", range.start(), range.end()),
+                        )
+                    }),
+                }
+            };
         let stream_batch_max = number("STREAM_BATCH_MAX", 500, 1..=10_000)? as usize;
         let stream_batch_linger = Duration::from_millis(number("STREAM_BATCH_LINGER_MS", 5, 0..=10_000)?);
         let stream_stall_after = Duration::from_secs(number("STREAM_STALL_SECONDS", 30, 1..=3600)?);
-        let kafka_session_timeout = Duration::from_millis(number("KAFKA_SESSION_TIMEOUT_MS", 10_000, 1_000..=300_000)?);
+        let kafka_session_timeout =
+            Duration::from_millis(number("KAFKA_SESSION_TIMEOUT_MS", 10_000, 1_000..=300_000)?);
 
         let http_auth = if mode.serves_http() {
             let required =

@@ -100,7 +100,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let consumer_lag = IntGaugeVec::new(
-            Opts::new("kafka_consumer_lag", "High watermark minus the stored next offset, per topic and partition"),
+            Opts::new(
+                "kafka_consumer_lag",
+                "High watermark minus the stored next offset, per topic and partition",
+            ),
             &["topic", "partition"],
         )
         .expect("valid metric");
@@ -120,7 +123,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let cdc_updates = IntCounterVec::new(
-            Opts::new("cdc_updates_total", "Merchant CDC events by outcome (applied, skipped, stale, deleted, ...)"),
+            Opts::new(
+                "cdc_updates_total",
+                "Merchant CDC events by outcome (applied, skipped, stale, deleted, ...)",
+            ),
             &["outcome"],
         )
         .expect("valid metric");
@@ -135,12 +141,18 @@ impl Metrics {
         )
         .expect("valid metric");
         let partition_stalls = IntCounterVec::new(
-            Opts::new("kafka_partition_stalls_total", "Partitions with lag that made no progress and were recovered"),
+            Opts::new(
+                "kafka_partition_stalls_total",
+                "Partitions with lag that made no progress and were recovered",
+            ),
             &["topic", "partition"],
         )
         .expect("valid metric");
         let fenced = IntCounterVec::new(
-            Opts::new("kafka_offset_fenced_total", "Batches refused because another owner moved the stored offset"),
+            Opts::new(
+                "kafka_offset_fenced_total",
+                "Batches refused because another owner moved the stored offset",
+            ),
             &["topic", "partition"],
         )
         .expect("valid metric");
@@ -166,11 +178,16 @@ impl Metrics {
             &["topic"],
         )
         .expect("valid metric");
-        let outbox_backlog =
-            IntGauge::new("outbox_backlog", "Outbox messages not yet published (as of the relay's last pass)")
-                .expect("valid metric");
+        let outbox_backlog = IntGauge::new(
+            "outbox_backlog",
+            "Outbox messages not yet published (as of the relay's last pass)",
+        )
+        .expect("valid metric");
         let stream_transaction_retries = IntCounterVec::new(
-            Opts::new("stream_transaction_retries_total", "Batch transactions retried after a transient error"),
+            Opts::new(
+                "stream_transaction_retries_total",
+                "Batch transactions retried after a transient error",
+            ),
             &["topic"],
         )
         .expect("valid metric");

@@ -22,7 +22,13 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const KEEP_PUBLISHED_HOURS: i32 = 24;
 
 /// Runs the relay until `shutdown`; only the process holding the lock publishes.
-pub async fn run(db: PgPool, database_url: String, producer: FutureProducer, metrics: Metrics, shutdown: CancellationToken) {
+pub async fn run(
+    db: PgPool,
+    database_url: String,
+    producer: FutureProducer,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
     let mut last_prune = tokio::time::Instant::now();
     'lead: loop {
         if shutdown.is_cancelled() {
@@ -86,7 +92,11 @@ async fn lead(database_url: &str) -> Option<PgConnection> {
 }
 
 /// Publishes up to one batch; returns how many rows were published.
-pub async fn publish_once(db: &PgPool, producer: &FutureProducer, metrics: &Metrics) -> Result<usize, storage::StorageError> {
+pub async fn publish_once(
+    db: &PgPool,
+    producer: &FutureProducer,
+    metrics: &Metrics,
+) -> Result<usize, storage::StorageError> {
     let rows = outbox::pending(db, BATCH).await?;
     if rows.is_empty() {
         return Ok(0);

@@ -209,7 +209,11 @@ mod tests {
         }
         let b = Buyer { phone: Some("call me".into()), ..Buyer::default() };
         assert_eq!(b.validate(), Err(BuyerError::Phone));
-        let b = Buyer { email: Some("a@example.vn".into()), phone: Some("+84 90 123 4567".into()), ..Buyer::default() };
+        let b = Buyer {
+            email: Some("a@example.vn".into()),
+            phone: Some("+84 90 123 4567".into()),
+            ..Buyer::default()
+        };
         assert!(b.validate().is_ok());
     }
 

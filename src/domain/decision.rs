@@ -215,7 +215,14 @@ pub fn decide(facts: &Facts<'_>) -> Decision {
         (IssuanceMode::Immediate, false) => (InvoiceStatus::Queued, Some(deadline)),
         (IssuanceMode::ClaimWindow, false) => (InvoiceStatus::PendingClaim, Some(deadline)),
     };
-    Decision::Create(InvoicePlan { status, mode: tax.issuance_mode, buyer, buyer_kind, buyer_source: source, claim_deadline })
+    Decision::Create(InvoicePlan {
+        status,
+        mode: tax.issuance_mode,
+        buyer,
+        buyer_kind,
+        buyer_source: source,
+        claim_deadline,
+    })
 }
 
 #[cfg(test)]

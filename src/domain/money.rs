@@ -202,7 +202,12 @@ pub fn compute(currency: &str, items: &[LineInput]) -> Result<(Vec<Line>, Totals
         totals.net = totals.net.checked_add(net).ok_or(MoneyError::Overflow)?;
         totals.vat = totals.vat.checked_add(vat).ok_or(MoneyError::Overflow)?;
         totals.gross = totals.gross.checked_add(gross).ok_or(MoneyError::Overflow)?;
-        lines.push(Line { input: item.clone(), net: net.normalize(), vat: vat.normalize(), gross: gross.normalize() });
+        lines.push(Line {
+            input: item.clone(),
+            net: net.normalize(),
+            vat: vat.normalize(),
+            gross: gross.normalize(),
+        });
     }
     totals.net = totals.net.normalize();
     totals.vat = totals.vat.normalize();
@@ -242,7 +247,10 @@ mod tests {
     #[test]
     fn the_spec_example_adds_up() {
         let (lines, totals) = compute("VND", &[item("2", "500000", "8")]).unwrap();
-        assert_eq!((lines[0].net, lines[0].vat, lines[0].gross), (dec("1000000"), dec("80000"), dec("1080000")));
+        assert_eq!(
+            (lines[0].net, lines[0].vat, lines[0].gross),
+            (dec("1000000"), dec("80000"), dec("1080000"))
+        );
         assert_eq!(totals, Totals { net: dec("1000000"), vat: dec("80000"), gross: dec("1080000") });
     }
 
@@ -254,7 +262,8 @@ mod tests {
         assert_eq!(lines[1].vat, dec("1235"));
         assert_eq!(totals.gross, dec("12345") * Decimal::TWO + dec("988") + dec("1235"));
         // Per-line rounding differs from rounding the total: 3 × (1 × 5 đ at 10%) = 3 × 1 đ.
-        let (_, totals) = compute("VND", &[item("1", "5", "10"), item("1", "5", "10"), item("1", "5", "10")]).unwrap();
+        let (_, totals) =
+            compute("VND", &[item("1", "5", "10"), item("1", "5", "10"), item("1", "5", "10")]).unwrap();
         assert_eq!(totals.vat, dec("3"));
     }
 
@@ -268,7 +277,17 @@ mod tests {
 
     #[test]
     fn rate_codes() {
-        for (code, percent) in [("0", "0"), ("5", "5"), ("8", "8"), ("10", "10"), ("KCT", "0"), ("KKKNT", "0"), ("KHAC", "0"), ("KHAC:5.26%", "5.26"), ("KHAC:3.5", "3.5")] {
+        for (code, percent) in [
+            ("0", "0"),
+            ("5", "5"),
+            ("8", "8"),
+            ("10", "10"),
+            ("KCT", "0"),
+            ("KKKNT", "0"),
+            ("KHAC", "0"),
+            ("KHAC:5.26%", "5.26"),
+            ("KHAC:3.5", "3.5"),
+        ] {
             assert_eq!(VatRate::parse(code).unwrap().percent(), dec(percent), "{code}");
         }
         for bad in ["", "7", "10%", "8.0", "kct", "KHAC:", "KHAC:x", "KHAC:100", "KHAC:1.234", "KHAC:-1"] {

@@ -33,11 +33,36 @@ const CONSUMER_2026: &str = "Bán cho người tiêu dùng";
 /// wording "Bán cho người tiêu dùng" is reported for Decree 254/2026 from 2026-07-01 (not
 /// verified against the official text: DOMAIN §0).
 pub const RULES: &[RuleSet] = &[
-    RuleSet { from: date(2022, 7, 1), basis: "Decree 123/2020 + Circular 78/2021", eight_percent_allowed: false, consumer_buyer_name: NOT_TAKING },
-    RuleSet { from: date(2023, 7, 1), basis: "Decree 44/2023 (8% window)", eight_percent_allowed: true, consumer_buyer_name: NOT_TAKING },
-    RuleSet { from: date(2025, 6, 1), basis: "Decree 70/2025 + Circular 32/2025; Decrees 180/2024, 174/2025 (8%)", eight_percent_allowed: true, consumer_buyer_name: NOT_TAKING },
-    RuleSet { from: date(2026, 7, 1), basis: "Decree 254/2026 + Circular 91/2026 (reported); Decree 174/2025 (8%)", eight_percent_allowed: true, consumer_buyer_name: CONSUMER_2026 },
-    RuleSet { from: date(2027, 1, 1), basis: "Decree 254/2026 + Circular 91/2026 (reported); 8% window ended", eight_percent_allowed: false, consumer_buyer_name: CONSUMER_2026 },
+    RuleSet {
+        from: date(2022, 7, 1),
+        basis: "Decree 123/2020 + Circular 78/2021",
+        eight_percent_allowed: false,
+        consumer_buyer_name: NOT_TAKING,
+    },
+    RuleSet {
+        from: date(2023, 7, 1),
+        basis: "Decree 44/2023 (8% window)",
+        eight_percent_allowed: true,
+        consumer_buyer_name: NOT_TAKING,
+    },
+    RuleSet {
+        from: date(2025, 6, 1),
+        basis: "Decree 70/2025 + Circular 32/2025; Decrees 180/2024, 174/2025 (8%)",
+        eight_percent_allowed: true,
+        consumer_buyer_name: NOT_TAKING,
+    },
+    RuleSet {
+        from: date(2026, 7, 1),
+        basis: "Decree 254/2026 + Circular 91/2026 (reported); Decree 174/2025 (8%)",
+        eight_percent_allowed: true,
+        consumer_buyer_name: CONSUMER_2026,
+    },
+    RuleSet {
+        from: date(2027, 1, 1),
+        basis: "Decree 254/2026 + Circular 91/2026 (reported); 8% window ended",
+        eight_percent_allowed: false,
+        consumer_buyer_name: CONSUMER_2026,
+    },
 ];
 
 /// Why no rule applies.

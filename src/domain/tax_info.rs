@@ -103,7 +103,9 @@ fn string_field(map: &Map<String, Value>, field: &'static str) -> Result<Option<
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone()).filter(|s| !s.trim().is_empty())),
-        Some(other) => Err(TaxInfoError::Field { field, reason: format!("expected a string, found {}", kind(other)) }),
+        Some(other) => {
+            Err(TaxInfoError::Field { field, reason: format!("expected a string, found {}", kind(other)) })
+        }
     }
 }
 
@@ -145,7 +147,8 @@ pub fn parse(tax: &Value) -> Result<TaxInfo, TaxInfoError> {
     let claim_window_minutes = match map.get("claimWindowMinutes") {
         None | Some(Value::Null) => DEFAULT_CLAIM_WINDOW_MINUTES,
         Some(Value::Number(n)) => {
-            let whole = n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
+            let whole =
+                n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
             match whole {
                 Some(m) if m <= 60 * 24 * 31 => m as u32,
                 _ => {
@@ -279,7 +282,11 @@ mod tests {
     use serde_json::json;
 
     fn stored(tax: Value, lsn: i64) -> StoredTax {
-        StoredTax { tax: canonicalize(&tax), position: CdcPosition { lsn: Some(lsn), ts_ms: Some(lsn) }, deleted: false }
+        StoredTax {
+            tax: canonicalize(&tax),
+            position: CdcPosition { lsn: Some(lsn), ts_ms: Some(lsn) },
+            deleted: false,
+        }
     }
 
     #[test]
@@ -339,10 +346,17 @@ mod tests {
         assert_eq!(decide_cdc(&CdcChange::Delete, &older, Some(&s)), CdcOutcome::Stale);
         let deleted = StoredTax { deleted: true, ..s.clone() };
         assert_eq!(decide_cdc(&CdcChange::Delete, &newer, Some(&deleted)), CdcOutcome::AlreadyDeleted);
-        assert_eq!(decide_cdc(&same, &newer, Some(&deleted)), CdcOutcome::Apply, "a create after a delete revives it");
+        assert_eq!(
+            decide_cdc(&same, &newer, Some(&deleted)),
+            CdcOutcome::Apply,
+            "a create after a delete revives it"
+        );
         // Without LSNs, timestamps order; with neither, nothing is stale.
         let ts_only = StoredTax { position: CdcPosition { lsn: None, ts_ms: Some(100) }, ..s.clone() };
-        assert_eq!(decide_cdc(&changed, &CdcPosition { lsn: None, ts_ms: Some(99) }, Some(&ts_only)), CdcOutcome::Stale);
+        assert_eq!(
+            decide_cdc(&changed, &CdcPosition { lsn: None, ts_ms: Some(99) }, Some(&ts_only)),
+            CdcOutcome::Stale
+        );
         assert_eq!(decide_cdc(&changed, &CdcPosition::default(), Some(&ts_only)), CdcOutcome::Apply);
     }
 }

@@ -31,7 +31,12 @@ fn string<'a>(map: &'a Map<String, Value>, path: &str, field: &str, max: usize) 
     }
 }
 
-fn optional_string(map: &Map<String, Value>, path: &str, field: &str, max: usize) -> Result<Option<String>, Invalid> {
+fn optional_string(
+    map: &Map<String, Value>,
+    path: &str,
+    field: &str,
+    max: usize,
+) -> Result<Option<String>, Invalid> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(_) => string(map, path, field, max).map(|s| Some(s.to_owned())),
@@ -46,17 +51,27 @@ fn decimal(map: &Map<String, Value>, path: &str, field: &str) -> Result<Decimal,
             let plain = !s.is_empty()
                 && s.trim_start_matches('-').split_once('.').map_or(
                     s.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()),
-                    |(i, f)| !i.is_empty() && !f.is_empty() && (i.bytes().chain(f.bytes())).all(|b| b.is_ascii_digit()),
+                    |(i, f)| {
+                        !i.is_empty()
+                            && !f.is_empty()
+                            && (i.bytes().chain(f.bytes())).all(|b| b.is_ascii_digit())
+                    },
                 );
             if !plain {
-                return Err(Invalid::field(name, format!("`{s}` is not a plain decimal (digits, optional point)")));
+                return Err(Invalid::field(
+                    name,
+                    format!("`{s}` is not a plain decimal (digits, optional point)"),
+                ));
             }
             Decimal::from_str(s).map_err(|_| Invalid::field(name, format!("`{s}` is out of range")))
         }
-        Some(Value::Number(n)) => {
-            Err(Invalid::field(name, format!("expected a decimal string, found the number {n} (floats are refused)")))
+        Some(Value::Number(n)) => Err(Invalid::field(
+            name,
+            format!("expected a decimal string, found the number {n} (floats are refused)"),
+        )),
+        Some(other) => {
+            Err(Invalid::field(name, format!("expected a decimal string, found {}", json_kind(other))))
         }
-        Some(other) => Err(Invalid::field(name, format!("expected a decimal string, found {}", json_kind(other)))),
     }
 }
 
@@ -71,7 +86,9 @@ pub fn parse(value: &[u8]) -> Result<Payment, Invalid> {
     let merchant_id = string(map, "", "merchantId", MAX_ID)?.to_owned();
     let paid_at_text = string(map, "", "paidAt", 64)?;
     let paid_at = DateTime::parse_from_rfc3339(paid_at_text)
-        .map_err(|_| Invalid::field("paidAt", format!("`{paid_at_text}` is not an RFC 3339 date-time with offset")))?
+        .map_err(|_| {
+            Invalid::field("paidAt", format!("`{paid_at_text}` is not an RFC 3339 date-time with offset"))
+        })?
         .with_timezone(&Utc);
     let currency = string(map, "", "currency", 3)?.to_owned();
     if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -84,13 +101,17 @@ pub fn parse(value: &[u8]) -> Result<Payment, Invalid> {
     let rule = rules::rules_for(legal_day).map_err(|e| Invalid::field("paidAt", e))?;
 
     let items = match map.get("items") {
-        Some(Value::Array(items)) if items.is_empty() => return Err(Invalid::field("items", "must not be empty")),
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(Invalid::field("items", "must not be empty"))
+        }
         Some(Value::Array(items)) if items.len() > MAX_ITEMS => {
             return Err(Invalid::field("items", format!("more than {MAX_ITEMS} lines")))
         }
         Some(Value::Array(items)) => items,
         None | Some(Value::Null) => return Err(Invalid::field("items", "required")),
-        Some(other) => return Err(Invalid::field("items", format!("expected an array, found {}", json_kind(other)))),
+        Some(other) => {
+            return Err(Invalid::field("items", format!("expected an array, found {}", json_kind(other))))
+        }
     };
     let mut inputs = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
@@ -138,7 +159,9 @@ pub fn parse(value: &[u8]) -> Result<Payment, Invalid> {
                 .map_err(|e| Invalid::field("buyer", format!("members must be strings or null ({e})")))?;
             Some(buyer.validate().map_err(|e| Invalid(e.to_string()))?)
         }
-        Some(other) => return Err(Invalid::field("buyer", format!("expected an object, found {}", json_kind(other)))),
+        Some(other) => {
+            return Err(Invalid::field("buyer", format!("expected an object, found {}", json_kind(other))))
+        }
     };
     Ok(Payment { event_id, order_id, merchant_id, paid_at, currency, total, lines, totals, buyer })
 }
@@ -180,7 +203,8 @@ mod tests {
 
     #[test]
     fn the_topic_file_example_parses() {
-        let spec: Value = serde_json::from_str(include_str!("../../topics/payment.succeeded.v1.json")).unwrap();
+        let spec: Value =
+            serde_json::from_str(include_str!("../../topics/payment.succeeded.v1.json")).unwrap();
         assert!(parse(spec["example"].to_string().as_bytes()).is_ok());
     }
 
@@ -188,23 +212,35 @@ mod tests {
     fn precise_reasons() {
         assert!(parse(b"{not json").unwrap_err().0.starts_with("not JSON"));
         assert_eq!(parse(b"[1]").unwrap_err().0, "expected a JSON object, found an array");
-        assert_eq!(reason(|v| { v.as_object_mut().unwrap().remove("orderId"); }), "orderId: required");
+        assert_eq!(
+            reason(|v| {
+                v.as_object_mut().unwrap().remove("orderId");
+            }),
+            "orderId: required"
+        );
         assert_eq!(
             reason(|v| v["items"][0]["quantity"] = json!(2.0)),
             "items[0].quantity: expected a decimal string, found the number 2.0 (floats are refused)"
         );
-        assert_eq!(reason(|v| v["totalAmount"] = json!(1080000)), "totalAmount: expected a decimal string, found the number 1080000 (floats are refused)");
-        assert!(reason(|v| v["items"][0]["vatRate"] = json!("7")).starts_with("items[0].vatRate: unknown VAT rate `7`"));
+        assert_eq!(
+            reason(|v| v["totalAmount"] = json!(1080000)),
+            "totalAmount: expected a decimal string, found the number 1080000 (floats are refused)"
+        );
+        assert!(reason(|v| v["items"][0]["vatRate"] = json!("7"))
+            .starts_with("items[0].vatRate: unknown VAT rate `7`"));
         assert_eq!(
             reason(|v| v["totalAmount"] = json!("1000000")),
             "totalAmount: 1000000 does not equal the sum of the lines with VAT (1080000)"
         );
-        assert!(reason(|v| v["paidAt"] = json!("yesterday")).starts_with("paidAt: `yesterday` is not an RFC 3339"));
+        assert!(reason(|v| v["paidAt"] = json!("yesterday"))
+            .starts_with("paidAt: `yesterday` is not an RFC 3339"));
         assert!(reason(|v| v["items"][0]["unitPrice"] = json!("1e5")).contains("not a plain decimal"));
         assert!(reason(|v| v["totalAmount"] = json!("1080000.5")).contains("more decimals than VND allows"));
         assert_eq!(reason(|v| v["items"] = json!([])), "items: must not be empty");
-        assert!(reason(|v| v["items"][0]["quantity"] = json!("0")).starts_with("items[0]: quantity must be greater than zero"));
-        assert!(reason(|v| v["buyer"]["taxCode"] = json!("0100109106")).starts_with("buyer.legalName is required"));
+        assert!(reason(|v| v["items"][0]["quantity"] = json!("0"))
+            .starts_with("items[0]: quantity must be greater than zero"));
+        assert!(reason(|v| v["buyer"]["taxCode"] = json!("0100109106"))
+            .starts_with("buyer.legalName is required"));
         assert!(reason(|v| v["buyer"]["taxCode"] = json!("123")).starts_with("buyer.taxCode: "));
         assert_eq!(reason(|v| v["currency"] = json!("vnd")), "currency: `vnd` is not an ISO 4217 code");
     }

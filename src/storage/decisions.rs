@@ -13,11 +13,15 @@ use uuid::Uuid;
 use super::StorageError;
 
 /// Event ids of `event_ids` that were decided before.
-pub async fn decided_events(conn: &mut PgConnection, event_ids: &[String]) -> Result<HashSet<String>, StorageError> {
-    let rows: Vec<String> = sqlx::query_scalar("SELECT event_id FROM payment_decision WHERE event_id = ANY($1)")
-        .bind(event_ids)
-        .fetch_all(conn)
-        .await?;
+pub async fn decided_events(
+    conn: &mut PgConnection,
+    event_ids: &[String],
+) -> Result<HashSet<String>, StorageError> {
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM payment_decision WHERE event_id = ANY($1)")
+            .bind(event_ids)
+            .fetch_all(conn)
+            .await?;
     Ok(rows.into_iter().collect())
 }
 

@@ -25,7 +25,8 @@ pub async fn load(
     conn: &mut PgConnection,
     merchant_ids: &[String],
 ) -> Result<HashMap<String, MerchantRecord>, StorageError> {
-    let rows: Vec<(String, Value, Option<i64>, Option<i64>, bool, Option<String>)> = sqlx::query_as(
+    type Row = (String, Value, Option<i64>, Option<i64>, bool, Option<String>);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT merchant_id, tax, source_lsn, source_ts_ms, deleted_at IS NOT NULL, merchant_name
          FROM merchant_tax_info WHERE merchant_id = ANY($1)",
     )
@@ -153,14 +154,15 @@ pub async fn live_provider_configs(
     merchant_ids: &[String],
 ) -> Result<HashMap<String, ProviderConfigRow>, StorageError> {
     #[allow(clippy::type_complexity)]
-    let rows: Vec<(String, i64, String, String, String, String, String, Vec<u8>, Vec<u8>, String)> = sqlx::query_as(
-        "SELECT merchant_id, id, provider, endpoint, supplier_tax_code, template_code, series,
+    let rows: Vec<(String, i64, String, String, String, String, String, Vec<u8>, Vec<u8>, String)> =
+        sqlx::query_as(
+            "SELECT merchant_id, id, provider, endpoint, supplier_tax_code, template_code, series,
                 credentials_ciphertext, credentials_nonce, key_id
          FROM provider_config WHERE merchant_id = ANY($1) AND deleted_at IS NULL",
-    )
-    .bind(merchant_ids)
-    .fetch_all(conn)
-    .await?;
+        )
+        .bind(merchant_ids)
+        .fetch_all(conn)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|r| {

@@ -52,18 +52,16 @@ pub async fn compare_and_set(
             .execute(&mut *tx)
             .await?
         }
-        None => {
-            sqlx::query(
-                "INSERT INTO consumer_offset (group_id, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
+        None => sqlx::query(
+            "INSERT INTO consumer_offset (group_id, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (group_id, topic, partition) DO NOTHING",
-            )
-            .bind(group)
-            .bind(topic)
-            .bind(partition)
-            .bind(next)
-            .execute(&mut *tx)
-            .await?
-        }
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(partition)
+        .bind(next)
+        .execute(&mut *tx)
+        .await?,
     };
     Ok(rows.rows_affected() == 1)
 }

@@ -65,7 +65,8 @@ impl ClientContext for Ctx {
 
 impl ConsumerContext for Ctx {
     fn rebalance(&self, base: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        let partitions: Vec<Key> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        let partitions: Vec<Key> =
+            tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
         let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
@@ -79,7 +80,9 @@ impl ConsumerContext for Ctx {
                     None
                 };
                 let Some(offsets) = offsets else {
-                    tracing::error!("Cannot read the stored offsets for an assignment; stopping the consumer");
+                    tracing::error!(
+                        "Cannot read the stored offsets for an assignment; stopping the consumer"
+                    );
                     self.fatal.cancel();
                     return;
                 };
@@ -132,7 +135,11 @@ struct Running {
     handle: tokio::task::JoinHandle<()>,
 }
 
-async fn stored_offsets(deps: &Deps, partitions: &[Key], stop: &CancellationToken) -> Option<HashMap<Key, i64>> {
+async fn stored_offsets(
+    deps: &Deps,
+    partitions: &[Key],
+    stop: &CancellationToken,
+) -> Option<HashMap<Key, i64>> {
     let mut by_topic: HashMap<&str, Vec<i32>> = HashMap::new();
     for (topic, partition) in partitions {
         by_topic.entry(topic.as_str()).or_default().push(*partition);
@@ -188,7 +195,8 @@ async fn coordinate(
                     continue;
                 };
                 // Kafka's committed offset is only a fallback for partitions never stored.
-                let missing: Vec<Key> = partitions.iter().filter(|k| !stored.contains_key(*k)).cloned().collect();
+                let missing: Vec<Key> =
+                    partitions.iter().filter(|k| !stored.contains_key(*k)).cloned().collect();
                 let committed = if missing.is_empty() {
                     HashMap::new()
                 } else {
@@ -204,7 +212,9 @@ async fn coordinate(
                                 tpl.elements()
                                     .iter()
                                     .filter_map(|e| match e.offset() {
-                                        Offset::Offset(o) if o >= 0 => Some(((e.topic().to_owned(), e.partition()), o)),
+                                        Offset::Offset(o) if o >= 0 => {
+                                            Some(((e.topic().to_owned(), e.partition()), o))
+                                        }
                                         _ => None,
                                     })
                                     .collect::<HashMap<Key, i64>>()
@@ -278,7 +288,12 @@ async fn coordinate(
 
 /// Every second: lag gauges per partition, and recovery of a partition that has lag but made
 /// no progress for `stall_after` (a missed wake-up of a split queue, rust-rdkafka#665).
-async fn watch(deps: Deps, registry: Registry, high_watermarks: Arc<Mutex<HashMap<Key, i64>>>, stop: CancellationToken) {
+async fn watch(
+    deps: Deps,
+    registry: Registry,
+    high_watermarks: Arc<Mutex<HashMap<Key, i64>>>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -296,7 +311,8 @@ async fn watch(deps: Deps, registry: Registry, high_watermarks: Arc<Mutex<HashMa
             let position = state.position.load(Ordering::Acquire);
             let lag = (hw - position).max(0);
             let last_ts = state.last_message_ts_ms.load(Ordering::Acquire);
-            let lag_seconds = if lag == 0 || last_ts < 0 { 0.0 } else { (now - last_ts).max(0) as f64 / 1000.0 };
+            let lag_seconds =
+                if lag == 0 || last_ts < 0 { 0.0 } else { (now - last_ts).max(0) as f64 / 1000.0 };
             deps.metrics.partition_lag(&topic, partition, lag, lag_seconds);
             let idle_ms = now - state.last_progress_ms.load(Ordering::Acquire);
             if lag > 0 && idle_ms > deps.settings.stall_after.as_millis() as i64 {
@@ -315,7 +331,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
     let (commands_tx, commands_rx) = tokio::sync::mpsc::unbounded_channel();
     let high_watermarks = Arc::new(Mutex::new(HashMap::new()));
     let fatal = CancellationToken::new();
-    let context = Ctx { commands: commands_tx, deps: deps.clone(), high_watermarks: high_watermarks.clone(), fatal: fatal.clone() };
+    let context = Ctx {
+        commands: commands_tx,
+        deps: deps.clone(),
+        high_watermarks: high_watermarks.clone(),
+        fatal: fatal.clone(),
+    };
     let consumer: StreamConsumer<Ctx> = ClientConfig::new()
         .set("bootstrap.servers", &deps.brokers)
         .set("group.id", &deps.group_id)
@@ -337,7 +358,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
     let consumer = Arc::new(consumer);
     let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
     let stop_tasks = CancellationToken::new();
-    let coordinator = tokio::spawn(coordinate(consumer.clone(), deps.clone(), commands_rx, registry.clone(), stop_tasks.clone()));
+    let coordinator = tokio::spawn(coordinate(
+        consumer.clone(),
+        deps.clone(),
+        commands_rx,
+        registry.clone(),
+        stop_tasks.clone(),
+    ));
     let watchdog = tokio::spawn(watch(deps.clone(), registry.clone(), high_watermarks, stop_tasks.clone()));
     consumer.subscribe(&[deps.topics.payment.as_str(), deps.topics.merchant_cdc.as_str()])?;
 

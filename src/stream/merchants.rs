@@ -49,7 +49,9 @@ pub async fn process(
         let mut ids: Vec<String> = parsed
             .iter()
             .filter_map(|(_, e)| match e {
-                Ok(MerchantEvent::Change(c)) if !cache.contains_key(&c.merchant_id) => Some(c.merchant_id.clone()),
+                Ok(MerchantEvent::Change(c)) if !cache.contains_key(&c.merchant_id) => {
+                    Some(c.merchant_id.clone())
+                }
                 _ => None,
             })
             .collect();
@@ -99,8 +101,16 @@ pub async fn process(
                 let (CdcChange::Upsert { tax, .. }, Some(info)) = (&change.change, &change.tax_info) else {
                     return Err(BatchError::Bug("an applied CDC change without tax"));
                 };
-                merchants::upsert(tx, merchant_id, change.merchant_name.as_deref(), tax, info, &change.position, source)
-                    .await?;
+                merchants::upsert(
+                    tx,
+                    merchant_id,
+                    change.merchant_name.as_deref(),
+                    tax,
+                    info,
+                    &change.position,
+                    source,
+                )
+                .await?;
                 audits.push(NewAudit {
                     entity: "tax_info",
                     entity_id: merchant_id.to_owned(),
@@ -112,7 +122,10 @@ pub async fn process(
                     before: stored.as_ref().filter(|s| !s.deleted).map(|s| s.tax.clone()),
                     after: Some(tax.clone()),
                     actor: "cdc".into(),
-                    reason: Some(format!("op={op} lsn={:?} ts_ms={:?}", change.position.lsn, change.position.ts_ms)),
+                    reason: Some(format!(
+                        "op={op} lsn={:?} ts_ms={:?}",
+                        change.position.lsn, change.position.ts_ms
+                    )),
                 });
                 let new = StoredTax { tax: tax.clone(), position: change.position, deleted: false };
                 view.insert(merchant_id.to_owned(), Some(new));
@@ -131,21 +144,35 @@ pub async fn process(
                     before: stored.as_ref().map(|s| s.tax.clone()),
                     after: None,
                     actor: "cdc".into(),
-                    reason: Some(json!({"lsn": change.position.lsn, "tsMs": change.position.ts_ms}).to_string()),
+                    reason: Some(
+                        json!({"lsn": change.position.lsn, "tsMs": change.position.ts_ms}).to_string(),
+                    ),
                 });
                 let new = stored.map(|s| StoredTax { position: change.position, deleted: true, ..s });
                 view.insert(merchant_id.to_owned(), new);
-                tracing::info!(merchantId = merchant_id, partition, "[handleMerchantCDC] op=d TaxInfo soft-deleted");
+                tracing::info!(
+                    merchantId = merchant_id,
+                    partition,
+                    "[handleMerchantCDC] op=d TaxInfo soft-deleted"
+                );
             }
             CdcOutcome::SkipUnchanged => {
-                tracing::info!(merchantId = merchant_id, partition, "[handleMerchantCDC] op={op} tax unchanged, SKIP");
+                tracing::info!(
+                    merchantId = merchant_id,
+                    partition,
+                    "[handleMerchantCDC] op={op} tax unchanged, SKIP"
+                );
             }
             CdcOutcome::Stale => {
                 tracing::info!(merchantId = merchant_id, partition, op = %op, lsn = ?change.position.lsn,
                     ts_ms = ?change.position.ts_ms, "[handleMerchantCDC] event older than the stored TaxInfo, SKIP");
             }
             CdcOutcome::AlreadyDeleted => {
-                tracing::info!(merchantId = merchant_id, partition, "[handleMerchantCDC] op=d for an absent TaxInfo, SKIP");
+                tracing::info!(
+                    merchantId = merchant_id,
+                    partition,
+                    "[handleMerchantCDC] op=d for an absent TaxInfo, SKIP"
+                );
             }
         }
         summary.outcomes.push(outcome);

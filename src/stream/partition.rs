@@ -204,11 +204,25 @@ impl PartitionTask {
         }
     }
 
-    async fn try_commit(&mut self, batch: &[OwnedMessage], next: i64, cache: &mut Cache) -> Result<(), BatchError> {
+    async fn try_commit(
+        &mut self,
+        batch: &[OwnedMessage],
+        next: i64,
+        cache: &mut Cache,
+    ) -> Result<(), BatchError> {
         let deps = &self.deps;
         let mut tx = deps.db.begin().await?;
         // First: the row lock serialises two owners; the loser sees the new value.
-        if !offsets::compare_and_set(&mut tx, &deps.group_id, &self.topic, self.partition, self.expected, next).await? {
+        if !offsets::compare_and_set(
+            &mut tx,
+            &deps.group_id,
+            &self.topic,
+            self.partition,
+            self.expected,
+            next,
+        )
+        .await?
+        {
             let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
             tx.rollback().await?;
             return Err(BatchError::Fenced { stored });

@@ -45,7 +45,12 @@ pub fn transaction_uuid(invoice_id: i64) -> String {
     uuid::Uuid::from_bytes(bytes).to_string()
 }
 
-fn config_snapshot(config: &ProviderConfigRow, merchant_name: Option<&str>, tax: &crate::domain::tax_info::TaxInfo, payment: &Payment) -> Value {
+fn config_snapshot(
+    config: &ProviderConfigRow,
+    merchant_name: Option<&str>,
+    tax: &crate::domain::tax_info::TaxInfo,
+    payment: &Payment,
+) -> Value {
     let b64 = base64::engine::general_purpose::STANDARD;
     let legal_day = payment.paid_at.with_timezone(&vietnam()).date_naive();
     let rule = rules::rules_for(legal_day).ok();
@@ -157,16 +162,27 @@ pub async fn process(
                     decided.insert(payment.event_id.clone());
                 }
                 summary.decisions.push(("skipped", reason.as_str()));
-                summary.log.push((payment.order_id.clone(), payment.merchant_id.clone(), "skipped", reason.as_str(), None));
+                summary.log.push((
+                    payment.order_id.clone(),
+                    payment.merchant_id.clone(),
+                    "skipped",
+                    reason.as_str(),
+                    None,
+                ));
             }
             Decision::Create(plan) => {
                 let (Merchant::Known(tax), Some(config)) = (merchant, config) else {
                     // decide() creates only for a known merchant with a configuration.
-                    return Err(BatchError::Bug("decision created an invoice without merchant or configuration"));
+                    return Err(BatchError::Bug(
+                        "decision created an invoice without merchant or configuration",
+                    ));
                 };
                 let invoice_id = deps.ids.next_id().map_err(BatchError::Ids)?;
                 let snapshot = config_snapshot(config, record.and_then(|r| r.name.as_deref()), tax, payment);
-                let buyer_json = plan.buyer.as_ref().map(|b: &ValidBuyer| serde_json::to_value(&b.buyer).unwrap_or(Value::Null));
+                let buyer_json = plan
+                    .buyer
+                    .as_ref()
+                    .map(|b: &ValidBuyer| serde_json::to_value(&b.buyer).unwrap_or(Value::Null));
                 writes.invoices.push(NewInvoice {
                     id: invoice_id,
                     merchant_id: payment.merchant_id.clone(),
@@ -209,7 +225,10 @@ pub async fn process(
                         token_hash: token_hash(&token).to_vec(),
                         deadline,
                     });
-                    outbox.push(event(EventType::ClaimOpened, Some(ClaimMember { token, deadline: rfc3339(deadline) })));
+                    outbox.push(event(
+                        EventType::ClaimOpened,
+                        Some(ClaimMember { token, deadline: rfc3339(deadline) }),
+                    ));
                     summary.claims_opened += 1;
                 }
                 for e in outbox {
@@ -241,7 +260,9 @@ pub async fn process(
                     })),
                     actor: "stream".into(),
                     reason: Some(match plan.buyer_source {
-                        BuyerSource::None if plan.buyer_kind == BuyerKind::Consumer => "consumer buyer".into(),
+                        BuyerSource::None if plan.buyer_kind == BuyerKind::Consumer => {
+                            "consumer buyer".into()
+                        }
                         BuyerSource::None => "buyer without tax identity".into(),
                         BuyerSource::Payment => "buyer tax code on the payment".into(),
                         BuyerSource::Request => "invoice request received before the payment".into(),
@@ -263,9 +284,16 @@ pub async fn process(
                 });
                 decided.insert(payment.event_id.clone());
                 active.insert(key);
-                let outcome = if plan.status == decision::InvoiceStatus::Queued { "queued" } else { "pending_claim" };
+                let outcome =
+                    if plan.status == decision::InvoiceStatus::Queued { "queued" } else { "pending_claim" };
                 summary.decisions.push((outcome, ""));
-                summary.log.push((payment.order_id.clone(), payment.merchant_id.clone(), outcome, "", Some(invoice_id)));
+                summary.log.push((
+                    payment.order_id.clone(),
+                    payment.merchant_id.clone(),
+                    outcome,
+                    "",
+                    Some(invoice_id),
+                ));
             }
         }
     }

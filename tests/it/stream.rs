@@ -6,7 +6,9 @@ use serde_json::{json, Value};
 
 use crate::events::{cdc, payment, tax};
 use crate::support::kafka::{produce, producer, read_all, TestTopics};
-use crate::support::{insert_provider_config, metric_value, stream_env, unique, wait_until, TestDb, TestStream};
+use crate::support::{
+    insert_provider_config, metric_value, stream_env, unique, wait_until, TestDb, TestStream,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -26,8 +28,14 @@ async fn send(p: &rdkafka::producer::FutureProducer, topic: &str, key: &str, val
 }
 
 async fn read_events(topic: &str, n: usize) -> Vec<Value> {
+    read_events_within(topic, n, WAIT).await
+}
+
+/// Reads until `n` events or `timeout`: with `n` above what should exist, this is how a
+/// test checks that nothing more was published.
+async fn read_events_within(topic: &str, n: usize, timeout: Duration) -> Vec<Value> {
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || read_all(&topic, n, WAIT))
+    tokio::task::spawn_blocking(move || read_all(&topic, n, timeout))
         .await
         .unwrap()
         .into_iter()
@@ -59,8 +67,15 @@ async fn payments_become_invoices_with_claims_audit_events_and_offsets() {
     send(&p, &topics.names.payment, "ORD-X", &payment("ev-x", "ORD-X", "M-9")).await;
     wait_scalar(&db, "SELECT count(*) FROM payment_decision", 31).await;
 
-    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE merchant_id = 'M-1' AND status = 'QUEUED'").await, 20);
-    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE merchant_id = 'M-2' AND status = 'PENDING_CLAIM'").await, 10);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM invoice WHERE merchant_id = 'M-1' AND status = 'QUEUED'").await,
+        20
+    );
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM invoice WHERE merchant_id = 'M-2' AND status = 'PENDING_CLAIM'")
+            .await,
+        10
+    );
     assert_eq!(scalar(&db, "SELECT count(*) FROM claim WHERE status = 'OPEN'").await, 30);
     assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE event_type = 'invoice.created'").await, 30);
     assert_eq!(
@@ -68,13 +83,21 @@ async fn payments_become_invoices_with_claims_audit_events_and_offsets() {
         1
     );
     // The config snapshot carries ciphertext only.
-    let snapshot: Value = sqlx::query_scalar("SELECT config_snapshot FROM invoice LIMIT 1").fetch_one(&db.pool).await.unwrap();
+    let snapshot: Value =
+        sqlx::query_scalar("SELECT config_snapshot FROM invoice LIMIT 1").fetch_one(&db.pool).await.unwrap();
     assert_eq!(snapshot["series"], "C26TAA");
     assert!(snapshot["credentials"]["ciphertext"].is_string());
     assert!(!snapshot.to_string().contains("\"password\""));
     // Stored offsets cover every payment: 31 messages over 3 partitions.
     assert_eq!(
-        scalar(&db, &format!("SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'", topics.names.payment)).await,
+        scalar(
+            &db,
+            &format!(
+                "SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'",
+                topics.names.payment
+            )
+        )
+        .await,
         31
     );
 
@@ -87,12 +110,13 @@ async fn payments_become_invoices_with_claims_audit_events_and_offsets() {
         let token = e["claim"]["token"].as_str().unwrap();
         assert!(token.len() >= 43, "{token}");
         let hash = invoice::domain::claim::token_hash(token).to_vec();
-        let found: i64 = sqlx::query_scalar("SELECT count(*) FROM claim WHERE token_hash = $1 AND invoice_id = $2")
-            .bind(&hash)
-            .bind(e["invoiceId"].as_str().unwrap().parse::<i64>().unwrap())
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+        let found: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM claim WHERE token_hash = $1 AND invoice_id = $2")
+                .bind(&hash)
+                .bind(e["invoiceId"].as_str().unwrap().parse::<i64>().unwrap())
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
         assert_eq!(found, 1);
     }
     assert!(events.iter().all(|e| e["invoiceId"].is_string()));
@@ -115,6 +139,10 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partit
     let p = producer();
     send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
     insert_provider_config(&db, "M-1", 1).await;
+    // Payments and CDC are separate topics with no ordering between them: let the merchant
+    // arrive first, as it does in production.
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
     let mut float_amount = payment("ev-float", "ORD-F", "M-1");
     float_amount["totalAmount"] = json!(1080000.0);
     let mut bad_total = payment("ev-total", "ORD-T", "M-1");
@@ -131,8 +159,6 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partit
     send(&p, &topics.names.payment, "ORD-3", &payment("ev-3", "ORD-3", "M-1")).await;
     produce(&p, &topics.names.merchant_cdc, "M-2", Some(br#"{"op":"x","after":{"id":"M-2"}}"#), &[]).await;
     produce(&p, &topics.names.merchant_cdc, "M-3", None, &[]).await;
-
-    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
     wait_scalar(&db, "SELECT count(*) FROM invoice", 3).await;
     let dead = {
         let topic = topics.names.deadletter.clone();
@@ -142,11 +168,16 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partit
     let header = |m: &crate::support::kafka::Received, name: &str| {
         m.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
     };
-    let mut reasons: Vec<(String, String)> = dead.iter().map(|m| (header(m, "x-source-offset"), header(m, "x-error"))).collect();
+    let mut reasons: Vec<(String, String)> =
+        dead.iter().map(|m| (header(m, "x-source-offset"), header(m, "x-error"))).collect();
     reasons.sort();
     let by_key = |key: &str| dead.iter().find(|m| m.key.as_deref() == Some(key.as_bytes())).unwrap();
     assert!(header(by_key("ORD-J"), "x-error").starts_with("not JSON"));
-    assert_eq!(by_key("ORD-J").value.as_deref(), Some(&b"{not json"[..]), "the original value is forwarded unchanged");
+    assert_eq!(
+        by_key("ORD-J").value.as_deref(),
+        Some(&b"{not json"[..]),
+        "the original value is forwarded unchanged"
+    );
     assert_eq!(header(by_key("ORD-J"), "x-source-topic"), topics.names.payment);
     assert_eq!(header(by_key("ORD-J"), "x-source-partition"), "0");
     assert_eq!(header(by_key("ORD-J"), "x-source-offset"), "1");
@@ -156,11 +187,24 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partit
     assert!(header(by_key("M-2"), "x-error").contains("unknown op `x`"));
     assert_eq!(header(by_key("M-2"), "x-source-topic"), topics.names.merchant_cdc);
     // Every offset passed: 7 payments and 3 CDC messages (one tombstone).
-    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.payment), 7).await;
-    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.merchant_cdc), 3).await;
+    wait_scalar(
+        &db,
+        &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.payment),
+        7,
+    )
+    .await;
+    wait_scalar(
+        &db,
+        &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.merchant_cdc),
+        3,
+    )
+    .await;
     let metrics = stream.metrics().await;
     assert_eq!(metric_value(&metrics, "invoice_dead_lettered_total", &[]), 5.0);
-    assert_eq!(metric_value(&metrics, "invoice_kafka_messages_consumed_total", &["outcome=\"tombstone\""]), 1.0);
+    assert_eq!(
+        metric_value(&metrics, "invoice_kafka_messages_consumed_total", &["outcome=\"tombstone\""]),
+        1.0
+    );
     stream.stop().await.unwrap();
 }
 
@@ -171,11 +215,12 @@ async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event
     let p = producer();
     send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
     insert_provider_config(&db, "M-1", 1).await;
+    let first = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
     for i in 0..10 {
         let order = format!("ORD-{i}");
         send(&p, &topics.names.payment, &order, &payment(&format!("ev-{i}"), &order, "M-1")).await;
     }
-    let first = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
     wait_scalar(&db, "SELECT count(*) FROM invoice", 10).await;
     wait_scalar(&db, "SELECT count(*) FROM outbox WHERE published_at IS NULL", 0).await;
     // The same events produced again, and a second order event for an order that has one.
@@ -184,20 +229,48 @@ async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event
         send(&p, &topics.names.payment, &order, &payment(&format!("ev-{i}"), &order, "M-1")).await;
     }
     send(&p, &topics.names.payment, "ORD-0", &payment("ev-0-again", "ORD-0", "M-1")).await;
-    wait_scalar(&db, &format!("SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'", topics.names.payment), 21).await;
+    wait_scalar(
+        &db,
+        &format!(
+            "SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'",
+            topics.names.payment
+        ),
+        21,
+    )
+    .await;
     first.stop().await.unwrap();
     // A new consumer group reads both topics from offset 0.
     let replay = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-replay-"))).await;
-    wait_scalar(&db, &format!("SELECT count(DISTINCT group_id) FROM consumer_offset WHERE topic = '{}'", topics.names.payment), 2).await;
-    wait_scalar(&db, &format!("SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'", topics.names.payment), 42).await;
+    wait_scalar(
+        &db,
+        &format!(
+            "SELECT count(DISTINCT group_id) FROM consumer_offset WHERE topic = '{}'",
+            topics.names.payment
+        ),
+        2,
+    )
+    .await;
+    wait_scalar(
+        &db,
+        &format!(
+            "SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'",
+            topics.names.payment
+        ),
+        42,
+    )
+    .await;
     replay.stop().await.unwrap();
 
     assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 10);
     assert_eq!(scalar(&db, "SELECT count(*) FROM claim").await, 10);
     assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'invoice'").await, 10);
     assert_eq!(scalar(&db, "SELECT count(*) FROM outbox WHERE topic <> 'x'").await, 20);
-    assert_eq!(scalar(&db, "SELECT count(*) FROM payment_decision WHERE skip_reason = 'active_invoice_exists'").await, 1);
-    let events = read_events(&topics.names.events, 21).await;
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM payment_decision WHERE skip_reason = 'active_invoice_exists'")
+            .await,
+        1
+    );
+    let events = read_events_within(&topics.names.events, 21, Duration::from_secs(5)).await;
     assert_eq!(events.len(), 20, "exactly one created and one claim_opened per order");
 }
 
@@ -270,20 +343,36 @@ async fn an_invoice_request_recorded_before_the_payment_is_joined() {
     .execute(&db.pool)
     .await
     .unwrap();
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
     send(&p, &topics.names.payment, "ORD-REQ", &payment("ev-r", "ORD-REQ", "M-1")).await;
     send(&p, &topics.names.payment, "ORD-NONE", &payment("ev-n", "ORD-NONE", "M-1")).await;
-    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
     wait_scalar(&db, "SELECT count(*) FROM invoice", 2).await;
-    let (status, kind, tax_code): (String, String, Option<String>) =
-        sqlx::query_as("SELECT status, buyer_kind, buyer->>'taxCode' FROM invoice WHERE order_id = 'ORD-REQ'")
+    let (status, kind, tax_code): (String, String, Option<String>) = sqlx::query_as(
+        "SELECT status, buyer_kind, buyer->>'taxCode' FROM invoice WHERE order_id = 'ORD-REQ'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), kind.as_str(), tax_code.as_deref()),
+        ("QUEUED", "company", Some("0101243150"))
+    );
+    let joined: (Option<i64>, bool) =
+        sqlx::query_as("SELECT invoice_id, joined_at IS NOT NULL FROM invoice_request WHERE id = 77")
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!((status.as_str(), kind.as_str(), tax_code.as_deref()), ("QUEUED", "company", Some("0101243150")));
-    let joined: (Option<i64>, bool) =
-        sqlx::query_as("SELECT invoice_id, joined_at IS NOT NULL FROM invoice_request WHERE id = 77").fetch_one(&db.pool).await.unwrap();
     assert!(joined.0.is_some() && joined.1);
-    assert_eq!(scalar(&db, "SELECT count(*) FROM claim WHERE order_id = 'ORD-REQ'").await, 0, "no claim for a known buyer");
-    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-NONE' AND status = 'PENDING_CLAIM'").await, 1);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM claim WHERE order_id = 'ORD-REQ'").await,
+        0,
+        "no claim for a known buyer"
+    );
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-NONE' AND status = 'PENDING_CLAIM'")
+            .await,
+        1
+    );
     stream.stop().await.unwrap();
 }

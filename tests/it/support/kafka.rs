@@ -146,3 +146,23 @@ pub fn read_all(topic: &str, expected: usize, timeout: Duration) -> Vec<Received
     }
     out
 }
+
+/// Reads every message of `topic` up to its current high watermarks (all partitions).
+pub fn read_to_end(topic: &str, timeout: Duration) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", super::unique("it-reader-"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut expected = 0usize;
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap();
+            expected += (high - low) as usize;
+        }
+    }
+    drop(consumer);
+    read_all(topic, expected, timeout)
+}

@@ -350,3 +350,21 @@ pub async fn insert_provider_config(db: &TestDb, merchant_id: &str, id: i64) {
     .await
     .unwrap();
 }
+
+/// Stores a merchant's TaxInfo directly (as the CDC consumer would), for tests about payments.
+pub async fn insert_merchant(db: &TestDb, merchant_id: &str, tax: &serde_json::Value) {
+    let canonical = invoice::domain::tax_info::canonicalize(tax);
+    let info = invoice::domain::tax_info::parse(tax).unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    invoice::storage::merchants::upsert(
+        &mut conn,
+        merchant_id,
+        Some("Test shop"),
+        &canonical,
+        &info,
+        &invoice::domain::tax_info::CdcPosition { lsn: Some(1), ts_ms: Some(1) },
+        invoice::storage::merchants::Source { topic: "test", partition: 0, offset: 0 },
+    )
+    .await
+    .unwrap();
+}
