@@ -1,0 +1,255 @@
+//! End-to-end benchmark of the stream stage (`make bench`): pre-fills fresh topics on the
+//! local broker, runs the production `run_stream` against them and measures how fast payments
+//! are decided and CDC events applied or skipped, next to the ceiling of a bare rdkafka
+//! consumer reading the same topic. Writes `target/bench/e2e.json`.
+//!
+//! Needs the local stack (`make deps`). Sizes: `BENCH_EVENTS` (default 50 000 payments),
+//! `BENCH_CDC` (default 50 000 CDC events per path), `BENCH_PARTITIONS` (default 6).
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use invoice::config::{Config, Mode, Topics};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432";
+const BROKERS: &str = "127.0.0.1:9092";
+const KEY: &str = "62656e63682d6f6e6c792d6b65792d62656e63682d6f6e6c792d6b65792d2121";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_owned()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn produce_all(producer: &FutureProducer, topic: &str, messages: Vec<(String, String)>) {
+    for chunk in messages.chunks(10_000) {
+        let sends = chunk.iter().map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(60)));
+        for r in join_all(sends).await {
+            r.expect("produce");
+        }
+    }
+}
+
+fn tax(window: u64) -> serde_json::Value {
+    json!({"taxCode": "0100109106", "legalName": "Công ty TNHH ABC", "address": "1 Tràng Tiền, Hà Nội",
+           "invoiceEnabled": true, "issuanceMode": "immediate", "claimWindowMinutes": window, "provider": "viettel"})
+}
+
+fn cdc(merchant: &str, window: u64, lsn: i64) -> String {
+    json!({"before": null, "after": {"id": merchant, "name": merchant, "metadata": json!({"tax": tax(window)}).to_string()},
+           "source": {"lsn": lsn, "ts_ms": lsn}, "op": "u", "ts_ms": lsn})
+    .to_string()
+}
+
+/// Seconds a bare consumer needs to read `n` messages of `topic` (the ceiling).
+fn bare_consumer_secs(topic: &str, partitions: i32, n: usize) -> f64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("group.id", format!("bench-bare-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let started = Instant::now();
+    let mut read = 0;
+    while read < n {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            read += 1;
+        }
+    }
+    started.elapsed().as_secs_f64()
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    let v: Option<Option<i64>> = sqlx::query_scalar(sql).fetch_optional(pool).await.unwrap();
+    v.flatten().unwrap_or(0)
+}
+
+/// Seconds from the first to the `target`-th progress count, polling every 20 ms.
+async fn measure(pool: &PgPool, sql: &str, baseline: i64, target: i64) -> f64 {
+    let mut first: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let c = count(pool, sql).await - baseline;
+        if c > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if c >= target {
+            return first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0).max(0.001);
+        }
+        assert!(Instant::now() < deadline, "benchmark stalled at {c}/{target}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs bench targets without `--bench`: nothing to measure.
+        return;
+    }
+    let events = env_usize("BENCH_EVENTS", 50_000);
+    let cdc_events = env_usize("BENCH_CDC", 50_000);
+    let partitions = env_usize("BENCH_PARTITIONS", 6) as i32;
+    let merchants = 100;
+
+    // A fresh database.
+    let mut admin = PgConnection::connect(&format!("{PG}/postgres")).await.unwrap();
+    sqlx::query("DROP DATABASE IF EXISTS invoice_bench WITH (FORCE)").execute(&mut admin).await.unwrap();
+    sqlx::query("CREATE DATABASE invoice_bench").execute(&mut admin).await.unwrap();
+    let url = format!("{PG}/invoice_bench");
+    let pool = PgPool::connect(&url).await.unwrap();
+    invoice::storage::migrate(&pool).await.unwrap();
+    let keyring = invoice::crypto::Keyring::new(invoice::config::Secret::new([7u8; 32]));
+    for m in 0..merchants {
+        let id = format!("M-{m}");
+        let mut conn = pool.acquire().await.unwrap();
+        invoice::storage::merchants::upsert(
+            &mut conn,
+            &id,
+            Some("Bench"),
+            &invoice::domain::tax_info::canonicalize(&tax(1440)),
+            &invoice::domain::tax_info::parse(&tax(1440)).unwrap(),
+            &invoice::domain::tax_info::CdcPosition { lsn: Some(1), ts_ms: Some(1) },
+            invoice::storage::merchants::Source { topic: "bench", partition: 0, offset: 0 },
+        )
+        .await
+        .unwrap();
+        let sealed = keyring.seal(b"{}", b"aad");
+        sqlx::query(
+            "INSERT INTO provider_config (id, merchant_id, provider, endpoint, supplier_tax_code, template_code, series,
+                 credentials_ciphertext, credentials_nonce, key_id, created_by)
+             VALUES ($1, $2, 'viettel', 'http://127.0.0.1:31150/api', '0100109106', '1/001', 'C26TAA', $3, $4, $5, 'bench')",
+        )
+        .bind(m as i64 + 1)
+        .bind(&id)
+        .bind(&sealed.ciphertext)
+        .bind(&sealed.nonce)
+        .bind(&sealed.key_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    // Fresh topics.
+    let prefix = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let names = Topics {
+        payment: format!("{prefix}-payment"),
+        merchant_cdc: format!("{prefix}-cdc"),
+        events: format!("{prefix}-events"),
+        deadletter: format!("{prefix}-dlt"),
+    };
+    let mut specs = invoice::topics::specs(&names).unwrap();
+    for s in &mut specs {
+        s.partitions = partitions;
+    }
+    invoice::topics::apply(BROKERS, &specs).await.unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("compression.type", "lz4")
+        .create()
+        .unwrap();
+    let payments: Vec<(String, String)> = (0..events)
+        .map(|i| {
+            let order = format!("ORD-{i}");
+            let v = json!({"eventId": format!("ev-{i}"), "orderId": order, "merchantId": format!("M-{}", i % merchants),
+                "paidAt": "2026-11-24T10:15:00+07:00", "currency": "VND", "totalAmount": "1080000",
+                "items": [{"sku": "SKU-1", "name": "Cà phê sữa", "unit": "ly", "quantity": "2", "unitPrice": "500000", "vatRate": "8"}]});
+            (order, v.to_string())
+        })
+        .collect();
+    let started = Instant::now();
+    produce_all(&producer, &names.payment, payments).await;
+    println!("produced {events} payments in {:.1}s", started.elapsed().as_secs_f64());
+    let ceiling_secs = tokio::task::spawn_blocking({
+        let topic = names.payment.clone();
+        move || bare_consumer_secs(&topic, partitions, events)
+    })
+    .await
+    .unwrap();
+
+    let env: HashMap<String, String> = HashMap::from([
+        ("APP_ENV_INVOICE_DATABASE_URL".into(), url.clone()),
+        ("APP_ENV_INVOICE_WORKER_ID".into(), "1000".into()),
+        ("APP_ENV_INVOICE_CREDENTIALS_KEY".into(), KEY.into()),
+        ("APP_ENV_INVOICE_TOPIC_PAYMENT".into(), names.payment.clone()),
+        ("APP_ENV_INVOICE_TOPIC_MERCHANT_CDC".into(), names.merchant_cdc.clone()),
+        ("APP_ENV_INVOICE_TOPIC_EVENTS".into(), names.events.clone()),
+        ("APP_ENV_INVOICE_TOPIC_DEADLETTER".into(), names.deadletter.clone()),
+        ("APP_ENV_INVOICE_KAFKA_GROUP_ID".into(), format!("{prefix}-group")),
+        ("APP_ENV_INVOICE_STREAM_BATCH_MAX".into(), env_usize("BENCH_BATCH", 1000).to_string()),
+        ("APP_ENV_INVOICE_DATABASE_MAX_CONNECTIONS".into(), "24".into()),
+    ]);
+    invoice::telemetry::init_with_writer(invoice::config::LogFormat::Text, std::io::sink);
+    let cfg = Config::from_source(&env, Mode::Stream).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shutdown = CancellationToken::new();
+    let stream = tokio::spawn(invoice::app::run_stream(cfg, listener, shutdown.clone()));
+
+    let decided_secs = measure(&pool, "SELECT count(*) FROM payment_decision", 0, events as i64).await;
+    let invoices = count(&pool, "SELECT count(*) FROM invoice").await;
+    assert_eq!(invoices, events as i64, "every payment became an invoice");
+
+    // CDC skip path: updates whose tax equals the stored one.
+    let offset_sql = format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offset WHERE topic = '{}'", names.merchant_cdc);
+    let skip: Vec<(String, String)> =
+        (0..cdc_events).map(|i| { let m = format!("M-{}", i % merchants); (m.clone(), cdc(&m, 1440, 10 + i as i64)) }).collect();
+    produce_all(&producer, &names.merchant_cdc, skip).await;
+    let skip_secs = measure(&pool, &offset_sql, 0, cdc_events as i64).await;
+    // CDC apply path: every update changes the tax.
+    let apply: Vec<(String, String)> = (0..cdc_events)
+        .map(|i| { let m = format!("M-{}", i % merchants); (m.clone(), cdc(&m, 1 + (i as u64 % 1000), 1_000_000 + i as i64)) })
+        .collect();
+    produce_all(&producer, &names.merchant_cdc, apply).await;
+    let apply_secs = measure(&pool, &offset_sql, cdc_events as i64, cdc_events as i64).await;
+
+    shutdown.cancel();
+    stream.await.unwrap().unwrap();
+
+    let report = json!({
+        "events": events,
+        "partitions": partitions,
+        "decided_per_sec": (events as f64 / decided_secs).round(),
+        "bare_consumer_per_sec": (events as f64 / ceiling_secs).round(),
+        "cdc_events": cdc_events,
+        "cdc_per_sec": (cdc_events as f64 / skip_secs).round(),
+        "cdc_skip_per_sec": (cdc_events as f64 / skip_secs).round(),
+        "cdc_apply_per_sec": (cdc_events as f64 / apply_secs).round(),
+        "issued_per_sec": null,
+        "e2e_p50_ms": null,
+        "e2e_p99_ms": null,
+        "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
+        "note": "issued_per_sec and e2e latency arrive with the issuance workers; peak_rss_mb is the whole bench process (service + load generator)",
+    });
+    let text = serde_json::to_string_pretty(&report).unwrap();
+    println!("{text}");
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write("target/bench/e2e.json", text).unwrap();
+    let admin_topics = invoice::topics::admin_client(BROKERS).unwrap();
+    let _ = admin_topics
+        .delete_topics(&[&names.payment, &names.merchant_cdc, &names.events, &names.deadletter], &rdkafka::admin::AdminOptions::new())
+        .await;
+}
