@@ -40,7 +40,9 @@ fn peak_rss_mb() -> f64 {
 
 async fn produce_all(producer: &FutureProducer, topic: &str, messages: Vec<(String, String)>) {
     for chunk in messages.chunks(10_000) {
-        let sends = chunk.iter().map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(60)));
+        let sends = chunk
+            .iter()
+            .map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(60)));
         for r in join_all(sends).await {
             r.expect("produce");
         }
@@ -214,14 +216,24 @@ async fn main() {
     assert_eq!(invoices, events as i64, "every payment became an invoice");
 
     // CDC skip path: updates whose tax equals the stored one.
-    let offset_sql = format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offset WHERE topic = '{}'", names.merchant_cdc);
-    let skip: Vec<(String, String)> =
-        (0..cdc_events).map(|i| { let m = format!("M-{}", i % merchants); (m.clone(), cdc(&m, 1440, 10 + i as i64)) }).collect();
+    let offset_sql = format!(
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offset WHERE topic = '{}'",
+        names.merchant_cdc
+    );
+    let skip: Vec<(String, String)> = (0..cdc_events)
+        .map(|i| {
+            let m = format!("M-{}", i % merchants);
+            (m.clone(), cdc(&m, 1440, 10 + i as i64))
+        })
+        .collect();
     produce_all(&producer, &names.merchant_cdc, skip).await;
     let skip_secs = measure(&pool, &offset_sql, 0, cdc_events as i64).await;
     // CDC apply path: every update changes the tax.
     let apply: Vec<(String, String)> = (0..cdc_events)
-        .map(|i| { let m = format!("M-{}", i % merchants); (m.clone(), cdc(&m, 1 + (i as u64 % 1000), 1_000_000 + i as i64)) })
+        .map(|i| {
+            let m = format!("M-{}", i % merchants);
+            (m.clone(), cdc(&m, 1 + (i as u64 % 1000), 1_000_000 + i as i64))
+        })
         .collect();
     produce_all(&producer, &names.merchant_cdc, apply).await;
     let apply_secs = measure(&pool, &offset_sql, cdc_events as i64, cdc_events as i64).await;
@@ -250,6 +262,9 @@ async fn main() {
     std::fs::write("target/bench/e2e.json", text).unwrap();
     let admin_topics = invoice::topics::admin_client(BROKERS).unwrap();
     let _ = admin_topics
-        .delete_topics(&[&names.payment, &names.merchant_cdc, &names.events, &names.deadletter], &rdkafka::admin::AdminOptions::new())
+        .delete_topics(
+            &[&names.payment, &names.merchant_cdc, &names.events, &names.deadletter],
+            &rdkafka::admin::AdminOptions::new(),
+        )
         .await;
 }

@@ -225,6 +225,10 @@ CREATE TABLE outbox (
     payload      BYTEA,
     headers      JSONB NOT NULL DEFAULT '{}'::jsonb,
     has_secret   BOOLEAN NOT NULL DEFAULT FALSE,
+    -- Failed publication attempts; a row that keeps failing (e.g. larger than the broker
+    -- accepts) is parked after a few so it cannot block the rest: see `invoice_outbox_parked`.
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
     created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
     published_at TIMESTAMPTZ
 );

@@ -31,6 +31,7 @@ pub struct Metrics {
     claims: IntCounterVec,
     outbox_published: IntCounterVec,
     outbox_backlog: IntGauge,
+    outbox_parked: IntGauge,
     stream_transaction_retries: IntCounterVec,
 }
 
@@ -183,6 +184,9 @@ impl Metrics {
             "Outbox messages not yet published (as of the relay's last pass)",
         )
         .expect("valid metric");
+        let outbox_parked =
+            IntGauge::new("outbox_parked", "Outbox messages parked after repeated publication failures")
+                .expect("valid metric");
         let stream_transaction_retries = IntCounterVec::new(
             Opts::new(
                 "stream_transaction_retries_total",
@@ -206,6 +210,7 @@ impl Metrics {
             Box::new(claims.clone()),
             Box::new(outbox_published.clone()),
             Box::new(outbox_backlog.clone()),
+            Box::new(outbox_parked.clone()),
             Box::new(stream_transaction_retries.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
@@ -247,6 +252,7 @@ impl Metrics {
             claims,
             outbox_published,
             outbox_backlog,
+            outbox_parked,
             stream_transaction_retries,
         }
     }
@@ -355,6 +361,11 @@ impl Metrics {
     /// Outbox messages waiting.
     pub fn outbox_backlog(&self, count: i64) {
         self.outbox_backlog.set(count);
+    }
+
+    /// Outbox messages parked.
+    pub fn outbox_parked(&self, count: i64) {
+        self.outbox_parked.set(count);
     }
 
     /// The time this process started, as exported.

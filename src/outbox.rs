@@ -54,7 +54,7 @@ pub async fn run(
                 tracing::warn!(%error, "Outbox relay lost its lock connection");
                 continue 'lead;
             }
-            match publish_once(&db, &producer, &metrics).await {
+            match publish_once(&db, &producer, &metrics, &mut leader).await {
                 Ok(0) => {
                     tokio::select! {
                         _ = tokio::time::sleep(IDLE_POLL) => {}
@@ -77,25 +77,50 @@ pub async fn run(
                 if let Ok(backlog) = outbox::backlog(&db).await {
                     metrics.outbox_backlog(backlog);
                 }
+                if let Ok(parked) = outbox::parked(&db).await {
+                    metrics.outbox_parked(parked);
+                    if parked > 0 {
+                        tracing::error!(parked, "Outbox rows parked after repeated publication failures");
+                    }
+                }
             }
         }
     }
 }
 
 async fn lead(database_url: &str) -> Option<PgConnection> {
-    let options = storage::connect_options(database_url, "invoice-outbox-relay").ok()?;
-    let mut conn = PgConnection::connect_with(&options).await.ok()?;
+    let options = match storage::connect_options(database_url, "invoice-outbox-relay") {
+        Ok(options) => options,
+        Err(error) => {
+            tracing::error!(%error, "Outbox relay cannot connect");
+            return None;
+        }
+    };
+    let mut conn = match PgConnection::connect_with(&options).await {
+        Ok(conn) => conn,
+        Err(error) => {
+            tracing::warn!(error = %storage::StorageError::from(error), "Outbox relay cannot connect; retrying");
+            return None;
+        }
+    };
     match outbox::try_lead(&mut conn).await {
         Ok(true) => Some(conn),
-        _ => None,
+        Ok(false) => None,
+        Err(error) => {
+            tracing::warn!(%error, "Outbox relay cannot take its lock; retrying");
+            None
+        }
     }
 }
 
-/// Publishes up to one batch; returns how many rows were published.
+/// Publishes up to one batch; returns how many rows were published. `leader` is the
+/// connection holding the relay lock: it is checked again before rows are marked, so a relay
+/// that lost its lock during the pass leaves the marking to the new leader.
 pub async fn publish_once(
     db: &PgPool,
     producer: &FutureProducer,
     metrics: &Metrics,
+    leader: &mut PgConnection,
 ) -> Result<usize, storage::StorageError> {
     let rows = outbox::pending(db, BATCH).await?;
     if rows.is_empty() {
@@ -125,6 +150,9 @@ pub async fn publish_once(
     let results = join_all(sends).await;
     let mut published = Vec::with_capacity(rows.len());
     let mut per_topic: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    // Every acknowledged row is marked (re-sending it would be a duplicate); a failed row is
+    // retried next pass and parked after repeated failures, so it cannot block the others.
+    // With the idempotent producer a failure here means its delivery timeout passed.
     for (row, result) in rows.iter().zip(results) {
         match result {
             Ok(_) => {
@@ -132,10 +160,14 @@ pub async fn publish_once(
                 *per_topic.entry(row.topic.as_str()).or_default() += 1;
             }
             Err((error, _)) => {
-                tracing::warn!(%error, topic = %row.topic, "Publishing an outbox row failed; will retry");
-                break;
+                tracing::warn!(%error, topic = %row.topic, outbox_id = row.id, "Publishing an outbox row failed; will retry");
+                outbox::mark_failed(db, row.id, &error.to_string()).await?;
             }
         }
+    }
+    if leader.ping().await.is_err() {
+        tracing::warn!("Outbox relay lost its lock during a pass; leaving the rows to the next leader");
+        return Err(storage::StorageError::Unavailable("outbox relay lock lost".into()));
     }
     if !published.is_empty() {
         outbox::mark_published(db, &published).await?;

@@ -226,6 +226,12 @@ pub enum CdcChange {
     },
     /// `d`.
     Delete,
+    /// An update that did not carry the tax (Debezium's unavailable-value placeholder for an
+    /// unchanged TOASTed column): the tax did not change.
+    Unchanged {
+        /// Debezium `op`.
+        op: char,
+    },
 }
 
 /// What to do with a change.
@@ -273,6 +279,7 @@ pub fn decide_cdc(change: &CdcChange, position: &CdcPosition, stored: Option<&St
             Some(s) if !s.deleted && &s.tax == tax => CdcOutcome::SkipUnchanged,
             _ => CdcOutcome::Apply,
         },
+        CdcChange::Unchanged { .. } => CdcOutcome::SkipUnchanged,
     }
 }
 

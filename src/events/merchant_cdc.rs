@@ -16,6 +16,10 @@ pub enum MerchantEvent {
     Change(Box<MerchantChange>),
 }
 
+/// What Debezium puts in an unchanged TOASTed column (`metadata` over about 2 KB) of an
+/// update when the table's REPLICA IDENTITY is not FULL.
+pub const UNAVAILABLE_VALUE: &str = "__debezium_unavailable_value";
+
 /// One merchant's change.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MerchantChange {
@@ -63,6 +67,9 @@ fn integer(map: &Map<String, Value>, field: &str) -> Option<i64> {
 pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<MerchantEvent, Invalid> {
     let Some(value) = value else { return Ok(MerchantEvent::Tombstone) };
     let json: Value = serde_json::from_slice(value).map_err(|e| Invalid(format!("not JSON: {e}")))?;
+    if super::contains_nul(&json) {
+        return Err(Invalid("a string contains the NUL character (U+0000)".into()));
+    }
     let envelope = unwrap_schema(&json);
     let envelope = match envelope {
         Value::Null => return Ok(MerchantEvent::Tombstone),
@@ -128,6 +135,16 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<MerchantEvent, 
         _ => None,
     };
     let metadata = match row.get("metadata") {
+        // The column did not change and Debezium did not send it: neither did the tax.
+        Some(Value::String(text)) if text == UNAVAILABLE_VALUE => {
+            return Ok(MerchantEvent::Change(Box::new(MerchantChange {
+                merchant_id,
+                merchant_name,
+                change: CdcChange::Unchanged { op },
+                tax_info: None,
+                position,
+            })))
+        }
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(Value::String(text)) => serde_json::from_str(text)
             .map_err(|e| Invalid::field("after.metadata", format!("a string that is not JSON ({e})")))?,
@@ -244,6 +261,12 @@ mod tests {
         assert_eq!(bad(json!({"op": "u", "after": null})), "after: required for op `u`");
         assert!(bad(json!({"op": "u", "after": {"name": "x"}})).starts_with("after.id: required"));
         assert!(parse(None, Some(b"nope")).unwrap_err().0.starts_with("not JSON"));
+    }
+
+    #[test]
+    fn an_unavailable_toasted_metadata_means_unchanged() {
+        let c = change(&envelope("u", json!(UNAVAILABLE_VALUE)));
+        assert_eq!(c.change, CdcChange::Unchanged { op: 'u' });
     }
 
     #[test]

@@ -16,6 +16,22 @@ impl Invalid {
     pub fn field(field: impl std::fmt::Display, reason: impl std::fmt::Display) -> Invalid {
         Invalid(format!("{field}: {reason}"))
     }
+
+    /// The reason as it may travel in a header, a log line or a jsonb column: control
+    /// characters (U+0000 above all) replaced, and at most 1,000 characters.
+    pub fn sanitized(&self) -> String {
+        self.0.chars().take(1000).map(|c| if c.is_control() { '\u{FFFD}' } else { c }).collect()
+    }
+}
+
+/// Whether any string (or key) in `value` contains U+0000, which Postgres cannot store.
+pub fn contains_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
 }
 
 /// A short description of a JSON value's type, for error messages.

@@ -17,6 +17,9 @@ use crate::domain::rules;
 
 const MAX_ID: usize = 64;
 const MAX_ITEMS: usize = 1000;
+/// Amounts are stored as NUMERIC(27, 6): anything at or above 10^21 is refused here rather
+/// than failing the batch's transaction.
+const MAX_AMOUNT_DIGITS: u32 = 21;
 
 fn string<'a>(map: &'a Map<String, Value>, path: &str, field: &str, max: usize) -> Result<&'a str, Invalid> {
     let name = if path.is_empty() { field.to_owned() } else { format!("{path}.{field}") };
@@ -63,7 +66,16 @@ fn decimal(map: &Map<String, Value>, path: &str, field: &str) -> Result<Decimal,
                     format!("`{s}` is not a plain decimal (digits, optional point)"),
                 ));
             }
-            Decimal::from_str(s).map_err(|_| Invalid::field(name, format!("`{s}` is out of range")))
+            let value =
+                Decimal::from_str(s).map_err(|_| Invalid::field(&name, format!("`{s}` is out of range")))?;
+            let limit = Decimal::from_i128_with_scale(10i128.pow(MAX_AMOUNT_DIGITS), 0);
+            if value.abs() >= limit {
+                return Err(Invalid::field(
+                    name,
+                    format!("`{s}` is out of range (at most {MAX_AMOUNT_DIGITS} integer digits)"),
+                ));
+            }
+            Ok(value)
         }
         Some(Value::Number(n)) => Err(Invalid::field(
             name,
@@ -78,6 +90,11 @@ fn decimal(map: &Map<String, Value>, path: &str, field: &str) -> Result<Decimal,
 /// Parses and validates one message value.
 pub fn parse(value: &[u8]) -> Result<Payment, Invalid> {
     let json: Value = serde_json::from_slice(value).map_err(|e| Invalid(format!("not JSON: {e}")))?;
+    // Postgres text and jsonb cannot hold U+0000: such a message would fail its batch's
+    // transaction forever instead of being dead-lettered.
+    if super::contains_nul(&json) {
+        return Err(Invalid("a string contains the NUL character (U+0000)".into()));
+    }
     let Value::Object(map) = &json else {
         return Err(Invalid(format!("expected a JSON object, found {}", json_kind(&json))));
     };
@@ -146,6 +163,13 @@ pub fn parse(value: &[u8]) -> Result<Payment, Invalid> {
             None => Invalid::field("items", e),
         }
     })?;
+    let limit = Decimal::from_i128_with_scale(10i128.pow(MAX_AMOUNT_DIGITS), 0);
+    if totals.gross >= limit || totals.net >= limit {
+        return Err(Invalid::field(
+            "items",
+            format!("line amounts add up beyond {MAX_AMOUNT_DIGITS} integer digits"),
+        ));
+    }
     if totals.gross != total {
         return Err(Invalid::field(
             "totalAmount",
@@ -243,6 +267,17 @@ mod tests {
             .starts_with("buyer.legalName is required"));
         assert!(reason(|v| v["buyer"]["taxCode"] = json!("123")).starts_with("buyer.taxCode: "));
         assert_eq!(reason(|v| v["currency"] = json!("vnd")), "currency: `vnd` is not an ISO 4217 code");
+        assert_eq!(
+            reason(|v| v["orderId"] = json!("A\u{0}")),
+            "a string contains the NUL character (U+0000)"
+        );
+        assert_eq!(
+            reason(|v| v["buyer"]["name"] = json!("x\u{0}")),
+            "a string contains the NUL character (U+0000)"
+        );
+        assert!(
+            reason(|v| v["items"][0]["unitPrice"] = json!("1000000000000000000000")).contains("out of range")
+        );
     }
 
     #[test]

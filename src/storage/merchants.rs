@@ -77,7 +77,14 @@ pub async fn upsert(
              claim_window_minutes = EXCLUDED.claim_window_minutes, provider = EXCLUDED.provider,
              source_lsn = EXCLUDED.source_lsn, source_ts_ms = EXCLUDED.source_ts_ms,
              source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
-             source_offset = EXCLUDED.source_offset, updated_at = now(), deleted_at = NULL",
+             source_offset = EXCLUDED.source_offset, updated_at = now(), deleted_at = NULL
+         -- Second line of defence behind the task's own check: never overwrite newer state.
+         WHERE NOT (CASE
+             WHEN merchant_tax_info.source_lsn IS NOT NULL AND EXCLUDED.source_lsn IS NOT NULL
+                 THEN EXCLUDED.source_lsn < merchant_tax_info.source_lsn
+             WHEN merchant_tax_info.source_ts_ms IS NOT NULL AND EXCLUDED.source_ts_ms IS NOT NULL
+                 THEN EXCLUDED.source_ts_ms < merchant_tax_info.source_ts_ms
+             ELSE FALSE END)",
     )
     .bind(merchant_id)
     .bind(name)
@@ -112,7 +119,10 @@ pub async fn soft_delete(
     sqlx::query(
         "UPDATE merchant_tax_info SET deleted_at = now(), updated_at = now(), source_lsn = $2, source_ts_ms = $3,
              source_topic = $4, source_partition = $5, source_offset = $6
-         WHERE merchant_id = $1",
+         WHERE merchant_id = $1 AND NOT (CASE
+             WHEN source_lsn IS NOT NULL AND $2::bigint IS NOT NULL THEN $2 < source_lsn
+             WHEN source_ts_ms IS NOT NULL AND $3::bigint IS NOT NULL THEN $3 < source_ts_ms
+             ELSE FALSE END)",
     )
     .bind(merchant_id)
     .bind(position.lsn)

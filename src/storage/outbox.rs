@@ -22,15 +22,37 @@ pub struct Pending {
     pub headers: Value,
 }
 
-/// The oldest `limit` unpublished rows, in id order.
+/// Failed attempts after which a row is parked (left for an operator).
+pub const PARK_AFTER_ATTEMPTS: i32 = 10;
+
+/// The oldest `limit` unpublished, not parked rows, in id order.
 pub async fn pending(pool: &PgPool, limit: i64) -> Result<Vec<Pending>, StorageError> {
     Ok(sqlx::query_as(
         "SELECT id, event_id, topic, message_key, payload, headers FROM outbox
-         WHERE published_at IS NULL ORDER BY id LIMIT $1",
+         WHERE published_at IS NULL AND attempts < $2 ORDER BY id LIMIT $1",
     )
     .bind(limit)
+    .bind(PARK_AFTER_ATTEMPTS)
     .fetch_all(pool)
     .await?)
+}
+
+/// Records a failed publication of a row.
+pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), StorageError> {
+    sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1")
+        .bind(id)
+        .bind(error)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Rows parked after too many failed attempts.
+pub async fn parked(pool: &PgPool) -> Result<i64, StorageError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL AND attempts >= $1")
+        .bind(PARK_AFTER_ATTEMPTS)
+        .fetch_one(pool)
+        .await?)
 }
 
 /// Marks rows published; rows that carried a secret lose their payload now (SPEC §2: the

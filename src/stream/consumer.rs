@@ -54,8 +54,11 @@ impl ClientContext for Ctx {
         if let Ok(mut hw) = self.high_watermarks.lock() {
             for (topic, t) in statistics.topics {
                 for (partition, p) in t.partitions {
-                    if partition >= 0 && p.hi_offset >= 0 {
-                        hw.insert((topic.clone(), partition), p.hi_offset);
+                    // read_committed: the last stable offset is the end we can reach (with
+                    // transactional producers the high watermark stays above it).
+                    let end = if p.ls_offset >= 0 { p.ls_offset } else { p.hi_offset };
+                    if partition >= 0 && end >= 0 {
+                        hw.insert((topic.clone(), partition), end);
                     }
                 }
             }
@@ -80,9 +83,13 @@ impl ConsumerContext for Ctx {
                     None
                 };
                 let Some(offsets) = offsets else {
-                    tracing::error!(
-                        "Cannot read the stored offsets for an assignment; stopping the consumer"
-                    );
+                    // Finish the assign call whatever happens (librdkafka waits for it, and so
+                    // would leaving the group), but consume nothing: pause, then stop.
+                    tracing::error!("Cannot prepare an assignment; pausing it and stopping the consumer");
+                    let _assigned = if cooperative { base.incremental_assign(tpl) } else { base.assign(tpl) };
+                    if let Err(error) = base.pause(tpl) {
+                        tracing::error!(%error, "Pausing the unprepared partitions failed");
+                    }
                     self.fatal.cancel();
                     return;
                 };
@@ -176,6 +183,7 @@ async fn coordinate(
     mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
     registry: Registry,
     stop: CancellationToken,
+    fatal: CancellationToken,
 ) {
     let mut running: HashMap<Key, Running> = HashMap::new();
     loop {
@@ -198,7 +206,7 @@ async fn coordinate(
                 let missing: Vec<Key> =
                     partitions.iter().filter(|k| !stored.contains_key(*k)).cloned().collect();
                 let committed = if missing.is_empty() {
-                    HashMap::new()
+                    Some(HashMap::new())
                 } else {
                     let c = consumer.clone();
                     let list = missing.clone();
@@ -207,8 +215,24 @@ async fn coordinate(
                         for (t, p) in &list {
                             tpl.add_partition(t, *p);
                         }
-                        c.committed_offsets(tpl, Duration::from_secs(10))
-                            .map(|tpl| {
+                        // A failed lookup must not turn into "from the beginning": retry, and
+                        // give up (failing the assignment) rather than guess.
+                        let mut attempt = 0;
+                        let found = loop {
+                            match c.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                                Ok(found) => break Some(found),
+                                Err(error) if attempt < 3 => {
+                                    attempt += 1;
+                                    tracing::warn!(%error, attempt, "Reading Kafka's committed offsets failed; retrying");
+                                    std::thread::sleep(Duration::from_millis(500));
+                                }
+                                Err(error) => {
+                                    tracing::error!(%error, "Reading Kafka's committed offsets failed");
+                                    break None;
+                                }
+                            }
+                        };
+                        found.map(|tpl| {
                                 tpl.elements()
                                     .iter()
                                     .filter_map(|e| match e.offset() {
@@ -219,10 +243,14 @@ async fn coordinate(
                                     })
                                     .collect::<HashMap<Key, i64>>()
                             })
-                            .unwrap_or_default()
                     })
                     .await
-                    .unwrap_or_default()
+                    .ok()
+                    .flatten()
+                };
+                let Some(committed) = committed else {
+                    let _ignored = reply.send(None);
+                    continue;
                 };
                 let mut answer = HashMap::new();
                 for key in partitions {
@@ -232,7 +260,8 @@ async fn coordinate(
                     let start = expected.or_else(|| committed.get(&key).copied());
                     let offset = start.map(Offset::Offset).unwrap_or(Offset::Beginning);
                     let Some(queue) = consumer.split_partition_queue(&topic, partition) else {
-                        tracing::error!(%topic, partition, "Cannot split the partition queue");
+                        tracing::error!(%topic, partition, "Cannot split the partition queue; stopping the consumer");
+                        fatal.cancel();
                         continue;
                     };
                     let state = Arc::new(PartitionState::new(start.unwrap_or(0)));
@@ -250,6 +279,7 @@ async fn coordinate(
                         expected,
                         cancel: cancel.clone(),
                         state,
+                        fatal: fatal.clone(),
                     };
                     tracing::info!(%topic, partition, start = ?offset, from_postgres = expected.is_some(), "Starting partition");
                     running.insert(key.clone(), Running { cancel, handle: tokio::spawn(task.run()) });
@@ -265,8 +295,10 @@ async fn coordinate(
                         stopping.push((key.clone(), r.handle));
                     }
                 }
+                // One deadline for all of them, inside the callback's own budget.
+                let deadline = tokio::time::Instant::now() + deps.settings.revoke_timeout;
                 for (key, mut handle) in stopping {
-                    if tokio::time::timeout(deps.settings.revoke_timeout, &mut handle).await.is_err() {
+                    if tokio::time::timeout_at(deadline, &mut handle).await.is_err() {
                         tracing::warn!(topic = %key.0, partition = key.1, "Partition task did not stop in time; abandoning its batch");
                         handle.abort();
                         let _ended = handle.await;
@@ -352,7 +384,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
         .set("heartbeat.interval.ms", (deps.settings.session_timeout.as_millis() / 4).max(100).to_string())
         .set("statistics.interval.ms", "1000")
         // Per partition once queues are split: keep memory bounded.
-        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.max.messages.kbytes", "2048")
         .set("queued.min.messages", "20000")
         .create_with_context(context)?;
     let consumer = Arc::new(consumer);
@@ -364,6 +396,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
         commands_rx,
         registry.clone(),
         stop_tasks.clone(),
+        fatal.clone(),
     ));
     let watchdog = tokio::spawn(watch(deps.clone(), registry.clone(), high_watermarks, stop_tasks.clone()));
     consumer.subscribe(&[deps.topics.payment.as_str(), deps.topics.merchant_cdc.as_str()])?;
@@ -375,6 +408,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
         let consumer = consumer.clone();
         let stop = stop_driver.clone();
         let registry = registry.clone();
+        let fatal_driver = fatal.clone();
         std::thread::Builder::new().name("kafka-main-queue".into()).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(r) => r,
@@ -400,6 +434,10 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
                                     state.recover.notify_one();
                                 }
                             }
+                            Err(rdkafka::error::KafkaError::MessageConsumptionFatal(code)) => {
+                                tracing::error!(error = ?code, "Fatal Kafka consumer error; stopping");
+                                fatal_driver.cancel();
+                            }
                             Err(error) => tracing::warn!(%error, "Kafka consumer error"),
                         }
                     }
@@ -423,8 +461,15 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
     stop_driver.cancel();
     let _ended = tokio::task::spawn_blocking(move || driver.join()).await;
     let _ended = watchdog.await;
-    drop(consumer);
-    let _ended = coordinator.await;
+    // Closing the consumer waits for librdkafka to leave the group; bound it so a broker that
+    // is gone cannot keep the process from exiting (Kubernetes would SIGKILL it anyway).
+    let closing = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(Duration::from_secs(15), closing).await.is_err() {
+        tracing::warn!("Closing the Kafka consumer timed out");
+    }
+    if tokio::time::timeout(Duration::from_secs(15), coordinator).await.is_err() {
+        tracing::warn!("The partition coordinator did not stop in time");
+    }
     if failed {
         anyhow::bail!("the Kafka consumer stopped: stored offsets could not be read or assigned");
     }

@@ -16,7 +16,7 @@ pub fn dead_letter(deadletter_topic: &str, message: &OwnedMessage, reason: &Inva
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         headers: json!({
-            "x-error": reason.0,
+            "x-error": reason.sanitized(),
             "x-source-topic": message.topic(),
             "x-source-partition": message.partition().to_string(),
             "x-source-offset": message.offset().to_string(),

@@ -78,7 +78,7 @@ pub async fn process(
             }
             Ok(MerchantEvent::Change(change)) => change,
             Err(reason) => {
-                tracing::warn!(topic, partition, offset = message.offset(), error = %reason,
+                tracing::warn!(topic, partition, offset = message.offset(), error = %reason.sanitized(),
                     "[handleMerchantCDC] invalid message, dead-lettered");
                 dead.push(dead_letter(&deps.topics.deadletter, message, reason));
                 summary.dead_lettered += 1;
@@ -93,7 +93,7 @@ pub async fn process(
         let outcome = decide_cdc(&change.change, &change.position, stored.as_ref());
         let source = Source { topic, partition, offset: message.offset() };
         let op = match &change.change {
-            CdcChange::Upsert { op, .. } => *op,
+            CdcChange::Upsert { op, .. } | CdcChange::Unchanged { op } => *op,
             CdcChange::Delete => 'd',
         };
         match outcome {

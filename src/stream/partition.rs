@@ -75,6 +75,8 @@ pub struct PartitionTask {
     pub cancel: CancellationToken,
     /// Shared with the watchdog.
     pub state: Arc<PartitionState>,
+    /// Cancelled on an unrecoverable consumer error: the process exits non-zero.
+    pub fatal: CancellationToken,
 }
 
 enum Committed {
@@ -123,6 +125,9 @@ impl PartitionTask {
                 Ok(message) => message,
                 Err(error) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, %error, "Consumer error");
+                    if matches!(error, rdkafka::error::KafkaError::MessageConsumptionFatal(_)) {
+                        self.fatal.cancel();
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -177,11 +182,16 @@ impl PartitionTask {
                     return Committed::Yes;
                 }
                 Err(BatchError::Fenced { stored }) => {
+                    // What this task believed may be wrong (someone else committed, or our own
+                    // commit succeeded unseen): start the merchant cache afresh.
+                    cache.clear();
                     self.deps.metrics.offset_fenced(&self.topic, self.partition);
                     tracing::warn!(topic = %self.topic, partition = self.partition, expected = ?self.expected, stored = ?stored,
                         "Stored offset moved by another owner; following Postgres");
                     if !self.owned() {
-                        self.cancel.cancel();
+                        // A zombie: stay idle until the coordinator revokes this task (it
+                        // may also turn out to own the partition again, after a rebalance).
+                        self.cancel.cancelled().await;
                         return Committed::Cancelled;
                     }
                     let resume = stored.unwrap_or(0);
@@ -191,6 +201,8 @@ impl PartitionTask {
                     return Committed::Fenced;
                 }
                 Err(error) => {
+                    // The commit may have happened even if we saw an error.
+                    cache.clear();
                     self.deps.metrics.stream_transaction_retried(&self.topic);
                     tracing::warn!(topic = %self.topic, partition = self.partition, %error, retry_in_ms = backoff.as_millis() as u64,
                         "Batch failed; retrying in place");

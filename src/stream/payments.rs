@@ -113,7 +113,7 @@ pub async fn process(
             Ok(p) => p,
             Err(reason) => {
                 tracing::warn!(
-                    topic, partition, offset = message.offset(), error = %reason,
+                    topic, partition, offset = message.offset(), error = %reason.sanitized(),
                     "[handlePaymentSuccess] invalid message, dead-lettered"
                 );
                 writes.outbox.push(dead_letter(&deps.topics.deadletter, message, reason));

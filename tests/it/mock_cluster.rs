@@ -12,7 +12,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::events::{payment, tax};
-use crate::support::{insert_merchant, insert_provider_config, stream_env, unique, wait_until, TestDb, TestStream};
+use crate::support::{
+    insert_merchant, insert_provider_config, stream_env, unique, wait_until, TestDb, TestStream,
+};
 
 enum Fault {
     MoveLeaders,
@@ -66,7 +68,9 @@ async fn produce(producer: &FutureProducer, topic: &str, range: std::ops::Range<
     let values: Vec<(String, String)> = range
         .map(|i| (format!("ORD-{i}"), payment(&format!("ev-{i}"), &format!("ORD-{i}"), "M-1").to_string()))
         .collect();
-    let sends = values.iter().map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(30)));
+    let sends = values
+        .iter()
+        .map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(30)));
     for r in join_all(sends).await {
         r.unwrap();
     }
@@ -97,7 +101,8 @@ async fn leader_changes_request_errors_and_a_broker_bounce_lose_and_duplicate_no
     let stream = TestStream::spawn(&env).await;
 
     let count = || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM payment_decision").fetch_one(&db.pool).await.unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM payment_decision").fetch_one(&db.pool).await.unwrap();
         n
     };
     let faults_in_order = [Fault::FetchErrors, Fault::MoveLeaders, Fault::CommitErrors, Fault::BrokerBounce];
@@ -115,11 +120,12 @@ async fn leader_changes_request_errors_and_a_broker_bounce_lose_and_duplicate_no
     assert_eq!(count().await, 400);
     let invoices: i64 = sqlx::query_scalar("SELECT count(*) FROM invoice").fetch_one(&db.pool).await.unwrap();
     assert_eq!(invoices, 400, "one invoice per order");
-    let stored: i64 = sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = $1")
-        .bind(&names.payment)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let stored: i64 =
+        sqlx::query_scalar("SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = $1")
+            .bind(&names.payment)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(stored, 400);
     stream.stop().await.unwrap();
     faults.send(Fault::Stop).unwrap();
