@@ -208,6 +208,7 @@ async fn main() {
     invoice::telemetry::init_with_writer(invoice::config::LogFormat::Text, std::io::sink);
     let cfg = Config::from_source(&env, Mode::Stream).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     let stream = tokio::spawn(invoice::app::run_stream(cfg, listener, shutdown.clone()));
 
@@ -238,6 +239,16 @@ async fn main() {
     produce_all(&producer, &names.merchant_cdc, apply).await;
     let apply_secs = measure(&pool, &offset_sql, cdc_events as i64, cdc_events as i64).await;
 
+    let metrics = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("invoice_stream_batch_duration_seconds_sum")
+            || l.starts_with("invoice_stream_batch_duration_seconds_count")
+            || l.starts_with("invoice_stream_batch_messages_sum")
+            || l.starts_with("invoice_stream_transaction_retries_total")
+            || l.starts_with("invoice_kafka_offset_fenced_total")
+    }) {
+        println!("{line}");
+    }
     shutdown.cancel();
     stream.await.unwrap().unwrap();
 

@@ -215,24 +215,26 @@ CREATE TABLE consumer_offset (
 
 -- Transactional outbox: every message this service produces to Kafka (lifecycle events and
 -- dead letters) is written here in the transaction that caused it, and published by one
--- relay in id order, so an event exists if and only if its change committed.
+-- relay in id order, so an event exists if and only if its change committed. A row is
+-- deleted once Kafka acknowledged it (the event lives on in the topic), which also removes
+-- any clear claim token it carried.
 CREATE TABLE outbox (
     id           BIGSERIAL PRIMARY KEY,
-    event_id     UUID NOT NULL UNIQUE,
+    -- Random v4 UUIDs: no unique index (it would cost a random B-tree insert per event and
+    -- guard nothing the generator does not).
+    event_id     UUID NOT NULL,
     topic        TEXT NOT NULL,
     message_key  BYTEA,
-    -- NULL once published if it carried a secret (a clear claim token).
     payload      BYTEA,
     headers      JSONB NOT NULL DEFAULT '{}'::jsonb,
+    -- Carries a clear claim token (so it must not outlive its publication).
     has_secret   BOOLEAN NOT NULL DEFAULT FALSE,
     -- Failed publication attempts; a row that keeps failing (e.g. larger than the broker
     -- accepts) is parked after a few so it cannot block the rest: see `invoice_outbox_parked`.
     attempts     INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT,
-    created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
-    published_at TIMESTAMPTZ
+    created_at   TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CREATE INDEX outbox_unpublished ON outbox (id) WHERE published_at IS NULL;
 
 -- `webhook-id`s already processed, per endpoint: a redelivery is answered 200 and not redone.
 CREATE TABLE webhook_seen (

@@ -118,6 +118,7 @@ pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationT
             kafka: kafka_producer(&cfg)?,
             timeout: cfg.ready_timeout,
         },
+        api_routes: true,
     });
     tracing::info!(addr = %listener.local_addr()?, worker_id = cfg.worker_id, "Serving the HTTP API");
     http::server::serve(listener, state, shutdown).await;
@@ -171,6 +172,7 @@ pub async fn run_stream(
             kafka: producer.clone(),
             timeout: cfg.ready_timeout,
         },
+        api_routes: false,
     });
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));

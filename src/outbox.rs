@@ -1,5 +1,5 @@
 //! The outbox relay: publishes what transactions wrote to the `outbox` table (lifecycle
-//! events, dead letters) to Kafka, in id order, then marks it published. One relay runs at a
+//! events, dead letters) to Kafka, in id order, then deletes what Kafka acknowledged. One relay runs at a
 //! time across all processes (a Postgres advisory lock), so events of an order keep their
 //! order. A crash between publishing and marking re-publishes the same rows with the same
 //! `eventId`: duplicates only across a crash, never a loss.
@@ -17,9 +17,7 @@ use crate::storage::{self, outbox};
 
 const BATCH: i64 = 1000;
 const IDLE_POLL: Duration = Duration::from_millis(20);
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// Published rows are kept this long for inspection, then deleted.
-const KEEP_PUBLISHED_HOURS: i32 = 24;
+const GAUGES_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the relay until `shutdown`; only the process holding the lock publishes.
 pub async fn run(
@@ -29,7 +27,7 @@ pub async fn run(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let mut last_prune = tokio::time::Instant::now();
+    let mut last_gauges = tokio::time::Instant::now();
     'lead: loop {
         if shutdown.is_cancelled() {
             return;
@@ -67,13 +65,8 @@ pub async fn run(
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-            if last_prune.elapsed() >= PRUNE_EVERY {
-                last_prune = tokio::time::Instant::now();
-                match outbox::prune(&db, KEEP_PUBLISHED_HOURS, 10_000).await {
-                    Ok(n) if n > 0 => tracing::info!(deleted = n, "Pruned published outbox rows"),
-                    Ok(_) => {}
-                    Err(error) => tracing::warn!(%error, "Pruning the outbox failed"),
-                }
+            if last_gauges.elapsed() >= GAUGES_EVERY {
+                last_gauges = tokio::time::Instant::now();
                 if let Ok(backlog) = outbox::backlog(&db).await {
                     metrics.outbox_backlog(backlog);
                 }

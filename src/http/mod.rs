@@ -23,6 +23,9 @@ pub struct HttpState {
     pub metrics: Metrics,
     /// Dependency probes for `/ready`.
     pub readiness: health::Readiness,
+    /// Whether the API routes are served (the `api` mode); other modes serve only health,
+    /// readiness and metrics.
+    pub api_routes: bool,
 }
 
 /// A JSON response with `status`.
@@ -83,6 +86,65 @@ async fn dispatch(state: &HttpState, method: &Method, path: &str) -> (&'static s
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
             ("/metrics", response)
         }
+        _ if state.api_routes => api(state, method, path).await,
         _ => ("unmatched", Problem::not_found(path).into_response()),
     }
+}
+
+/// The `/v1/api` routes implemented so far.
+async fn api(state: &HttpState, method: &Method, path: &str) -> (&'static str, Response<Body>) {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let template = match segments.as_slice() {
+        ["", "v1", "api", "admin-units", "provinces"] => "/v1/api/admin-units/provinces",
+        ["", "v1", "api", "admin-units", "provinces", _, "wards"] => {
+            "/v1/api/admin-units/provinces/{code}/wards"
+        }
+        _ => return ("unmatched", Problem::not_found(path).into_response()),
+    };
+    if method != Method::GET && method != Method::HEAD {
+        return (template, Problem::method_not_allowed(method.as_str(), &["GET"]).into_response());
+    }
+    let db = &state.readiness.db;
+    let response = match segments.as_slice() {
+        [.., "provinces"] => match crate::storage::admin_units::provinces(db).await {
+            Ok(provinces) => json(StatusCode::OK, &serde_json::json!({"items": provinces})),
+            Err(error) => internal(&error),
+        },
+        [.., "provinces", code, "wards"] => {
+            if code.len() != 2 || !code.bytes().all(|b| b.is_ascii_digit()) {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-province-code",
+                    "a province code is two digits, e.g. 01",
+                )
+                .into_response()
+            } else {
+                match crate::storage::admin_units::wards(db, code).await {
+                    Ok(Some(wards)) => {
+                        json(StatusCode::OK, &serde_json::json!({"provinceCode": code, "items": wards}))
+                    }
+                    Ok(None) => Problem::new(
+                        StatusCode::NOT_FOUND,
+                        "not-found",
+                        format!("no province with code {code}"),
+                    )
+                    .into_response(),
+                    Err(error) => internal(&error),
+                }
+            }
+        }
+        _ => Problem::not_found(path).into_response(),
+    };
+    (template, response)
+}
+
+/// A 500 whose detail says nothing internal; the error itself is logged.
+fn internal(error: &dyn std::fmt::Display) -> Response<Body> {
+    tracing::error!(%error, "Request failed");
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the request could not be completed; it has been logged",
+    )
+    .into_response()
 }

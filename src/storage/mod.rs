@@ -2,6 +2,7 @@
 //! get typed functions. Functions that must be atomic with others take a `&mut Tx`, so the
 //! caller owns the transaction boundary.
 
+pub mod admin_units;
 pub mod decisions;
 pub mod error;
 pub mod merchants;

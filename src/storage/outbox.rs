@@ -29,7 +29,7 @@ pub const PARK_AFTER_ATTEMPTS: i32 = 10;
 pub async fn pending(pool: &PgPool, limit: i64) -> Result<Vec<Pending>, StorageError> {
     Ok(sqlx::query_as(
         "SELECT id, event_id, topic, message_key, payload, headers FROM outbox
-         WHERE published_at IS NULL AND attempts < $2 ORDER BY id LIMIT $1",
+         WHERE attempts < $2 ORDER BY id LIMIT $1",
     )
     .bind(limit)
     .bind(PARK_AFTER_ATTEMPTS)
@@ -49,42 +49,22 @@ pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), Stor
 
 /// Rows parked after too many failed attempts.
 pub async fn parked(pool: &PgPool) -> Result<i64, StorageError> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL AND attempts >= $1")
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE attempts >= $1")
         .bind(PARK_AFTER_ATTEMPTS)
         .fetch_one(pool)
         .await?)
 }
 
-/// Marks rows published; rows that carried a secret lose their payload now (SPEC §2: the
-/// clear claim token lives only until it is published).
+/// Removes published rows: the events now live in Kafka, and a clear claim token leaves
+/// the database with its row (SPEC §2: the token lives only until it is published).
 pub async fn mark_published(pool: &PgPool, ids: &[i64]) -> Result<(), StorageError> {
-    sqlx::query(
-        "UPDATE outbox SET published_at = now(),
-             payload = CASE WHEN has_secret THEN NULL ELSE payload END, has_secret = FALSE
-         WHERE id = ANY($1)",
-    )
-    .bind(ids)
-    .execute(pool)
-    .await?;
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(pool).await?;
     Ok(())
 }
 
 /// Unpublished rows (for the backlog gauge).
 pub async fn backlog(pool: &PgPool) -> Result<i64, StorageError> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(pool).await?)
-}
-
-/// Deletes published rows older than `hours` hours, at most `limit` at a time.
-pub async fn prune(pool: &PgPool, hours: i32, limit: i64) -> Result<u64, StorageError> {
-    Ok(sqlx::query(
-        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox
-             WHERE published_at < now() - make_interval(hours => $1) ORDER BY id LIMIT $2)",
-    )
-    .bind(hours)
-    .bind(limit)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(pool).await?)
 }
 
 /// Tries to become the single relay (advisory lock on a connection the caller keeps).

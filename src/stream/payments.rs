@@ -108,6 +108,9 @@ pub async fn process(
     let mut writes = Writes::default();
     let mut summary = Summary::default();
     let now = Utc::now();
+    // The snapshot depends on the merchant and the rule set only: built once per batch.
+    let mut snapshots: std::collections::HashMap<(String, chrono::NaiveDate), Value> =
+        std::collections::HashMap::new();
     for (message, result) in &parsed {
         let payment = match result {
             Ok(p) => p,
@@ -178,7 +181,13 @@ pub async fn process(
                     ));
                 };
                 let invoice_id = deps.ids.next_id().map_err(BatchError::Ids)?;
-                let snapshot = config_snapshot(config, record.and_then(|r| r.name.as_deref()), tax, payment);
+                let legal_day = payment.paid_at.with_timezone(&vietnam()).date_naive();
+                let snapshot = snapshots
+                    .entry((payment.merchant_id.clone(), legal_day))
+                    .or_insert_with(|| {
+                        config_snapshot(config, record.and_then(|r| r.name.as_deref()), tax, payment)
+                    })
+                    .clone();
                 let buyer_json = plan
                     .buyer
                     .as_ref()

@@ -195,3 +195,18 @@ async fn api_exits_0_on_sigterm() {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+#[test]
+fn json_log_format_writes_one_json_object_per_line() {
+    let mut env = base_env("postgres://postgres@127.0.0.1:1/invoice");
+    env.insert("APP_ENV_INVOICE_LOG_FORMAT".into(), "json".into());
+    let (code, _, err) = run(&env, &["migrate"]);
+    assert_eq!(code, 1);
+    let json_lines: Vec<serde_json::Value> =
+        err.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!json_lines.is_empty(), "{err}");
+    assert!(json_lines.iter().all(|l| l["level"].is_string() && l["message"].is_string()), "{err}");
+    assert!(json_lines
+        .iter()
+        .any(|l| l["message"] == "Postgres is not answering yet; retrying" && l["error"].is_string()));
+}

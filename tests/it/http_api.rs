@@ -104,3 +104,28 @@ async fn stopping_releases_the_listener_and_returns_ok() {
     api.stop().await.unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still listening after stop");
 }
+
+#[tokio::test]
+async fn administrative_units_are_served_after_the_2025_reform() {
+    let api = TestApi::spawn().await;
+    let body: serde_json::Value =
+        reqwest::get(api.url("/v1/api/admin-units/provinces")).await.unwrap().json().await.unwrap();
+    let items = body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 34);
+    assert_eq!(
+        items[0],
+        serde_json::json!({"code": "01", "name": "Thành phố Hà Nội", "kind": "municipality"})
+    );
+    let wards: serde_json::Value =
+        reqwest::get(api.url("/v1/api/admin-units/provinces/01/wards")).await.unwrap().json().await.unwrap();
+    assert_eq!(wards["provinceCode"], "01");
+    assert!(wards["items"].as_array().unwrap().iter().any(|w| w["name"] == "Phường Hoàn Kiếm"));
+    let missing = reqwest::get(api.url("/v1/api/admin-units/provinces/99/wards")).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.headers()["content-type"], "application/problem+json");
+    let bad = reqwest::get(api.url("/v1/api/admin-units/provinces/1x/wards")).await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let metrics = reqwest::get(api.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("route=\"/v1/api/admin-units/provinces/{code}/wards\""), "{metrics}");
+    api.stop().await.unwrap();
+}
