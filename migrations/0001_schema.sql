@@ -146,6 +146,8 @@ CREATE TABLE invoice_request (
 );
 CREATE UNIQUE INDEX invoice_request_one_pending_per_order
     ON invoice_request (merchant_id, order_id) WHERE joined_at IS NULL AND deleted_at IS NULL;
+CREATE INDEX invoice_request_pending_order
+    ON invoice_request (order_id) WHERE joined_at IS NULL AND deleted_at IS NULL;
 
 -- What the stream decided for each payment event: the duplicate-event check, and the answer
 -- to "why has this order no invoice?".

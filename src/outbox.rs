@@ -16,7 +16,9 @@ use crate::metrics::Metrics;
 use crate::storage::{self, outbox};
 
 const BATCH: i64 = 1000;
-const IDLE_POLL: Duration = Duration::from_millis(20);
+/// Polling backs off from the first to the second while the outbox stays empty.
+const IDLE_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
+const LOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
 const GAUGES_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the relay until `shutdown`; only the process holding the lock publishes.
@@ -42,27 +44,38 @@ pub async fn run(
             }
         };
         tracing::info!("Outbox relay leading");
+        let mut idle = IDLE_POLL.0;
+        let mut last_check = tokio::time::Instant::now();
         loop {
             if shutdown.is_cancelled() {
                 let _closed = leader.close().await;
                 return;
             }
-            // The lock lives on this connection: if it is gone, so is the leadership.
-            if let Err(error) = leader.ping().await {
-                tracing::warn!(%error, "Outbox relay lost its lock connection");
-                continue 'lead;
+            // The lock lives on this connection: if it is gone, so is the leadership. (It is
+            // also checked before every marking, in `publish_once`.)
+            if last_check.elapsed() >= LOCK_CHECK_EVERY {
+                last_check = tokio::time::Instant::now();
+                if let Err(error) = leader.ping().await {
+                    tracing::warn!(%error, "Outbox relay lost its lock connection");
+                    continue 'lead;
+                }
             }
             match publish_once(&db, &producer, &metrics, &mut leader).await {
                 Ok(0) => {
                     tokio::select! {
-                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                        _ = tokio::time::sleep(idle) => {}
                         _ = shutdown.cancelled() => {}
                     }
+                    idle = (idle * 2).min(IDLE_POLL.1);
                 }
-                Ok(_) => {}
+                Ok(_) => idle = IDLE_POLL.0,
                 Err(error) => {
                     tracing::warn!(%error, "Outbox relay pass failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue 'lead;
                 }
             }
             if last_gauges.elapsed() >= GAUGES_EVERY {
