@@ -96,12 +96,19 @@ pub fn keyring(cfg: &Config) -> Keyring {
     Keyring::new(cfg.credentials_key.clone())
 }
 
-/// Runs the HTTP API on `listener` until `shutdown` is cancelled.
-pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// What every long-running mode starts with: metrics, the Postgres pool and the leased
+/// snowflake worker id.
+struct Base {
+    metrics: Metrics,
+    db: sqlx::PgPool,
+    lease: workers::WorkerLease,
+}
+
+async fn start(cfg: &Config, mode: &str) -> anyhow::Result<Base> {
     let metrics = Metrics::new();
-    metrics.running("api");
-    let db = database(&cfg, "invoice-api").await?;
-    let holder = format!("api@{}", hostname());
+    metrics.running(mode);
+    let db = database(cfg, &format!("invoice-{mode}")).await?;
+    let holder = format!("{mode}@{}", hostname());
     let lease = workers::acquire(
         cfg.database_url.expose(),
         cfg.worker_id,
@@ -110,16 +117,40 @@ pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationT
         metrics.clone(),
     )
     .await?;
-    let state = Arc::new(HttpState {
-        metrics: metrics.clone(),
+    Ok(Base { metrics, db, lease })
+}
+
+/// The HTTP state of a mode; only `api` serves the `/v1/api` routes.
+fn http_state(
+    cfg: &Config,
+    base: &Base,
+    kafka: FutureProducer,
+    api_routes: bool,
+) -> anyhow::Result<Arc<HttpState>> {
+    Ok(Arc::new(HttpState {
+        metrics: base.metrics.clone(),
         readiness: http::health::Readiness {
-            db: db.clone(),
-            redis: redis(&cfg)?,
-            kafka: kafka_producer(&cfg)?,
+            db: base.db.clone(),
+            redis: redis(cfg)?,
+            kafka,
             timeout: cfg.ready_timeout,
         },
-        api_routes: true,
-    });
+        api_routes,
+    }))
+}
+
+/// Binds the HTTP address of the configuration, naming the variable on failure.
+pub async fn bind(cfg: &Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(cfg.http_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("APP_ENV_INVOICE_HTTP_ADDR {}: cannot listen: {e}", cfg.http_addr))
+}
+
+/// Runs the HTTP API on `listener` until `shutdown` is cancelled.
+pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let base = start(&cfg, "api").await?;
+    let state = http_state(&cfg, &base, kafka_producer(&cfg)?, true)?;
+    let Base { db, lease, .. } = base;
     tracing::info!(addr = %listener.local_addr()?, worker_id = cfg.worker_id, "Serving the HTTP API");
     http::server::serve(listener, state, shutdown).await;
     lease.release().await;
@@ -135,19 +166,10 @@ pub async fn run_stream(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
-    metrics.running("stream");
-    let db = database(&cfg, "invoice-stream").await?;
-    let holder = format!("stream@{}", hostname());
-    let lease = workers::acquire(
-        cfg.database_url.expose(),
-        cfg.worker_id,
-        &holder,
-        Arc::new(SystemClock),
-        metrics.clone(),
-    )
-    .await?;
+    let base = start(&cfg, "stream").await?;
     let producer = kafka_producer(&cfg)?;
+    let state = http_state(&cfg, &base, producer.clone(), false)?;
+    let Base { metrics, db, lease } = base;
     let deps = crate::stream::Deps {
         db: db.clone(),
         ids: lease.ids.clone(),
@@ -164,16 +186,6 @@ pub async fn run_stream(
             ..crate::stream::Settings::default()
         },
     };
-    let state = Arc::new(HttpState {
-        metrics: metrics.clone(),
-        readiness: http::health::Readiness {
-            db: db.clone(),
-            redis: redis(&cfg)?,
-            kafka: producer.clone(),
-            timeout: cfg.ready_timeout,
-        },
-        api_routes: false,
-    });
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
     let relay_stop = CancellationToken::new();

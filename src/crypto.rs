@@ -42,13 +42,14 @@ pub struct Sealed {
 #[derive(Clone)]
 pub struct Keyring {
     current_id: String,
-    keys: Vec<(String, Secret<[u8; 32]>)>,
+    current: Secret<[u8; 32]>,
+    retired: Vec<(String, Secret<[u8; 32]>)>,
 }
 
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
-        f.debug_struct("Keyring").field("current", &self.current_id).field("keys", &ids).finish()
+        let retired: Vec<&str> = self.retired.iter().map(|(id, _)| id.as_str()).collect();
+        f.debug_struct("Keyring").field("current", &self.current_id).field("retired", &retired).finish()
     }
 }
 
@@ -57,15 +58,14 @@ impl Keyring {
     /// 8 hex digits of SHA-256 of it), so that operators need not name keys and a rotated
     /// key can never be mistaken for another.
     pub fn new(key: Secret<[u8; 32]>) -> Keyring {
-        let id = key_id(&key);
-        Keyring { current_id: id.clone(), keys: vec![(id, key)] }
+        Keyring { current_id: key_id(&key), current: key, retired: Vec::new() }
     }
 
     /// Adds a retired key that can still open what it sealed.
     pub fn with_retired(mut self, key: Secret<[u8; 32]>) -> Keyring {
         let id = key_id(&key);
-        if !self.keys.iter().any(|(k, _)| *k == id) {
-            self.keys.push((id, key));
+        if id != self.current_id && !self.retired.iter().any(|(k, _)| *k == id) {
+            self.retired.push((id, key));
         }
         self
     }
@@ -79,8 +79,7 @@ impl Keyring {
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Sealed {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
-        let key = self.key(&self.current_id).unwrap_or_else(|| unreachable_current());
-        let cipher = Aes256Gcm::new(key.expose().into());
+        let cipher = Aes256Gcm::new(self.current.expose().into());
         // Encryption with a valid key and nonce length cannot fail; the error type exists
         // for buffer-backed APIs we do not use.
         let ciphertext =
@@ -105,14 +104,11 @@ impl Keyring {
     }
 
     fn key(&self, id: &str) -> Option<&Secret<[u8; 32]>> {
-        self.keys.iter().find(|(k, _)| k == id).map(|(_, key)| key)
+        if id == self.current_id {
+            return Some(&self.current);
+        }
+        self.retired.iter().find(|(k, _)| k == id).map(|(_, key)| key)
     }
-}
-
-fn unreachable_current() -> &'static Secret<[u8; 32]> {
-    // `new` always inserts the current key first; this keeps `seal` free of a panic path.
-    static ZERO: std::sync::OnceLock<Secret<[u8; 32]>> = std::sync::OnceLock::new();
-    ZERO.get_or_init(|| Secret::new([0u8; 32]))
 }
 
 fn key_id(key: &Secret<[u8; 32]>) -> String {

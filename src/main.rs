@@ -76,18 +76,14 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Api => {
-            let listener = tokio::net::TcpListener::bind(cfg.http_addr).await.map_err(|e| {
-                anyhow::anyhow!("APP_ENV_INVOICE_HTTP_ADDR {}: cannot listen: {e}", cfg.http_addr)
-            })?;
+            let listener = app::bind(&cfg).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(app::cancel_on_signal(shutdown.clone()));
             app::run_api(cfg, listener, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Stream => {
-            let listener = tokio::net::TcpListener::bind(cfg.http_addr).await.map_err(|e| {
-                anyhow::anyhow!("APP_ENV_INVOICE_HTTP_ADDR {}: cannot listen: {e}", cfg.http_addr)
-            })?;
+            let listener = app::bind(&cfg).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(app::cancel_on_signal(shutdown.clone()));
             app::run_stream(cfg, listener, shutdown).await?;

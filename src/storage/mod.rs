@@ -1,6 +1,6 @@
 //! Postgres, the system of record. All SQL of the service lives under this module; callers
-//! get typed functions. Functions that must be atomic with others take a `&mut Tx`, so the
-//! caller owns the transaction boundary.
+//! get typed functions. Functions that must be atomic with others take a `&mut PgConnection`
+//! (a transaction dereferences to one), so the caller owns the transaction boundary.
 
 pub mod admin_units;
 pub mod decisions;
@@ -14,12 +14,9 @@ pub mod workers;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 
 pub use error::StorageError;
-
-/// A Postgres transaction.
-pub type Tx = Transaction<'static, Postgres>;
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

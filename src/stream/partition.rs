@@ -16,6 +16,9 @@ use super::merchants::{self, Cache};
 use super::{payments, BatchError, Deps};
 use crate::storage::offsets;
 
+/// Most merchants one CDC partition task keeps in its cache.
+const MERCHANT_CACHE_MAX: usize = 200_000;
+
 /// Which input a partition belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -259,6 +262,11 @@ impl PartitionTask {
             Kind::MerchantCdc => {
                 let summary = merchants::process(deps, &mut tx, self.partition, batch, cache).await?;
                 tx.commit().await?;
+                // Bounded: a partition with more merchants than this starts over (a miss costs
+                // one query per batch, not correctness).
+                if cache.len() + summary.cache_updates.len() > MERCHANT_CACHE_MAX {
+                    cache.clear();
+                }
                 for (merchant, stored) in summary.cache_updates {
                     cache.insert(merchant, stored);
                 }

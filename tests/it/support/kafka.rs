@@ -101,15 +101,20 @@ pub struct Received {
     pub offset: i64,
 }
 
-/// Reads every partition of `topic` from the beginning until `expected` messages arrived or
-/// `timeout` passed; returns what arrived (the caller asserts).
-pub fn read_all(topic: &str, expected: usize, timeout: Duration) -> Vec<Received> {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A consumer outside any real group, for reading topics back.
+fn reader() -> BaseConsumer {
+    ClientConfig::new()
         .set("bootstrap.servers", kafka_brokers())
         .set("group.id", super::unique("it-reader-"))
         .set("enable.auto.commit", "false")
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// Reads every partition of `topic` from the beginning until `expected` messages arrived or
+/// `timeout` passed; returns what arrived (the caller asserts).
+pub fn read_all(topic: &str, expected: usize, timeout: Duration) -> Vec<Received> {
+    let consumer = reader();
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     let mut tpl = TopicPartitionList::new();
     for t in metadata.topics() {
@@ -149,12 +154,7 @@ pub fn read_all(topic: &str, expected: usize, timeout: Duration) -> Vec<Received
 
 /// Reads every message of `topic` up to its current high watermarks (all partitions).
 pub fn read_to_end(topic: &str, timeout: Duration) -> Vec<Received> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", super::unique("it-reader-"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let consumer = reader();
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     let mut expected = 0usize;
     for t in metadata.topics() {
