@@ -156,12 +156,7 @@ async fn main() {
 
     // Fresh topics.
     let prefix = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let names = Topics {
-        payment: format!("{prefix}-payment"),
-        merchant_cdc: format!("{prefix}-cdc"),
-        events: format!("{prefix}-events"),
-        deadletter: format!("{prefix}-dlt"),
-    };
+    let names = Topics::prefixed(&prefix);
     let mut specs = invoice::topics::specs(&names).unwrap();
     for s in &mut specs {
         s.partitions = partitions;

@@ -111,6 +111,19 @@ impl Default for Topics {
     }
 }
 
+impl Topics {
+    /// The four topics under names starting with `prefix` (private topics for tests and
+    /// benchmarks).
+    pub fn prefixed(prefix: &str) -> Topics {
+        Topics {
+            payment: format!("{prefix}-payment"),
+            merchant_cdc: format!("{prefix}-cdc"),
+            events: format!("{prefix}-events"),
+            deadletter: format!("{prefix}-dlt"),
+        }
+    }
+}
+
 /// Secrets and JWT settings of the HTTP API; present only in modes that serve it.
 #[derive(Debug, Clone)]
 pub struct HttpAuth {

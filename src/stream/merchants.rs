@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use rdkafka::message::{Message, OwnedMessage};
-use serde_json::json;
 use sqlx::PgConnection;
 
 use super::deadletter::dead_letter;
@@ -31,6 +30,30 @@ pub struct Summary {
     /// Cache entries to install once the transaction committed (never before: a rolled-back
     /// batch must leave the cache as the database is).
     pub cache_updates: Vec<(String, Option<StoredTax>)>,
+}
+
+/// The audit row of a TaxInfo change (the outcome is the event type's verb).
+fn tax_audit(
+    merchant_id: &str,
+    event_type: &'static str,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+    op: char,
+    position: &crate::domain::tax_info::CdcPosition,
+) -> NewAudit {
+    NewAudit {
+        entity: "tax_info",
+        entity_id: merchant_id.to_owned(),
+        invoice_id: None,
+        merchant_id: Some(merchant_id.to_owned()),
+        order_id: None,
+        event_type,
+        outcome: event_type.trim_start_matches("tax_info.").to_owned(),
+        before,
+        after,
+        actor: "cdc".into(),
+        reason: Some(format!("op={op} lsn={:?} ts_ms={:?}", position.lsn, position.ts_ms)),
+    }
 }
 
 /// Decides and writes one batch inside `tx`.
@@ -111,43 +134,28 @@ pub async fn process(
                     source,
                 )
                 .await?;
-                audits.push(NewAudit {
-                    entity: "tax_info",
-                    entity_id: merchant_id.to_owned(),
-                    invoice_id: None,
-                    merchant_id: Some(merchant_id.to_owned()),
-                    order_id: None,
-                    event_type: "tax_info.applied",
-                    outcome: "applied".into(),
-                    before: stored.as_ref().filter(|s| !s.deleted).map(|s| s.tax.clone()),
-                    after: Some(tax.clone()),
-                    actor: "cdc".into(),
-                    reason: Some(format!(
-                        "op={op} lsn={:?} ts_ms={:?}",
-                        change.position.lsn, change.position.ts_ms
-                    )),
-                });
+                audits.push(tax_audit(
+                    merchant_id,
+                    "tax_info.applied",
+                    stored.as_ref().filter(|s| !s.deleted).map(|s| s.tax.clone()),
+                    Some(tax.clone()),
+                    op,
+                    &change.position,
+                ));
                 let new = StoredTax { tax: tax.clone(), position: change.position, deleted: false };
                 view.insert(merchant_id.to_owned(), Some(new));
                 tracing::info!(merchantId = merchant_id, partition, op = %op, "[handleMerchantCDC] TaxInfo applied");
             }
             CdcOutcome::Delete => {
                 merchants::soft_delete(tx, merchant_id, &change.position, source).await?;
-                audits.push(NewAudit {
-                    entity: "tax_info",
-                    entity_id: merchant_id.to_owned(),
-                    invoice_id: None,
-                    merchant_id: Some(merchant_id.to_owned()),
-                    order_id: None,
-                    event_type: "tax_info.deleted",
-                    outcome: "deleted".into(),
-                    before: stored.as_ref().map(|s| s.tax.clone()),
-                    after: None,
-                    actor: "cdc".into(),
-                    reason: Some(
-                        json!({"lsn": change.position.lsn, "tsMs": change.position.ts_ms}).to_string(),
-                    ),
-                });
+                audits.push(tax_audit(
+                    merchant_id,
+                    "tax_info.deleted",
+                    stored.as_ref().map(|s| s.tax.clone()),
+                    None,
+                    op,
+                    &change.position,
+                ));
                 let new = stored.map(|s| StoredTax { position: change.position, deleted: true, ..s });
                 view.insert(merchant_id.to_owned(), new);
                 tracing::info!(

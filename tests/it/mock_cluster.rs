@@ -82,12 +82,7 @@ async fn leader_changes_request_errors_and_a_broker_bounce_lose_and_duplicate_no
     insert_merchant(&db, "M-1", &tax("immediate")).await;
     insert_provider_config(&db, "M-1", 1).await;
     let prefix = unique("mock-");
-    let names = invoice::config::Topics {
-        payment: format!("{prefix}-payment"),
-        merchant_cdc: format!("{prefix}-cdc"),
-        events: format!("{prefix}-events"),
-        deadletter: format!("{prefix}-dlt"),
-    };
+    let names = invoice::config::Topics::prefixed(&prefix);
     let (bootstrap, faults, mock) = start_mock(vec![
         names.payment.clone(),
         names.merchant_cdc.clone(),

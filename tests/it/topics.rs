@@ -8,12 +8,7 @@ use crate::support::kafka::read_all;
 use crate::support::{base_env, invoice_cmd, kafka_brokers, unique};
 
 fn names(prefix: &str) -> invoice::config::Topics {
-    invoice::config::Topics {
-        payment: format!("{prefix}-payment"),
-        merchant_cdc: format!("{prefix}-cdc"),
-        events: format!("{prefix}-events"),
-        deadletter: format!("{prefix}-dlt"),
-    }
+    invoice::config::Topics::prefixed(prefix)
 }
 
 async fn delete(names: &invoice::config::Topics) {

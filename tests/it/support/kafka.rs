@@ -22,12 +22,7 @@ impl TestTopics {
     /// Creates the four topics with `partitions` partitions each (through `topics::apply`).
     pub async fn create(partitions: i32) -> TestTopics {
         let prefix = super::unique("it-");
-        let names = Topics {
-            payment: format!("{prefix}-payment"),
-            merchant_cdc: format!("{prefix}-cdc"),
-            events: format!("{prefix}-events"),
-            deadletter: format!("{prefix}-dlt"),
-        };
+        let names = Topics::prefixed(&prefix);
         let mut specs = invoice::topics::specs(&names).unwrap();
         for spec in &mut specs {
             spec.partitions = partitions;
