@@ -135,6 +135,31 @@ pub async fn soft_delete(
     Ok(())
 }
 
+/// Records that a merchant never seen was deleted, with the delete's position, so a replayed
+/// older create stays stale instead of bringing the merchant back.
+pub async fn insert_deleted(
+    tx: &mut PgConnection,
+    merchant_id: &str,
+    position: &CdcPosition,
+    source: Source<'_>,
+) -> Result<(), StorageError> {
+    sqlx::query(
+        "INSERT INTO merchant_tax_info (merchant_id, tax, source_lsn, source_ts_ms, source_topic, source_partition,
+             source_offset, deleted_at)
+         VALUES ($1, '{}'::jsonb, $2, $3, $4, $5, $6, now())
+         ON CONFLICT (merchant_id) DO NOTHING",
+    )
+    .bind(merchant_id)
+    .bind(position.lsn)
+    .bind(position.ts_ms)
+    .bind(source.topic)
+    .bind(source.partition)
+    .bind(source.offset)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// A live provider configuration, as snapshotted onto invoices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderConfigRow {

@@ -176,6 +176,17 @@ pub async fn process(
                     ts_ms = ?change.position.ts_ms, "[handleMerchantCDC] event older than the stored TaxInfo, SKIP");
             }
             CdcOutcome::AlreadyDeleted => {
+                if stored.is_none() {
+                    // Never seen: keep the delete's position so an older create replayed
+                    // later stays stale.
+                    merchants::insert_deleted(tx, merchant_id, &change.position, source).await?;
+                    let marker = StoredTax {
+                        tax: serde_json::Value::Object(serde_json::Map::new()),
+                        position: change.position,
+                        deleted: true,
+                    };
+                    view.insert(merchant_id.to_owned(), Some(marker));
+                }
                 tracing::info!(
                     merchantId = merchant_id,
                     partition,

@@ -320,9 +320,12 @@ async fn cdc_keeps_the_newest_tax_info_whatever_the_order_and_format() {
     send(&p, t, "M-3", &cdc("d", "M-3", enabled.clone(), 500)).await;
     produce(&p, t, "M-3", None, &[]).await;
     send(&p, t, "M-3", &cdc("c", "M-3", enabled.clone(), 450)).await;
+    // M-4: deleted before it was ever seen, then an older create replayed: stays deleted.
+    send(&p, t, "M-4", &cdc("d", "M-4", enabled.clone(), 600)).await;
+    send(&p, t, "M-4", &cdc("c", "M-4", enabled.clone(), 550)).await;
 
     let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
-    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 10).await;
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 12).await;
     let row = |m: &'static str| {
         let pool = db.pool.clone();
         async move {
@@ -338,11 +341,17 @@ async fn cdc_keeps_the_newest_tax_info_whatever_the_order_and_format() {
     assert_eq!(row("M-1").await, (false, Some(200), false));
     assert_eq!(row("M-2").await, (true, Some(300), false), "the unchanged update wrote nothing");
     assert_eq!(row("M-3").await, (true, Some(500), true));
+    assert_eq!(
+        row("M-4").await,
+        (false, Some(600), true),
+        "an older create never revives a deleted merchant"
+    );
     assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'tax_info'").await, 5);
     let metrics = stream.metrics().await;
     assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"applied\""]), 4.0);
     assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"skipped\""]), 2.0);
-    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"stale\""]), 2.0);
+    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"stale\""]), 3.0);
+    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"already_deleted\""]), 1.0);
     assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"deleted\""]), 1.0);
     stream.stop().await.unwrap();
 }
