@@ -26,6 +26,7 @@ pub struct Metrics {
     rebalances: IntCounterVec,
     partition_stalls: IntCounterVec,
     fenced: IntCounterVec,
+    offset_gaps: IntCounterVec,
     batch_duration: HistogramVec,
     batch_size: HistogramVec,
     claims: IntCounterVec,
@@ -157,6 +158,14 @@ impl Metrics {
             &["topic", "partition"],
         )
         .expect("valid metric");
+        let offset_gaps = IntCounterVec::new(
+            Opts::new(
+                "kafka_offset_gap_messages_total",
+                "Payment messages skipped because the log no longer had them at the stored offset",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
         let batch_duration = HistogramVec::new(
             HistogramOpts::new("stream_batch_duration_seconds", "Time to decide and commit one batch")
                 .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
@@ -205,6 +214,7 @@ impl Metrics {
             Box::new(rebalances.clone()),
             Box::new(partition_stalls.clone()),
             Box::new(fenced.clone()),
+            Box::new(offset_gaps.clone()),
             Box::new(batch_duration.clone()),
             Box::new(batch_size.clone()),
             Box::new(claims.clone()),
@@ -247,6 +257,7 @@ impl Metrics {
             rebalances,
             partition_stalls,
             fenced,
+            offset_gaps,
             batch_duration,
             batch_size,
             claims,
@@ -331,6 +342,11 @@ impl Metrics {
     /// A batch was refused because the stored offset had moved.
     pub fn offset_fenced(&self, topic: &str, partition: i32) {
         self.fenced.with_label_values(&[topic, &partition.to_string()]).inc();
+    }
+
+    /// Messages between the stored offset and the first fetched one were gone.
+    pub fn offset_gap(&self, topic: &str, partition: i32, messages: i64) {
+        self.offset_gaps.with_label_values(&[topic, &partition.to_string()]).inc_by(messages.max(0) as u64);
     }
 
     /// A batch committed.

@@ -403,3 +403,42 @@ async fn an_invoice_request_recorded_before_the_payment_is_joined() {
     );
     stream.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_gone_from_the_log_before_they_were_decided_are_counted_and_logged() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    let p = producer();
+    for i in 0..10 {
+        let order = format!("ORD-{i}");
+        send(&p, &topics.names.payment, &order, &payment(&format!("ev-{i}"), &order, "M-1")).await;
+    }
+    // Retention (here: an explicit delete) removed offsets 0–3 while the stored offset is 2.
+    let admin = invoice::topics::admin_client(&crate::support::kafka_brokers()).unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topics.names.payment, 0, rdkafka::Offset::Offset(4)).unwrap();
+    admin.delete_records(&tpl, &rdkafka::admin::AdminOptions::new()).await.unwrap();
+    let group = unique("g-gap-");
+    sqlx::query(
+        "INSERT INTO consumer_offset (group_id, topic, partition, next_offset) VALUES ($1, $2, 0, 2)",
+    )
+    .bind(&group)
+    .bind(&topics.names.payment)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &group)).await;
+    wait_scalar(&db, "SELECT count(*) FROM payment_decision", 6).await;
+    wait_scalar(
+        &db,
+        &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.payment),
+        10,
+    )
+    .await;
+    let metrics = stream.metrics().await;
+    assert_eq!(metric_value(&metrics, "invoice_kafka_offset_gap_messages_total", &[]), 2.0);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE order_id IN ('ORD-2', 'ORD-3')").await, 0);
+    stream.stop().await.unwrap();
+}
