@@ -108,36 +108,10 @@ pub async fn upsert(
     Ok(())
 }
 
-/// Soft-deletes a merchant's TaxInfo (CDC `d`), keeping the position so older events stay
-/// stale.
+/// Soft-deletes a merchant's TaxInfo (CDC `d`), keeping the delete's position so older
+/// events stay stale. A merchant never seen gets a deleted row carrying that position, so an
+/// older create replayed later does not bring it back.
 pub async fn soft_delete(
-    tx: &mut PgConnection,
-    merchant_id: &str,
-    position: &CdcPosition,
-    source: Source<'_>,
-) -> Result<(), StorageError> {
-    sqlx::query(
-        "UPDATE merchant_tax_info SET deleted_at = now(), updated_at = now(), source_lsn = $2, source_ts_ms = $3,
-             source_topic = $4, source_partition = $5, source_offset = $6
-         WHERE merchant_id = $1 AND NOT (CASE
-             WHEN source_lsn IS NOT NULL AND $2::bigint IS NOT NULL THEN $2 < source_lsn
-             WHEN source_ts_ms IS NOT NULL AND $3::bigint IS NOT NULL THEN $3 < source_ts_ms
-             ELSE FALSE END)",
-    )
-    .bind(merchant_id)
-    .bind(position.lsn)
-    .bind(position.ts_ms)
-    .bind(source.topic)
-    .bind(source.partition)
-    .bind(source.offset)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
-/// Records that a merchant never seen was deleted, with the delete's position, so a replayed
-/// older create stays stale instead of bringing the merchant back.
-pub async fn insert_deleted(
     tx: &mut PgConnection,
     merchant_id: &str,
     position: &CdcPosition,
@@ -147,7 +121,16 @@ pub async fn insert_deleted(
         "INSERT INTO merchant_tax_info (merchant_id, tax, source_lsn, source_ts_ms, source_topic, source_partition,
              source_offset, deleted_at)
          VALUES ($1, '{}'::jsonb, $2, $3, $4, $5, $6, now())
-         ON CONFLICT (merchant_id) DO NOTHING",
+         ON CONFLICT (merchant_id) DO UPDATE SET
+             deleted_at = now(), updated_at = now(), source_lsn = EXCLUDED.source_lsn,
+             source_ts_ms = EXCLUDED.source_ts_ms, source_topic = EXCLUDED.source_topic,
+             source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset
+         WHERE NOT (CASE
+             WHEN merchant_tax_info.source_lsn IS NOT NULL AND EXCLUDED.source_lsn IS NOT NULL
+                 THEN EXCLUDED.source_lsn < merchant_tax_info.source_lsn
+             WHEN merchant_tax_info.source_ts_ms IS NOT NULL AND EXCLUDED.source_ts_ms IS NOT NULL
+                 THEN EXCLUDED.source_ts_ms < merchant_tax_info.source_ts_ms
+             ELSE FALSE END)",
     )
     .bind(merchant_id)
     .bind(position.lsn)

@@ -179,7 +179,7 @@ pub async fn process(
                 if stored.is_none() {
                     // Never seen: keep the delete's position so an older create replayed
                     // later stays stale.
-                    merchants::insert_deleted(tx, merchant_id, &change.position, source).await?;
+                    merchants::soft_delete(tx, merchant_id, &change.position, source).await?;
                     let marker = StoredTax {
                         tax: serde_json::Value::Object(serde_json::Map::new()),
                         position: change.position,
