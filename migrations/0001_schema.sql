@@ -82,11 +82,18 @@ CREATE TABLE invoice (
     config_snapshot     JSONB NOT NULL,
     -- Idempotency key at the provider, derived from the id and stored before the first call.
     transaction_uuid    TEXT NOT NULL UNIQUE CHECK (length(transaction_uuid) BETWEEN 10 AND 36),
-    -- Issuance bookkeeping.
+    -- Issuance bookkeeping. `attempts` counts deliveries that may call `create`;
+    -- `next_attempt_at` is when the sweeper considers the invoice due (for ISSUING it equals
+    -- `lease_until`: the time after which the previous call surely ended).
     attempts            INTEGER NOT NULL DEFAULT 0,
     next_attempt_at     TIMESTAMPTZ,
+    -- Single flight per idempotency key: an ISSUING invoice belongs to `lease_owner` (one
+    -- delivery of one worker) until `lease_until`; every later write of that delivery is
+    -- fenced on both.
     lease_until         TIMESTAMPTZ,
+    lease_owner         TEXT,
     last_error          TEXT,
+    submitted_at        TIMESTAMPTZ,
     -- Provider result.
     provider_invoice_no TEXT,
     provider_series     TEXT,
@@ -95,6 +102,8 @@ CREATE TABLE invoice (
     provider_status     JSONB,
     issued_at           TIMESTAMPTZ,
     cancel_reason       TEXT,
+    -- Why a replacement replaces its original (printed on it as the agreement reference).
+    replacement_reason  TEXT,
     created_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
     deleted_at          TIMESTAMPTZ,

@@ -77,6 +77,33 @@ pub fn redis(cfg: &Config) -> anyhow::Result<deadpool_redis::Pool> {
         .context("APP_ENV_INVOICE_REDIS_URL: cannot build a Redis pool")
 }
 
+/// The issuance queue on the Redis of the configuration.
+pub fn queue(cfg: &Config) -> anyhow::Result<crate::queue::Queue> {
+    Ok(crate::queue::Queue::new(redis(cfg)?, cfg.queue_partitions, &cfg.issuance.queue_prefix))
+}
+
+/// The providers, with the client settings of the configuration.
+pub fn providers(cfg: &Config) -> anyhow::Result<crate::providers::Registry> {
+    Ok(crate::providers::Registry::new(&crate::providers::viettel::Settings {
+        timeout: cfg.issuance.provider_timeout,
+        concurrency_per_series: cfg.issuance.series_concurrency,
+    })?)
+}
+
+/// What the issuance workers need, for a process whose role is `mode`.
+pub fn issuance_deps(cfg: &Config, db: sqlx::PgPool, metrics: Metrics, mode: &str) -> anyhow::Result<crate::issuance::Deps> {
+    Ok(crate::issuance::Deps {
+        db,
+        queue: queue(cfg)?,
+        providers: providers(cfg)?,
+        keyring: keyring(cfg),
+        metrics,
+        settings: cfg.issuance.clone(),
+        events_topic: cfg.topics.events.clone(),
+        identity: format!("{mode}-{}@{}", cfg.worker_id, hostname()),
+    })
+}
+
 /// A Kafka producer with the settings every output of ours needs: idempotence (no
 /// duplicates from internal retries) and acks from all in-sync replicas.
 pub fn kafka_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
@@ -185,6 +212,7 @@ pub async fn run_stream(
             session_timeout: cfg.kafka_session_timeout,
             ..crate::stream::Settings::default()
         },
+        queue: Some(queue(&cfg)?),
     };
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
@@ -207,6 +235,90 @@ pub async fn run_stream(
     db.close().await;
     tracing::info!("Stream stopped");
     result
+}
+
+/// Runs the issuance workers, the sweeper and claim expiry (and an HTTP listener for health,
+/// readiness and metrics) until `shutdown` is cancelled.
+pub async fn run_worker(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let base = start(&cfg, "worker").await?;
+    let producer = kafka_producer(&cfg)?;
+    let state = http_state(&cfg, &base, producer.clone(), false)?;
+    let Base { metrics, db, lease } = base;
+    let deps = issuance_deps(&cfg, db.clone(), metrics.clone(), "worker")?;
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
+    // Workers write outbox rows too (issued, failed, claim expired): a relay publishes them.
+    // Only one relay in the whole deployment is active at a time (advisory lock).
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(crate::outbox::run(
+        db.clone(),
+        cfg.database_url.expose().clone(),
+        producer.clone(),
+        metrics.clone(),
+        relay_stop.clone(),
+    ));
+    let result = crate::issuance::run(deps, shutdown).await;
+    relay_stop.cancel();
+    let _ended = relay.await;
+    http_stop.cancel();
+    let _ended = http.await;
+    lease.release().await;
+    db.close().await;
+    result
+}
+
+/// Runs the API, the stream processor, the workers and the relay in one process (`invoice
+/// all`, for development and small installations).
+pub async fn run_all(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let base = start(&cfg, "all").await?;
+    let producer = kafka_producer(&cfg)?;
+    let state = http_state(&cfg, &base, producer.clone(), true)?;
+    let Base { metrics, db, lease } = base;
+    let stream_deps = crate::stream::Deps {
+        db: db.clone(),
+        ids: lease.ids.clone(),
+        metrics: metrics.clone(),
+        topics: cfg.topics.clone(),
+        group_id: cfg.kafka_group_id.clone(),
+        brokers: cfg.kafka_brokers.clone(),
+        client_id: format!("{}-all-{}", cfg.service_code, cfg.worker_id),
+        settings: crate::stream::Settings {
+            batch_max: cfg.stream_batch_max,
+            batch_linger: cfg.stream_batch_linger,
+            stall_after: cfg.stream_stall_after,
+            session_timeout: cfg.kafka_session_timeout,
+            ..crate::stream::Settings::default()
+        },
+        queue: Some(queue(&cfg)?),
+    };
+    let worker_deps = issuance_deps(&cfg, db.clone(), metrics.clone(), "all")?;
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(crate::outbox::run(
+        db.clone(),
+        cfg.database_url.expose().clone(),
+        producer.clone(),
+        metrics.clone(),
+        relay_stop.clone(),
+    ));
+    let workers = tokio::spawn(crate::issuance::run(worker_deps, shutdown.clone()));
+    tracing::info!(addr = %cfg.http_addr, worker_id = cfg.worker_id, "Running api + stream + worker");
+    let stream_result = crate::stream::run(stream_deps, shutdown.clone()).await;
+    // The stream may end on its own (an error): take the rest down with it.
+    shutdown.cancel();
+    let worker_result = workers.await.map_err(|e| anyhow::anyhow!("worker task: {e}"))?;
+    relay_stop.cancel();
+    let _ended = relay.await;
+    http_stop.cancel();
+    let _ended = http.await;
+    lease.release().await;
+    db.close().await;
+    stream_result.and(worker_result)
 }
 
 /// This host's name, for lease holders and client ids.

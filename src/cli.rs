@@ -27,6 +27,35 @@ pub enum Command {
     /// Consume payments and merchant CDC, decide issuance, publish lifecycle events (until
     /// SIGTERM or SIGINT; also serves /health, /ready and /metrics on the HTTP address).
     Stream,
+    /// Run the issuance workers: claim jobs from the Redis queue, call the merchants'
+    /// providers, retry, dead-letter; also sweep due invoices from Postgres and expire claims
+    /// (until SIGTERM or SIGINT; serves /health, /ready and /metrics on the HTTP address).
+    Worker,
+    /// Run api + stream + worker in one process.
+    All,
+    /// Show an order's invoices, provider calls and audit trail (JSON).
+    Inspect {
+        /// The order id.
+        order_id: String,
+    },
+    /// Issue an order's invoices again: a FAILED invoice goes back to QUEUED (attempts reset)
+    /// and an unfinished one gets a job if it has none. A no-op on an issued invoice.
+    Replay {
+        /// The order id.
+        order_id: String,
+        /// Why (kept in the audit trail).
+        #[arg(long, default_value = "operator replay")]
+        reason: String,
+    },
+    /// The issuance dead-letter queue.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Run a local e-invoice provider speaking the Viettel S-Invoice API, with knobs for
+    /// latency, errors and timeouts (for development, tests and benchmarks).
+    ProviderSim(ProviderSimArgs),
     /// Manage the Kafka topics defined in `topics/`.
     Topics {
         /// What to do.
@@ -44,6 +73,79 @@ pub enum Command {
     },
     /// Print a fresh random 32-byte key as 64 hex characters (for APP_ENV_INVOICE_CREDENTIALS_KEY).
     Keygen,
+}
+
+/// `invoice dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List FAILED invoices (Postgres is the authority) with their queue state and error.
+    List {
+        /// Most rows to show.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Requeue an order's FAILED invoice (FAILED → QUEUED, audited) after the cause was fixed.
+    Requeue {
+        /// The order id.
+        order_id: String,
+        /// Why (kept in the audit trail).
+        #[arg(long, default_value = "operator requeue from the DLQ")]
+        reason: String,
+    },
+}
+
+/// `invoice provider-sim` flags (each knob can also be changed at run time with
+/// `PUT /sim/knobs`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProviderSimArgs {
+    /// Listen address.
+    #[arg(long, env = "PROVIDER_SIM_ADDR", default_value = "127.0.0.1:31150")]
+    pub addr: std::net::SocketAddr,
+    /// Latency added to every create and lookup, in ms.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Share (0–1) of creates answered with --fail-status before anything is issued.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// HTTP status of injected transient failures.
+    #[arg(long, default_value_t = 503)]
+    pub fail_status: u16,
+    /// Share (0–1) of creates refused permanently (INVOICE_SERIAL_NOT_FOUND).
+    #[arg(long, default_value_t = 0.0)]
+    pub permanent_rate: f64,
+    /// Share (0–1) of creates that issue and then hang for --hang-ms (a client timeout).
+    #[arg(long, default_value_t = 0.0)]
+    pub timeout_rate: f64,
+    /// How long a "timeout" hangs, in ms.
+    #[arg(long, default_value_t = 120_000)]
+    pub hang_ms: u64,
+    /// Share (0–1) of creates accepted without a number.
+    #[arg(long, default_value_t = 0.0)]
+    pub accept_without_number_rate: f64,
+    /// When the number of such an invoice appears, in ms.
+    #[arg(long, default_value_t = 2_000)]
+    pub number_delay_ms: u64,
+    /// Token lifetime in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub token_ttl_s: u64,
+}
+
+impl ProviderSimArgs {
+    /// The simulator knobs these flags describe.
+    pub fn knobs(&self) -> crate::providers::sim::Knobs {
+        crate::providers::sim::Knobs {
+            latency_ms: self.latency_ms,
+            fail_rate: self.fail_rate,
+            fail_status: self.fail_status,
+            permanent_rate: self.permanent_rate,
+            timeout_rate: self.timeout_rate,
+            hang_ms: self.hang_ms,
+            accept_without_number_rate: self.accept_without_number_rate,
+            number_delay_ms: self.number_delay_ms,
+            token_ttl_s: self.token_ttl_s,
+            ..crate::providers::sim::Knobs::default()
+        }
+    }
 }
 
 /// `invoice topics …`

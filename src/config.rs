@@ -182,6 +182,57 @@ pub struct Config {
     pub stream_stall_after: Duration,
     /// Kafka consumer `session.timeout.ms`.
     pub kafka_session_timeout: Duration,
+    /// Issuance queue, workers and provider client.
+    pub issuance: Issuance,
+}
+
+/// Settings of the issuance queue, the workers and the provider client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issuance {
+    /// Prefix of every Redis key of the queue (`iq`); lets environments share one Redis.
+    pub queue_prefix: String,
+    /// Jobs one worker process runs at once (`WORKER_CONCURRENCY`).
+    pub concurrency: usize,
+    /// Most jobs claimed and written together (`WORKER_BATCH_MAX`).
+    pub batch_max: usize,
+    /// Attempts before an invoice fails (`QUEUE_ATTEMPTS`, SPEC §4: 8).
+    pub max_attempts: u32,
+    /// First retry delay ceiling (`QUEUE_BACKOFF_BASE_MS`, 2 s).
+    pub backoff_base: Duration,
+    /// Largest retry delay (`QUEUE_BACKOFF_CAP_MS`, 10 min).
+    pub backoff_cap: Duration,
+    /// Lease of a running job, renewed while it runs (`QUEUE_LEASE_MS`, 30 s).
+    pub lease: Duration,
+    /// How often each worker re-enqueues due invoices from Postgres and expires claims
+    /// (`SWEEP_INTERVAL_MS`, 30 s).
+    pub sweep_interval: Duration,
+    /// Whole-request timeout of provider calls (`PROVIDER_TIMEOUT_MS`, 90 s).
+    pub provider_timeout: Duration,
+    /// Wait after an ambiguous outcome before looking up (`PROVIDER_SAFE_WAIT_MS`, 90 s).
+    pub provider_safe_wait: Duration,
+    /// Interval of number lookups for SUBMITTED invoices (`PROVIDER_LOOKUP_INTERVAL_MS`, 30 s).
+    pub lookup_interval: Duration,
+    /// Concurrent provider calls per (merchant, series) (`PROVIDER_SERIES_CONCURRENCY`, 4).
+    pub series_concurrency: usize,
+}
+
+impl Default for Issuance {
+    fn default() -> Self {
+        Issuance {
+            queue_prefix: "iq".into(),
+            concurrency: 64,
+            batch_max: 32,
+            max_attempts: 8,
+            backoff_base: Duration::from_secs(2),
+            backoff_cap: Duration::from_secs(600),
+            lease: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(30),
+            provider_timeout: Duration::from_secs(90),
+            provider_safe_wait: Duration::from_secs(90),
+            lookup_interval: Duration::from_secs(30),
+            series_concurrency: 4,
+        }
+    }
 }
 
 /// Where variables come from: the process environment in production, a map in tests.
@@ -335,6 +386,31 @@ impl Config {
         let kafka_session_timeout =
             Duration::from_millis(number("KAFKA_SESSION_TIMEOUT_MS", 10_000, 1_000..=300_000)?);
 
+        let ms = |suffix: &str, default: u64, range: std::ops::RangeInclusive<u64>| {
+            number(suffix, default, range).map(Duration::from_millis)
+        };
+        let prefix_var = var("QUEUE_PREFIX");
+        let queue_prefix = get(&prefix_var).unwrap_or_else(|| "iq".into());
+        if queue_prefix.len() > 64
+            || !queue_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(ConfigError::new(&prefix_var, "use 1–64 of [A-Za-z0-9-_.:]"));
+        }
+        let issuance = Issuance {
+            queue_prefix,
+            concurrency: number("WORKER_CONCURRENCY", 64, 1..=10_000)? as usize,
+            batch_max: number("WORKER_BATCH_MAX", 32, 1..=1_000)? as usize,
+            max_attempts: number("QUEUE_ATTEMPTS", 8, 1..=100)? as u32,
+            backoff_base: ms("QUEUE_BACKOFF_BASE_MS", 2_000, 1..=3_600_000)?,
+            backoff_cap: ms("QUEUE_BACKOFF_CAP_MS", 600_000, 1..=86_400_000)?,
+            lease: ms("QUEUE_LEASE_MS", 30_000, 500..=3_600_000)?,
+            sweep_interval: ms("SWEEP_INTERVAL_MS", 30_000, 100..=3_600_000)?,
+            provider_timeout: ms("PROVIDER_TIMEOUT_MS", 90_000, 100..=600_000)?,
+            provider_safe_wait: ms("PROVIDER_SAFE_WAIT_MS", 90_000, 0..=3_600_000)?,
+            lookup_interval: ms("PROVIDER_LOOKUP_INTERVAL_MS", 30_000, 10..=3_600_000)?,
+            series_concurrency: number("PROVIDER_SERIES_CONCURRENCY", 4, 1..=10_000)? as usize,
+        };
+
         let http_auth = if mode.serves_http() {
             let required =
                 |name: &str| get(name).ok_or_else(|| ConfigError::new(name, "required for the HTTP API"));
@@ -385,6 +461,7 @@ impl Config {
             stream_batch_linger,
             stream_stall_after,
             kafka_session_timeout,
+            issuance,
         })
     }
 }

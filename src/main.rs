@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use invoice::cli::{Cli, Command, TopicsAction};
+use invoice::cli::{Cli, Command, DlqAction, TopicsAction};
 use invoice::config::{self, Config, Mode};
 use invoice::{app, crypto, ids, storage, telemetry, topics};
 use tokio_util::sync::CancellationToken;
@@ -28,11 +28,17 @@ fn main() -> ExitCode {
             out(ids::partition_of(order_id, *partitions));
             return ExitCode::SUCCESS;
         }
+        Command::ProviderSim(args) => {
+            telemetry::init(config::LogFormat::Text);
+            return run_provider_sim(args.clone());
+        }
         _ => {}
     }
     let mode = match cli.command {
         Command::Api => Mode::Api,
         Command::Stream => Mode::Stream,
+        Command::Worker => Mode::Worker,
+        Command::All => Mode::All,
         _ => Mode::Tool,
     };
     let cfg = match config::load_dotenv().and_then(|()| Config::from_env(mode)) {
@@ -58,6 +64,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_provider_sim(args: invoice::cli::ProviderSimArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("invoice: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(args.addr).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                eprintln!("invoice provider-sim: cannot listen on {}: {error}", args.addr);
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(app::cancel_on_signal(shutdown.clone()));
+        tracing::info!(addr = %args.addr, knobs = ?args.knobs(), "Provider simulator listening");
+        invoice::providers::sim::serve(listener, invoice::providers::sim::Sim::new(args.knobs()), shutdown).await;
+        ExitCode::SUCCESS
+    })
 }
 
 async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
@@ -89,11 +119,90 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             app::run_stream(cfg, listener, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Worker | Command::All => {
+            let listener = app::bind(&cfg).await?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(app::cancel_on_signal(shutdown.clone()));
+            if matches!(command, Command::Worker) {
+                app::run_worker(cfg, listener, shutdown).await?;
+            } else {
+                app::run_all(cfg, listener, shutdown).await?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect { order_id } => {
+            let db = app::database(&cfg, "invoice-inspect").await?;
+            let mut report = storage::issuance::inspect(&db, &order_id).await?;
+            let queue = app::queue(&cfg)?;
+            let (state, error) = queue.job_state(&order_id).await.unwrap_or((Some("unknown (Redis unavailable)".into()), None));
+            report["queue"] = serde_json::json!({
+                "partition": queue.partition_of(&order_id), "job": state, "lastError": error,
+            });
+            out(serde_json::to_string_pretty(&report)?);
+            let found = report["invoices"].as_array().is_some_and(|v| !v.is_empty());
+            Ok(if found { ExitCode::SUCCESS } else { ExitCode::from(3) })
+        }
+        Command::Replay { order_id, reason } => replay(&cfg, &order_id, &reason, false).await,
+        Command::Dlq { action: DlqAction::Requeue { order_id, reason } } => replay(&cfg, &order_id, &reason, true).await,
+        Command::Dlq { action: DlqAction::List { limit } } => {
+            let db = app::database(&cfg, "invoice-dlq").await?;
+            let queue = app::queue(&cfg)?;
+            let failed = storage::issuance::failed(&db, limit).await?;
+            out(format_args!("{:<24} {:<12} {:<20} {:<24} {:<9} error", "orderId", "merchantId", "invoiceId", "failedAt", "queue"));
+            for (id, merchant, order, error, at) in &failed {
+                let state = queue.job_state(order).await.ok().and_then(|(s, _)| s).unwrap_or_else(|| "-".into());
+                out(format_args!(
+                    "{order:<24} {merchant:<12} {id:<20} {:<24} {state:<9} {}",
+                    at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    error.as_deref().unwrap_or("")
+                ));
+            }
+            out(format_args!("{} failed invoice(s)", failed.len()));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Topics { action: TopicsAction::Apply } => {
             let report = topics::apply(&cfg.kafka_brokers, &topics::specs(&cfg.topics)?).await?;
             out(format_args!("{report}"));
             Ok(if report.has_differences() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
-        Command::Keygen | Command::PartitionOf { .. } => Ok(ExitCode::SUCCESS),
+        Command::Keygen | Command::PartitionOf { .. } | Command::ProviderSim(_) => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// `replay` and `dlq requeue`: FAILED → QUEUED in Postgres (audited), then a job in Redis.
+/// Exit codes: 0 done (or nothing to do for an issued invoice), 3 unknown order, 4 (`dlq
+/// requeue` only) the order has no FAILED invoice.
+async fn replay(cfg: &Config, order_id: &str, reason: &str, failed_only: bool) -> anyhow::Result<ExitCode> {
+    let db = app::database(cfg, "invoice-replay").await?;
+    let queue = app::queue(cfg)?;
+    let actor = format!("cli@{}", app::hostname());
+    let invoices = storage::issuance::replay(&db, order_id, &actor, reason).await?;
+    if invoices.is_empty() {
+        eprintln!("invoice: no invoice for order {order_id}");
+        return Ok(ExitCode::from(3));
+    }
+    let replayed = invoices.iter().filter(|i| i.before == "FAILED").count();
+    let unfinished = invoices.iter().any(|i| matches!(i.after.as_str(), "QUEUED" | "ISSUING" | "SUBMITTED"));
+    for i in &invoices {
+        out(format_args!("invoice {} ({}): {} -> {}", i.invoice_id, i.merchant_id, i.before, i.after));
+    }
+    if failed_only && replayed == 0 {
+        eprintln!("invoice: order {order_id} has no FAILED invoice");
+        return Ok(ExitCode::from(4));
+    }
+    if unfinished {
+        let payload = invoice::queue::JobPayload {
+            merchant_id: invoices[0].merchant_id.clone(),
+            enqueued_at_ms: invoice::queue::now_ms(),
+            source: if failed_only { "dlq_requeue".into() } else { "replay".into() },
+        };
+        let state = queue.requeue(order_id, &payload).await?;
+        out(format_args!(
+            "[enqueueIssuance] order {order_id}: job {state}, partition: {}",
+            queue.partition_of(order_id)
+        ));
+    } else {
+        out(format_args!("nothing to issue for order {order_id}"));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -34,6 +34,8 @@ pub struct Metrics {
     outbox_backlog: IntGauge,
     outbox_parked: IntGauge,
     stream_transaction_retries: IntCounterVec,
+    /// The issuance queue, workers and providers.
+    pub issuance: IssuanceMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -241,7 +243,9 @@ impl Metrics {
             registry.register(Box::new(process)).expect("registered once");
         }
         started.set(chrono::Utc::now().timestamp());
+        let issuance = IssuanceMetrics::register(&registry);
         Metrics {
+            issuance,
             registry,
             http_request_duration,
             dependency_up,
@@ -398,6 +402,178 @@ impl Metrics {
             tracing::error!(%error, "Failed to encode metrics");
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// Metrics of the issuance queue, workers and providers (SPEC §9).
+#[derive(Clone)]
+pub struct IssuanceMetrics {
+    queue_depth: IntGaugeVec,
+    dlq_depth: IntGaugeVec,
+    queue_oldest_age: prometheus::GaugeVec,
+    queue_jobs: IntCounterVec,
+    lease_lost: prometheus::IntCounter,
+    attempts: IntCounterVec,
+    provider_latency: HistogramVec,
+    retries: IntCounterVec,
+    settled: IntCounterVec,
+    swept: prometheus::IntCounter,
+    sweeper_oldest_due: prometheus::Gauge,
+    queue_errors: IntCounterVec,
+    issue_latency: prometheus::Histogram,
+}
+
+impl IssuanceMetrics {
+    #[allow(clippy::expect_used)]
+    fn register(registry: &Registry) -> IssuanceMetrics {
+        let m = IssuanceMetrics {
+            queue_depth: IntGaugeVec::new(
+                Opts::new("queue_depth", "Issuance queue jobs per partition and state (waiting, delayed, active)"),
+                &["partition", "state"],
+            )
+            .expect("valid metric"),
+            dlq_depth: IntGaugeVec::new(Opts::new("dlq_depth", "Dead-lettered issuance jobs per partition"), &["partition"])
+                .expect("valid metric"),
+            queue_oldest_age: prometheus::GaugeVec::new(
+                Opts::new("queue_oldest_age_seconds", "Age of the oldest waiting job per partition"),
+                &["partition"],
+            )
+            .expect("valid metric"),
+            queue_jobs: IntCounterVec::new(
+                Opts::new(
+                    "queue_jobs_total",
+                    "Queue moves: enqueued, deduped, claimed, completed, retried, dead, reclaimed, promoted, requeued, released",
+                ),
+                &["event"],
+            )
+            .expect("valid metric"),
+            lease_lost: prometheus::IntCounter::new(
+                "queue_lease_lost_total",
+                "Running jobs whose lease was lost (taken over after expiry)",
+            )
+            .expect("valid metric"),
+            attempts: IntCounterVec::new(
+                Opts::new("issuance_attempts_total", "Provider calls by provider, operation (create, lookup) and outcome"),
+                &["provider", "operation", "outcome"],
+            )
+            .expect("valid metric"),
+            provider_latency: HistogramVec::new(
+                HistogramOpts::new("provider_latency_seconds", "Provider call duration by provider and operation")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 90.0]),
+                &["provider", "operation"],
+            )
+            .expect("valid metric"),
+            retries: IntCounterVec::new(
+                Opts::new("issuance_retries_total", "Issuance retries scheduled, by provider and reason class"),
+                &["provider", "class"],
+            )
+            .expect("valid metric"),
+            settled: IntCounterVec::new(
+                Opts::new("issuance_transitions_total", "Invoice state changes made by workers, by new status"),
+                &["status"],
+            )
+            .expect("valid metric"),
+            swept: prometheus::IntCounter::new(
+                "sweeper_reenqueued_total",
+                "Jobs the sweeper created for due invoices Redis did not hold",
+            )
+            .expect("valid metric"),
+            sweeper_oldest_due: prometheus::Gauge::new(
+                "sweeper_oldest_due_seconds",
+                "How long the oldest due, unfinished invoice has been due (Postgres)",
+            )
+            .expect("valid metric"),
+            queue_errors: IntCounterVec::new(
+                Opts::new("queue_errors_total", "Redis errors by operation"),
+                &["operation"],
+            )
+            .expect("valid metric"),
+            issue_latency: prometheus::Histogram::with_opts(
+                HistogramOpts::new("issuance_latency_seconds", "From first enqueue to ISSUED")
+                    .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            )
+            .expect("valid metric"),
+        };
+        for collector in [
+            Box::new(m.queue_depth.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.dlq_depth.clone()),
+            Box::new(m.queue_oldest_age.clone()),
+            Box::new(m.queue_jobs.clone()),
+            Box::new(m.lease_lost.clone()),
+            Box::new(m.attempts.clone()),
+            Box::new(m.provider_latency.clone()),
+            Box::new(m.retries.clone()),
+            Box::new(m.settled.clone()),
+            Box::new(m.swept.clone()),
+            Box::new(m.sweeper_oldest_due.clone()),
+            Box::new(m.queue_errors.clone()),
+            Box::new(m.issue_latency.clone()),
+        ] {
+            registry.register(collector).expect("metric names are unique");
+        }
+        m
+    }
+
+    /// Depth of one queue partition.
+    pub fn depth(&self, partition: u32, depth: &crate::queue::Depth) {
+        let p = partition.to_string();
+        self.queue_depth.with_label_values(&[p.as_str(), "waiting"]).set(depth.waiting as i64);
+        self.queue_depth.with_label_values(&[p.as_str(), "delayed"]).set(depth.delayed as i64);
+        self.queue_depth.with_label_values(&[p.as_str(), "active"]).set(depth.active as i64);
+        self.dlq_depth.with_label_values(&[p.as_str()]).set(depth.dead as i64);
+    }
+
+    /// Age of the oldest waiting job of a partition.
+    pub fn oldest_age(&self, partition: u32, seconds: f64) {
+        self.queue_oldest_age.with_label_values(&[partition.to_string().as_str()]).set(seconds);
+    }
+
+    /// Queue moves.
+    pub fn jobs(&self, event: &'static str, count: u64) {
+        if count > 0 {
+            self.queue_jobs.with_label_values(&[event]).inc_by(count);
+        }
+    }
+
+    /// A lease lost.
+    pub fn lease_lost(&self, count: u64) {
+        self.lease_lost.inc_by(count);
+    }
+
+    /// A provider call.
+    pub fn attempt(&self, provider: &str, operation: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.attempts.with_label_values(&[provider, operation, outcome]).inc();
+        self.provider_latency.with_label_values(&[provider, operation]).observe(elapsed.as_secs_f64());
+    }
+
+    /// A retry scheduled (`class`: retryable, ambiguous, lookup).
+    pub fn retry(&self, provider: &str, class: &'static str) {
+        self.retries.with_label_values(&[provider, class]).inc();
+    }
+
+    /// An invoice state change by a worker.
+    pub fn transition(&self, status: &'static str) {
+        self.settled.with_label_values(&[status]).inc();
+    }
+
+    /// Jobs the sweeper created.
+    pub fn swept(&self, count: u64) {
+        self.swept.inc_by(count);
+    }
+
+    /// The oldest due invoice's age.
+    pub fn oldest_due(&self, seconds: f64) {
+        self.sweeper_oldest_due.set(seconds);
+    }
+
+    /// A Redis error.
+    pub fn queue_error(&self, operation: &'static str) {
+        self.queue_errors.with_label_values(&[operation]).inc();
+    }
+
+    /// Enqueue → ISSUED.
+    pub fn issued_after(&self, seconds: f64) {
+        self.issue_latency.observe(seconds.max(0.0));
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod buyer;
 pub mod claim;
 pub mod decision;
+pub mod document;
 pub mod money;
 pub mod rules;
 pub mod tax_code;

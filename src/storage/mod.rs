@@ -5,6 +5,7 @@
 pub mod admin_units;
 pub mod decisions;
 pub mod error;
+pub mod issuance;
 pub mod merchants;
 pub mod offsets;
 pub mod outbox;

@@ -75,6 +75,9 @@ pub struct Deps {
     pub client_id: String,
     /// Tuning.
     pub settings: Settings,
+    /// The issuance queue that QUEUED invoices are handed to after each commit (`None`: the
+    /// sweeper of the workers picks them up).
+    pub queue: Option<crate::queue::Queue>,
 }
 
 /// Why a batch did not commit.

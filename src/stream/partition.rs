@@ -265,6 +265,21 @@ impl PartitionTask {
                     tracing::info!(orderId = %order_id, merchantId = %merchant_id, partition = self.partition,
                         outcome = *outcome, reason = *reason, invoiceId = ?invoice_id, "[handlePaymentSuccess] decided");
                 }
+                // Hand-off to the issuance queue, after the commit (a job must never point at
+                // an uncommitted invoice). A failure here loses nothing: the invoices are
+                // QUEUED in Postgres and the sweeper enqueues them.
+                if let Some(queue) = &deps.queue {
+                    let queued: Vec<(String, String)> = summary
+                        .log
+                        .iter()
+                        .filter(|(_, _, outcome, _, _)| *outcome == "queued")
+                        .map(|(order, merchant, ..)| (order.clone(), merchant.clone()))
+                        .collect();
+                    if let Err(error) = crate::issuance::enqueue(queue, &deps.metrics, &queued, "stream").await {
+                        tracing::warn!(%error, jobs = queued.len(), partition = self.partition,
+                            "Cannot enqueue issuance jobs; the sweeper will");
+                    }
+                }
             }
             Kind::MerchantCdc => {
                 let summary = merchants::process(deps, &mut tx, self.partition, batch, cache).await?;

@@ -1,0 +1,117 @@
+//! Postgres is the truth, Redis only delivers (SPEC §1.2): every worker periodically (and at
+//! start-up) expires claims past their deadline and re-enqueues every due, unfinished invoice
+//! (QUEUED, ISSUING whose lease ended, SUBMITTED due for a lookup). Enqueue is a no-op for an
+//! order whose job is live, so this is idempotent and safe to run in every process; a Redis
+//! that lost everything loses no invoice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Deps;
+
+/// Claims expired per transaction.
+const CLAIM_PAGE: i64 = 500;
+/// Invoices read per page.
+const DUE_PAGE: i64 = 2_000;
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Claims expired.
+    pub claims_expired: u64,
+    /// Due invoices seen.
+    pub due: u64,
+    /// Jobs created for them (the rest were live already).
+    pub enqueued: u64,
+}
+
+/// One sweep: claim expiry, then re-enqueue of due invoices.
+pub async fn sweep_once(deps: &Deps) -> anyhow::Result<Swept> {
+    let mut swept = Swept::default();
+    loop {
+        let expired =
+            crate::storage::issuance::expire_claims(&deps.db, CLAIM_PAGE, &deps.events_topic, &deps.identity).await?;
+        swept.claims_expired += expired.len() as u64;
+        deps.metrics.claim("expired", expired.len() as u64);
+        for claim in &expired {
+            tracing::info!(
+                orderId = %claim.order_id, merchantId = %claim.merchant_id, invoiceId = claim.invoice_id,
+                queued = claim.queued, "Claim deadline passed"
+            );
+        }
+        let queued: Vec<(String, String)> =
+            expired.iter().filter(|c| c.queued).map(|c| (c.order_id.clone(), c.merchant_id.clone())).collect();
+        if let Err(error) = super::enqueue(&deps.queue, &deps.metrics, &queued, "claim_expiry").await {
+            // They are QUEUED in Postgres: the due scan below or the next sweep enqueues them.
+            tracing::warn!(%error, "Cannot enqueue invoices whose claim expired");
+        }
+        if (expired.len() as i64) < CLAIM_PAGE {
+            break;
+        }
+    }
+    let mut after = 0i64;
+    loop {
+        let page = crate::storage::issuance::due_page(&deps.db, after, DUE_PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = last.0;
+        swept.due += page.len() as u64;
+        let orders: Vec<(String, String)> = page.iter().map(|(_, o, m)| (o.clone(), m.clone())).collect();
+        let new = super::enqueue(&deps.queue, &deps.metrics, &orders, "sweeper").await?;
+        swept.enqueued += new;
+        deps.metrics.issuance.swept(new);
+        if (page.len() as i64) < DUE_PAGE {
+            break;
+        }
+    }
+    if swept.enqueued > 0 {
+        tracing::info!(due = swept.due, enqueued = swept.enqueued, "Sweeper re-enqueued due invoices Redis did not hold");
+    }
+    Ok(swept)
+}
+
+/// Sweeps at start-up and then every interval until `stop`.
+pub async fn run(deps: Arc<Deps>, stop: CancellationToken) {
+    loop {
+        if let Err(error) = sweep_once(&deps).await {
+            tracing::warn!(error = format!("{error:#}"), "Sweep failed; next one in the usual interval");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(deps.settings.sweep_interval) => {},
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps the queue gauges (depth, DLQ depth, oldest waiting age, oldest due invoice) current.
+pub async fn gauges(deps: Arc<Deps>, stop: CancellationToken) {
+    let every = Duration::from_secs(5).min(deps.settings.sweep_interval);
+    loop {
+        match deps.queue.depths().await {
+            Ok(depths) => {
+                for (partition, depth) in depths.iter().enumerate() {
+                    deps.metrics.issuance.depth(partition as u32, depth);
+                }
+            }
+            Err(error) => {
+                deps.metrics.issuance.queue_error("depth");
+                tracing::debug!(%error, "Cannot read queue depth");
+            }
+        }
+        if let Ok(oldest) = deps.queue.oldest_waiting().await {
+            let now = crate::queue::now_ms();
+            for (partition, at) in oldest.iter().enumerate() {
+                let age = at.map_or(0.0, |at| (now - at).max(0) as f64 / 1000.0);
+                deps.metrics.issuance.oldest_age(partition as u32, age);
+            }
+        }
+        if let Ok(seconds) = crate::storage::issuance::oldest_due_seconds(&deps.db).await {
+            deps.metrics.issuance.oldest_due(seconds);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {},
+            _ = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,663 @@
+//! The claim loops and the processing of one claimed batch (see the module documentation of
+//! [`super`] for the protocol).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::plan::{self, Step, Timing};
+use super::Deps;
+use crate::config::Secret;
+use crate::crypto::Sealed;
+use crate::domain::buyer::Buyer;
+use crate::domain::document::{self, Document, Original, Prepared, Seller};
+use crate::domain::money::{Line, Totals};
+use crate::providers::{Call, Provider, Target};
+use crate::queue::{backoff, Job, Retry};
+use crate::storage::issuance::{self, NewAttempt, Settle, Transition, WorkInvoice};
+
+/// How long an idle claim loop sleeps at most between polls.
+const IDLE_MAX: Duration = Duration::from_millis(20);
+/// Delay of a job whose batch failed on Postgres (transient).
+const STORAGE_RETRY: Duration = Duration::from_secs(1);
+
+/// The claim loops' shared state.
+#[derive(Clone)]
+pub struct Worker {
+    deps: Arc<Deps>,
+    slots: Arc<Semaphore>,
+    series: Arc<SeriesLimiter>,
+    tracker: TaskTracker,
+}
+
+impl Worker {
+    /// Workers over `deps`, spawning batches on `tracker`.
+    pub fn new(deps: Arc<Deps>, tracker: TaskTracker) -> Worker {
+        let slots = Arc::new(Semaphore::new(deps.settings.concurrency));
+        Worker { deps, slots, series: Arc::new(SeriesLimiter::default()), tracker }
+    }
+
+    /// Claims and dispatches jobs of one partition until `shutdown`.
+    pub async fn claim_loop(self, partition: u32, shutdown: CancellationToken) {
+        let mut idle = Duration::from_millis(1);
+        loop {
+            let mut permits = tokio::select! {
+                permit = self.slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let extra = self.slots.available_permits().min(self.deps.settings.batch_max.saturating_sub(1));
+            if extra > 0 {
+                if let Ok(more) = self.slots.clone().try_acquire_many_owned(extra as u32) {
+                    permits.merge(more);
+                }
+            }
+            let wanted = permits.num_permits();
+            let claimed = match self.deps.queue.claim(partition, wanted, self.deps.settings.lease).await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    self.deps.metrics.issuance.queue_error("claim");
+                    tracing::warn!(partition, %error, "Cannot claim issuance jobs; retrying");
+                    drop(permits);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                        _ = shutdown.cancelled() => return,
+                    }
+                    continue;
+                }
+            };
+            let m = &self.deps.metrics.issuance;
+            m.jobs("reclaimed", claimed.reclaimed);
+            m.jobs("promoted", claimed.promoted);
+            m.jobs("claimed", claimed.jobs.len() as u64);
+            if claimed.reclaimed > 0 {
+                tracing::warn!(partition, jobs = claimed.reclaimed, "Issuance jobs whose lease expired were taken back");
+            }
+            if claimed.jobs.is_empty() {
+                drop(permits);
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => {},
+                    _ = shutdown.cancelled() => return,
+                }
+                idle = (idle * 2).min(IDLE_MAX);
+                continue;
+            }
+            idle = Duration::from_millis(1);
+            if claimed.jobs.len() < wanted {
+                drop(permits.split(wanted - claimed.jobs.len()));
+            }
+            let worker = self.clone();
+            self.tracker.spawn(async move { worker.run_batch(partition, claimed.jobs, permits).await });
+        }
+    }
+
+    async fn run_batch(self, partition: u32, jobs: Vec<Job>, _permits: OwnedSemaphorePermit) {
+        let deps = &self.deps;
+        let lost: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let heartbeat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat(
+            deps.clone(),
+            partition,
+            jobs.clone(),
+            lost.clone(),
+            heartbeat_stop.clone(),
+        ));
+        let fates = self.process(&jobs).await;
+        heartbeat_stop.cancel();
+        let _ended = heartbeat.await;
+
+        let lost = lost.lock().map(|l| l.clone()).unwrap_or_default();
+        deps.metrics.issuance.lease_lost(lost.len() as u64);
+        let mut complete = Vec::new();
+        let mut retries = Vec::new();
+        let mut dead = Vec::new();
+        for job in &jobs {
+            if lost.contains(&job.order_id) {
+                continue;
+            }
+            match fates.get(&job.order_id) {
+                None | Some(Fate::Complete) => complete.push(job),
+                Some(Fate::RetryIn(delay, error)) => retries.push(Retry { job, delay: *delay, error: error.clone() }),
+                Some(Fate::Dead(error)) => dead.push((job, error.clone())),
+            }
+        }
+        let q = &deps.queue;
+        let m = &deps.metrics.issuance;
+        match q.complete(partition, &complete).await {
+            Ok(stale) => m.jobs("completed", complete.len() as u64 - stale),
+            Err(error) => {
+                m.queue_error("complete");
+                tracing::warn!(partition, %error, "Cannot complete jobs; their leases will expire and they re-run idempotently");
+            }
+        }
+        match q.retry(partition, &retries).await {
+            Ok(stale) => m.jobs("retried", retries.len() as u64 - stale),
+            Err(error) => {
+                m.queue_error("retry");
+                tracing::warn!(partition, %error, "Cannot delay jobs; their leases will expire");
+            }
+        }
+        for (job, error) in dead {
+            match q.dead(job, &error).await {
+                Ok(true) => m.jobs("dead", 1),
+                Ok(false) => {}
+                Err(e) => {
+                    m.queue_error("dead");
+                    tracing::warn!(partition, error = %e, "Cannot dead-letter a job; Postgres holds it FAILED");
+                }
+            }
+        }
+        // Enqueue → ISSUED latency, for jobs that ended issued.
+        let now = crate::queue::now_ms();
+        for job in &jobs {
+            if matches!(fates.get(&job.order_id), Some(Fate::Complete)) && job.payload.enqueued_at_ms > 0 {
+                m.issued_after((now - job.payload.enqueued_at_ms) as f64 / 1000.0);
+            }
+        }
+    }
+
+    /// Does the Postgres and provider part for a batch; returns each order's job fate.
+    async fn process(&self, jobs: &[Job]) -> HashMap<String, Fate> {
+        let deps = &self.deps;
+        let orders: Vec<String> = jobs.iter().map(|j| j.order_id.clone()).collect();
+        let invoices = match issuance::unfinished_for_orders(&deps.db, &orders).await {
+            Ok(invoices) => invoices,
+            Err(error) => {
+                tracing::warn!(%error, jobs = jobs.len(), "Cannot read invoices; jobs retried shortly");
+                return orders.into_iter().map(|o| (o, Fate::RetryIn(STORAGE_RETRY, error.to_string()))).collect();
+            }
+        };
+        let now = Utc::now();
+        let settings = &deps.settings;
+        let mut wake: HashMap<String, DateTime<Utc>> = HashMap::new();
+        let mut fail_reason: HashMap<String, String> = HashMap::new();
+        let mut prefails: Vec<Settle> = Vec::new();
+        let mut items: Vec<Item> = Vec::new();
+        let token_of: HashMap<&str, &str> = jobs.iter().map(|j| (j.order_id.as_str(), j.token.as_str())).collect();
+
+        for inv in invoices {
+            let state = plan::State {
+                status: &inv.status,
+                attempts: inv.attempts.max(0) as u32,
+                next_attempt_at: inv.next_attempt_at,
+                lease_until: inv.lease_until,
+                original_status: inv.original_status.as_deref(),
+            };
+            let step = plan::step(&state, now, settings.max_attempts);
+            let earliest = |wake: &mut HashMap<String, DateTime<Utc>>, order: &str, at: DateTime<Utc>| {
+                let entry = wake.entry(order.to_owned()).or_insert(at);
+                if at < *entry {
+                    *entry = at;
+                }
+            };
+            match step {
+                Step::WaitUntil(at) => earliest(&mut wake, &inv.order_id, at.max(now)),
+                Step::WaitForOriginal => earliest(&mut wake, &inv.order_id, now + chrono_of(settings.lookup_interval)),
+                Step::Exhausted => {
+                    let error = "attempts exhausted".to_owned();
+                    fail_reason.insert(inv.order_id.clone(), error.clone());
+                    prefails.push(prefail(inv, error));
+                }
+                Step::Create | Step::LookupThenCreate | Step::LookupOnly | Step::Poll => {
+                    match prepare(deps, &inv, step, now) {
+                        Ok((provider, target, prepared)) => items.push(Item { inv, step, provider, target, prepared }),
+                        Err(error) => {
+                            fail_reason.insert(inv.order_id.clone(), error.clone());
+                            prefails.push(prefail(inv, error));
+                        }
+                    }
+                }
+            }
+        }
+
+        // Transaction 1: take the invoices to call; permanent failures found before any call.
+        let call_lease = settings.provider_timeout + Duration::from_secs(5).min(settings.provider_timeout);
+        let lease_until = now + chrono_of(call_lease);
+        let taken: HashMap<i64, String>;
+        let acquire_ids: Vec<i64> = items.iter().filter(|i| i.step != Step::Poll).map(|i| i.inv.id).collect();
+        let owners: HashMap<i64, String> = items
+            .iter()
+            .map(|i| (i.inv.id, format!("{}#{}", deps.identity, token_of.get(i.inv.order_id.as_str()).unwrap_or(&""))))
+            .collect();
+        let first = async {
+            let mut tx = deps.db.begin().await?;
+            // One owner per order (its job's token); acquire per distinct owner.
+            let mut by_owner: HashMap<&str, Vec<i64>> = HashMap::new();
+            for id in &acquire_ids {
+                if let Some(owner) = owners.get(id) {
+                    by_owner.entry(owner.as_str()).or_default().push(*id);
+                }
+            }
+            let mut got = HashMap::new();
+            for (owner, ids) in by_owner {
+                for (id, before) in issuance::acquire(&mut tx, &ids, owner, lease_until, &deps.identity).await? {
+                    got.insert(id, before);
+                }
+            }
+            let applied = issuance::settle(&mut tx, &prefails, &deps.events_topic, &deps.identity).await?;
+            tx.commit().await?;
+            Ok::<_, crate::storage::StorageError>((got, applied))
+        };
+        match first.await {
+            Ok((got, applied)) => {
+                taken = got;
+                for (s, ok) in prefails.iter().zip(applied) {
+                    if ok {
+                        deps.metrics.issuance.transition("FAILED");
+                        if let Transition::Failed { error } = &s.transition {
+                            tracing::error!(
+                                orderId = %s.invoice.order_id, merchantId = %s.invoice.merchant_id,
+                                invoiceId = s.invoice.id, error = %error,
+                                "[DLQ] invoice-issuance: failed before any provider call"
+                            );
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot take invoices for issuance; jobs retried shortly");
+                return orders.into_iter().map(|o| (o, Fate::RetryIn(STORAGE_RETRY, error.to_string()))).collect();
+            }
+        }
+        let (run, skipped): (Vec<Item>, Vec<Item>) =
+            items.into_iter().partition(|i| i.step == Step::Poll || taken.contains_key(&i.inv.id));
+        for item in skipped {
+            // Changed by someone else since it was read: look again shortly.
+            let at = now + chrono::Duration::seconds(1);
+            let entry = wake.entry(item.inv.order_id.clone()).or_insert(at);
+            *entry = (*entry).min(at);
+        }
+
+        // The provider calls.
+        let timing = Timing {
+            max_attempts: settings.max_attempts,
+            safe_wait: settings.provider_safe_wait,
+            lookup_interval: settings.lookup_interval,
+        };
+        let results = futures::future::join_all(run.into_iter().map(|item| {
+            let owner = owners.get(&item.inv.id).cloned().unwrap_or_default();
+            self.call(item, owner, timing)
+        }))
+        .await;
+
+        // Transaction 2: every call recorded, every invoice settled.
+        let attempts: Vec<NewAttempt> = results.iter().flat_map(|r| r.attempts.iter().cloned()).collect();
+        let settles: Vec<Settle> = results.iter().map(|r| r.settle.clone()).collect();
+        let second = async {
+            let mut tx = deps.db.begin().await?;
+            issuance::insert_attempts(&mut tx, &attempts).await?;
+            let applied = issuance::settle(&mut tx, &settles, &deps.events_topic, &deps.identity).await?;
+            tx.commit().await?;
+            Ok::<_, crate::storage::StorageError>(applied)
+        };
+        let applied = match second.await {
+            Ok(applied) => applied,
+            Err(error) => {
+                // The calls happened but their results are not stored: the invoices stay
+                // ISSUING until the call lease ends, then are looked up (never resent blindly).
+                tracing::error!(%error, invoices = settles.len(), "Cannot record provider results; they will be looked up after the lease");
+                for s in &settles {
+                    let at = lease_until;
+                    let entry = wake.entry(s.invoice.order_id.clone()).or_insert(at);
+                    *entry = (*entry).min(at);
+                }
+                vec![false; settles.len()]
+            }
+        };
+
+        for (s, ok) in settles.iter().zip(applied) {
+            if !ok {
+                continue;
+            }
+            let inv = &s.invoice;
+            let (status, next): (&'static str, Option<DateTime<Utc>>) = match &s.transition {
+                Transition::Issued { invoice_no, .. } => {
+                    tracing::info!(
+                        orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
+                        invoiceNo = %invoice_no, "Invoice issued"
+                    );
+                    ("ISSUED", None)
+                }
+                Transition::Submitted { next } => ("SUBMITTED", Some(*next)),
+                Transition::StillSubmitted { next } => ("", Some(*next)),
+                Transition::Ambiguous { until, error } => {
+                    deps.metrics.issuance.retry(&s.provider, "ambiguous");
+                    tracing::warn!(
+                        orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
+                        error = %error, lookupAt = %until,
+                        "[_handleIssuanceFailure] Scheduling retry: outcome unknown, lookup by transaction UUID first"
+                    );
+                    ("", Some(*until))
+                }
+                Transition::Retry { next, error } => {
+                    deps.metrics.issuance.retry(&s.provider, "retryable");
+                    tracing::warn!(
+                        orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
+                        attempt = inv.attempts + 1, error = %error, retryAt = %next,
+                        "[_handleIssuanceFailure] Scheduling retry"
+                    );
+                    ("QUEUED", Some(*next))
+                }
+                Transition::Failed { error } => {
+                    tracing::error!(
+                        orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
+                        error = %error, "[DLQ] invoice-issuance: invoice FAILED"
+                    );
+                    fail_reason.insert(inv.order_id.clone(), error.clone());
+                    ("FAILED", None)
+                }
+            };
+            if !status.is_empty() {
+                deps.metrics.issuance.transition(status);
+            }
+            if let Some(at) = next {
+                let entry = wake.entry(inv.order_id.clone()).or_insert(at);
+                *entry = (*entry).min(at);
+            }
+        }
+
+        let now = Utc::now();
+        orders
+            .into_iter()
+            .map(|order| {
+                let fate = match (wake.get(&order), fail_reason.get(&order)) {
+                    (Some(at), _) => Fate::RetryIn(
+                        (*at - now).to_std().unwrap_or(Duration::ZERO).max(Duration::from_millis(10)),
+                        fail_reason.get(&order).cloned().unwrap_or_else(|| "not finished".into()),
+                    ),
+                    (None, Some(error)) => Fate::Dead(error.clone()),
+                    (None, None) => Fate::Complete,
+                };
+                (order, fate)
+            })
+            .collect()
+    }
+
+    /// One invoice's provider calls (a lookup, a create, or a lookup then a create).
+    async fn call(&self, item: Item, owner: String, timing: Timing) -> CallResult {
+        let deps = &self.deps;
+        let Item { inv, step, provider, target, prepared } = item;
+        let series_key = (inv.merchant_id.clone(), prepared.doc.series.clone());
+        let _slot = self.series.acquire(series_key, provider.concurrency_per_series()).await;
+        let attempt = if step == Step::Poll { inv.attempts.max(0) as u32 } else { inv.attempts.max(0) as u32 + 1 };
+        let delay = backoff(attempt, deps.settings.backoff_base, deps.settings.backoff_cap, Duration::from_millis(10));
+        let symbol = prepared.symbol();
+        let mut attempts = Vec::new();
+        let mut record = |operation: &'static str, call: &Call, started: DateTime<Utc>| {
+            deps.metrics.issuance.attempt(provider.name(), operation, call.outcome.class(), call.duration);
+            attempts.push(NewAttempt {
+                invoice_id: inv.id,
+                attempt_no: attempt as i32,
+                operation,
+                transaction_uuid: inv.transaction_uuid.clone(),
+                provider: provider.name().to_owned(),
+                outcome: call.outcome.class(),
+                error_code: call.outcome.code().map(str::to_owned),
+                request: call.request.clone(),
+                response: call.response.clone(),
+                duration_ms: i32::try_from(call.duration.as_millis()).unwrap_or(i32::MAX),
+                worker: deps.identity.clone(),
+                started_at: started,
+            });
+        };
+        let transition = match step {
+            Step::Create => match &prepared.prepared {
+                Some(valid) => {
+                    let started = Utc::now();
+                    let call = provider.create(&target, &prepared.doc, valid).await;
+                    record("create", &call, started);
+                    plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
+                }
+                None => Transition::Failed { error: "validation failed".into() },
+            },
+            Step::LookupThenCreate | Step::LookupOnly | Step::Poll => {
+                let started = Utc::now();
+                let call = provider.lookup(&target, &inv.transaction_uuid).await;
+                record("lookup", &call, started);
+                match plan::after_lookup(step, &call.outcome, &symbol, Utc::now(), &timing, delay) {
+                    Some(transition) => transition,
+                    None => match &prepared.prepared {
+                        // Nothing under the key: resend with the same key.
+                        Some(valid) => {
+                            let started = Utc::now();
+                            let call = provider.create(&target, &prepared.doc, valid).await;
+                            record("create", &call, started);
+                            plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
+                        }
+                        None => Transition::Failed { error: "validation failed".into() },
+                    },
+                }
+            }
+            Step::WaitUntil(_) | Step::WaitForOriginal | Step::Exhausted => {
+                Transition::Ambiguous { until: Utc::now(), error: "internal: no call for this step".into() }
+            }
+        };
+        drop(target);
+        let (expected_status, owner) =
+            if step == Step::Poll { ("SUBMITTED", None) } else { ("ISSUING", Some(owner)) };
+        CallResult {
+            attempts,
+            settle: Settle { invoice: inv, expected_status, owner, transition, provider: provider.name().to_owned() },
+        }
+    }
+}
+
+/// What happens to a job after its batch.
+#[derive(Debug, Clone)]
+enum Fate {
+    /// Nothing left to do for the order.
+    Complete,
+    /// Come back after this delay.
+    RetryIn(Duration, String),
+    /// Failed: to the DLQ.
+    Dead(String),
+}
+
+struct PreparedDoc {
+    doc: Document,
+    /// `None` only for lookup-only steps, whose document need not be valid any more.
+    prepared: Option<Prepared>,
+}
+
+impl PreparedDoc {
+    /// Type digit + series, e.g. `1C26TAA`.
+    fn symbol(&self) -> String {
+        match &self.prepared {
+            Some(p) => p.symbol.clone(),
+            None => format!("{}{}", self.doc.template_code.chars().next().unwrap_or('1'), self.doc.series),
+        }
+    }
+}
+
+struct Item {
+    inv: WorkInvoice,
+    step: Step,
+    provider: Arc<dyn Provider>,
+    target: Target,
+    prepared: PreparedDoc,
+}
+
+struct CallResult {
+    attempts: Vec<NewAttempt>,
+    settle: Settle,
+}
+
+fn chrono_of(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+fn prefail(inv: WorkInvoice, error: String) -> Settle {
+    let expected_status: &'static str = match inv.status.as_str() {
+        "ISSUING" => "ISSUING",
+        "SUBMITTED" => "SUBMITTED",
+        _ => "QUEUED",
+    };
+    let provider = inv.config_snapshot.get("provider").and_then(Value::as_str).unwrap_or("unknown").to_owned();
+    Settle { invoice: inv, expected_status, owner: None, transition: Transition::Failed { error }, provider }
+}
+
+#[derive(Deserialize)]
+struct SnapshotCredentials {
+    #[serde(rename = "keyId")]
+    key_id: String,
+    nonce: String,
+    ciphertext: String,
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    username: String,
+    password: String,
+}
+
+/// Builds, validates and authorises one invoice's call; an error is permanent (data or
+/// configuration), never sent to the provider.
+fn prepare(
+    deps: &Deps,
+    inv: &WorkInvoice,
+    step: Step,
+    now: DateTime<Utc>,
+) -> Result<(Arc<dyn Provider>, Target, PreparedDoc), String> {
+    let snapshot = &inv.config_snapshot;
+    let text = |name: &str| snapshot.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
+    let provider_name = text("provider");
+    let provider =
+        deps.providers.get(&provider_name).ok_or_else(|| format!("provider `{provider_name}` is not supported"))?;
+
+    let lines: Vec<Line> =
+        serde_json::from_value(inv.lines.clone()).map_err(|e| format!("stored lines are unreadable: {e}"))?;
+    let buyer: Option<Buyer> = match &inv.buyer {
+        None | Some(Value::Null) => None,
+        Some(b) => Some(serde_json::from_value(b.clone()).map_err(|e| format!("stored buyer is unreadable: {e}"))?),
+    };
+    let seller: Seller = serde_json::from_value(snapshot.get("seller").cloned().unwrap_or(Value::Null))
+        .map_err(|e| format!("seller in the config snapshot is unreadable: {e}"))?;
+    let replaces = match inv.replaces_invoice_id {
+        None => None,
+        Some(_) => {
+            let original_snapshot = inv.original_snapshot.as_ref().unwrap_or(snapshot);
+            let otext = |name: &str| original_snapshot.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
+            Some(Original {
+                invoice_no: inv.original_invoice_no.clone().unwrap_or_default(),
+                issued_at: inv.original_issued_at.unwrap_or(now),
+                template_code: otext("templateCode"),
+                series: otext("series"),
+                reason: inv.replacement_reason.clone().unwrap_or_else(|| "Thay thế theo yêu cầu của người mua".into()),
+            })
+        }
+    };
+    let doc = Document {
+        invoice_id: inv.id,
+        transaction_uuid: inv.transaction_uuid.clone(),
+        template_code: text("templateCode"),
+        series: text("series"),
+        legal_time: inv.paid_at,
+        issued_at: now,
+        currency: inv.currency.clone(),
+        seller: Seller {
+            tax_code: if seller.tax_code.is_empty() { text("supplierTaxCode") } else { seller.tax_code },
+            ..seller
+        },
+        buyer,
+        lines,
+        totals: Totals { net: inv.total_net, vat: inv.total_vat, gross: inv.total_amount },
+        paid_total: inv.total_amount,
+        replaces,
+    };
+    // Lookups need no valid document, only the key; creates must pass validation first.
+    let prepared = match document::validate(&doc) {
+        Ok(p) => Some(p),
+        Err(e) if matches!(step, Step::Create | Step::LookupThenCreate) => return Err(format!("validation: {e}")),
+        Err(_) => None,
+    };
+    let target = decrypt(deps, inv, snapshot)?;
+    Ok((provider, target, PreparedDoc { doc, prepared }))
+}
+
+fn decrypt(deps: &Deps, inv: &WorkInvoice, snapshot: &Value) -> Result<Target, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let sealed: SnapshotCredentials =
+        serde_json::from_value(snapshot.get("credentials").cloned().unwrap_or(Value::Null))
+            .map_err(|_| "the config snapshot has no sealed credentials".to_owned())?;
+    let config_id: i64 = snapshot
+        .get("configId")
+        .and_then(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
+        .or(inv.provider_config_id)
+        .ok_or("the config snapshot has no config id")?;
+    let sealed = Sealed {
+        key_id: sealed.key_id,
+        nonce: b64.decode(sealed.nonce).map_err(|_| "sealed credentials: bad nonce".to_owned())?,
+        ciphertext: b64.decode(sealed.ciphertext).map_err(|_| "sealed credentials: bad ciphertext".to_owned())?,
+    };
+    let aad = crate::storage::seed::provider_config_aad(&inv.merchant_id, config_id);
+    let plain = deps.keyring.open(&sealed, &aad).map_err(|e| e.to_string())?;
+    let credentials: Credentials = serde_json::from_slice(plain.expose())
+        .map_err(|_| "decrypted credentials are not {username, password}".to_owned())?;
+    let text = |name: &str| snapshot.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
+    Ok(Target {
+        endpoint: text("endpoint"),
+        supplier_tax_code: text("supplierTaxCode"),
+        username: credentials.username,
+        password: Secret::new(credentials.password),
+    })
+}
+
+/// Renews the batch's leases every third of the lease; records jobs whose lease was lost.
+async fn heartbeat(
+    deps: Arc<Deps>,
+    partition: u32,
+    jobs: Vec<Job>,
+    lost: Arc<Mutex<HashSet<String>>>,
+    stop: CancellationToken,
+) {
+    let every = deps.settings.lease / 3;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {},
+            _ = stop.cancelled() => return,
+        }
+        let live: Vec<&Job> = {
+            let lost = lost.lock().map(|l| l.clone()).unwrap_or_default();
+            jobs.iter().filter(|j| !lost.contains(&j.order_id)).collect()
+        };
+        match deps.queue.extend(partition, &live, deps.settings.lease).await {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::warn!(partition, jobs = gone.len(), "Issuance job leases lost; Postgres fencing keeps their writes out");
+                if let Ok(mut l) = lost.lock() {
+                    l.extend(gone);
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                deps.metrics.issuance.queue_error("extend");
+                tracing::warn!(partition, %error, "Cannot renew issuance job leases");
+            }
+        }
+    }
+}
+
+/// At most N calls in flight per (merchant, series), per process.
+#[derive(Default)]
+struct SeriesLimiter {
+    slots: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
+}
+
+impl SeriesLimiter {
+    async fn acquire(&self, key: (String, String), limit: usize) -> Option<OwnedSemaphorePermit> {
+        let semaphore = {
+            let mut slots = self.slots.lock().ok()?;
+            slots.entry(key).or_insert_with(|| Arc::new(Semaphore::new(limit.max(1)))).clone()
+        };
+        semaphore.acquire_owned().await.ok()
+    }
+}

@@ -1,0 +1,768 @@
+//! The issuance side of the invoice table: what workers read, the single-flight acquisition
+//! of an invoice for a provider call, the fenced result writes, claim expiry, the sweeper's
+//! scan, replays and replacements. Every state change writes its audit row (and outbox
+//! event, where SPEC §2 has one) in the same transaction.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool};
+
+use super::decisions::{insert_audits, insert_outbox, NewAudit, NewOutbox};
+use super::StorageError;
+
+/// An invoice as a worker needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct WorkInvoice {
+    /// Id.
+    pub id: i64,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Order.
+    pub order_id: String,
+    /// `original` or `replacement`.
+    pub kind: String,
+    /// The invoice a replacement replaces.
+    pub replaces_invoice_id: Option<i64>,
+    /// Status.
+    pub status: String,
+    /// Sale time.
+    pub paid_at: DateTime<Utc>,
+    /// Currency.
+    pub currency: String,
+    /// Buyer (None: consumer).
+    pub buyer: Option<Value>,
+    /// Lines with amounts.
+    pub lines: Value,
+    /// Totals.
+    pub total_net: Decimal,
+    /// Totals.
+    pub total_vat: Decimal,
+    /// Totals (the amount paid).
+    pub total_amount: Decimal,
+    /// Config snapshot.
+    pub config_snapshot: Value,
+    /// Provider config id.
+    pub provider_config_id: Option<i64>,
+    /// Idempotency key.
+    pub transaction_uuid: String,
+    /// Deliveries that could call `create`.
+    pub attempts: i32,
+    /// When it is due.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// ISSUING lease end.
+    pub lease_until: Option<DateTime<Utc>>,
+    /// The replaced invoice's status.
+    pub original_status: Option<String>,
+    /// The replaced invoice's number.
+    pub original_invoice_no: Option<String>,
+    /// The replaced invoice's issue time.
+    pub original_issued_at: Option<DateTime<Utc>>,
+    /// The replaced invoice's snapshot (template and series).
+    pub original_snapshot: Option<Value>,
+    /// Why it is replaced.
+    pub replacement_reason: Option<String>,
+}
+
+/// The unfinished invoices (QUEUED, ISSUING, SUBMITTED) of the given orders, originals first.
+pub async fn unfinished_for_orders(pool: &PgPool, order_ids: &[String]) -> Result<Vec<WorkInvoice>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT i.id, i.merchant_id, i.order_id, i.kind, i.replaces_invoice_id, i.status, i.paid_at, i.currency,
+                i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount, i.config_snapshot,
+                i.provider_config_id, i.transaction_uuid, i.attempts, i.next_attempt_at, i.lease_until,
+                o.status AS original_status, o.provider_invoice_no AS original_invoice_no,
+                o.issued_at AS original_issued_at, o.config_snapshot AS original_snapshot,
+                i.replacement_reason
+         FROM invoice i LEFT JOIN invoice o ON o.id = i.replaces_invoice_id
+         WHERE i.order_id = ANY($1) AND i.status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND i.deleted_at IS NULL
+         ORDER BY i.order_id, i.kind, i.id",
+    )
+    .bind(order_ids)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Takes invoices for provider calls: QUEUED ones, and ISSUING ones whose lease expired
+/// (their previous call surely ended), become ISSUING for `owner` until `lease_until`, and
+/// count an attempt. Returns the ids taken with the status they had; an id not returned was
+/// changed by someone else meanwhile and must not be called.
+pub async fn acquire(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    owner: &str,
+    lease_until: DateTime<Utc>,
+    actor: &str,
+) -> Result<Vec<(i64, String)>, StorageError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let taken: Vec<(i64, String, String, String, i32)> = sqlx::query_as(
+        "WITH old AS (
+             SELECT id, status FROM invoice
+             WHERE id = ANY($1)
+               AND (status = 'QUEUED' OR (status = 'ISSUING' AND lease_until < now()))
+             FOR UPDATE SKIP LOCKED)
+         UPDATE invoice i SET status = 'ISSUING', attempts = i.attempts + 1, lease_owner = $2,
+                lease_until = $3, next_attempt_at = $3, updated_at = now()
+         FROM old WHERE i.id = old.id
+         RETURNING i.id, old.status, i.merchant_id, i.order_id, i.attempts",
+    )
+    .bind(ids)
+    .bind(owner)
+    .bind(lease_until)
+    .fetch_all(&mut *conn)
+    .await?;
+    let audits: Vec<NewAudit> = taken
+        .iter()
+        .map(|(id, before, merchant, order, attempts)| NewAudit {
+            entity: "invoice",
+            entity_id: id.to_string(),
+            invoice_id: Some(*id),
+            merchant_id: Some(merchant.clone()),
+            order_id: Some(order.clone()),
+            event_type: "issuance_started",
+            outcome: "ISSUING".into(),
+            before: Some(json!({"status": before})),
+            after: Some(json!({"status": "ISSUING", "attempt": attempts})),
+            actor: actor.to_owned(),
+            reason: (before == "ISSUING").then(|| "previous call's lease expired: look up first".into()),
+        })
+        .collect();
+    insert_audits(conn, &audits).await?;
+    Ok(taken.into_iter().map(|(id, before, ..)| (id, before)).collect())
+}
+
+/// One provider call to record.
+#[derive(Debug, Clone)]
+pub struct NewAttempt {
+    /// Invoice.
+    pub invoice_id: i64,
+    /// Attempt number (the invoice's `attempts`).
+    pub attempt_no: i32,
+    /// `create` or `lookup`.
+    pub operation: &'static str,
+    /// Key.
+    pub transaction_uuid: String,
+    /// Provider.
+    pub provider: String,
+    /// Outcome class.
+    pub outcome: &'static str,
+    /// Provider code.
+    pub error_code: Option<String>,
+    /// Redacted request.
+    pub request: Option<Value>,
+    /// Redacted response.
+    pub response: Option<Value>,
+    /// Duration.
+    pub duration_ms: i32,
+    /// Worker identity.
+    pub worker: String,
+    /// When the call started.
+    pub started_at: DateTime<Utc>,
+}
+
+/// Inserts attempt rows.
+pub async fn insert_attempts(conn: &mut PgConnection, v: &[NewAttempt]) -> Result<(), StorageError> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO issuance_attempt (invoice_id, attempt_no, operation, transaction_uuid, provider, outcome,
+             error_code, request, response, duration_ms, worker, started_at)
+         SELECT * FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+             $8::jsonb[], $9::jsonb[], $10::int[], $11::text[], $12::timestamptz[])",
+    )
+    .bind(v.iter().map(|a| a.invoice_id).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.attempt_no).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.operation).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.transaction_uuid.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.provider.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.outcome).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.error_code.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.request.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.response.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.duration_ms).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.worker.clone()).collect::<Vec<_>>())
+    .bind(v.iter().map(|a| a.started_at).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The state an invoice moves to after its calls.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    /// ISSUED with the provider's number.
+    Issued {
+        /// Number.
+        invoice_no: String,
+        /// Symbol.
+        series: String,
+        /// Lookup code.
+        reservation_code: Option<String>,
+        /// Tax authority code.
+        tax_authority_code: Option<String>,
+        /// Provider status text.
+        provider_status: Option<String>,
+    },
+    /// SUBMITTED: look up again at `next`.
+    Submitted {
+        /// Next lookup.
+        next: DateTime<Utc>,
+    },
+    /// Stay ISSUING, owned by nobody, until `until` (ambiguous outcome: the safe wait).
+    Ambiguous {
+        /// End of the safe wait.
+        until: DateTime<Utc>,
+        /// Why.
+        error: String,
+    },
+    /// Back to QUEUED, due at `next`.
+    Retry {
+        /// When.
+        next: DateTime<Utc>,
+        /// Why.
+        error: String,
+    },
+    /// FAILED (permanent or attempts exhausted).
+    Failed {
+        /// Why (secret-free).
+        error: String,
+    },
+    /// Leave as is (SUBMITTED still without a number; `next` lookup).
+    StillSubmitted {
+        /// Next lookup.
+        next: DateTime<Utc>,
+    },
+}
+
+/// One invoice's result to write.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    /// The invoice.
+    pub invoice: WorkInvoice,
+    /// The status it must still have (ISSUING for our own deliveries, SUBMITTED for lookups).
+    pub expected_status: &'static str,
+    /// For ISSUING: the lease owner it must still have.
+    pub owner: Option<String>,
+    /// Where it goes.
+    pub transition: Transition,
+    /// Provider name for the event.
+    pub provider: String,
+}
+
+/// Writes settlements, their audit rows and events, fenced on status (and lease owner).
+/// Returns, per settlement, whether it applied (false: fenced out, someone else moved it).
+pub async fn settle(
+    conn: &mut PgConnection,
+    settles: &[Settle],
+    events_topic: &str,
+    actor: &str,
+) -> Result<Vec<bool>, StorageError> {
+    let mut applied = Vec::with_capacity(settles.len());
+    let mut audits = Vec::new();
+    let mut outbox = Vec::new();
+    let now = Utc::now();
+    for s in settles {
+        let inv = &s.invoice;
+        let (status, rows) = match &s.transition {
+            Transition::Issued { invoice_no, series, reservation_code, tax_authority_code, provider_status } => {
+                let rows = sqlx::query(
+                    "UPDATE invoice SET status = 'ISSUED', provider_invoice_no = $4, provider_series = $5,
+                         reservation_code = $6, tax_authority_code = $7,
+                         provider_status = CASE WHEN $8::text IS NULL THEN provider_status ELSE jsonb_build_object('status', $8::text) END,
+                         issued_at = now(), lease_owner = NULL, lease_until = NULL, next_attempt_at = NULL,
+                         last_error = NULL, updated_at = now()
+                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
+                )
+                .bind(inv.id)
+                .bind(s.expected_status)
+                .bind(&s.owner)
+                .bind(invoice_no)
+                .bind(series)
+                .bind(reservation_code)
+                .bind(tax_authority_code)
+                .bind(provider_status)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                ("ISSUED", rows)
+            }
+            Transition::Submitted { next } | Transition::StillSubmitted { next } => {
+                let rows = sqlx::query(
+                    "UPDATE invoice SET status = 'SUBMITTED', submitted_at = COALESCE(submitted_at, now()),
+                         lease_owner = NULL, lease_until = NULL, next_attempt_at = $4, updated_at = now()
+                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
+                )
+                .bind(inv.id)
+                .bind(s.expected_status)
+                .bind(&s.owner)
+                .bind(next)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                ("SUBMITTED", rows)
+            }
+            Transition::Ambiguous { until, error } => {
+                let rows = sqlx::query(
+                    "UPDATE invoice SET lease_owner = NULL, lease_until = $4, next_attempt_at = $4,
+                         last_error = $5, updated_at = now()
+                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
+                )
+                .bind(inv.id)
+                .bind(s.expected_status)
+                .bind(&s.owner)
+                .bind(until)
+                .bind(error)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                ("ISSUING", rows)
+            }
+            Transition::Retry { next, error } => {
+                let rows = sqlx::query(
+                    "UPDATE invoice SET status = 'QUEUED', lease_owner = NULL, lease_until = NULL,
+                         next_attempt_at = $4, last_error = $5, updated_at = now()
+                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
+                )
+                .bind(inv.id)
+                .bind(s.expected_status)
+                .bind(&s.owner)
+                .bind(next)
+                .bind(error)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                ("QUEUED", rows)
+            }
+            Transition::Failed { error } => {
+                let rows = sqlx::query(
+                    "UPDATE invoice SET status = 'FAILED', lease_owner = NULL, lease_until = NULL,
+                         next_attempt_at = NULL, last_error = $4, updated_at = now()
+                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
+                )
+                .bind(inv.id)
+                .bind(s.expected_status)
+                .bind(&s.owner)
+                .bind(error)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                ("FAILED", rows)
+            }
+        };
+        let ok = rows == 1;
+        applied.push(ok);
+        if !ok {
+            continue;
+        }
+        // Quiet transitions (a SUBMITTED invoice still without a number) leave no audit row:
+        // nothing changed but the next lookup time.
+        let (event_type, event, reason) = match &s.transition {
+            Transition::Issued { .. } => ("invoice.issued", Some(crate::events::invoice_events::EventType::Issued), None),
+            Transition::Submitted { .. } => ("issuance_submitted", None, Some("accepted without a number".to_owned())),
+            Transition::StillSubmitted { .. } => continue,
+            Transition::Ambiguous { error, .. } => {
+                ("issuance_ambiguous", None, Some(format!("{error}; look up after the safe wait")))
+            }
+            Transition::Retry { error, .. } => ("issuance_retry", None, Some(error.clone())),
+            Transition::Failed { error, .. } => {
+                ("invoice.failed", Some(crate::events::invoice_events::EventType::Failed), Some(error.clone()))
+            }
+        };
+        let after = match &s.transition {
+            Transition::Issued { invoice_no, series, .. } => {
+                json!({"status": status, "invoiceNo": invoice_no, "series": series})
+            }
+            _ => json!({"status": status, "attempt": inv.attempts}),
+        };
+        audits.push(NewAudit {
+            entity: "invoice",
+            entity_id: inv.id.to_string(),
+            invoice_id: Some(inv.id),
+            merchant_id: Some(inv.merchant_id.clone()),
+            order_id: Some(inv.order_id.clone()),
+            event_type,
+            outcome: status.to_owned(),
+            before: Some(json!({"status": s.expected_status})),
+            after: Some(after),
+            actor: actor.to_owned(),
+            reason,
+        });
+        if let Some(event_type) = event {
+            let provider = match &s.transition {
+                Transition::Issued { invoice_no, series, reservation_code, .. } => {
+                    Some(crate::events::invoice_events::ProviderMember {
+                        name: s.provider.clone(),
+                        invoice_no: invoice_no.clone(),
+                        series: series.clone(),
+                        lookup_code: reservation_code.clone().unwrap_or_default(),
+                    })
+                }
+                _ => None,
+            };
+            outbox.push(event_row(events_topic, inv, event_type, status, provider, now));
+        }
+        // A replacement issued: its original becomes REPLACED, in the same transaction.
+        if let (Transition::Issued { .. }, Some(original)) = (&s.transition, inv.replaces_invoice_id) {
+            let replaced = sqlx::query(
+                "UPDATE invoice SET status = 'REPLACED', updated_at = now() WHERE id = $1 AND status = 'ISSUED'",
+            )
+            .bind(original)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if replaced == 1 {
+                audits.push(NewAudit {
+                    entity: "invoice",
+                    entity_id: original.to_string(),
+                    invoice_id: Some(original),
+                    merchant_id: Some(inv.merchant_id.clone()),
+                    order_id: Some(inv.order_id.clone()),
+                    event_type: "invoice.replaced",
+                    outcome: "REPLACED".into(),
+                    before: Some(json!({"status": "ISSUED"})),
+                    after: Some(json!({"status": "REPLACED", "replacedBy": inv.id.to_string()})),
+                    actor: actor.to_owned(),
+                    reason: inv.replacement_reason.clone(),
+                });
+            }
+        }
+    }
+    insert_audits(conn, &audits).await?;
+    insert_outbox(conn, &outbox).await?;
+    Ok(applied)
+}
+
+fn event_row(
+    topic: &str,
+    inv: &WorkInvoice,
+    event_type: crate::events::invoice_events::EventType,
+    status: &'static str,
+    provider: Option<crate::events::invoice_events::ProviderMember>,
+    now: DateTime<Utc>,
+) -> NewOutbox {
+    let event = crate::events::invoice_events::InvoiceEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        event_type,
+        occurred_at: crate::events::invoice_events::rfc3339(now),
+        invoice_id: inv.id.to_string(),
+        order_id: inv.order_id.clone(),
+        merchant_id: inv.merchant_id.clone(),
+        status,
+        claim: None,
+        provider,
+    };
+    NewOutbox {
+        event_id: uuid::Uuid::parse_str(&event.event_id).unwrap_or_else(|_| uuid::Uuid::new_v4()),
+        topic: topic.to_owned(),
+        key: Some(inv.order_id.as_bytes().to_vec()),
+        payload: serde_json::to_vec(&event).unwrap_or_default(),
+        headers: json!({"type": event_type.as_str()}),
+        has_secret: false,
+    }
+}
+
+/// A claim that expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredClaim {
+    /// Invoice.
+    pub invoice_id: i64,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Order.
+    pub order_id: String,
+    /// Whether the invoice went PENDING_CLAIM → QUEUED (a `claim_window` invoice).
+    pub queued: bool,
+}
+
+/// Expires open claims past their deadline (at most `limit`): the claim becomes EXPIRED and a
+/// PENDING_CLAIM invoice becomes QUEUED for a consumer; audit and `invoice.claim_expired` in
+/// the same transaction. `SKIP LOCKED` and the status conditions make each expiry happen
+/// exactly once with any number of workers.
+pub async fn expire_claims(
+    pool: &PgPool,
+    limit: i64,
+    events_topic: &str,
+    actor: &str,
+) -> Result<Vec<ExpiredClaim>, StorageError> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(i64, i64, String, String, bool, String)> = sqlx::query_as(
+        "WITH due AS (
+             SELECT id FROM claim WHERE status = 'OPEN' AND deadline <= now()
+             ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED),
+         expired AS (
+             UPDATE claim c SET status = 'EXPIRED', updated_at = now() FROM due WHERE c.id = due.id
+             RETURNING c.id, c.invoice_id),
+         queued AS (
+             UPDATE invoice i SET status = 'QUEUED', next_attempt_at = now(), updated_at = now()
+             FROM expired e WHERE i.id = e.invoice_id AND i.status = 'PENDING_CLAIM'
+             RETURNING i.id)
+         SELECT e.id, e.invoice_id, i.merchant_id, i.order_id, q.id IS NOT NULL, i.status
+         FROM expired e JOIN invoice i ON i.id = e.invoice_id LEFT JOIN queued q ON q.id = e.invoice_id",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let now = Utc::now();
+    let mut audits = Vec::new();
+    let mut outbox = Vec::new();
+    let mut out = Vec::new();
+    for (claim_id, invoice_id, merchant_id, order_id, queued, old_status) in rows {
+        let status: &'static str = if queued { "QUEUED" } else { status_static(&old_status) };
+        audits.push(NewAudit {
+            entity: "invoice",
+            entity_id: invoice_id.to_string(),
+            invoice_id: Some(invoice_id),
+            merchant_id: Some(merchant_id.clone()),
+            order_id: Some(order_id.clone()),
+            event_type: "claim_expired",
+            outcome: status.to_owned(),
+            before: Some(json!({"status": old_status, "claim": "OPEN"})),
+            after: Some(json!({"status": status, "claim": "EXPIRED", "claimId": claim_id.to_string()})),
+            actor: actor.to_owned(),
+            reason: Some(if queued { "claim deadline passed: issue to a consumer".into() } else { "claim deadline passed".into() }),
+        });
+        let inv = WorkInvoiceRef { id: invoice_id, merchant_id: merchant_id.clone(), order_id: order_id.clone() };
+        outbox.push(simple_event(events_topic, &inv, crate::events::invoice_events::EventType::ClaimExpired, status, now));
+        out.push(ExpiredClaim { invoice_id, merchant_id, order_id, queued });
+    }
+    insert_audits(&mut tx, &audits).await?;
+    insert_outbox(&mut tx, &outbox).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+fn status_static(status: &str) -> &'static str {
+    match status {
+        "PENDING_CLAIM" => "PENDING_CLAIM",
+        "QUEUED" => "QUEUED",
+        "ISSUING" => "ISSUING",
+        "SUBMITTED" => "SUBMITTED",
+        "ISSUED" => "ISSUED",
+        "FAILED" => "FAILED",
+        "CANCELLED" => "CANCELLED",
+        _ => "REPLACED",
+    }
+}
+
+struct WorkInvoiceRef {
+    id: i64,
+    merchant_id: String,
+    order_id: String,
+}
+
+fn simple_event(
+    topic: &str,
+    inv: &WorkInvoiceRef,
+    event_type: crate::events::invoice_events::EventType,
+    status: &'static str,
+    now: DateTime<Utc>,
+) -> NewOutbox {
+    let event = crate::events::invoice_events::InvoiceEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        event_type,
+        occurred_at: crate::events::invoice_events::rfc3339(now),
+        invoice_id: inv.id.to_string(),
+        order_id: inv.order_id.clone(),
+        merchant_id: inv.merchant_id.clone(),
+        status,
+        claim: None,
+        provider: None,
+    };
+    NewOutbox {
+        event_id: uuid::Uuid::parse_str(&event.event_id).unwrap_or_else(|_| uuid::Uuid::new_v4()),
+        topic: topic.to_owned(),
+        key: Some(inv.order_id.as_bytes().to_vec()),
+        payload: serde_json::to_vec(&event).unwrap_or_default(),
+        headers: json!({"type": event_type.as_str()}),
+        has_secret: false,
+    }
+}
+
+/// One page of due, unfinished invoices for the sweeper: `(id, order id, merchant id)` with
+/// id greater than `after`.
+pub async fn due_page(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<(i64, String, String)>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT id, order_id, merchant_id FROM invoice
+         WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now() AND id > $1
+           AND deleted_at IS NULL
+         ORDER BY id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Seconds since the oldest due, unfinished invoice became due (0 when none): the true
+/// "stuck" signal, independent of Redis.
+pub async fn oldest_due_seconds(pool: &PgPool) -> Result<f64, StorageError> {
+    let age: Option<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM now() - min(next_attempt_at))::float8 FROM invoice
+         WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now()",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(age.unwrap_or(0.0).max(0.0))
+}
+
+/// What a replay did to one invoice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// Invoice.
+    pub invoice_id: i64,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Its status before.
+    pub before: String,
+    /// Its status after.
+    pub after: String,
+}
+
+/// Replays an order's FAILED invoices (→ QUEUED, attempts reset, audited). Issued or
+/// otherwise settled invoices are left alone: a replay of an issued invoice is a no-op.
+/// Returns every invoice of the order with what happened to it.
+pub async fn replay(pool: &PgPool, order_id: &str, actor: &str, reason: &str) -> Result<Vec<Replayed>, StorageError> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT id, merchant_id, status FROM invoice WHERE order_id = $1 AND deleted_at IS NULL ORDER BY id FOR UPDATE",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out = Vec::new();
+    let mut audits = Vec::new();
+    for (id, merchant_id, status) in rows {
+        let after = if status == "FAILED" {
+            sqlx::query(
+                "UPDATE invoice SET status = 'QUEUED', attempts = 0, next_attempt_at = now(), last_error = NULL,
+                     updated_at = now() WHERE id = $1 AND status = 'FAILED'",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            audits.push(NewAudit {
+                entity: "invoice",
+                entity_id: id.to_string(),
+                invoice_id: Some(id),
+                merchant_id: Some(merchant_id.clone()),
+                order_id: Some(order_id.to_owned()),
+                event_type: "replayed",
+                outcome: "QUEUED".into(),
+                before: Some(json!({"status": "FAILED"})),
+                after: Some(json!({"status": "QUEUED", "attempt": 0})),
+                actor: actor.to_owned(),
+                reason: Some(reason.to_owned()),
+            });
+            "QUEUED".to_owned()
+        } else {
+            status.clone()
+        };
+        out.push(Replayed { invoice_id: id, merchant_id, before: status, after });
+    }
+    insert_audits(&mut tx, &audits).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Creates a replacement invoice for an issued original, for `buyer`, QUEUED (DOMAIN §7:
+/// a claim on an issued consumer invoice of an `immediate` merchant). The replacement copies
+/// the original's lines, totals and config snapshot, and gets its own id and idempotency key.
+/// Returns `None` if the original is not ISSUED or already has an active replacement.
+pub async fn create_replacement(
+    conn: &mut PgConnection,
+    original_id: i64,
+    replacement_id: i64,
+    buyer: &Value,
+    buyer_kind: &str,
+    reason: &str,
+    actor: &str,
+) -> Result<Option<(String, String)>, StorageError> {
+    let transaction_uuid = crate::stream::transaction_uuid(replacement_id);
+    let created: Option<(String, String)> = sqlx::query_as(
+        "INSERT INTO invoice (id, merchant_id, order_id, kind, replaces_invoice_id, status, issuance_mode,
+             payment_event_id, paid_at, currency, buyer, buyer_kind, lines, total_net, total_vat, total_amount,
+             provider_config_id, config_snapshot, transaction_uuid, next_attempt_at, replacement_reason)
+         SELECT $2, merchant_id, order_id, 'replacement', id, 'QUEUED', issuance_mode, payment_event_id, paid_at,
+             currency, $3, $4, lines, total_net, total_vat, total_amount, provider_config_id, config_snapshot, $5,
+             now(), $6
+         FROM invoice WHERE id = $1 AND status = 'ISSUED' AND kind = 'original'
+         ON CONFLICT DO NOTHING
+         RETURNING merchant_id, order_id",
+    )
+    .bind(original_id)
+    .bind(replacement_id)
+    .bind(buyer)
+    .bind(buyer_kind)
+    .bind(&transaction_uuid)
+    .bind(reason)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((merchant_id, order_id)) = &created {
+        insert_audits(
+            conn,
+            &[NewAudit {
+                entity: "invoice",
+                entity_id: replacement_id.to_string(),
+                invoice_id: Some(replacement_id),
+                merchant_id: Some(merchant_id.clone()),
+                order_id: Some(order_id.clone()),
+                event_type: "replacement_created",
+                outcome: "QUEUED".into(),
+                before: None,
+                after: Some(json!({"status": "QUEUED", "replaces": original_id.to_string(), "buyerKind": buyer_kind})),
+                actor: actor.to_owned(),
+                reason: Some(reason.to_owned()),
+            }],
+        )
+        .await?;
+    }
+    Ok(created)
+}
+
+/// Everything about an order for `invoice inspect`: invoices, attempts, audit trail.
+pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageError> {
+    let invoices: Vec<Value> = sqlx::query_scalar(
+        "SELECT jsonb_build_object('id', id::text, 'merchantId', merchant_id, 'orderId', order_id, 'kind', kind,
+             'replaces', replaces_invoice_id::text, 'status', status, 'buyerKind', buyer_kind,
+             'totalAmount', total_amount::text, 'currency', currency, 'transactionUuid', transaction_uuid,
+             'attempts', attempts, 'nextAttemptAt', next_attempt_at, 'leaseUntil', lease_until,
+             'lastError', last_error, 'invoiceNo', provider_invoice_no, 'series', provider_series,
+             'issuedAt', issued_at, 'provider', config_snapshot->>'provider',
+             'partition', NULL, 'createdAt', created_at, 'updatedAt', updated_at)
+         FROM invoice WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await?;
+    let attempts: Vec<Value> = sqlx::query_scalar(
+        "SELECT jsonb_build_object('invoiceId', a.invoice_id::text, 'attempt', a.attempt_no, 'operation', a.operation,
+             'outcome', a.outcome, 'errorCode', a.error_code, 'durationMs', a.duration_ms, 'worker', a.worker,
+             'startedAt', a.started_at)
+         FROM issuance_attempt a JOIN invoice i ON i.id = a.invoice_id WHERE i.order_id = $1 ORDER BY a.id",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await?;
+    let audit: Vec<Value> = sqlx::query_scalar(
+        "SELECT jsonb_build_object('at', created_at, 'invoiceId', invoice_id::text, 'event', event_type,
+             'outcome', outcome, 'actor', actor, 'reason', reason, 'before', before, 'after', after)
+         FROM audit_log WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(json!({"orderId": order_id, "invoices": invoices, "attempts": attempts, "audit": audit}))
+}
+
+/// FAILED invoices, newest first: the authority behind `dlq list` (Redis may have lost its DLQ).
+pub async fn failed(pool: &PgPool, limit: i64) -> Result<Vec<(i64, String, String, Option<String>, DateTime<Utc>)>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT id, merchant_id, order_id, last_error, updated_at FROM invoice
+         WHERE status = 'FAILED' AND deleted_at IS NULL ORDER BY updated_at DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
