@@ -8,6 +8,7 @@ mod crash;
 mod events;
 mod harness;
 mod http_api;
+mod issuance;
 mod mock_cluster;
 mod stream;
 mod support;

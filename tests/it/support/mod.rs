@@ -327,6 +327,11 @@ pub fn metric_value(text: &str, metric: &str, labels: &[&str]) -> f64 {
 /// Inserts a live provider configuration for `merchant_id` (credentials sealed with the
 /// test key), as the API will.
 pub async fn insert_provider_config(db: &TestDb, merchant_id: &str, id: i64) {
+    insert_provider_config_at(db, merchant_id, id, "http://127.0.0.1:9/api").await;
+}
+
+/// As [`insert_provider_config`], with the provider at `endpoint` (e.g. a [`TestSim`]).
+pub async fn insert_provider_config_at(db: &TestDb, merchant_id: &str, id: i64, endpoint: &str) {
     let keyring = invoice::crypto::Keyring::new(invoice::config::Secret::new({
         let mut key = [0u8; 32];
         hex::decode_to_slice(TEST_KEY, &mut key).unwrap();
@@ -339,16 +344,138 @@ pub async fn insert_provider_config(db: &TestDb, merchant_id: &str, id: i64) {
     sqlx::query(
         "INSERT INTO provider_config (id, merchant_id, provider, endpoint, supplier_tax_code, template_code, series,
              credentials_ciphertext, credentials_nonce, key_id, created_by)
-         VALUES ($1, $2, 'viettel', 'http://127.0.0.1:9/api', '0100109106', '1/001', 'C26TAA', $3, $4, $5, 'test')",
+         VALUES ($1, $2, 'viettel', $6, '0100109106', '1/001', 'C26TAA', $3, $4, $5, 'test')",
     )
     .bind(id)
     .bind(merchant_id)
     .bind(&sealed.ciphertext)
     .bind(&sealed.nonce)
     .bind(&sealed.key_id)
+    .bind(endpoint)
     .execute(&db.pool)
     .await
     .unwrap();
+}
+
+/// The provider simulator running in this process on an ephemeral port.
+pub struct TestSim {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its state (counters, knobs).
+    pub sim: invoice::providers::sim::Sim,
+    shutdown: CancellationToken,
+}
+
+impl TestSim {
+    /// Starts a simulator with `knobs`.
+    pub async fn spawn(knobs: invoice::providers::sim::Knobs) -> TestSim {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sim = invoice::providers::sim::Sim::new(knobs);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(invoice::providers::sim::serve(listener, sim.clone(), shutdown.clone()));
+        TestSim { addr, sim, shutdown }
+    }
+
+    /// The API base URL to put in a provider configuration.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}/services/einvoiceapplication/api", self.addr)
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> invoice::providers::sim::Stats {
+        self.sim.stats()
+    }
+
+    /// Changes knobs at run time, through its HTTP endpoint as an operator would.
+    pub async fn knobs(&self, changes: serde_json::Value) {
+        let response = reqwest::Client::new()
+            .put(format!("http://{}/sim/knobs", self.addr))
+            .json(&changes)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "knobs refused: {}", response.text().await.unwrap());
+    }
+}
+
+impl Drop for TestSim {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The environment of stream and workers on `db` and `topics`, sharing a private queue
+/// prefix, with timings shrunk from minutes to a few hundred milliseconds.
+pub fn issuance_env(db: &TestDb, topics: &invoice::config::Topics, group: &str) -> HashMap<String, String> {
+    let mut env = stream_env(db, topics, group);
+    for (k, v) in [
+        ("QUEUE_PREFIX", unique("iq-t-")),
+        ("QUEUE_LEASE_MS", "2000".into()),
+        ("QUEUE_BACKOFF_BASE_MS", "50".into()),
+        ("QUEUE_BACKOFF_CAP_MS", "400".into()),
+        ("SWEEP_INTERVAL_MS", "500".into()),
+        ("PROVIDER_TIMEOUT_MS", "1500".into()),
+        ("PROVIDER_SAFE_WAIT_MS", "300".into()),
+        ("PROVIDER_LOOKUP_INTERVAL_MS", "300".into()),
+        ("WORKER_CONCURRENCY", "32".into()),
+    ] {
+        env.insert(format!("APP_ENV_INVOICE_{k}"), v);
+    }
+    env
+}
+
+/// `invoice worker` running in this process, through the production `run_worker`.
+pub struct TestWorker {
+    /// Where its health/metrics listener is.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestWorker {
+    /// Starts a worker with `env` (a fresh worker id is drawn).
+    pub async fn spawn(env: &HashMap<String, String>) -> TestWorker {
+        init_logs();
+        let mut env = env.clone();
+        env.insert("APP_ENV_INVOICE_WORKER_ID".into(), next_worker_id().to_string());
+        let cfg = Config::from_source(&env, Mode::Worker).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(invoice::app::run_worker(cfg, listener, shutdown.clone()));
+        TestWorker { addr, shutdown, task }
+    }
+
+    /// The Prometheus text of its registry.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.addr)).await.unwrap().text().await.unwrap()
+    }
+
+    /// Graceful stop.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+/// The queue of `env` (same Redis and prefix as its workers).
+pub fn queue_of(env: &HashMap<String, String>) -> invoice::queue::Queue {
+    let cfg = Config::from_source(env, Mode::Tool).unwrap();
+    invoice::app::queue(&cfg).unwrap()
+}
+
+/// Deletes every Redis key of the queue prefix in `env`: what FLUSHALL does to this test's
+/// queue, without touching the queues of tests running beside it.
+pub async fn wipe_queue(env: &HashMap<String, String>) -> usize {
+    let prefix = env.get("APP_ENV_INVOICE_QUEUE_PREFIX").unwrap().clone();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+    }
+    keys.len()
 }
 
 /// Stores a merchant's TaxInfo directly (as the CDC consumer would), for tests about payments.

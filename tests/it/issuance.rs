@@ -1,0 +1,380 @@
+//! Issuance end to end: payments in Kafka → stream → Redis queue → workers → the provider
+//! simulator, against the real local stack. Every test asserts on invoices, provider-side
+//! counts (one invoice per transaction UUID), attempt rows, audit rows and metrics.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use invoice::providers::sim::Knobs;
+use serde_json::{json, Value};
+
+use crate::events::{cdc, payment, tax};
+use crate::support::kafka::{produce, producer, TestTopics};
+use crate::support::{
+    insert_provider_config_at, invoice_cmd, issuance_env, metric_value, queue_of, unique, wait_until, wipe_queue,
+    TestDb, TestSim, TestStream, TestWorker,
+};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A merchant `M-1` with its provider at `sim`, a stream and the environment for workers.
+struct Setup {
+    db: TestDb,
+    topics: TestTopics,
+    env: HashMap<String, String>,
+    stream: TestStream,
+    sim: TestSim,
+}
+
+async fn setup(knobs: Knobs, mode: &str) -> Setup {
+    setup_with(knobs, mode, |_| {}).await
+}
+
+async fn setup_with(knobs: Knobs, mode: &str, tweak: impl FnOnce(&mut HashMap<String, String>)) -> Setup {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(3).await;
+    let sim = TestSim::spawn(knobs).await;
+    let mut env = issuance_env(&db, &topics.names, &unique("g-"));
+    tweak(&mut env);
+    let p = producer();
+    let mut merchant_tax = tax(mode);
+    if mode == "claim_window" {
+        merchant_tax["claimWindowMinutes"] = json!(0);
+    }
+    produce(&p, &topics.names.merchant_cdc, "M-1", Some(cdc("c", "M-1", merchant_tax, 10).to_string().as_bytes()), &[])
+        .await;
+    insert_provider_config_at(&db, "M-1", 1, &sim.endpoint()).await;
+    let stream = TestStream::spawn(&env).await;
+    let s = Setup { db, topics, env, stream, sim };
+    s.wait_count("SELECT count(*) FROM merchant_tax_info", 1).await;
+    s
+}
+
+impl Setup {
+    async fn pay(&self, orders: impl IntoIterator<Item = String>) {
+        let p = producer();
+        for order in orders {
+            let value = payment(&uuid::Uuid::new_v4().to_string(), &order, "M-1").to_string();
+            produce(&p, &self.topics.names.payment, &order, Some(value.as_bytes()), &[]).await;
+        }
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        let v: Option<Option<i64>> = sqlx::query_scalar(sql).fetch_optional(&self.db.pool).await.unwrap();
+        v.flatten().unwrap_or(-1)
+    }
+
+    async fn wait_count(&self, sql: &str, expected: i64) {
+        let what = format!("`{sql}` to reach {expected}");
+        wait_until(WAIT, &what, || async { (self.scalar(sql).await == expected).then_some(()) }).await;
+    }
+
+    async fn status_of(&self, order: &str) -> Vec<String> {
+        sqlx::query_scalar("SELECT status FROM invoice WHERE order_id = $1 ORDER BY id")
+            .bind(order)
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Every invoice has exactly one invoice at the simulator under its transaction UUID.
+    async fn assert_one_provider_invoice_each(&self) {
+        let uuids: Vec<String> = sqlx::query_scalar("SELECT transaction_uuid FROM invoice WHERE status = 'ISSUED'")
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap();
+        for uuid in uuids {
+            let body: Vec<Value> = reqwest::get(format!("http://{}/sim/invoices/{uuid}", self.sim.addr))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(body.len(), 1, "transaction {uuid}: {body:?}");
+        }
+        assert_eq!(self.sim.stats().duplicates, 0, "{:?}", self.sim.stats());
+        assert_eq!(self.sim.stats().overlaps, 0, "{:?}", self.sim.stats());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_orders_are_issued_once_each_with_attempts_audit_events_and_metrics() {
+    let s = setup(Knobs { latency_ms: 5, ..Knobs::default() }, "immediate").await;
+    let worker = TestWorker::spawn(&s.env).await;
+    s.pay((0..40).map(|i| format!("ORD-H-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 40).await;
+
+    assert_eq!(s.sim.stats().issued, 40);
+    s.assert_one_provider_invoice_each().await;
+    // Number and codes adopted; the consumer wording of the rule set reached the provider.
+    assert_eq!(
+        s.scalar("SELECT count(*) FROM invoice WHERE provider_invoice_no LIKE 'C26TAA%' AND reservation_code IS NOT NULL AND issued_at IS NOT NULL AND lease_owner IS NULL").await,
+        40
+    );
+    assert_eq!(s.scalar("SELECT count(*) FROM issuance_attempt WHERE operation = 'create' AND outcome = 'issued'").await, 40);
+    // Attempt rows keep no personal data.
+    let leaked = s
+        .scalar("SELECT count(*) FROM issuance_attempt WHERE request::text LIKE '%a@example.vn%' OR request::text LIKE '%0901234567%'")
+        .await;
+    assert_eq!(leaked, 0);
+    assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'invoice.issued'").await, 40);
+    assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'issuance_started'").await, 40);
+    // Events go out through the outbox relay of the worker (or the stream's).
+    s.wait_count("SELECT count(*) FROM outbox WHERE headers->>'type' = 'invoice.issued'", 0).await;
+
+    let text = worker.metrics().await;
+    assert_eq!(metric_value(&text, "invoice_issuance_attempts_total", &["outcome=\"issued\"", "operation=\"create\""]), 40.0);
+    assert_eq!(metric_value(&text, "invoice_issuance_transitions_total", &["status=\"ISSUED\""]), 40.0);
+    assert!(metric_value(&text, "invoice_provider_latency_seconds_count", &["operation=\"create\""]) >= 40.0);
+    // The queue is empty afterwards: every job completed.
+    let depths = queue_of(&s.env).depths().await.unwrap();
+    assert!(depths.iter().all(|d| d.waiting == 0 && d.active == 0 && d.delayed == 0 && d.dead == 0), "{depths:?}");
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_after_issuing_is_found_by_lookup_and_never_issued_twice() {
+    // The simulator issues, then hangs past the client timeout (1.5 s) for the first 3 creates.
+    let s = setup(Knobs { timeout_first: 3, hang_ms: 4_000, ..Knobs::default() }, "immediate").await;
+    let worker = TestWorker::spawn(&s.env).await;
+    s.pay((0..6).map(|i| format!("ORD-T-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 6).await;
+    assert_eq!(s.sim.stats().injected_timeouts, 3);
+    assert_eq!(s.sim.stats().issued, 6, "{:?}", s.sim.stats());
+    s.assert_one_provider_invoice_each().await;
+    assert_eq!(s.scalar("SELECT count(*) FROM issuance_attempt WHERE outcome = 'ambiguous'").await, 3);
+    // Each ambiguous outcome was followed by a lookup that found the invoice.
+    assert_eq!(
+        s.scalar("SELECT count(*) FROM issuance_attempt WHERE operation = 'lookup' AND outcome = 'issued'").await,
+        3
+    );
+    assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'issuance_ambiguous'").await, 3);
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_without_a_number_is_submitted_then_issued() {
+    let s = setup(
+        Knobs { accept_without_number_first: 2, number_delay_ms: 1_500, latency_ms: 0, ..Knobs::default() },
+        "immediate",
+    )
+    .await;
+    let worker = TestWorker::spawn(&s.env).await;
+    s.pay(["ORD-S-1".to_owned(), "ORD-S-2".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM audit_log WHERE event_type = 'issuance_submitted'", 2).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 2).await;
+    assert!(s.scalar("SELECT count(*) FROM invoice WHERE submitted_at IS NOT NULL").await == 2);
+    assert!(s.scalar("SELECT count(*) FROM issuance_attempt WHERE operation = 'lookup' AND outcome = 'issued'").await >= 2);
+    s.assert_one_provider_invoice_each().await;
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_are_retried_with_backoff_and_permanent_ones_fail_to_the_dlq() {
+    let s = setup(Knobs { fail_first: 3, ..Knobs::default() }, "immediate").await;
+    let worker = TestWorker::spawn(&s.env).await;
+    s.pay(["ORD-R-1".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 1).await;
+    let outcomes: Vec<(String, i32)> = sqlx::query_as("SELECT outcome, attempt_no FROM issuance_attempt ORDER BY id")
+        .fetch_all(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![("retryable".into(), 1), ("retryable".into(), 2), ("retryable".into(), 3), ("issued".into(), 4)]
+    );
+    assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'issuance_retry'").await, 3);
+
+    // A permanent error: FAILED at once, dead-lettered, audited with the provider's code.
+    s.sim.knobs(json!({"permanentFirst": 1})).await;
+    s.pay(["ORD-P-1".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'FAILED'", 1).await;
+    assert_eq!(s.scalar("SELECT count(*) FROM issuance_attempt WHERE outcome = 'permanent'").await, 1);
+    let reason: String = sqlx::query_scalar("SELECT reason FROM audit_log WHERE event_type = 'invoice.failed'")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert!(reason.starts_with("INVOICE_SERIAL_NOT_FOUND"), "{reason}");
+    let queue = queue_of(&s.env);
+    wait_until(WAIT, "the job in the DLQ", || async {
+        (queue.job_state("ORD-P-1").await.unwrap().0.as_deref() == Some("dead")).then_some(())
+    })
+    .await;
+
+    // The operator sees it, fixes the cause (the simulator now accepts) and requeues.
+    let list = invoice_cmd(&s.env).args(["dlq", "list"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success() && listed.contains("ORD-P-1") && listed.contains("dead"), "{listed}");
+    let requeue = invoice_cmd(&s.env).args(["dlq", "requeue", "ORD-P-1"]).output().unwrap();
+    assert!(requeue.status.success(), "{}", String::from_utf8_lossy(&requeue.stderr));
+    assert!(String::from_utf8_lossy(&requeue.stdout).contains("job requeued, partition:"));
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 2).await;
+    assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'replayed'").await, 1);
+    // A second requeue has nothing FAILED to act on.
+    let again = invoice_cmd(&s.env).args(["dlq", "requeue", "ORD-P-1"]).output().unwrap();
+    assert_eq!(again.status.code(), Some(4));
+    s.assert_one_provider_invoice_each().await;
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_enqueues_and_a_replay_of_an_issued_invoice_call_the_provider_no_more() {
+    let s = setup(Knobs::default(), "immediate").await;
+    let worker = TestWorker::spawn(&s.env).await;
+    s.pay(["ORD-D-1".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 1).await;
+    let creates = s.sim.stats().creates;
+    // With no worker running (a finished job leaves Redis, so a later enqueue is new again):
+    worker.stop().await.unwrap();
+
+    // 100 concurrent enqueues of the same order: one job, and no provider call.
+    let queue = queue_of(&s.env);
+    let jobs = futures::future::join_all((0..100).map(|_| {
+        let queue = queue.clone();
+        async move {
+            let payload = invoice::queue::JobPayload { merchant_id: "M-1".into(), enqueued_at_ms: 0, source: "test".into() };
+            queue.enqueue(&[("ORD-D-1".into(), payload)]).await.unwrap()[0]
+        }
+    }))
+    .await;
+    assert_eq!(jobs.iter().filter(|j| **j == invoice::queue::Enqueued::New).count(), 1);
+    let worker = TestWorker::spawn(&s.env).await;
+    wait_until(WAIT, "the duplicate job to complete", || async {
+        queue.job_state("ORD-D-1").await.unwrap().0.is_none().then_some(())
+    })
+    .await;
+    let replay = invoice_cmd(&s.env).args(["replay", "ORD-D-1"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    assert!(replay.status.success() && stdout.contains("ISSUED -> ISSUED") && stdout.contains("nothing to issue"), "{stdout}");
+    assert_eq!(s.sim.stats().creates, creates);
+    assert_eq!(s.scalar("SELECT count(*) FROM issuance_attempt").await, 1);
+    // Unknown order: exit 3.
+    assert_eq!(invoice_cmd(&s.env).args(["replay", "ORD-NOPE"]).output().unwrap().status.code(), Some(3));
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_everything_loses_no_invoice() {
+    let s = setup(Knobs { latency_ms: 20, ..Knobs::default() }, "immediate").await;
+    let worker = TestWorker::spawn(&s.env).await;
+    s.pay((0..150).map(|i| format!("ORD-F-{i}"))).await;
+    // Wipe the queue while invoices are being issued (what FLUSHALL does to it).
+    wait_until(WAIT, "issuance to be under way", || async {
+        (s.scalar("SELECT count(*) FROM invoice WHERE status = 'ISSUED'").await >= 10).then_some(())
+    })
+    .await;
+    let wiped = wipe_queue(&s.env).await;
+    assert!(wiped > 0);
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 150).await;
+    s.assert_one_provider_invoice_each().await;
+    assert_eq!(s.sim.stats().issued, 150);
+    let text = worker.metrics().await;
+    assert!(metric_value(&text, "invoice_sweeper_reenqueued_total", &[]) > 0.0, "the sweeper did the recovery");
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_queue_without_running_one_key_twice() {
+    let s = setup(Knobs { latency_ms: 15, ..Knobs::default() }, "immediate").await;
+    let a = TestWorker::spawn(&s.env).await;
+    let b = TestWorker::spawn(&s.env).await;
+    s.pay((0..120).map(|i| format!("ORD-W-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 120).await;
+    s.assert_one_provider_invoice_each().await;
+    let (ta, tb) = (a.metrics().await, b.metrics().await);
+    let (ia, ib) = (
+        metric_value(&ta, "invoice_issuance_transitions_total", &["status=\"ISSUED\""]),
+        metric_value(&tb, "invoice_issuance_transitions_total", &["status=\"ISSUED\""]),
+    );
+    assert_eq!(ia + ib, 120.0);
+    assert!(ia > 0.0 && ib > 0.0, "both workers took jobs: {ia} + {ib}");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_claims_queue_the_invoice_exactly_once_with_several_workers() {
+    // claim_window with a window of 0 minutes: every claim is past its deadline at once.
+    let s = setup(Knobs::default(), "claim_window").await;
+    s.pay((0..20).map(|i| format!("ORD-C-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'PENDING_CLAIM'", 20).await;
+    let a = TestWorker::spawn(&s.env).await;
+    let b = TestWorker::spawn(&s.env).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 20).await;
+    assert_eq!(s.scalar("SELECT count(*) FROM claim WHERE status = 'EXPIRED'").await, 20);
+    assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'claim_expired'").await, 20);
+    assert_eq!(
+        s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'claim_expired' AND outcome = 'QUEUED'").await,
+        20
+    );
+    s.assert_one_provider_invoice_each().await;
+    let expired = metric_value(&a.metrics().await, "invoice_claims_total", &["event=\"expired\""])
+        + metric_value(&b.metrics().await, "invoice_claims_total", &["event=\"expired\""]);
+    assert_eq!(expired, 20.0);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_is_issued_with_adjustment_type_3_and_the_original_becomes_replaced() {
+    let s = setup(Knobs::default(), "immediate").await;
+    let worker = TestWorker::spawn(&s.env).await;
+    s.pay(["ORD-X-1".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 1).await;
+    let (original_id, original_no): (i64, String) =
+        sqlx::query_as("SELECT id, provider_invoice_no FROM invoice WHERE order_id = 'ORD-X-1'")
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap();
+    let buyer = json!({"legalName": "Công ty TNHH Mua Hàng", "taxCode": "0101243150", "address": "2 Lý Thường Kiệt, Hà Nội"});
+    let replacement_id = original_id + 1;
+    let mut tx = s.db.pool.begin().await.unwrap();
+    let created = invoice::storage::issuance::create_replacement(
+        &mut tx,
+        original_id,
+        replacement_id,
+        &buyer,
+        "company",
+        "buyer claimed a company invoice",
+        "test",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(created.is_some());
+    let queue = queue_of(&s.env);
+    invoice::issuance::enqueue(&queue, &invoice::metrics::Metrics::new(), &[("ORD-X-1".into(), "M-1".into())], "claim")
+        .await
+        .unwrap();
+    wait_until(WAIT, "the original to be REPLACED", || async {
+        (s.status_of("ORD-X-1").await == ["REPLACED", "ISSUED"]).then_some(())
+    })
+    .await;
+    let uuid: String = sqlx::query_scalar("SELECT transaction_uuid FROM invoice WHERE id = $1")
+        .bind(replacement_id)
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    let at_sim: Vec<Value> = reqwest::get(format!("http://{}/sim/invoices/{uuid}", s.sim.addr)).await.unwrap().json().await.unwrap();
+    assert_eq!(at_sim.len(), 1);
+    assert_eq!(at_sim[0]["adjustmentType"], "3");
+    assert_eq!(at_sim[0]["originalInvoiceId"], original_no.as_str());
+    assert_eq!(at_sim[0]["buyerTaxCode"], "0101243150");
+    assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'invoice.replaced'").await, 1);
+    // A second replacement of a REPLACED invoice is refused.
+    let mut tx = s.db.pool.begin().await.unwrap();
+    let again = invoice::storage::issuance::create_replacement(&mut tx, original_id, replacement_id + 1, &buyer, "company", "again", "test")
+        .await
+        .unwrap();
+    assert!(again.is_none());
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
