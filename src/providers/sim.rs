@@ -10,7 +10,8 @@
 //!
 //! Knobs (flags at start, `PUT /sim/knobs` at run time): latency, transient errors by status
 //! and rate (or "the next N"), permanent errors, timeouts after issuing, accepted without a
-//! number. `GET /sim/stats` counts everything; `GET /sim/invoices/{uuid}` shows one key.
+//! number. `GET /sim/stats` counts everything; `GET /sim/invoices/{uuid}` shows one key;
+//! `POST /sim/revoke-tokens` invalidates every session.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -247,6 +248,11 @@ impl Sim {
                     _ => reply(StatusCode::BAD_REQUEST, &json!({"error": "a JSON object of knobs is expected"})),
                 }
             }
+            (Method::POST, "/sim/revoke-tokens") => {
+                // As when the provider restarts or invalidates sessions before `expires_in`.
+                self.lock_inner().tokens.clear();
+                reply(StatusCode::OK, &json!({"revoked": true}))
+            }
             (Method::POST, "/sim/reset") => {
                 *self.lock_inner() = Inner::default();
                 reply(StatusCode::OK, &json!({"reset": true}))
@@ -313,19 +319,23 @@ impl Sim {
             let accept_only = !fail && !permanent && take(&mut k.accept_without_number_first, accept_rate);
             (k.latency_ms, fail, k.fail_status, permanent, timeout, k.hang_ms, accept_only, k.number_delay_ms)
         };
-        {
+        // A request arriving while another with its key is in flight is processed as new:
+        // Viettel creates a second invoice then.
+        let overlapping = {
             let mut inner = self.lock_inner();
             inner.stats.creates += 1;
             let in_flight = inner.in_flight.entry(uuid.clone()).or_insert(0);
             *in_flight += 1;
-            if *in_flight > 1 {
+            let overlapping = *in_flight > 1;
+            if overlapping {
                 inner.stats.overlaps += 1;
             }
-        }
+            overlapping
+        };
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
-        let response = self.issue(&body, &uuid, fail, fail_status, permanent, accept_only, number_delay);
+        let response = self.issue(&body, &uuid, overlapping, fail, fail_status, permanent, accept_only, number_delay);
         {
             let mut inner = self.lock_inner();
             if let Some(n) = inner.in_flight.get_mut(&uuid) {
@@ -347,6 +357,7 @@ impl Sim {
         &self,
         body: &Value,
         uuid: &str,
+        overlapping: bool,
         fail: bool,
         fail_status: u16,
         permanent: bool,
@@ -366,7 +377,6 @@ impl Sim {
                 &json!({"errorCode": "INVOICE_SERIAL_NOT_FOUND", "description": "Không tìm thấy ký hiệu hóa đơn", "result": null}),
             );
         }
-        let overlapping = inner.in_flight.get(uuid).copied().unwrap_or(0) > 1;
         if let (Some(existing), false) = (inner.by_uuid.get(uuid).and_then(|v| v.first()).cloned(), overlapping) {
             // A repeat after the first finished: the first invoice again.
             inner.stats.repeats += 1;
@@ -472,7 +482,15 @@ pub async fn serve(listener: TcpListener, sim: Sim, shutdown: CancellationToken)
         let sim = sim.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let sim = sim.clone();
-            async move { Ok::<_, Infallible>(sim.handle(request).await) }
+            // Like a real server, finish a request whose client went away (a killed worker):
+            // the invoice it was issuing still gets issued, which is what our lookups must
+            // find. Hyper would otherwise drop the handler with the connection.
+            let handling = tokio::spawn(async move { sim.handle(request).await });
+            async move {
+                Ok::<_, Infallible>(handling.await.unwrap_or_else(|_| {
+                    reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"code": 500, "message": "SIM_PANIC"}))
+                }))
+            }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let stop = shutdown.clone();

@@ -378,3 +378,135 @@ async fn a_replacement_is_issued_with_adjustment_type_3_and_the_original_becomes
     worker.stop().await.unwrap();
     s.stream.stop().await.unwrap();
 }
+
+fn spawn_worker_process(env: &HashMap<String, String>) -> std::process::Child {
+    let mut env = env.clone();
+    env.insert("APP_ENV_INVOICE_WORKER_ID".into(), crate::support::next_worker_id().to_string());
+    invoice_cmd(&env)
+        .arg("worker")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_with_sigkill_during_provider_calls_issue_every_invoice_exactly_once() {
+    // 60 ms per call, so kills land in the middle of calls.
+    let s = setup(Knobs { latency_ms: 60, ..Knobs::default() }, "immediate").await;
+    let total = 300;
+    s.pay((0..total).map(|i| format!("ORD-K-{i}"))).await;
+    let mut workers = vec![spawn_worker_process(&s.env), spawn_worker_process(&s.env)];
+    let mut kills = 0;
+    let deadline = std::time::Instant::now() + WAIT;
+    while s.scalar("SELECT count(*) FROM invoice WHERE status = 'ISSUED'").await < total && kills < 12 {
+        assert!(std::time::Instant::now() < deadline, "issuance did not progress under kills");
+        // Wait for some progress, then kill one worker mid-flight and start a fresh one.
+        let before = s.sim.stats().creates;
+        wait_until(WAIT, "provider calls to be under way", || async {
+            (s.sim.stats().creates > before + 5).then_some(())
+        })
+        .await;
+        let victim = kills % workers.len();
+        workers[victim].kill().unwrap();
+        workers[victim].wait().unwrap();
+        workers[victim] = spawn_worker_process(&s.env);
+        kills += 1;
+    }
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", total).await;
+    for mut w in workers {
+        w.kill().unwrap();
+        w.wait().unwrap();
+    }
+    assert!(kills >= 3, "only {kills} kills happened");
+    s.assert_one_provider_invoice_each().await;
+    assert_eq!(s.sim.stats().issued, total as u64, "{:?}", s.sim.stats());
+    assert_eq!(s.scalar("SELECT count(DISTINCT transaction_uuid) FROM invoice").await, total);
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_calls_finish_and_exits_zero() {
+    let s = setup(Knobs { latency_ms: 300, ..Knobs::default() }, "immediate").await;
+    s.pay((0..20).map(|i| format!("ORD-G-{i}"))).await;
+    let mut worker = spawn_worker_process(&s.env);
+    wait_until(WAIT, "calls in flight", || async { (s.sim.stats().creates > 0).then_some(()) }).await;
+    let term = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let status = wait_until(WAIT, "the worker to exit", || {
+        let exited = worker.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "exit status {status:?}");
+    // Whatever it had started was finished: nothing is left ISSUING under its lease.
+    assert_eq!(s.scalar("SELECT count(*) FROM invoice WHERE status = 'ISSUING'").await, 0);
+    let worker = TestWorker::spawn(&s.env).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 20).await;
+    s.assert_one_provider_invoice_each().await;
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_catches_concurrent_creates_with_one_key_as_viettel_would_issue_them() {
+    use invoice::domain::document::{self, Document, Seller};
+    use invoice::domain::money::{self, LineInput, VatRate};
+    use invoice::providers::{viettel, Outcome, Provider, Target};
+    let sim = TestSim::spawn(Knobs { latency_ms: 200, ..Knobs::default() }).await;
+    let provider = viettel::Viettel::new(viettel::Settings::default()).unwrap();
+    let target = Target {
+        endpoint: sim.endpoint(),
+        supplier_tax_code: "0100109106".into(),
+        username: "0100109106-509".into(),
+        password: invoice::config::Secret::new("pw".into()),
+    };
+    let inputs = vec![LineInput {
+        sku: None,
+        name: "Bánh mì".into(),
+        unit: None,
+        quantity: 3.into(),
+        unit_price: 25_000.into(),
+        vat_rate: VatRate::Ten,
+    }];
+    let (lines, totals) = money::compute("VND", &inputs).unwrap();
+    let now = chrono::Utc::now();
+    let doc = Document {
+        invoice_id: 1,
+        transaction_uuid: invoice::stream::transaction_uuid(1),
+        template_code: "1/001".into(),
+        series: "C26TAA".into(),
+        legal_time: now,
+        issued_at: now,
+        currency: "VND".into(),
+        seller: Seller { tax_code: "0100109106".into(), ..Seller::default() },
+        buyer: None,
+        paid_total: totals.gross,
+        lines,
+        totals,
+        replaces: None,
+    };
+    let prepared = document::validate(&doc).unwrap();
+    // Two concurrent creates with one key: the provider issues twice (what we must never do).
+    let (a, b) = tokio::join!(provider.create(&target, &doc, &prepared), provider.create(&target, &doc, &prepared));
+    assert!(matches!(a.outcome, Outcome::Issued(_)) && matches!(b.outcome, Outcome::Issued(_)));
+    assert_eq!((sim.stats().overlaps, sim.stats().duplicates), (1, 1));
+    // A repeat after they finished answers with the first invoice; a lookup finds it.
+    let c = provider.create(&target, &doc, &prepared).await;
+    assert_eq!(sim.stats().repeats, 1);
+    let (Outcome::Issued(first), Outcome::Issued(again)) = (&a.outcome, &c.outcome) else { panic!() };
+    assert_eq!(first.invoice_no, again.invoice_no);
+    let found = provider.lookup(&target, &doc.transaction_uuid).await;
+    assert!(matches!(found.outcome, Outcome::Issued(ref i) if i.invoice_no == first.invoice_no));
+    assert_eq!(provider.lookup(&target, "0000000000-not-there").await.outcome, Outcome::NotFound);
+    // The provider drops its sessions: the adapter logs in again once and carries on.
+    let logins = sim.stats().logins;
+    reqwest::Client::new().post(format!("http://{}/sim/revoke-tokens", sim.addr)).send().await.unwrap();
+    let d = provider.lookup(&target, &doc.transaction_uuid).await;
+    assert!(matches!(d.outcome, Outcome::Issued(_)), "{:?}", d.outcome);
+    assert_eq!(sim.stats().logins, logins + 1);
+    assert!(sim.stats().token_refusals >= 1);
+    // The recorded request carries no credentials and the response no lookup secret.
+    assert!(!a.request.unwrap().to_string().contains("pw"));
+    assert!(a.response.unwrap().to_string().contains("\"reservationCode\":\"***\""));
+}

@@ -10,6 +10,7 @@ mod harness;
 mod http_api;
 mod issuance;
 mod mock_cluster;
+mod queue;
 mod stream;
 mod support;
 mod topics;

@@ -1,0 +1,155 @@
+//! The Redis queue's moves against the real Redis: dedupe, leases and their expiry, stale
+//! tokens, retries, the DLQ, hand-back; the state invariant is checked after every step.
+
+use std::time::Duration;
+
+use invoice::queue::{Enqueued, Job, JobPayload, Queue, Retry};
+
+use crate::support::{redis_url, unique, wait_until};
+
+fn queue() -> (Queue, String) {
+    let prefix = unique("iq-q-");
+    let pool = deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    (Queue::new(pool, 3, &prefix), prefix)
+}
+
+fn payload() -> JobPayload {
+    JobPayload { merchant_id: "M-1".into(), enqueued_at_ms: invoice::queue::now_ms(), source: "test".into() }
+}
+
+/// Every id named in `state` is in exactly the structure its state names, and nowhere else.
+async fn check_invariant(prefix: &str, partition: u32) {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let k = |s: &str| format!("{prefix}:{{p{partition}}}:{s}");
+    let state: std::collections::HashMap<String, String> =
+        redis::cmd("HGETALL").arg(k("state")).query_async(&mut c).await.unwrap();
+    let wait: Vec<String> = redis::cmd("LRANGE").arg(k("wait")).arg(0).arg(-1).query_async(&mut c).await.unwrap();
+    for (zset, name) in [("active", "active"), ("delayed", "delayed"), ("dlq", "dead")] {
+        let members: Vec<String> = redis::cmd("ZRANGE").arg(k(zset)).arg(0).arg(-1).query_async(&mut c).await.unwrap();
+        for m in &members {
+            assert_eq!(state.get(m).map(String::as_str), Some(name), "{m} in {zset}");
+        }
+        let named = state.values().filter(|s| s.as_str() == name).count();
+        assert_eq!(named, members.len(), "{zset}: {state:?}");
+    }
+    for (id, s) in &state {
+        if s == "waiting" {
+            assert!(wait.contains(id), "{id} waiting but not in the list");
+        }
+    }
+}
+
+async fn claim_one(q: &Queue, partition: u32, lease: Duration) -> Option<Job> {
+    q.claim(partition, 1, lease).await.unwrap().jobs.into_iter().next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedupe_lease_expiry_and_stale_tokens() {
+    let (q, prefix) = queue();
+    let order = "ORD-Q-1".to_owned();
+    let p = q.partition_of(&order);
+    let answers = q.enqueue(&[(order.clone(), payload()), (order.clone(), payload())]).await.unwrap();
+    assert_eq!(answers, vec![Enqueued::New, Enqueued::Duplicate]);
+    check_invariant(&prefix, p).await;
+
+    let first = claim_one(&q, p, Duration::from_millis(100)).await.unwrap();
+    assert_eq!((first.order_id.as_str(), first.delivery), ("ORD-Q-1", 1));
+    check_invariant(&prefix, p).await;
+    // Enqueue while active: no change.
+    assert_eq!(q.enqueue(&[(order.clone(), payload())]).await.unwrap(), vec![Enqueued::Duplicate]);
+    assert!(claim_one(&q, p, Duration::from_secs(5)).await.is_none());
+
+    // The lease expires (the worker died): the next claimer takes it back, as delivery 2.
+    let second = wait_until(Duration::from_secs(5), "the expired lease to be reclaimed", || {
+        let q = q.clone();
+        async move { claim_one(&q, p, Duration::from_secs(5)).await }
+    })
+    .await;
+    assert_eq!((second.order_id.as_str(), second.delivery), ("ORD-Q-1", 2));
+    assert_ne!(first.token, second.token);
+    check_invariant(&prefix, p).await;
+    // The zombie's moves are refused; the owner's are not.
+    assert_eq!(q.extend(p, &[&first], Duration::from_secs(5)).await.unwrap(), vec!["ORD-Q-1".to_owned()]);
+    assert_eq!(q.complete(p, &[&first]).await.unwrap(), 1);
+    assert!(!q.dead(&first, "zombie").await.unwrap());
+    assert_eq!(q.job_state(&order).await.unwrap().0.as_deref(), Some("active"));
+    assert!(q.extend(p, &[&second], Duration::from_secs(5)).await.unwrap().is_empty());
+    assert_eq!(q.complete(p, &[&second]).await.unwrap(), 0);
+    assert_eq!(q.job_state(&order).await.unwrap().0, None);
+    check_invariant(&prefix, p).await;
+    // Finished jobs leave Redis: a new enqueue is accepted (the worker re-reads Postgres).
+    assert_eq!(q.enqueue(&[(order, payload())]).await.unwrap(), vec![Enqueued::New]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_wait_their_delay_dead_jobs_requeue_and_released_jobs_keep_their_place() {
+    let (q, prefix) = queue();
+    // Three orders in one partition.
+    let orders: Vec<String> = (0..200).map(|i| format!("ORD-R-{i}")).filter(|o| q.partition_of(o) == 1).take(3).collect();
+    let jobs: Vec<(String, JobPayload)> = orders.iter().map(|o| (o.clone(), payload())).collect();
+    q.enqueue(&jobs).await.unwrap();
+    let claimed = q.claim(1, 10, Duration::from_secs(30)).await.unwrap().jobs;
+    assert_eq!(claimed.iter().map(|j| j.order_id.clone()).collect::<Vec<_>>(), orders, "FIFO within a partition");
+
+    // Retry the first in 300 ms, dead-letter the second, hand back the third.
+    let stale = q
+        .retry(1, &[Retry { job: &claimed[0], delay: Duration::from_millis(300), error: "HTTP_503".into() }])
+        .await
+        .unwrap();
+    assert_eq!(stale, 0);
+    assert!(q.dead(&claimed[1], "INVOICE_SERIAL_NOT_FOUND").await.unwrap());
+    q.release(1, &[&claimed[2]]).await.unwrap();
+    check_invariant(&prefix, 1).await;
+    let depth = q.depths().await.unwrap()[1];
+    assert_eq!((depth.waiting, depth.active, depth.delayed, depth.dead), (1, 0, 1, 1));
+
+    // The released job comes back first, with its delivery count unchanged.
+    let back = claim_one(&q, 1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!((back.order_id.as_str(), back.delivery), (orders[2].as_str(), 1));
+    q.complete(1, &[&back]).await.unwrap();
+    // The delayed job is not claimable before its time, then is.
+    assert!(claim_one(&q, 1, Duration::from_secs(30)).await.is_none());
+    let retried = wait_until(Duration::from_secs(5), "the retry to come due", || {
+        let q = q.clone();
+        async move { claim_one(&q, 1, Duration::from_secs(30)).await }
+    })
+    .await;
+    assert_eq!((retried.order_id.as_str(), retried.delivery), (orders[0].as_str(), 2));
+    check_invariant(&prefix, 1).await;
+
+    // The dead job: listed with its error, deduped while dead, requeued with attempts reset.
+    let dead = q.dead_jobs(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].0.as_str(), dead[0].3.as_deref()), (orders[1].as_str(), Some("INVOICE_SERIAL_NOT_FOUND")));
+    assert_eq!(q.enqueue(&[(orders[1].clone(), payload())]).await.unwrap(), vec![Enqueued::Duplicate]);
+    assert_eq!(q.requeue(&orders[1], &payload()).await.unwrap(), "requeued");
+    assert_eq!(q.requeue(&orders[1], &payload()).await.unwrap(), "waiting");
+    let again = claim_one(&q, 1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!((again.order_id.as_str(), again.delivery), (orders[1].as_str(), 1));
+    check_invariant(&prefix, 1).await;
+    // Requeue of an order Redis does not know creates the job (Redis lost it).
+    assert_eq!(q.requeue("ORD-UNKNOWN", &payload()).await.unwrap(), "enqueued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depths_match_the_lists_and_scripts_survive_a_script_flush() {
+    let (q, prefix) = queue();
+    let jobs: Vec<(String, JobPayload)> = (0..30).map(|i| (format!("ORD-M-{i}"), payload())).collect();
+    q.enqueue(&jobs).await.unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    // Redis forgets its scripts on restart; the client reloads them on NOSCRIPT. (SCRIPT
+    // FLUSH affects every test's queue in this Redis only by making them reload too.)
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut c).await.unwrap();
+    let claimed = q.claim(0, 2, Duration::from_secs(30)).await.unwrap();
+    let depths = q.depths().await.unwrap();
+    for (p, d) in depths.iter().enumerate() {
+        let llen: u64 = redis::cmd("LLEN").arg(format!("{prefix}:{{p{p}}}:wait")).query_async(&mut c).await.unwrap();
+        let active: u64 = redis::cmd("ZCARD").arg(format!("{prefix}:{{p{p}}}:active")).query_async(&mut c).await.unwrap();
+        assert_eq!((d.waiting, d.active), (llen, active));
+    }
+    assert_eq!(depths.iter().map(|d| d.waiting + d.active).sum::<u64>(), 30);
+    assert_eq!(depths[0].active, claimed.jobs.len() as u64);
+    check_invariant(&prefix, 0).await;
+}
