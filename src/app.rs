@@ -91,7 +91,12 @@ pub fn providers(cfg: &Config) -> anyhow::Result<crate::providers::Registry> {
 }
 
 /// What the issuance workers need, for a process whose role is `mode`.
-pub fn issuance_deps(cfg: &Config, db: sqlx::PgPool, metrics: Metrics, mode: &str) -> anyhow::Result<crate::issuance::Deps> {
+pub fn issuance_deps(
+    cfg: &Config,
+    db: sqlx::PgPool,
+    metrics: Metrics,
+    mode: &str,
+) -> anyhow::Result<crate::issuance::Deps> {
     Ok(crate::issuance::Deps {
         db,
         queue: queue(cfg)?,

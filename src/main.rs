@@ -85,7 +85,8 @@ fn run_provider_sim(args: invoice::cli::ProviderSimArgs) -> ExitCode {
         let shutdown = CancellationToken::new();
         tokio::spawn(app::cancel_on_signal(shutdown.clone()));
         tracing::info!(addr = %args.addr, knobs = ?args.knobs(), "Provider simulator listening");
-        invoice::providers::sim::serve(listener, invoice::providers::sim::Sim::new(args.knobs()), shutdown).await;
+        invoice::providers::sim::serve(listener, invoice::providers::sim::Sim::new(args.knobs()), shutdown)
+            .await;
         ExitCode::SUCCESS
     })
 }
@@ -134,7 +135,10 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             let db = app::database(&cfg, "invoice-inspect").await?;
             let mut report = storage::issuance::inspect(&db, &order_id).await?;
             let queue = app::queue(&cfg)?;
-            let (state, error) = queue.job_state(&order_id).await.unwrap_or((Some("unknown (Redis unavailable)".into()), None));
+            let (state, error) = queue
+                .job_state(&order_id)
+                .await
+                .unwrap_or((Some("unknown (Redis unavailable)".into()), None));
             report["queue"] = serde_json::json!({
                 "partition": queue.partition_of(&order_id), "job": state, "lastError": error,
             });
@@ -143,14 +147,20 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             Ok(if found { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
         Command::Replay { order_id, reason } => replay(&cfg, &order_id, &reason, false).await,
-        Command::Dlq { action: DlqAction::Requeue { order_id, reason } } => replay(&cfg, &order_id, &reason, true).await,
+        Command::Dlq { action: DlqAction::Requeue { order_id, reason } } => {
+            replay(&cfg, &order_id, &reason, true).await
+        }
         Command::Dlq { action: DlqAction::List { limit } } => {
             let db = app::database(&cfg, "invoice-dlq").await?;
             let queue = app::queue(&cfg)?;
             let failed = storage::issuance::failed(&db, limit).await?;
-            out(format_args!("{:<24} {:<12} {:<20} {:<24} {:<9} error", "orderId", "merchantId", "invoiceId", "failedAt", "queue"));
+            out(format_args!(
+                "{:<24} {:<12} {:<20} {:<24} {:<9} error",
+                "orderId", "merchantId", "invoiceId", "failedAt", "queue"
+            ));
             for (id, merchant, order, error, at) in &failed {
-                let state = queue.job_state(order).await.ok().and_then(|(s, _)| s).unwrap_or_else(|| "-".into());
+                let state =
+                    queue.job_state(order).await.ok().and_then(|(s, _)| s).unwrap_or_else(|| "-".into());
                 out(format_args!(
                     "{order:<24} {merchant:<12} {id:<20} {:<24} {state:<9} {}",
                     at.format("%Y-%m-%dT%H:%M:%SZ"),

@@ -168,7 +168,10 @@ pub fn validate(doc: &Document) -> Result<Prepared, DocumentError> {
     let type_digit = doc.template_code.chars().next().filter(char::is_ascii_digit);
     let symbol = format!("{}{}", type_digit.map(String::from).unwrap_or_default(), doc.series);
     if type_digit.is_none() || !rules::valid_symbol(&symbol) {
-        return Err(DocumentError::Symbol { template: doc.template_code.clone(), series: doc.series.clone() });
+        return Err(DocumentError::Symbol {
+            template: doc.template_code.clone(),
+            series: doc.series.clone(),
+        });
     }
 
     let legal_day = doc.legal_time.with_timezone(&vietnam()).date_naive();
@@ -223,8 +226,8 @@ pub fn validate(doc: &Document) -> Result<Prepared, DocumentError> {
             totals.gross, doc.paid_total
         )));
     }
-    let amount_in_words =
-        words::amount_in_words(&totals.gross, &doc.currency).map_err(|e| DocumentError::Words(e.to_string()))?;
+    let amount_in_words = words::amount_in_words(&totals.gross, &doc.currency)
+        .map_err(|e| DocumentError::Words(e.to_string()))?;
 
     if let Some(original) = &doc.replaces {
         if original.invoice_no.trim().is_empty() {
@@ -233,7 +236,13 @@ pub fn validate(doc: &Document) -> Result<Prepared, DocumentError> {
         check_len("replacement reason", Some(&original.reason), 255)?;
     }
 
-    Ok(Prepared { rules, buyer_kind, consumer_buyer_name: rules.consumer_buyer_name, amount_in_words, symbol })
+    Ok(Prepared {
+        rules,
+        buyer_kind,
+        consumer_buyer_name: rules.consumer_buyer_name,
+        amount_in_words,
+        symbol,
+    })
 }
 
 #[cfg(test)]
@@ -264,7 +273,11 @@ mod tests {
             legal_time: paid_at,
             issued_at: paid_at,
             currency: "VND".into(),
-            seller: Seller { tax_code: "0100109106".into(), legal_name: Some("Công ty TNHH Demo".into()), ..Seller::default() },
+            seller: Seller {
+                tax_code: "0100109106".into(),
+                legal_name: Some("Công ty TNHH Demo".into()),
+                ..Seller::default()
+            },
             buyer: None,
             paid_total: totals.gross,
             lines,
@@ -292,9 +305,15 @@ mod tests {
         // 2026-12-31 23:30 in Vietnam is 16:30 UTC: still in the window.
         assert!(validate(&doc("8", at(2026, 12, 31, 16))).is_ok());
         // 17:00 UTC is midnight in Vietnam: 2027-01-01, the window is over.
-        assert!(matches!(validate(&doc("8", at(2026, 12, 31, 17))), Err(DocumentError::RateNotAllowed { .. })));
+        assert!(matches!(
+            validate(&doc("8", at(2026, 12, 31, 17))),
+            Err(DocumentError::RateNotAllowed { .. })
+        ));
         assert!(validate(&doc("10", at(2026, 12, 31, 17))).is_ok());
-        assert!(matches!(validate(&doc("8", at(2023, 6, 30, 10))), Err(DocumentError::RateNotAllowed { .. })));
+        assert!(matches!(
+            validate(&doc("8", at(2023, 6, 30, 10))),
+            Err(DocumentError::RateNotAllowed { .. })
+        ));
         assert!(validate(&doc("8", at(2023, 7, 1, 10))).is_ok());
     }
 

@@ -113,7 +113,11 @@ pub async fn enqueue(
         .map(|(order_id, merchant_id)| {
             (
                 order_id.clone(),
-                JobPayload { merchant_id: merchant_id.clone(), enqueued_at_ms: now, source: source.to_owned() },
+                JobPayload {
+                    merchant_id: merchant_id.clone(),
+                    enqueued_at_ms: now,
+                    source: source.to_owned(),
+                },
             )
         })
         .collect();

@@ -158,10 +158,14 @@ pub fn after_lookup(
     };
     match (step, outcome) {
         (_, Outcome::Issued(i)) => Some(issued(i)),
-        (Step::Poll, Outcome::Accepted) => Some(Transition::StillSubmitted { next: at(now, timing.lookup_interval) }),
+        (Step::Poll, Outcome::Accepted) => {
+            Some(Transition::StillSubmitted { next: at(now, timing.lookup_interval) })
+        }
         (_, Outcome::Accepted) => Some(Transition::Submitted { next: at(now, timing.lookup_interval) }),
         // A SUBMITTED invoice the provider cannot find (yet): keep asking.
-        (Step::Poll, _) => Some(Transition::StillSubmitted { next: at(now, timing.lookup_interval.max(backoff)) }),
+        (Step::Poll, _) => {
+            Some(Transition::StillSubmitted { next: at(now, timing.lookup_interval.max(backoff)) })
+        }
         (Step::LookupThenCreate, Outcome::NotFound) => None,
         (_, Outcome::NotFound) => Some(Transition::Failed {
             error: "attempts exhausted; the provider has no invoice under this key".into(),
@@ -188,23 +192,38 @@ mod tests {
         State { status, attempts: 0, next_attempt_at: Some(now()), lease_until: None, original_status: None }
     }
 
-    const TIMING: Timing =
-        Timing { max_attempts: 8, safe_wait: Duration::from_secs(90), lookup_interval: Duration::from_secs(30) };
+    const TIMING: Timing = Timing {
+        max_attempts: 8,
+        safe_wait: Duration::from_secs(90),
+        lookup_interval: Duration::from_secs(30),
+    };
 
     #[test]
     fn steps() {
         assert_eq!(step(&state("QUEUED"), now(), 8), Step::Create);
         let later = now() + chrono::Duration::seconds(5);
-        assert_eq!(step(&State { next_attempt_at: Some(later), ..state("QUEUED") }, now(), 8), Step::WaitUntil(later));
+        assert_eq!(
+            step(&State { next_attempt_at: Some(later), ..state("QUEUED") }, now(), 8),
+            Step::WaitUntil(later)
+        );
         assert_eq!(step(&State { attempts: 8, ..state("QUEUED") }, now(), 8), Step::Exhausted);
         assert_eq!(
             step(&State { original_status: Some("SUBMITTED"), ..state("QUEUED") }, now(), 8),
             Step::WaitForOriginal
         );
-        assert_eq!(step(&State { original_status: Some("ISSUED"), ..state("QUEUED") }, now(), 8), Step::Create);
+        assert_eq!(
+            step(&State { original_status: Some("ISSUED"), ..state("QUEUED") }, now(), 8),
+            Step::Create
+        );
         // ISSUING: the lease protects a call that may still be running.
-        assert_eq!(step(&State { lease_until: Some(later), ..state("ISSUING") }, now(), 8), Step::WaitUntil(later));
-        assert_eq!(step(&State { lease_until: Some(now()), ..state("ISSUING") }, now(), 8), Step::LookupThenCreate);
+        assert_eq!(
+            step(&State { lease_until: Some(later), ..state("ISSUING") }, now(), 8),
+            Step::WaitUntil(later)
+        );
+        assert_eq!(
+            step(&State { lease_until: Some(now()), ..state("ISSUING") }, now(), 8),
+            Step::LookupThenCreate
+        );
         assert_eq!(
             step(&State { lease_until: Some(now()), attempts: 8, ..state("ISSUING") }, now(), 8),
             Step::LookupOnly
@@ -216,7 +235,8 @@ mod tests {
     #[test]
     fn create_outcomes() {
         let b = Duration::from_secs(4);
-        let issued = Outcome::Issued(IssuedInvoice { invoice_no: "C26TAA1".into(), ..IssuedInvoice::default() });
+        let issued =
+            Outcome::Issued(IssuedInvoice { invoice_no: "C26TAA1".into(), ..IssuedInvoice::default() });
         assert!(matches!(after_create(&issued, 1, "1C26TAA", now(), &TIMING, b), Transition::Issued { .. }));
         assert_eq!(
             after_create(&Outcome::Accepted, 1, "s", now(), &TIMING, b),
@@ -230,7 +250,8 @@ mod tests {
         assert!(matches!(after_create(&retry, 1, "s", now(), &TIMING, b),
             Transition::Retry { next, .. } if next == now() + chrono::Duration::seconds(4)));
         // Retry-After wins when longer than the backoff.
-        let retry_after = Outcome::Retryable { code: "HTTP_429".into(), retry_after: Some(Duration::from_secs(60)) };
+        let retry_after =
+            Outcome::Retryable { code: "HTTP_429".into(), retry_after: Some(Duration::from_secs(60)) };
         assert!(matches!(after_create(&retry_after, 1, "s", now(), &TIMING, b),
             Transition::Retry { next, .. } if next == now() + chrono::Duration::seconds(60)));
         assert!(matches!(after_create(&retry, 8, "s", now(), &TIMING, b), Transition::Failed { .. }));
@@ -241,16 +262,39 @@ mod tests {
     #[test]
     fn lookup_outcomes() {
         let b = Duration::from_secs(4);
-        let issued = Outcome::Issued(IssuedInvoice { invoice_no: "C26TAA1".into(), ..IssuedInvoice::default() });
-        assert!(matches!(after_lookup(Step::LookupThenCreate, &issued, "s", now(), &TIMING, b), Some(Transition::Issued { .. })));
-        assert_eq!(after_lookup(Step::LookupThenCreate, &Outcome::NotFound, "s", now(), &TIMING, b), None);
-        assert!(matches!(after_lookup(Step::LookupOnly, &Outcome::NotFound, "s", now(), &TIMING, b), Some(Transition::Failed { .. })));
+        let issued =
+            Outcome::Issued(IssuedInvoice { invoice_no: "C26TAA1".into(), ..IssuedInvoice::default() });
         assert!(matches!(
-            after_lookup(Step::LookupThenCreate, &Outcome::Retryable { code: "x".into(), retry_after: None }, "s", now(), &TIMING, b),
+            after_lookup(Step::LookupThenCreate, &issued, "s", now(), &TIMING, b),
+            Some(Transition::Issued { .. })
+        ));
+        assert_eq!(after_lookup(Step::LookupThenCreate, &Outcome::NotFound, "s", now(), &TIMING, b), None);
+        assert!(matches!(
+            after_lookup(Step::LookupOnly, &Outcome::NotFound, "s", now(), &TIMING, b),
+            Some(Transition::Failed { .. })
+        ));
+        assert!(matches!(
+            after_lookup(
+                Step::LookupThenCreate,
+                &Outcome::Retryable { code: "x".into(), retry_after: None },
+                "s",
+                now(),
+                &TIMING,
+                b
+            ),
             Some(Transition::Ambiguous { .. })
         ));
-        assert!(matches!(after_lookup(Step::Poll, &Outcome::Accepted, "s", now(), &TIMING, b), Some(Transition::StillSubmitted { .. })));
-        assert!(matches!(after_lookup(Step::LookupThenCreate, &Outcome::Accepted, "s", now(), &TIMING, b), Some(Transition::Submitted { .. })));
-        assert!(matches!(after_lookup(Step::Poll, &issued, "s", now(), &TIMING, b), Some(Transition::Issued { .. })));
+        assert!(matches!(
+            after_lookup(Step::Poll, &Outcome::Accepted, "s", now(), &TIMING, b),
+            Some(Transition::StillSubmitted { .. })
+        ));
+        assert!(matches!(
+            after_lookup(Step::LookupThenCreate, &Outcome::Accepted, "s", now(), &TIMING, b),
+            Some(Transition::Submitted { .. })
+        ));
+        assert!(matches!(
+            after_lookup(Step::Poll, &issued, "s", now(), &TIMING, b),
+            Some(Transition::Issued { .. })
+        ));
     }
 }

@@ -32,7 +32,8 @@ pub async fn sweep_once(deps: &Deps) -> anyhow::Result<Swept> {
     let mut swept = Swept::default();
     loop {
         let expired =
-            crate::storage::issuance::expire_claims(&deps.db, CLAIM_PAGE, &deps.events_topic, &deps.identity).await?;
+            crate::storage::issuance::expire_claims(&deps.db, CLAIM_PAGE, &deps.events_topic, &deps.identity)
+                .await?;
         swept.claims_expired += expired.len() as u64;
         deps.metrics.claim("expired", expired.len() as u64);
         for claim in &expired {
@@ -41,8 +42,11 @@ pub async fn sweep_once(deps: &Deps) -> anyhow::Result<Swept> {
                 queued = claim.queued, "Claim deadline passed"
             );
         }
-        let queued: Vec<(String, String)> =
-            expired.iter().filter(|c| c.queued).map(|c| (c.order_id.clone(), c.merchant_id.clone())).collect();
+        let queued: Vec<(String, String)> = expired
+            .iter()
+            .filter(|c| c.queued)
+            .map(|c| (c.order_id.clone(), c.merchant_id.clone()))
+            .collect();
         if let Err(error) = super::enqueue(&deps.queue, &deps.metrics, &queued, "claim_expiry").await {
             // They are QUEUED in Postgres: the due scan below or the next sweep enqueues them.
             tracing::warn!(%error, "Cannot enqueue invoices whose claim expired");
@@ -66,7 +70,11 @@ pub async fn sweep_once(deps: &Deps) -> anyhow::Result<Swept> {
         }
     }
     if swept.enqueued > 0 {
-        tracing::info!(due = swept.due, enqueued = swept.enqueued, "Sweeper re-enqueued due invoices Redis did not hold");
+        tracing::info!(
+            due = swept.due,
+            enqueued = swept.enqueued,
+            "Sweeper re-enqueued due invoices Redis did not hold"
+        );
     }
     Ok(swept)
 }

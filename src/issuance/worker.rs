@@ -81,7 +81,11 @@ impl Worker {
             m.jobs("promoted", claimed.promoted);
             m.jobs("claimed", claimed.jobs.len() as u64);
             if claimed.reclaimed > 0 {
-                tracing::warn!(partition, jobs = claimed.reclaimed, "Issuance jobs whose lease expired were taken back");
+                tracing::warn!(
+                    partition,
+                    jobs = claimed.reclaimed,
+                    "Issuance jobs whose lease expired were taken back"
+                );
             }
             if claimed.jobs.is_empty() {
                 drop(permits);
@@ -127,7 +131,9 @@ impl Worker {
             }
             match fates.get(&job.order_id) {
                 None | Some(Fate::Complete) => complete.push(job),
-                Some(Fate::RetryIn(delay, error)) => retries.push(Retry { job, delay: *delay, error: error.clone() }),
+                Some(Fate::RetryIn(delay, error)) => {
+                    retries.push(Retry { job, delay: *delay, error: error.clone() })
+                }
                 Some(Fate::Dead(error)) => dead.push((job, error.clone())),
             }
         }
@@ -174,7 +180,10 @@ impl Worker {
             Ok(invoices) => invoices,
             Err(error) => {
                 tracing::warn!(%error, jobs = jobs.len(), "Cannot read invoices; jobs retried shortly");
-                return orders.into_iter().map(|o| (o, Fate::RetryIn(STORAGE_RETRY, error.to_string()))).collect();
+                return orders
+                    .into_iter()
+                    .map(|o| (o, Fate::RetryIn(STORAGE_RETRY, error.to_string())))
+                    .collect();
             }
         };
         let now = Utc::now();
@@ -183,7 +192,8 @@ impl Worker {
         let mut fail_reason: HashMap<String, String> = HashMap::new();
         let mut prefails: Vec<Settle> = Vec::new();
         let mut items: Vec<Item> = Vec::new();
-        let token_of: HashMap<&str, &str> = jobs.iter().map(|j| (j.order_id.as_str(), j.token.as_str())).collect();
+        let token_of: HashMap<&str, &str> =
+            jobs.iter().map(|j| (j.order_id.as_str(), j.token.as_str())).collect();
 
         for inv in invoices {
             let state = plan::State {
@@ -202,7 +212,9 @@ impl Worker {
             };
             match step {
                 Step::WaitUntil(at) => earliest(&mut wake, &inv.order_id, at.max(now)),
-                Step::WaitForOriginal => earliest(&mut wake, &inv.order_id, now + chrono_of(settings.lookup_interval)),
+                Step::WaitForOriginal => {
+                    earliest(&mut wake, &inv.order_id, now + chrono_of(settings.lookup_interval))
+                }
                 Step::Exhausted => {
                     let error = "attempts exhausted".to_owned();
                     fail_reason.insert(inv.order_id.clone(), error.clone());
@@ -210,7 +222,9 @@ impl Worker {
                 }
                 Step::Create | Step::LookupThenCreate | Step::LookupOnly | Step::Poll => {
                     match prepare(deps, &inv, step, now) {
-                        Ok((provider, target, prepared)) => items.push(Item { inv, step, provider, target, prepared }),
+                        Ok((provider, target, prepared)) => {
+                            items.push(Item { inv, step, provider, target, prepared })
+                        }
                         Err(error) => {
                             fail_reason.insert(inv.order_id.clone(), error.clone());
                             prefails.push(prefail(inv, error));
@@ -227,7 +241,12 @@ impl Worker {
         let acquire_ids: Vec<i64> = items.iter().filter(|i| i.step != Step::Poll).map(|i| i.inv.id).collect();
         let owners: HashMap<i64, String> = items
             .iter()
-            .map(|i| (i.inv.id, format!("{}#{}", deps.identity, token_of.get(i.inv.order_id.as_str()).unwrap_or(&""))))
+            .map(|i| {
+                (
+                    i.inv.id,
+                    format!("{}#{}", deps.identity, token_of.get(i.inv.order_id.as_str()).unwrap_or(&"")),
+                )
+            })
             .collect();
         let first = async {
             let mut tx = deps.db.begin().await?;
@@ -240,7 +259,9 @@ impl Worker {
             }
             let mut got = HashMap::new();
             for (owner, ids) in by_owner {
-                for (id, before) in issuance::acquire(&mut tx, &ids, owner, lease_until, &deps.identity).await? {
+                for (id, before) in
+                    issuance::acquire(&mut tx, &ids, owner, lease_until, &deps.identity).await?
+                {
                     got.insert(id, before);
                 }
             }
@@ -266,7 +287,10 @@ impl Worker {
             }
             Err(error) => {
                 tracing::warn!(%error, "Cannot take invoices for issuance; jobs retried shortly");
-                return orders.into_iter().map(|o| (o, Fate::RetryIn(STORAGE_RETRY, error.to_string()))).collect();
+                return orders
+                    .into_iter()
+                    .map(|o| (o, Fate::RetryIn(STORAGE_RETRY, error.to_string())))
+                    .collect();
             }
         }
         let (run, skipped): (Vec<Item>, Vec<Item>) =
@@ -389,8 +413,14 @@ impl Worker {
         let Item { inv, step, provider, target, prepared } = item;
         let series_key = (inv.merchant_id.clone(), prepared.doc.series.clone());
         let _slot = self.series.acquire(series_key, provider.concurrency_per_series()).await;
-        let attempt = if step == Step::Poll { inv.attempts.max(0) as u32 } else { inv.attempts.max(0) as u32 + 1 };
-        let delay = backoff(attempt, deps.settings.backoff_base, deps.settings.backoff_cap, Duration::from_millis(10));
+        let attempt =
+            if step == Step::Poll { inv.attempts.max(0) as u32 } else { inv.attempts.max(0) as u32 + 1 };
+        let delay = backoff(
+            attempt,
+            deps.settings.backoff_base,
+            deps.settings.backoff_cap,
+            Duration::from_millis(10),
+        );
         let symbol = prepared.symbol();
         let mut attempts = Vec::new();
         let mut record = |operation: &'static str, call: &Call, started: DateTime<Utc>| {
@@ -447,7 +477,13 @@ impl Worker {
             if step == Step::Poll { ("SUBMITTED", None) } else { ("ISSUING", Some(owner)) };
         CallResult {
             attempts,
-            settle: Settle { invoice: inv, expected_status, owner, transition, provider: provider.name().to_owned() },
+            settle: Settle {
+                invoice: inv,
+                expected_status,
+                owner,
+                transition,
+                provider: provider.name().to_owned(),
+            },
         }
     }
 }
@@ -502,7 +538,8 @@ fn prefail(inv: WorkInvoice, error: String) -> Settle {
         "SUBMITTED" => "SUBMITTED",
         _ => "QUEUED",
     };
-    let provider = inv.config_snapshot.get("provider").and_then(Value::as_str).unwrap_or("unknown").to_owned();
+    let provider =
+        inv.config_snapshot.get("provider").and_then(Value::as_str).unwrap_or("unknown").to_owned();
     Settle { invoice: inv, expected_status, owner: None, transition: Transition::Failed { error }, provider }
 }
 
@@ -531,14 +568,18 @@ fn prepare(
     let snapshot = &inv.config_snapshot;
     let text = |name: &str| snapshot.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
     let provider_name = text("provider");
-    let provider =
-        deps.providers.get(&provider_name).ok_or_else(|| format!("provider `{provider_name}` is not supported"))?;
+    let provider = deps
+        .providers
+        .get(&provider_name)
+        .ok_or_else(|| format!("provider `{provider_name}` is not supported"))?;
 
     let lines: Vec<Line> =
         serde_json::from_value(inv.lines.clone()).map_err(|e| format!("stored lines are unreadable: {e}"))?;
     let buyer: Option<Buyer> = match &inv.buyer {
         None | Some(Value::Null) => None,
-        Some(b) => Some(serde_json::from_value(b.clone()).map_err(|e| format!("stored buyer is unreadable: {e}"))?),
+        Some(b) => {
+            Some(serde_json::from_value(b.clone()).map_err(|e| format!("stored buyer is unreadable: {e}"))?)
+        }
     };
     let seller: Seller = serde_json::from_value(snapshot.get("seller").cloned().unwrap_or(Value::Null))
         .map_err(|e| format!("seller in the config snapshot is unreadable: {e}"))?;
@@ -546,13 +587,17 @@ fn prepare(
         None => None,
         Some(_) => {
             let original_snapshot = inv.original_snapshot.as_ref().unwrap_or(snapshot);
-            let otext = |name: &str| original_snapshot.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
+            let otext =
+                |name: &str| original_snapshot.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
             Some(Original {
                 invoice_no: inv.original_invoice_no.clone().unwrap_or_default(),
                 issued_at: inv.original_issued_at.unwrap_or(now),
                 template_code: otext("templateCode"),
                 series: otext("series"),
-                reason: inv.replacement_reason.clone().unwrap_or_else(|| "Thay thế theo yêu cầu của người mua".into()),
+                reason: inv
+                    .replacement_reason
+                    .clone()
+                    .unwrap_or_else(|| "Thay thế theo yêu cầu của người mua".into()),
             })
         }
     };
@@ -577,7 +622,9 @@ fn prepare(
     // Lookups need no valid document, only the key; creates must pass validation first.
     let prepared = match document::validate(&doc) {
         Ok(p) => Some(p),
-        Err(e) if matches!(step, Step::Create | Step::LookupThenCreate) => return Err(format!("validation: {e}")),
+        Err(e) if matches!(step, Step::Create | Step::LookupThenCreate) => {
+            return Err(format!("validation: {e}"))
+        }
         Err(_) => None,
     };
     let target = decrypt(deps, inv, snapshot)?;
@@ -597,7 +644,9 @@ fn decrypt(deps: &Deps, inv: &WorkInvoice, snapshot: &Value) -> Result<Target, S
     let sealed = Sealed {
         key_id: sealed.key_id,
         nonce: b64.decode(sealed.nonce).map_err(|_| "sealed credentials: bad nonce".to_owned())?,
-        ciphertext: b64.decode(sealed.ciphertext).map_err(|_| "sealed credentials: bad ciphertext".to_owned())?,
+        ciphertext: b64
+            .decode(sealed.ciphertext)
+            .map_err(|_| "sealed credentials: bad ciphertext".to_owned())?,
     };
     let aad = crate::storage::seed::provider_config_aad(&inv.merchant_id, config_id);
     let plain = deps.keyring.open(&sealed, &aad).map_err(|e| e.to_string())?;
@@ -632,7 +681,11 @@ async fn heartbeat(
         };
         match deps.queue.extend(partition, &live, deps.settings.lease).await {
             Ok(gone) if !gone.is_empty() => {
-                tracing::warn!(partition, jobs = gone.len(), "Issuance job leases lost; Postgres fencing keeps their writes out");
+                tracing::warn!(
+                    partition,
+                    jobs = gone.len(),
+                    "Issuance job leases lost; Postgres fencing keeps their writes out"
+                );
                 if let Ok(mut l) = lost.lock() {
                     l.extend(gone);
                 }

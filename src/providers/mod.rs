@@ -105,9 +105,9 @@ impl Outcome {
     /// The provider or transport code, if any.
     pub fn code(&self) -> Option<&str> {
         match self {
-            Outcome::Retryable { code, .. } | Outcome::Ambiguous { code } | Outcome::Permanent { code, .. } => {
-                Some(code)
-            }
+            Outcome::Retryable { code, .. }
+            | Outcome::Ambiguous { code }
+            | Outcome::Permanent { code, .. } => Some(code),
             _ => None,
         }
     }
@@ -133,7 +133,12 @@ pub trait Provider: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Issues `doc` (or its replacement) under its transaction UUID.
-    fn create<'a>(&'a self, target: &'a Target, doc: &'a Document, prepared: &'a Prepared) -> BoxFuture<'a, Call>;
+    fn create<'a>(
+        &'a self,
+        target: &'a Target,
+        doc: &'a Document,
+        prepared: &'a Prepared,
+    ) -> BoxFuture<'a, Call>;
 
     /// Looks up what the provider holds under `transaction_uuid`.
     fn lookup<'a>(&'a self, target: &'a Target, transaction_uuid: &'a str) -> BoxFuture<'a, Call>;
@@ -208,8 +213,11 @@ mod tests {
         let mut v = json!({"buyerInfo": {"buyerEmail": "a@b.vn", "buyerTaxCode": "0100109106", "buyerPhoneNumber": null},
                            "list": [{"password": "x"}]});
         redact(&mut v, &["buyerEmail", "buyerPhoneNumber", "password"]);
-        assert_eq!(v, json!({"buyerInfo": {"buyerEmail": "***", "buyerTaxCode": "0100109106", "buyerPhoneNumber": null},
-                             "list": [{"password": "***"}]}));
+        assert_eq!(
+            v,
+            json!({"buyerInfo": {"buyerEmail": "***", "buyerTaxCode": "0100109106", "buyerPhoneNumber": null},
+                             "list": [{"password": "***"}]})
+        );
     }
 
     #[test]

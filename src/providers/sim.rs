@@ -223,7 +223,9 @@ impl Sim {
         let method = request.method().clone();
         match (method, path.as_str()) {
             (Method::POST, "/auth/login") => self.login(request).await,
-            (Method::POST, p) if p.contains("/InvoiceAPI/InvoiceWS/createInvoice/") => self.create(request).await,
+            (Method::POST, p) if p.contains("/InvoiceAPI/InvoiceWS/createInvoice/") => {
+                self.create(request).await
+            }
             (Method::POST, p) if p.ends_with("/InvoiceAPI/InvoiceWS/searchInvoiceByTransactionUuid") => {
                 self.lookup(request).await
             }
@@ -245,7 +247,10 @@ impl Sim {
                             Err(e) => reply(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()})),
                         }
                     }
-                    _ => reply(StatusCode::BAD_REQUEST, &json!({"error": "a JSON object of knobs is expected"})),
+                    _ => reply(
+                        StatusCode::BAD_REQUEST,
+                        &json!({"error": "a JSON object of knobs is expected"}),
+                    ),
                 }
             }
             (Method::POST, "/sim/revoke-tokens") => {
@@ -270,7 +275,10 @@ impl Sim {
         let body: Value = serde_json::from_slice(&read(request).await).unwrap_or(Value::Null);
         let filled = |k: &str| body.get(k).and_then(Value::as_str).is_some_and(|v| !v.is_empty());
         if !filled("username") || !filled("password") {
-            return reply(StatusCode::UNAUTHORIZED, &json!({"code": 401, "message": "INVALID_USER_PASSWORD"}));
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                &json!({"code": 401, "message": "INVALID_USER_PASSWORD"}),
+            );
         }
         let ttl = self.lock_knobs().token_ttl_s;
         let token = crate::crypto::random_token();
@@ -287,7 +295,10 @@ impl Sim {
             return reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"code": 500, "message": "GENERAL"}));
         }
         let Ok(body) = serde_json::from_slice::<Value>(&read(request).await) else {
-            return reply(StatusCode::BAD_REQUEST, &json!({"code": 400, "message": "JSON_PARSE_ERROR", "data": ""}));
+            return reply(
+                StatusCode::BAD_REQUEST,
+                &json!({"code": 400, "message": "JSON_PARSE_ERROR", "data": ""}),
+            );
         };
         let general = &body["generalInvoiceInfo"];
         let uuid = general["transactionUuid"].as_str().unwrap_or("").to_owned();
@@ -335,7 +346,8 @@ impl Sim {
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
-        let response = self.issue(&body, &uuid, overlapping, fail, fail_status, permanent, accept_only, number_delay);
+        let response =
+            self.issue(&body, &uuid, overlapping, fail, fail_status, permanent, accept_only, number_delay);
         {
             let mut inner = self.lock_inner();
             if let Some(n) = inner.in_flight.get_mut(&uuid) {
@@ -368,7 +380,10 @@ impl Sim {
         if fail {
             inner.stats.injected_failures += 1;
             let status = StatusCode::from_u16(fail_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return reply(status, &json!({"code": fail_status, "message": "SERVICE_UNAVAILABLE", "data": "injected"}));
+            return reply(
+                status,
+                &json!({"code": fail_status, "message": "SERVICE_UNAVAILABLE", "data": "injected"}),
+            );
         }
         if permanent {
             inner.stats.injected_permanent += 1;
@@ -377,7 +392,9 @@ impl Sim {
                 &json!({"errorCode": "INVOICE_SERIAL_NOT_FOUND", "description": "Không tìm thấy ký hiệu hóa đơn", "result": null}),
             );
         }
-        if let (Some(existing), false) = (inner.by_uuid.get(uuid).and_then(|v| v.first()).cloned(), overlapping) {
+        if let (Some(existing), false) =
+            (inner.by_uuid.get(uuid).and_then(|v| v.first()).cloned(), overlapping)
+        {
             // A repeat after the first finished: the first invoice again.
             inner.stats.repeats += 1;
             let visible = Instant::now() >= existing.number_at;
@@ -440,7 +457,9 @@ impl Sim {
         let mut inner = self.lock_inner();
         inner.stats.lookups += 1;
         match inner.by_uuid.get(&uuid).and_then(|v| v.first()) {
-            None => reply(StatusCode::BAD_REQUEST, &json!({"code": 400, "message": "NOT_FOUND_DATA", "data": ""})),
+            None => {
+                reply(StatusCode::BAD_REQUEST, &json!({"code": 400, "message": "NOT_FOUND_DATA", "data": ""}))
+            }
             Some(invoice) => {
                 let visible = Instant::now() >= invoice.number_at;
                 reply(

@@ -110,8 +110,13 @@ impl Viettel {
                     code: "INVALID_USER_PASSWORD".into(),
                     message: "the provider refused the configured credentials".into(),
                 },
-                429 | 500..=599 => Outcome::Retryable { code: format!("LOGIN_HTTP_{}", status.as_u16()), retry_after: None },
-                other => Outcome::Permanent { code: format!("LOGIN_HTTP_{other}"), message: "login refused".into() },
+                429 | 500..=599 => {
+                    Outcome::Retryable { code: format!("LOGIN_HTTP_{}", status.as_u16()), retry_after: None }
+                }
+                other => Outcome::Permanent {
+                    code: format!("LOGIN_HTTP_{other}"),
+                    message: "login refused".into(),
+                },
             });
         }
         let token = body.get("access_token").and_then(Value::as_str).filter(|t| !t.is_empty());
@@ -142,7 +147,12 @@ impl Viettel {
             let token = match self.token(target, relogged).await {
                 Ok(token) => token,
                 Err(outcome) => {
-                    return Call { outcome, request: Some(recorded), response: None, duration: started.elapsed() }
+                    return Call {
+                        outcome,
+                        request: Some(recorded),
+                        response: None,
+                        duration: started.elapsed(),
+                    }
                 }
             };
             let sent = self
@@ -180,21 +190,33 @@ impl Viettel {
 
     async fn lookup_call(&self, target: &Target, transaction_uuid: &str) -> Call {
         let started = Instant::now();
-        let request = json!({"supplierTaxCode": target.supplier_tax_code, "transactionUuid": transaction_uuid});
-        let url = format!("{}/InvoiceAPI/InvoiceWS/searchInvoiceByTransactionUuid", target.endpoint.trim_end_matches('/'));
+        let request =
+            json!({"supplierTaxCode": target.supplier_tax_code, "transactionUuid": transaction_uuid});
+        let url = format!(
+            "{}/InvoiceAPI/InvoiceWS/searchInvoiceByTransactionUuid",
+            target.endpoint.trim_end_matches('/')
+        );
         let mut relogged = false;
         loop {
             let token = match self.token(target, relogged).await {
                 Ok(token) => token,
                 Err(outcome) => {
-                    return Call { outcome, request: Some(request), response: None, duration: started.elapsed() }
+                    return Call {
+                        outcome,
+                        request: Some(request),
+                        response: None,
+                        duration: started.elapsed(),
+                    }
                 }
             };
             let sent = self
                 .client
                 .post(&url)
                 .header(reqwest::header::COOKIE, format!("access_token={token}"))
-                .form(&[("supplierTaxCode", target.supplier_tax_code.as_str()), ("transactionUuid", transaction_uuid)])
+                .form(&[
+                    ("supplierTaxCode", target.supplier_tax_code.as_str()),
+                    ("transactionUuid", transaction_uuid),
+                ])
                 .send()
                 .await;
             let (outcome, response) = match sent {
@@ -225,7 +247,12 @@ impl Provider for Viettel {
         "viettel"
     }
 
-    fn create<'a>(&'a self, target: &'a Target, doc: &'a Document, prepared: &'a Prepared) -> BoxFuture<'a, Call> {
+    fn create<'a>(
+        &'a self,
+        target: &'a Target,
+        doc: &'a Document,
+        prepared: &'a Prepared,
+    ) -> BoxFuture<'a, Call> {
         self.create_call(target, doc, prepared).boxed()
     }
 
@@ -296,7 +323,12 @@ pub fn classify_create(status: u16, body: &Value, retry_after: Option<Duration>)
         (200, None) => {
             let result = body.get("result").unwrap_or(&Value::Null);
             let text = |name: &str| {
-                result.get(name).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned)
+                result
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
             };
             match text("invoiceNo") {
                 Some(invoice_no) => Outcome::Issued(IssuedInvoice {
@@ -314,9 +346,10 @@ pub fn classify_create(status: u16, body: &Value, retry_after: Option<Duration>)
         (_, Some(code)) => classify_code(status, code, body, retry_after),
         (429, None) => Outcome::Retryable { code: "HTTP_429".into(), retry_after },
         (503, None) => Outcome::Retryable { code: "HTTP_503".into(), retry_after },
-        (413 | 415, None) => {
-            Outcome::Permanent { code: format!("HTTP_{status}"), message: "the provider refused the request format".into() }
-        }
+        (413 | 415, None) => Outcome::Permanent {
+            code: format!("HTTP_{status}"),
+            message: "the provider refused the request format".into(),
+        },
         // A 5xx after the request was sent: it may have been processed.
         (500..=599, None) => Outcome::Ambiguous { code: format!("HTTP_{status}") },
         (_, None) => Outcome::Permanent {
@@ -334,7 +367,9 @@ fn classify_code(status: u16, code: &str, body: &Value, retry_after: Option<Dura
         "TRANSACTION_UUID_INVALID" | "TRANSACTION_IS_BEING_PROCESSED" | "INVOICE_NO_DUPLICATED" => {
             Outcome::Ambiguous { code: code.to_owned() }
         }
-        c if c.starts_with("VAT_") || c.starts_with("IVI_") => permanent("the provider rejected the amounts or rates"),
+        c if c.starts_with("VAT_") || c.starts_with("IVI_") => {
+            permanent("the provider rejected the amounts or rates")
+        }
         "JSON_PARSE_ERROR" | "BAD_REQUEST_INVALID_DECIMAL_POINT_QUANTUM" => {
             permanent("the provider rejected the invoice data format")
         }
@@ -360,7 +395,11 @@ pub fn classify_lookup(status: u16, body: &Value) -> Outcome {
         (200, None) => {
             let results = body.get("result").and_then(Value::as_array).cloned().unwrap_or_default();
             let text = |v: &Value, name: &str| {
-                v.get(name).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned)
+                v.get(name)
+                    .and_then(Value::as_str)
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
             };
             match results.first() {
                 None => Outcome::NotFound,
@@ -376,7 +415,10 @@ pub fn classify_lookup(status: u16, body: &Value) -> Outcome {
                 },
             }
         }
-        (_, code) => Outcome::Retryable { code: code.map_or_else(|| format!("HTTP_{status}"), str::to_owned), retry_after: None },
+        (_, code) => Outcome::Retryable {
+            code: code.map_or_else(|| format!("HTTP_{status}"), str::to_owned),
+            retry_after: None,
+        },
     }
 }
 
@@ -426,7 +468,10 @@ pub fn create_body(doc: &Document, prepared: &Prepared) -> Value {
         general.insert("originalInvoiceId".into(), json!(original.invoice_no));
         general.insert("originalInvoiceIssueDate".into(), json!(ms(original.issued_at)));
         general.insert("originalTemplateCode".into(), json!(original.template_code));
-        general.insert("originalInvoiceType".into(), json!(original.template_code.chars().take(1).collect::<String>()));
+        general.insert(
+            "originalInvoiceType".into(),
+            json!(original.template_code.chars().take(1).collect::<String>()),
+        );
         general.insert("additionalReferenceDesc".into(), json!(original.reason));
         general.insert("additionalReferenceDate".into(), json!(ms(doc.issued_at)));
         general.insert("adjustedNote".into(), json!(original.reason));
@@ -557,7 +602,11 @@ mod tests {
             legal_time: t,
             issued_at: t,
             currency: "VND".into(),
-            seller: Seller { tax_code: "0100109106".into(), legal_name: Some("Demo".into()), ..Seller::default() },
+            seller: Seller {
+                tax_code: "0100109106".into(),
+                legal_name: Some("Demo".into()),
+                ..Seller::default()
+            },
             buyer: None,
             paid_total: totals.gross,
             lines,
@@ -624,12 +673,15 @@ mod tests {
     fn create_answers_map_to_outcomes() {
         let issued = json!({"errorCode": null, "description": null,
             "result": {"supplierTaxCode": "0100109106", "invoiceNo": "C26TAA1", "transactionID": "t", "reservationCode": "R"}});
-        assert!(matches!(classify_create(200, &issued, None), Outcome::Issued(i) if i.invoice_no == "C26TAA1"));
+        assert!(
+            matches!(classify_create(200, &issued, None), Outcome::Issued(i) if i.invoice_no == "C26TAA1")
+        );
         let accepted = json!({"errorCode": null, "result": {"invoiceNo": ""}});
         assert_eq!(classify_create(200, &accepted, None), Outcome::Accepted);
         let general = json!({"code": 500, "message": "GENERAL"});
         assert_eq!(classify_create(500, &general, None), token_expired());
-        let dup = json!({"errorCode": "TRANSACTION_UUID_INVALID", "description": "đã được dùng để lập hóa đơn"});
+        let dup =
+            json!({"errorCode": "TRANSACTION_UUID_INVALID", "description": "đã được dùng để lập hóa đơn"});
         assert!(matches!(classify_create(200, &dup, None), Outcome::Ambiguous { .. }));
         let vat = json!({"code": 400, "message": "VAT_AMOUNT_INVALID", "data": "x"});
         assert!(matches!(classify_create(400, &vat, None), Outcome::Permanent { .. }));
@@ -639,16 +691,22 @@ mod tests {
             Outcome::Retryable { retry_after: Some(d), .. } if d == Duration::from_secs(3)));
         assert!(matches!(classify_create(429, &Value::Null, None), Outcome::Retryable { .. }));
         assert!(matches!(classify_create(502, &Value::Null, None), Outcome::Ambiguous { .. }));
-        assert!(matches!(classify_create(500, &json!({"message": "java.lang.NullPointerException"}), None),
-            Outcome::Permanent { .. }));
+        assert!(matches!(
+            classify_create(500, &json!({"message": "java.lang.NullPointerException"}), None),
+            Outcome::Permanent { .. }
+        ));
         assert!(matches!(classify_create(200, &json!("not json"), None), Outcome::Ambiguous { .. }));
     }
 
     #[test]
     fn lookup_answers_map_to_outcomes() {
-        let found = json!({"result": [{"invoiceNo": "C26TAA9", "reservationCode": "R", "exchangeStatus": "OK"}]});
+        let found =
+            json!({"result": [{"invoiceNo": "C26TAA9", "reservationCode": "R", "exchangeStatus": "OK"}]});
         assert!(matches!(classify_lookup(200, &found), Outcome::Issued(i) if i.invoice_no == "C26TAA9"));
-        assert_eq!(classify_lookup(400, &json!({"code": 400, "message": "NOT_FOUND_DATA"})), Outcome::NotFound);
+        assert_eq!(
+            classify_lookup(400, &json!({"code": 400, "message": "NOT_FOUND_DATA"})),
+            Outcome::NotFound
+        );
         assert_eq!(classify_lookup(200, &json!({"result": [{"invoiceNo": null}]})), Outcome::Accepted);
         assert!(matches!(classify_lookup(503, &Value::Null), Outcome::Retryable { .. }));
     }

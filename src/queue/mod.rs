@@ -451,7 +451,12 @@ impl Queue {
 
     /// Renews the leases of running jobs of one partition; returns the order ids whose lease
     /// was lost (reaped after expiry, or taken over): their worker must stop before any write.
-    pub async fn extend(&self, partition: u32, jobs: &[&Job], lease: Duration) -> Result<Vec<String>, QueueError> {
+    pub async fn extend(
+        &self,
+        partition: u32,
+        jobs: &[&Job],
+        lease: Duration,
+    ) -> Result<Vec<String>, QueueError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -558,16 +563,16 @@ impl Queue {
     pub async fn job_state(&self, order_id: &str) -> Result<(Option<String>, Option<String>), QueueError> {
         let k = self.keys(self.partition_of(order_id));
         let mut conn = self.conn().await?;
-        let (state, error): (Option<String>, Option<String>) = redis::pipe()
-            .hget(&k.state, order_id)
-            .hget(&k.err, order_id)
-            .query_async(&mut conn)
-            .await?;
+        let (state, error): (Option<String>, Option<String>) =
+            redis::pipe().hget(&k.state, order_id).hget(&k.err, order_id).query_async(&mut conn).await?;
         Ok((state, error))
     }
 
     /// The dead jobs of every partition: `(order id, partition, dead-at ms, last error)`.
-    pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<(String, u32, i64, Option<String>)>, QueueError> {
+    pub async fn dead_jobs(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(String, u32, i64, Option<String>)>, QueueError> {
         let mut out = Vec::new();
         let mut conn = self.conn().await?;
         for partition in 0..self.partitions {
@@ -580,7 +585,8 @@ impl Queue {
                 .query_async(&mut conn)
                 .await?;
             for (id, at) in ids {
-                let error: Option<String> = redis::cmd("HGET").arg(&k.err).arg(&id).query_async(&mut conn).await?;
+                let error: Option<String> =
+                    redis::cmd("HGET").arg(&k.err).arg(&id).query_async(&mut conn).await?;
                 out.push((id, partition, at, error));
             }
         }
@@ -610,15 +616,14 @@ impl Queue {
         let mut out = Vec::with_capacity(self.partitions as usize);
         for partition in 0..self.partitions {
             let k = self.keys(partition);
-            let head: Option<String> = redis::cmd("LINDEX").arg(&k.wait).arg(0).query_async(&mut conn).await?;
+            let head: Option<String> =
+                redis::cmd("LINDEX").arg(&k.wait).arg(0).query_async(&mut conn).await?;
             let payload: Option<String> = match head {
                 Some(id) => redis::cmd("HGET").arg(&k.job).arg(id).query_async(&mut conn).await?,
                 None => None,
             };
             out.push(
-                payload
-                    .and_then(|p| serde_json::from_str::<JobPayload>(&p).ok())
-                    .map(|p| p.enqueued_at_ms),
+                payload.and_then(|p| serde_json::from_str::<JobPayload>(&p).ok()).map(|p| p.enqueued_at_ms),
             );
         }
         Ok(out)
@@ -645,8 +650,7 @@ fn parse_claim(partition: u32, reply: Vec<redis::Value>) -> Result<Claimed, Queu
     let reclaimed = next_int(&mut items)? as u64;
     let promoted = next_int(&mut items)? as u64;
     let mut jobs = Vec::new();
-    loop {
-        let Some(id) = items.next() else { break };
+    while let Some(id) = items.next() {
         let order_id = String::from_redis_value(&id)?;
         let payload = items.next().ok_or(QueueError::Protocol("claim reply missing payload"))?;
         let payload = String::from_redis_value(&payload)?;

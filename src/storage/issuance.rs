@@ -65,7 +65,10 @@ pub struct WorkInvoice {
 }
 
 /// The unfinished invoices (QUEUED, ISSUING, SUBMITTED) of the given orders, originals first.
-pub async fn unfinished_for_orders(pool: &PgPool, order_ids: &[String]) -> Result<Vec<WorkInvoice>, StorageError> {
+pub async fn unfinished_for_orders(
+    pool: &PgPool,
+    order_ids: &[String],
+) -> Result<Vec<WorkInvoice>, StorageError> {
     Ok(sqlx::query_as(
         "SELECT i.id, i.merchant_id, i.order_id, i.kind, i.replaces_invoice_id, i.status, i.paid_at, i.currency,
                 i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount, i.config_snapshot,
@@ -266,7 +269,13 @@ pub async fn settle(
     for s in settles {
         let inv = &s.invoice;
         let (status, rows) = match &s.transition {
-            Transition::Issued { invoice_no, series, reservation_code, tax_authority_code, provider_status } => {
+            Transition::Issued {
+                invoice_no,
+                series,
+                reservation_code,
+                tax_authority_code,
+                provider_status,
+            } => {
                 let rows = sqlx::query(
                     "UPDATE invoice SET status = 'ISSUED', provider_invoice_no = $4, provider_series = $5,
                          reservation_code = $6, tax_authority_code = $7,
@@ -359,16 +368,22 @@ pub async fn settle(
         // Quiet transitions (a SUBMITTED invoice still without a number) leave no audit row:
         // nothing changed but the next lookup time.
         let (event_type, event, reason) = match &s.transition {
-            Transition::Issued { .. } => ("invoice.issued", Some(crate::events::invoice_events::EventType::Issued), None),
-            Transition::Submitted { .. } => ("issuance_submitted", None, Some("accepted without a number".to_owned())),
+            Transition::Issued { .. } => {
+                ("invoice.issued", Some(crate::events::invoice_events::EventType::Issued), None)
+            }
+            Transition::Submitted { .. } => {
+                ("issuance_submitted", None, Some("accepted without a number".to_owned()))
+            }
             Transition::StillSubmitted { .. } => continue,
             Transition::Ambiguous { error, .. } => {
                 ("issuance_ambiguous", None, Some(format!("{error}; look up after the safe wait")))
             }
             Transition::Retry { error, .. } => ("issuance_retry", None, Some(error.clone())),
-            Transition::Failed { error, .. } => {
-                ("invoice.failed", Some(crate::events::invoice_events::EventType::Failed), Some(error.clone()))
-            }
+            Transition::Failed { error, .. } => (
+                "invoice.failed",
+                Some(crate::events::invoice_events::EventType::Failed),
+                Some(error.clone()),
+            ),
         };
         let after = match &s.transition {
             Transition::Issued { invoice_no, series, .. } => {
@@ -521,10 +536,21 @@ pub async fn expire_claims(
             before: Some(json!({"status": old_status, "claim": "OPEN"})),
             after: Some(json!({"status": status, "claim": "EXPIRED", "claimId": claim_id.to_string()})),
             actor: actor.to_owned(),
-            reason: Some(if queued { "claim deadline passed: issue to a consumer".into() } else { "claim deadline passed".into() }),
+            reason: Some(if queued {
+                "claim deadline passed: issue to a consumer".into()
+            } else {
+                "claim deadline passed".into()
+            }),
         });
-        let inv = WorkInvoiceRef { id: invoice_id, merchant_id: merchant_id.clone(), order_id: order_id.clone() };
-        outbox.push(simple_event(events_topic, &inv, crate::events::invoice_events::EventType::ClaimExpired, status, now));
+        let inv =
+            WorkInvoiceRef { id: invoice_id, merchant_id: merchant_id.clone(), order_id: order_id.clone() };
+        outbox.push(simple_event(
+            events_topic,
+            &inv,
+            crate::events::invoice_events::EventType::ClaimExpired,
+            status,
+            now,
+        ));
         out.push(ExpiredClaim { invoice_id, merchant_id, order_id, queued });
     }
     insert_audits(&mut tx, &audits).await?;
@@ -582,7 +608,11 @@ fn simple_event(
 
 /// One page of due, unfinished invoices for the sweeper: `(id, order id, merchant id)` with
 /// id greater than `after`.
-pub async fn due_page(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<(i64, String, String)>, StorageError> {
+pub async fn due_page(
+    pool: &PgPool,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<(i64, String, String)>, StorageError> {
     Ok(sqlx::query_as(
         "SELECT id, order_id, merchant_id FROM invoice
          WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now() AND id > $1
@@ -623,7 +653,12 @@ pub struct Replayed {
 /// Replays an order's FAILED invoices (→ QUEUED, attempts reset, audited). Issued or
 /// otherwise settled invoices are left alone: a replay of an issued invoice is a no-op.
 /// Returns every invoice of the order with what happened to it.
-pub async fn replay(pool: &PgPool, order_id: &str, actor: &str, reason: &str) -> Result<Vec<Replayed>, StorageError> {
+pub async fn replay(
+    pool: &PgPool,
+    order_id: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<Vec<Replayed>, StorageError> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT id, merchant_id, status FROM invoice WHERE order_id = $1 AND deleted_at IS NULL ORDER BY id FOR UPDATE",
@@ -711,7 +746,9 @@ pub async fn create_replacement(
                 event_type: "replacement_created",
                 outcome: "QUEUED".into(),
                 before: None,
-                after: Some(json!({"status": "QUEUED", "replaces": original_id.to_string(), "buyerKind": buyer_kind})),
+                after: Some(
+                    json!({"status": "QUEUED", "replaces": original_id.to_string(), "buyerKind": buyer_kind}),
+                ),
                 actor: actor.to_owned(),
                 reason: Some(reason.to_owned()),
             }],
@@ -757,7 +794,10 @@ pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageErro
 }
 
 /// FAILED invoices, newest first: the authority behind `dlq list` (Redis may have lost its DLQ).
-pub async fn failed(pool: &PgPool, limit: i64) -> Result<Vec<(i64, String, String, Option<String>, DateTime<Utc>)>, StorageError> {
+pub async fn failed(
+    pool: &PgPool,
+    limit: i64,
+) -> Result<Vec<(i64, String, String, Option<String>, DateTime<Utc>)>, StorageError> {
     Ok(sqlx::query_as(
         "SELECT id, merchant_id, order_id, last_error, updated_at FROM invoice
          WHERE status = 'FAILED' AND deleted_at IS NULL ORDER BY updated_at DESC LIMIT $1",

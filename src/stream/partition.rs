@@ -275,7 +275,9 @@ impl PartitionTask {
                         .filter(|(_, _, outcome, _, _)| *outcome == "queued")
                         .map(|(order, merchant, ..)| (order.clone(), merchant.clone()))
                         .collect();
-                    if let Err(error) = crate::issuance::enqueue(queue, &deps.metrics, &queued, "stream").await {
+                    if let Err(error) =
+                        crate::issuance::enqueue(queue, &deps.metrics, &queued, "stream").await
+                    {
                         tracing::warn!(%error, jobs = queued.len(), partition = self.partition,
                             "Cannot enqueue issuance jobs; the sweeper will");
                     }

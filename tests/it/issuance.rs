@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use crate::events::{cdc, payment, tax};
 use crate::support::kafka::{produce, producer, TestTopics};
 use crate::support::{
-    insert_provider_config_at, invoice_cmd, issuance_env, metric_value, queue_of, unique, wait_until, wipe_queue,
-    TestDb, TestSim, TestStream, TestWorker,
+    insert_provider_config_at, invoice_cmd, issuance_env, metric_value, queue_of, unique, wait_until,
+    wipe_queue, TestDb, TestSim, TestStream, TestWorker,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -41,8 +41,14 @@ async fn setup_with(knobs: Knobs, mode: &str, tweak: impl FnOnce(&mut HashMap<St
     if mode == "claim_window" {
         merchant_tax["claimWindowMinutes"] = json!(0);
     }
-    produce(&p, &topics.names.merchant_cdc, "M-1", Some(cdc("c", "M-1", merchant_tax, 10).to_string().as_bytes()), &[])
-        .await;
+    produce(
+        &p,
+        &topics.names.merchant_cdc,
+        "M-1",
+        Some(cdc("c", "M-1", merchant_tax, 10).to_string().as_bytes()),
+        &[],
+    )
+    .await;
     insert_provider_config_at(&db, "M-1", 1, &sim.endpoint()).await;
     let stream = TestStream::spawn(&env).await;
     let s = Setup { db, topics, env, stream, sim };
@@ -79,10 +85,11 @@ impl Setup {
 
     /// Every invoice has exactly one invoice at the simulator under its transaction UUID.
     async fn assert_one_provider_invoice_each(&self) {
-        let uuids: Vec<String> = sqlx::query_scalar("SELECT transaction_uuid FROM invoice WHERE status = 'ISSUED'")
-            .fetch_all(&self.db.pool)
-            .await
-            .unwrap();
+        let uuids: Vec<String> =
+            sqlx::query_scalar("SELECT transaction_uuid FROM invoice WHERE status = 'ISSUED'")
+                .fetch_all(&self.db.pool)
+                .await
+                .unwrap();
         for uuid in uuids {
             let body: Vec<Value> = reqwest::get(format!("http://{}/sim/invoices/{uuid}", self.sim.addr))
                 .await
@@ -111,7 +118,11 @@ async fn paid_orders_are_issued_once_each_with_attempts_audit_events_and_metrics
         s.scalar("SELECT count(*) FROM invoice WHERE provider_invoice_no LIKE 'C26TAA%' AND reservation_code IS NOT NULL AND issued_at IS NOT NULL AND lease_owner IS NULL").await,
         40
     );
-    assert_eq!(s.scalar("SELECT count(*) FROM issuance_attempt WHERE operation = 'create' AND outcome = 'issued'").await, 40);
+    assert_eq!(
+        s.scalar("SELECT count(*) FROM issuance_attempt WHERE operation = 'create' AND outcome = 'issued'")
+            .await,
+        40
+    );
     // Attempt rows keep no personal data.
     let leaked = s
         .scalar("SELECT count(*) FROM issuance_attempt WHERE request::text LIKE '%a@example.vn%' OR request::text LIKE '%0901234567%'")
@@ -123,12 +134,22 @@ async fn paid_orders_are_issued_once_each_with_attempts_audit_events_and_metrics
     s.wait_count("SELECT count(*) FROM outbox WHERE headers->>'type' = 'invoice.issued'", 0).await;
 
     let text = worker.metrics().await;
-    assert_eq!(metric_value(&text, "invoice_issuance_attempts_total", &["outcome=\"issued\"", "operation=\"create\""]), 40.0);
+    assert_eq!(
+        metric_value(
+            &text,
+            "invoice_issuance_attempts_total",
+            &["outcome=\"issued\"", "operation=\"create\""]
+        ),
+        40.0
+    );
     assert_eq!(metric_value(&text, "invoice_issuance_transitions_total", &["status=\"ISSUED\""]), 40.0);
     assert!(metric_value(&text, "invoice_provider_latency_seconds_count", &["operation=\"create\""]) >= 40.0);
     // The queue is empty afterwards: every job completed.
     let depths = queue_of(&s.env).depths().await.unwrap();
-    assert!(depths.iter().all(|d| d.waiting == 0 && d.active == 0 && d.delayed == 0 && d.dead == 0), "{depths:?}");
+    assert!(
+        depths.iter().all(|d| d.waiting == 0 && d.active == 0 && d.delayed == 0 && d.dead == 0),
+        "{depths:?}"
+    );
     worker.stop().await.unwrap();
     s.stream.stop().await.unwrap();
 }
@@ -146,7 +167,8 @@ async fn a_timeout_after_issuing_is_found_by_lookup_and_never_issued_twice() {
     assert_eq!(s.scalar("SELECT count(*) FROM issuance_attempt WHERE outcome = 'ambiguous'").await, 3);
     // Each ambiguous outcome was followed by a lookup that found the invoice.
     assert_eq!(
-        s.scalar("SELECT count(*) FROM issuance_attempt WHERE operation = 'lookup' AND outcome = 'issued'").await,
+        s.scalar("SELECT count(*) FROM issuance_attempt WHERE operation = 'lookup' AND outcome = 'issued'")
+            .await,
         3
     );
     assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'issuance_ambiguous'").await, 3);
@@ -166,7 +188,11 @@ async fn accepted_without_a_number_is_submitted_then_issued() {
     s.wait_count("SELECT count(*) FROM audit_log WHERE event_type = 'issuance_submitted'", 2).await;
     s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 2).await;
     assert!(s.scalar("SELECT count(*) FROM invoice WHERE submitted_at IS NOT NULL").await == 2);
-    assert!(s.scalar("SELECT count(*) FROM issuance_attempt WHERE operation = 'lookup' AND outcome = 'issued'").await >= 2);
+    assert!(
+        s.scalar("SELECT count(*) FROM issuance_attempt WHERE operation = 'lookup' AND outcome = 'issued'")
+            .await
+            >= 2
+    );
     s.assert_one_provider_invoice_each().await;
     worker.stop().await.unwrap();
     s.stream.stop().await.unwrap();
@@ -178,10 +204,11 @@ async fn transient_errors_are_retried_with_backoff_and_permanent_ones_fail_to_th
     let worker = TestWorker::spawn(&s.env).await;
     s.pay(["ORD-R-1".to_owned()]).await;
     s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 1).await;
-    let outcomes: Vec<(String, i32)> = sqlx::query_as("SELECT outcome, attempt_no FROM issuance_attempt ORDER BY id")
-        .fetch_all(&s.db.pool)
-        .await
-        .unwrap();
+    let outcomes: Vec<(String, i32)> =
+        sqlx::query_as("SELECT outcome, attempt_no FROM issuance_attempt ORDER BY id")
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
     assert_eq!(
         outcomes,
         vec![("retryable".into(), 1), ("retryable".into(), 2), ("retryable".into(), 3), ("issued".into(), 4)]
@@ -193,10 +220,11 @@ async fn transient_errors_are_retried_with_backoff_and_permanent_ones_fail_to_th
     s.pay(["ORD-P-1".to_owned()]).await;
     s.wait_count("SELECT count(*) FROM invoice WHERE status = 'FAILED'", 1).await;
     assert_eq!(s.scalar("SELECT count(*) FROM issuance_attempt WHERE outcome = 'permanent'").await, 1);
-    let reason: String = sqlx::query_scalar("SELECT reason FROM audit_log WHERE event_type = 'invoice.failed'")
-        .fetch_one(&s.db.pool)
-        .await
-        .unwrap();
+    let reason: String =
+        sqlx::query_scalar("SELECT reason FROM audit_log WHERE event_type = 'invoice.failed'")
+            .fetch_one(&s.db.pool)
+            .await
+            .unwrap();
     assert!(reason.starts_with("INVOICE_SERIAL_NOT_FOUND"), "{reason}");
     let queue = queue_of(&s.env);
     wait_until(WAIT, "the job in the DLQ", || async {
@@ -236,7 +264,11 @@ async fn duplicate_enqueues_and_a_replay_of_an_issued_invoice_call_the_provider_
     let jobs = futures::future::join_all((0..100).map(|_| {
         let queue = queue.clone();
         async move {
-            let payload = invoice::queue::JobPayload { merchant_id: "M-1".into(), enqueued_at_ms: 0, source: "test".into() };
+            let payload = invoice::queue::JobPayload {
+                merchant_id: "M-1".into(),
+                enqueued_at_ms: 0,
+                source: "test".into(),
+            };
             queue.enqueue(&[("ORD-D-1".into(), payload)]).await.unwrap()[0]
         }
     }))
@@ -249,7 +281,10 @@ async fn duplicate_enqueues_and_a_replay_of_an_issued_invoice_call_the_provider_
     .await;
     let replay = invoice_cmd(&s.env).args(["replay", "ORD-D-1"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&replay.stdout);
-    assert!(replay.status.success() && stdout.contains("ISSUED -> ISSUED") && stdout.contains("nothing to issue"), "{stdout}");
+    assert!(
+        replay.status.success() && stdout.contains("ISSUED -> ISSUED") && stdout.contains("nothing to issue"),
+        "{stdout}"
+    );
     assert_eq!(s.sim.stats().creates, creates);
     assert_eq!(s.scalar("SELECT count(*) FROM issuance_attempt").await, 1);
     // Unknown order: exit 3.
@@ -274,7 +309,10 @@ async fn a_redis_that_lost_everything_loses_no_invoice() {
     s.assert_one_provider_invoice_each().await;
     assert_eq!(s.sim.stats().issued, 150);
     let text = worker.metrics().await;
-    assert!(metric_value(&text, "invoice_sweeper_reenqueued_total", &[]) > 0.0, "the sweeper did the recovery");
+    assert!(
+        metric_value(&text, "invoice_sweeper_reenqueued_total", &[]) > 0.0,
+        "the sweeper did the recovery"
+    );
     worker.stop().await.unwrap();
     s.stream.stop().await.unwrap();
 }
@@ -311,7 +349,8 @@ async fn expired_claims_queue_the_invoice_exactly_once_with_several_workers() {
     assert_eq!(s.scalar("SELECT count(*) FROM claim WHERE status = 'EXPIRED'").await, 20);
     assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'claim_expired'").await, 20);
     assert_eq!(
-        s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'claim_expired' AND outcome = 'QUEUED'").await,
+        s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'claim_expired' AND outcome = 'QUEUED'")
+            .await,
         20
     );
     s.assert_one_provider_invoice_each().await;
@@ -351,9 +390,14 @@ async fn a_replacement_is_issued_with_adjustment_type_3_and_the_original_becomes
     tx.commit().await.unwrap();
     assert!(created.is_some());
     let queue = queue_of(&s.env);
-    invoice::issuance::enqueue(&queue, &invoice::metrics::Metrics::new(), &[("ORD-X-1".into(), "M-1".into())], "claim")
-        .await
-        .unwrap();
+    invoice::issuance::enqueue(
+        &queue,
+        &invoice::metrics::Metrics::new(),
+        &[("ORD-X-1".into(), "M-1".into())],
+        "claim",
+    )
+    .await
+    .unwrap();
     wait_until(WAIT, "the original to be REPLACED", || async {
         (s.status_of("ORD-X-1").await == ["REPLACED", "ISSUED"]).then_some(())
     })
@@ -363,7 +407,12 @@ async fn a_replacement_is_issued_with_adjustment_type_3_and_the_original_becomes
         .fetch_one(&s.db.pool)
         .await
         .unwrap();
-    let at_sim: Vec<Value> = reqwest::get(format!("http://{}/sim/invoices/{uuid}", s.sim.addr)).await.unwrap().json().await.unwrap();
+    let at_sim: Vec<Value> = reqwest::get(format!("http://{}/sim/invoices/{uuid}", s.sim.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(at_sim.len(), 1);
     assert_eq!(at_sim[0]["adjustmentType"], "3");
     assert_eq!(at_sim[0]["originalInvoiceId"], original_no.as_str());
@@ -371,9 +420,17 @@ async fn a_replacement_is_issued_with_adjustment_type_3_and_the_original_becomes
     assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'invoice.replaced'").await, 1);
     // A second replacement of a REPLACED invoice is refused.
     let mut tx = s.db.pool.begin().await.unwrap();
-    let again = invoice::storage::issuance::create_replacement(&mut tx, original_id, replacement_id + 1, &buyer, "company", "again", "test")
-        .await
-        .unwrap();
+    let again = invoice::storage::issuance::create_replacement(
+        &mut tx,
+        original_id,
+        replacement_id + 1,
+        &buyer,
+        "company",
+        "again",
+        "test",
+    )
+    .await
+    .unwrap();
     assert!(again.is_none());
     worker.stop().await.unwrap();
     s.stream.stop().await.unwrap();
@@ -488,7 +545,8 @@ async fn the_simulator_catches_concurrent_creates_with_one_key_as_viettel_would_
     };
     let prepared = document::validate(&doc).unwrap();
     // Two concurrent creates with one key: the provider issues twice (what we must never do).
-    let (a, b) = tokio::join!(provider.create(&target, &doc, &prepared), provider.create(&target, &doc, &prepared));
+    let (a, b) =
+        tokio::join!(provider.create(&target, &doc, &prepared), provider.create(&target, &doc, &prepared));
     assert!(matches!(a.outcome, Outcome::Issued(_)) && matches!(b.outcome, Outcome::Issued(_)));
     assert_eq!((sim.stats().overlaps, sim.stats().duplicates), (1, 1));
     // A repeat after they finished answers with the first invoice; a lookup finds it.

@@ -9,7 +9,9 @@ use crate::support::{redis_url, unique, wait_until};
 
 fn queue() -> (Queue, String) {
     let prefix = unique("iq-q-");
-    let pool = deadpool_redis::Config::from_url(redis_url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    let pool = deadpool_redis::Config::from_url(redis_url())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
     (Queue::new(pool, 3, &prefix), prefix)
 }
 
@@ -24,9 +26,11 @@ async fn check_invariant(prefix: &str, partition: u32) {
     let k = |s: &str| format!("{prefix}:{{p{partition}}}:{s}");
     let state: std::collections::HashMap<String, String> =
         redis::cmd("HGETALL").arg(k("state")).query_async(&mut c).await.unwrap();
-    let wait: Vec<String> = redis::cmd("LRANGE").arg(k("wait")).arg(0).arg(-1).query_async(&mut c).await.unwrap();
+    let wait: Vec<String> =
+        redis::cmd("LRANGE").arg(k("wait")).arg(0).arg(-1).query_async(&mut c).await.unwrap();
     for (zset, name) in [("active", "active"), ("delayed", "delayed"), ("dlq", "dead")] {
-        let members: Vec<String> = redis::cmd("ZRANGE").arg(k(zset)).arg(0).arg(-1).query_async(&mut c).await.unwrap();
+        let members: Vec<String> =
+            redis::cmd("ZRANGE").arg(k(zset)).arg(0).arg(-1).query_async(&mut c).await.unwrap();
         for m in &members {
             assert_eq!(state.get(m).map(String::as_str), Some(name), "{m} in {zset}");
         }
@@ -86,11 +90,16 @@ async fn dedupe_lease_expiry_and_stale_tokens() {
 async fn retries_wait_their_delay_dead_jobs_requeue_and_released_jobs_keep_their_place() {
     let (q, prefix) = queue();
     // Three orders in one partition.
-    let orders: Vec<String> = (0..200).map(|i| format!("ORD-R-{i}")).filter(|o| q.partition_of(o) == 1).take(3).collect();
+    let orders: Vec<String> =
+        (0..200).map(|i| format!("ORD-R-{i}")).filter(|o| q.partition_of(o) == 1).take(3).collect();
     let jobs: Vec<(String, JobPayload)> = orders.iter().map(|o| (o.clone(), payload())).collect();
     q.enqueue(&jobs).await.unwrap();
     let claimed = q.claim(1, 10, Duration::from_secs(30)).await.unwrap().jobs;
-    assert_eq!(claimed.iter().map(|j| j.order_id.clone()).collect::<Vec<_>>(), orders, "FIFO within a partition");
+    assert_eq!(
+        claimed.iter().map(|j| j.order_id.clone()).collect::<Vec<_>>(),
+        orders,
+        "FIFO within a partition"
+    );
 
     // Retry the first in 300 ms, dead-letter the second, hand back the third.
     let stale = q
@@ -121,7 +130,10 @@ async fn retries_wait_their_delay_dead_jobs_requeue_and_released_jobs_keep_their
     // The dead job: listed with its error, deduped while dead, requeued with attempts reset.
     let dead = q.dead_jobs(10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!((dead[0].0.as_str(), dead[0].3.as_deref()), (orders[1].as_str(), Some("INVOICE_SERIAL_NOT_FOUND")));
+    assert_eq!(
+        (dead[0].0.as_str(), dead[0].3.as_deref()),
+        (orders[1].as_str(), Some("INVOICE_SERIAL_NOT_FOUND"))
+    );
     assert_eq!(q.enqueue(&[(orders[1].clone(), payload())]).await.unwrap(), vec![Enqueued::Duplicate]);
     assert_eq!(q.requeue(&orders[1], &payload()).await.unwrap(), "requeued");
     assert_eq!(q.requeue(&orders[1], &payload()).await.unwrap(), "waiting");
@@ -145,8 +157,10 @@ async fn depths_match_the_lists_and_scripts_survive_a_script_flush() {
     let claimed = q.claim(0, 2, Duration::from_secs(30)).await.unwrap();
     let depths = q.depths().await.unwrap();
     for (p, d) in depths.iter().enumerate() {
-        let llen: u64 = redis::cmd("LLEN").arg(format!("{prefix}:{{p{p}}}:wait")).query_async(&mut c).await.unwrap();
-        let active: u64 = redis::cmd("ZCARD").arg(format!("{prefix}:{{p{p}}}:active")).query_async(&mut c).await.unwrap();
+        let llen: u64 =
+            redis::cmd("LLEN").arg(format!("{prefix}:{{p{p}}}:wait")).query_async(&mut c).await.unwrap();
+        let active: u64 =
+            redis::cmd("ZCARD").arg(format!("{prefix}:{{p{p}}}:active")).query_async(&mut c).await.unwrap();
         assert_eq!((d.waiting, d.active), (llen, active));
     }
     assert_eq!(depths.iter().map(|d| d.waiting + d.active).sum::<u64>(), 30);

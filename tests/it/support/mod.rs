@@ -471,7 +471,8 @@ pub async fn wipe_queue(env: &HashMap<String, String>) -> usize {
     let prefix = env.get("APP_ENV_INVOICE_QUEUE_PREFIX").unwrap().clone();
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap();
     if !keys.is_empty() {
         let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
     }
