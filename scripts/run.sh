@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# `make run`: the service on the local stack with development settings: the HTTP API and the
-# stream processor (each its own process, so each has its own snowflake worker id). The
-# issuance workers and sample traffic join here as their issues land. Ctrl-C stops both.
+# `make run`: the whole flow on the local stack with development settings: the provider
+# simulator, `invoice all` (API + stream + workers in one process) and a feed of sample
+# payments of the demo merchant, printing invoice counts as they grow. Ctrl-C stops it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 set -a; source scripts/dev.env; set +a
-bin=target/release/invoice
-api_addr=${APP_ENV_INVOICE_HTTP_ADDR:-127.0.0.1:31140}
-stream_addr=${INVOICE_STREAM_HTTP_ADDR:-127.0.0.1:31142}
-APP_ENV_INVOICE_WORKER_ID=1 APP_ENV_INVOICE_HTTP_ADDR=$api_addr "$bin" api &
-api=$!
-APP_ENV_INVOICE_WORKER_ID=2 APP_ENV_INVOICE_HTTP_ADDR=$stream_addr "$bin" stream &
-stream=$!
-trap 'kill -TERM $api $stream 2>/dev/null; wait $api $stream' INT TERM
-for _ in $(seq 1 100); do
-  curl -fsS "http://$api_addr/ready" >/dev/null 2>&1 && curl -fsS "http://$stream_addr/ready" >/dev/null 2>&1 && break
+bin=${INVOICE_BIN:-target/release/invoice}
+addr=${APP_ENV_INVOICE_HTTP_ADDR:-127.0.0.1:31140}
+sim_addr=${PROVIDER_SIM_ADDR:-127.0.0.1:31150}
+rate=${SAMPLE_RATE:-5}
+pids=()
+stop() { kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; }
+trap stop INT TERM EXIT
+"$bin" provider-sim --addr "$sim_addr" --latency-ms 30 >/tmp/invoice-provider-sim.log 2>&1 &
+pids+=($!)
+APP_ENV_INVOICE_HTTP_ADDR=$addr "$bin" all >/tmp/invoice-all.log 2>&1 &
+pids+=($!)
+for _ in $(seq 1 200); do
+  curl -fsS "http://$addr/ready" >/dev/null 2>&1 && break
   sleep 0.1
 done
-echo "api:    http://$api_addr  (ready: $(curl -sS "http://$api_addr/ready"))"
-echo "stream: http://$stream_addr/metrics  (consuming ${APP_ENV_INVOICE_TOPIC_PAYMENT:-payment.succeeded.v1}, ${APP_ENV_INVOICE_TOPIC_MERCHANT_CDC:-merchant.cdc.v1})"
-echo "Ctrl-C stops both."
-wait $api $stream
+echo "invoice all:   http://$addr  (ready: $(curl -sS "http://$addr/ready"); logs /tmp/invoice-all.log)"
+echo "provider sim:  http://$sim_addr/sim/stats  (logs /tmp/invoice-provider-sim.log)"
+echo "metrics:       http://$addr/metrics"
+echo "inspect one:   set -a; . scripts/dev.env; set +a; $bin inspect <orderId>"
+echo "Sending $rate sample payments per second for merchant M-1001. Ctrl-C stops everything."
+"$bin" sample-traffic --rate "$rate" &
+pids+=($!)
+wait "${pids[@]}"

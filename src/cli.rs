@@ -56,6 +56,19 @@ pub enum Command {
     /// Run a local e-invoice provider speaking the Viettel S-Invoice API, with knobs for
     /// latency, errors and timeouts (for development, tests and benchmarks).
     ProviderSim(ProviderSimArgs),
+    /// Development: produce sample payments of the demo merchant to the payment topic and
+    /// print invoice counts as they grow (what `make run` shows).
+    SampleTraffic {
+        /// Payments per second.
+        #[arg(long, default_value_t = 5)]
+        rate: u32,
+        /// Stop producing after this many (keep printing counts).
+        #[arg(long)]
+        count: Option<u64>,
+        /// The merchant.
+        #[arg(long, default_value = "M-1001")]
+        merchant: String,
+    },
     /// Manage the Kafka topics defined in `topics/`.
     Topics {
         /// What to do.

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod providers;
 pub mod queue;
+pub mod sample_traffic;
 pub mod storage;
 pub mod stream;
 pub mod telemetry;

@@ -170,6 +170,15 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             out(format_args!("{} failed invoice(s)", failed.len()));
             Ok(ExitCode::SUCCESS)
         }
+        Command::SampleTraffic { rate, count, merchant } => {
+            let db = app::database(&cfg, "invoice-sample-traffic").await?;
+            let producer = app::kafka_producer(&cfg)?;
+            let stop = CancellationToken::new();
+            tokio::spawn(app::cancel_on_signal(stop.clone()));
+            invoice::sample_traffic::run(producer, &cfg.topics.payment, db, &merchant, rate, count, stop)
+                .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Topics { action: TopicsAction::Apply } => {
             let report = topics::apply(&cfg.kafka_brokers, &topics::specs(&cfg.topics)?).await?;
             out(format_args!("{report}"));
