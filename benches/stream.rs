@@ -1,10 +1,14 @@
-//! End-to-end benchmark of the stream stage (`make bench`): pre-fills fresh topics on the
-//! local broker, runs the production `run_stream` against them and measures how fast payments
-//! are decided and CDC events applied or skipped, next to the ceiling of a bare rdkafka
-//! consumer reading the same topic. Writes `target/bench/e2e.json`.
+//! End-to-end benchmark (`make bench`): pre-fills fresh topics on the local broker, runs the
+//! production `run_stream` against them and measures how fast payments are decided and CDC
+//! events applied or skipped, next to the ceiling of a bare rdkafka consumer reading the
+//! same topic; then runs the production `run_worker` against the provider simulator and
+//! measures invoices issued per second at 0 ms and 50 ms provider latency, and the latency
+//! from payment to ISSUED at a steady event rate. Writes `target/bench/e2e.json`.
 //!
 //! Needs the local stack (`make deps`). Sizes: `BENCH_EVENTS` (default 50 000 payments),
-//! `BENCH_CDC` (default 50 000 CDC events per path), `BENCH_PARTITIONS` (default 6).
+//! `BENCH_CDC` (default 50 000 CDC events per path), `BENCH_PARTITIONS` (default 6),
+//! `BENCH_ISSUE_SLOW` (default 20 000 invoices at 50 ms), `BENCH_RATE` (default 2 000
+//! events/s) for `BENCH_STEADY_SECS` (default 15 s).
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -105,6 +109,22 @@ async fn measure(pool: &PgPool, sql: &str, baseline: i64, target: i64) -> f64 {
     }
 }
 
+/// A payment of 1 100 000 đ (10% VAT: valid on any date) for order `i` of merchant
+/// `i mod merchants`.
+fn payment(i: usize, merchants: usize, paid_at: &str) -> (String, String) {
+    let order = format!("ORD-{i}");
+    let v = json!({"eventId": format!("ev-{i}"), "orderId": order, "merchantId": format!("M-{}", i % merchants),
+        "paidAt": paid_at, "currency": "VND", "totalAmount": "1100000",
+        "items": [{"sku": "SKU-1", "name": "Cà phê sữa", "unit": "ly", "quantity": "2", "unitPrice": "500000", "vatRate": "10"}]});
+    (order, v.to_string())
+}
+
+fn with(env: &HashMap<String, String>, key: &str, value: &str) -> HashMap<String, String> {
+    let mut env = env.clone();
+    env.insert(key.to_owned(), value.to_owned());
+    env
+}
+
 #[tokio::main]
 async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
@@ -123,7 +143,16 @@ async fn main() {
     let url = format!("{PG}/invoice_bench");
     let pool = PgPool::connect(&url).await.unwrap();
     invoice::storage::migrate(&pool).await.unwrap();
-    let keyring = invoice::crypto::Keyring::new(invoice::config::Secret::new([7u8; 32]));
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(KEY, &mut key).unwrap();
+    let keyring = invoice::crypto::Keyring::new(invoice::config::Secret::new(key));
+    // The provider: the simulator, in this process.
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_addr = sim_listener.local_addr().unwrap();
+    let sim = invoice::providers::sim::Sim::new(invoice::providers::sim::Knobs::default());
+    let sim_stop = CancellationToken::new();
+    tokio::spawn(invoice::providers::sim::serve(sim_listener, sim.clone(), sim_stop.clone()));
+    let endpoint = format!("http://{sim_addr}/services/einvoiceapplication/api");
     for m in 0..merchants {
         let id = format!("M-{m}");
         let mut conn = pool.acquire().await.unwrap();
@@ -138,17 +167,22 @@ async fn main() {
         )
         .await
         .unwrap();
-        let sealed = keyring.seal(b"{}", b"aad");
+        let config_id = m as i64 + 1;
+        let sealed = keyring.seal(
+            br#"{"username":"bench","password":"bench"}"#,
+            &invoice::storage::seed::provider_config_aad(&id, config_id),
+        );
         sqlx::query(
             "INSERT INTO provider_config (id, merchant_id, provider, endpoint, supplier_tax_code, template_code, series,
                  credentials_ciphertext, credentials_nonce, key_id, created_by)
-             VALUES ($1, $2, 'viettel', 'http://127.0.0.1:31150/api', '0100109106', '1/001', 'C26TAA', $3, $4, $5, 'bench')",
+             VALUES ($1, $2, 'viettel', $6, '0100109106', '1/001', 'C26TAA', $3, $4, $5, 'bench')",
         )
-        .bind(m as i64 + 1)
+        .bind(config_id)
         .bind(&id)
         .bind(&sealed.ciphertext)
         .bind(&sealed.nonce)
         .bind(&sealed.key_id)
+        .bind(&endpoint)
         .execute(&pool)
         .await
         .unwrap();
@@ -169,15 +203,8 @@ async fn main() {
         .set("compression.type", "lz4")
         .create()
         .unwrap();
-    let payments: Vec<(String, String)> = (0..events)
-        .map(|i| {
-            let order = format!("ORD-{i}");
-            let v = json!({"eventId": format!("ev-{i}"), "orderId": order, "merchantId": format!("M-{}", i % merchants),
-                "paidAt": "2026-11-24T10:15:00+07:00", "currency": "VND", "totalAmount": "1080000",
-                "items": [{"sku": "SKU-1", "name": "Cà phê sữa", "unit": "ly", "quantity": "2", "unitPrice": "500000", "vatRate": "8"}]});
-            (order, v.to_string())
-        })
-        .collect();
+    let payments: Vec<(String, String)> =
+        (0..events).map(|i| payment(i, merchants, "2026-11-24T10:15:00+07:00")).collect();
     let started = Instant::now();
     produce_all(&producer, &names.payment, payments).await;
     println!("produced {events} payments in {:.1}s", started.elapsed().as_secs_f64());
@@ -199,6 +226,16 @@ async fn main() {
         ("APP_ENV_INVOICE_KAFKA_GROUP_ID".into(), format!("{prefix}-group")),
         ("APP_ENV_INVOICE_STREAM_BATCH_MAX".into(), env_usize("BENCH_BATCH", 1000).to_string()),
         ("APP_ENV_INVOICE_DATABASE_MAX_CONNECTIONS".into(), "24".into()),
+        ("APP_ENV_INVOICE_QUEUE_PREFIX".into(), format!("{prefix}-iq")),
+        (
+            "APP_ENV_INVOICE_WORKER_CONCURRENCY".into(),
+            env_usize("BENCH_WORKER_CONCURRENCY", 1024).to_string(),
+        ),
+        ("APP_ENV_INVOICE_WORKER_BATCH_MAX".into(), env_usize("BENCH_WORKER_BATCH", 128).to_string()),
+        (
+            "APP_ENV_INVOICE_PROVIDER_SERIES_CONCURRENCY".into(),
+            env_usize("BENCH_SERIES_CONCURRENCY", 64).to_string(),
+        ),
     ]);
     invoice::telemetry::init_with_writer(invoice::config::LogFormat::Text, std::io::sink);
     let cfg = Config::from_source(&env, Mode::Stream).unwrap();
@@ -244,6 +281,77 @@ async fn main() {
     }) {
         println!("{line}");
     }
+
+    // Issuance at 0 ms provider latency: the stream left `events` invoices QUEUED (and their
+    // jobs in Redis); workers start now.
+    let issued_sql = "SELECT count(*) FROM invoice WHERE status = 'ISSUED'";
+    let worker_cfg =
+        Config::from_source(&with(&env, "APP_ENV_INVOICE_WORKER_ID", "1001"), Mode::Worker).unwrap();
+    let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker_stop = CancellationToken::new();
+    let worker = tokio::spawn(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone()));
+    let issue_fast_secs = measure(&pool, issued_sql, 0, events as i64).await;
+    println!("issued {events} at 0 ms in {issue_fast_secs:.1}s");
+    worker_stop.cancel();
+    worker.await.unwrap().unwrap();
+
+    // At 50 ms: new payments decided first, then workers start.
+    let slow = env_usize("BENCH_ISSUE_SLOW", 20_000);
+    sim.set_knobs(invoice::providers::sim::Knobs {
+        latency_ms: 50,
+        ..invoice::providers::sim::Knobs::default()
+    });
+    let batch: Vec<(String, String)> =
+        (events..events + slow).map(|i| payment(i, merchants, "2026-11-24T10:15:00+07:00")).collect();
+    produce_all(&producer, &names.payment, batch).await;
+    measure(&pool, "SELECT count(*) FROM invoice", events as i64, slow as i64).await;
+    let worker_cfg =
+        Config::from_source(&with(&env, "APP_ENV_INVOICE_WORKER_ID", "1002"), Mode::Worker).unwrap();
+    let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker_stop = CancellationToken::new();
+    let worker = tokio::spawn(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone()));
+    let issue_slow_secs = measure(&pool, issued_sql, events as i64, slow as i64).await;
+    println!("issued {slow} at 50 ms in {issue_slow_secs:.1}s");
+
+    // Steady load, provider at 0 ms: payment event produced (its paidAt) → ISSUED.
+    sim.set_knobs(invoice::providers::sim::Knobs::default());
+    let rate = env_usize("BENCH_RATE", 2_000);
+    let steady_secs = env_usize("BENCH_STEADY_SECS", 15);
+    let first = events + slow;
+    let total = rate * steady_secs;
+    let steady_from = chrono::Utc::now();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = 0;
+    while sent < total {
+        ticker.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * rate as f64) as usize).min(total);
+        let now = invoice::events::invoice_events::rfc3339(chrono::Utc::now());
+        let batch: Vec<(String, String)> =
+            (first + sent..first + due).map(|i| payment(i, merchants, &now)).collect();
+        sent = due;
+        for (k, v) in &batch {
+            // Fire and forget within the tick: waiting for each ack would throttle the rate.
+            let _ = producer.send_result(FutureRecord::to(&names.payment).key(k).payload(v));
+        }
+    }
+    let offered = total as f64 / started.elapsed().as_secs_f64();
+    measure(&pool, issued_sql, (events + slow) as i64, total as i64).await;
+    let (p50, p99): (f64, f64) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+         FROM (SELECT EXTRACT(EPOCH FROM issued_at - paid_at) * 1000 AS ms FROM invoice
+               WHERE created_at >= $1) t",
+    )
+    .bind(steady_from)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    println!("steady {offered:.0} events/s: payment → ISSUED p50 {p50:.1} ms, p99 {p99:.1} ms");
+    let stats = sim.stats();
+    assert_eq!(stats.duplicates, 0, "no duplicate at the provider: {stats:?}");
+    worker_stop.cancel();
+    worker.await.unwrap().unwrap();
+    sim_stop.cancel();
     shutdown.cancel();
     stream.await.unwrap().unwrap();
 
@@ -256,11 +364,15 @@ async fn main() {
         "cdc_per_sec": (cdc_events as f64 / skip_secs).round(),
         "cdc_skip_per_sec": (cdc_events as f64 / skip_secs).round(),
         "cdc_apply_per_sec": (cdc_events as f64 / apply_secs).round(),
-        "issued_per_sec": null,
-        "e2e_p50_ms": null,
-        "e2e_p99_ms": null,
+        "issued_per_sec": (events as f64 / issue_fast_secs).round(),
+        "issued_per_sec_provider_50ms": (slow as f64 / issue_slow_secs).round(),
+        "e2e_events_per_sec": offered.round(),
+        "e2e_p50_ms": (p50 * 10.0).round() / 10.0,
+        "e2e_p99_ms": (p99 * 10.0).round() / 10.0,
+        "provider_calls": stats.creates,
+        "provider_duplicates": stats.duplicates,
         "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
-        "note": "issued_per_sec and e2e latency arrive with the issuance workers; peak_rss_mb is the whole bench process (service + load generator)",
+        "note": "one process runs stream, workers, simulator and load generator; peak_rss_mb is all of it",
     });
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");

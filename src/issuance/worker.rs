@@ -192,8 +192,6 @@ impl Worker {
         let mut fail_reason: HashMap<String, String> = HashMap::new();
         let mut prefails: Vec<Settle> = Vec::new();
         let mut items: Vec<Item> = Vec::new();
-        let token_of: HashMap<&str, &str> =
-            jobs.iter().map(|j| (j.order_id.as_str(), j.token.as_str())).collect();
 
         for inv in invoices {
             let state = plan::State {
@@ -239,32 +237,16 @@ impl Worker {
         let lease_until = now + chrono_of(call_lease);
         let taken: HashMap<i64, String>;
         let acquire_ids: Vec<i64> = items.iter().filter(|i| i.step != Step::Poll).map(|i| i.inv.id).collect();
-        let owners: HashMap<i64, String> = items
-            .iter()
-            .map(|i| {
-                (
-                    i.inv.id,
-                    format!("{}#{}", deps.identity, token_of.get(i.inv.order_id.as_str()).unwrap_or(&"")),
-                )
-            })
-            .collect();
+        // One lease owner per batch: a zombie batch (its leases expired and were re-taken) is
+        // fenced out of every write by the owner changing.
+        let owner = format!("{}#{}", deps.identity, uuid::Uuid::new_v4().simple());
         let first = async {
             let mut tx = deps.db.begin().await?;
-            // One owner per order (its job's token); acquire per distinct owner.
-            let mut by_owner: HashMap<&str, Vec<i64>> = HashMap::new();
-            for id in &acquire_ids {
-                if let Some(owner) = owners.get(id) {
-                    by_owner.entry(owner.as_str()).or_default().push(*id);
-                }
-            }
-            let mut got = HashMap::new();
-            for (owner, ids) in by_owner {
-                for (id, before) in
-                    issuance::acquire(&mut tx, &ids, owner, lease_until, &deps.identity).await?
-                {
-                    got.insert(id, before);
-                }
-            }
+            let got: HashMap<i64, String> =
+                issuance::acquire(&mut tx, &acquire_ids, &owner, lease_until, &deps.identity)
+                    .await?
+                    .into_iter()
+                    .collect();
             let applied = issuance::settle(&mut tx, &prefails, &deps.events_topic, &deps.identity).await?;
             tx.commit().await?;
             Ok::<_, crate::storage::StorageError>((got, applied))
@@ -308,11 +290,9 @@ impl Worker {
             safe_wait: settings.provider_safe_wait,
             lookup_interval: settings.lookup_interval,
         };
-        let results = futures::future::join_all(run.into_iter().map(|item| {
-            let owner = owners.get(&item.inv.id).cloned().unwrap_or_default();
-            self.call(item, owner, timing)
-        }))
-        .await;
+        let results =
+            futures::future::join_all(run.into_iter().map(|item| self.call(item, owner.clone(), timing)))
+                .await;
 
         // Transaction 2: every call recorded, every invoice settled.
         let attempts: Vec<NewAttempt> = results.iter().flat_map(|r| r.attempts.iter().cloned()).collect();

@@ -134,6 +134,8 @@ pub struct SimInvoice {
     pub total: Value,
     #[serde(skip)]
     number_at: Instant,
+    #[serde(skip)]
+    created: Instant,
 }
 
 #[derive(Default)]
@@ -182,6 +184,11 @@ impl Sim {
 
     fn lock_knobs(&self) -> std::sync::MutexGuard<'_, Knobs> {
         self.knobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the knobs.
+    pub fn set_knobs(&self, knobs: Knobs) {
+        *self.lock_knobs() = knobs;
     }
 
     /// The counters.
@@ -330,24 +337,21 @@ impl Sim {
             let accept_only = !fail && !permanent && take(&mut k.accept_without_number_first, accept_rate);
             (k.latency_ms, fail, k.fail_status, permanent, timeout, k.hang_ms, accept_only, k.number_delay_ms)
         };
-        // A request arriving while another with its key is in flight is processed as new:
-        // Viettel creates a second invoice then.
-        let overlapping = {
+        let arrived = Instant::now();
+        {
             let mut inner = self.lock_inner();
             inner.stats.creates += 1;
             let in_flight = inner.in_flight.entry(uuid.clone()).or_insert(0);
             *in_flight += 1;
-            let overlapping = *in_flight > 1;
-            if overlapping {
+            if *in_flight > 1 {
                 inner.stats.overlaps += 1;
             }
-            overlapping
-        };
+        }
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
         let response =
-            self.issue(&body, &uuid, overlapping, fail, fail_status, permanent, accept_only, number_delay);
+            self.issue(&body, &uuid, arrived, fail, fail_status, permanent, accept_only, number_delay);
         {
             let mut inner = self.lock_inner();
             if let Some(n) = inner.in_flight.get_mut(&uuid) {
@@ -369,7 +373,7 @@ impl Sim {
         &self,
         body: &Value,
         uuid: &str,
-        overlapping: bool,
+        arrived: Instant,
         fail: bool,
         fail_status: u16,
         permanent: bool,
@@ -392,9 +396,11 @@ impl Sim {
                 &json!({"errorCode": "INVOICE_SERIAL_NOT_FOUND", "description": "Không tìm thấy ký hiệu hóa đơn", "result": null}),
             );
         }
-        if let (Some(existing), false) =
-            (inner.by_uuid.get(uuid).and_then(|v| v.first()).cloned(), overlapping)
-        {
+        // Viettel answers a repeat with the first invoice only if that invoice existed when the
+        // repeat arrived; requests that were in flight together each create one.
+        let existing =
+            inner.by_uuid.get(uuid).and_then(|v| v.first()).filter(|e| e.created < arrived).cloned();
+        if let Some(existing) = existing {
             // A repeat after the first finished: the first invoice again.
             inner.stats.repeats += 1;
             let visible = Instant::now() >= existing.number_at;
@@ -424,6 +430,7 @@ impl Sim {
             buyer_tax_code: body["buyerInfo"]["buyerTaxCode"].as_str().map(str::to_owned),
             total: body["summarizeInfo"]["totalAmountWithTax"].clone(),
             number_at,
+            created: Instant::now(),
         };
         let list = inner.by_uuid.entry(uuid.to_owned()).or_default();
         list.push(invoice);

@@ -254,123 +254,128 @@ pub struct Settle {
     pub provider: String,
 }
 
-/// Writes settlements, their audit rows and events, fenced on status (and lease owner).
-/// Returns, per settlement, whether it applied (false: fenced out, someone else moved it).
+/// The columns one settlement writes (see [`settle`]).
+struct Row<'a> {
+    status: &'static str,
+    invoice_no: Option<&'a str>,
+    series: Option<&'a str>,
+    reservation: Option<&'a str>,
+    tax_code: Option<&'a str>,
+    provider_status: Option<&'a str>,
+    next_at: Option<DateTime<Utc>>,
+    lease_until: Option<DateTime<Utc>>,
+    error: Option<&'a str>,
+}
+
+fn row(t: &Transition) -> Row<'_> {
+    let base = Row {
+        status: "QUEUED",
+        invoice_no: None,
+        series: None,
+        reservation: None,
+        tax_code: None,
+        provider_status: None,
+        next_at: None,
+        lease_until: None,
+        error: None,
+    };
+    match t {
+        Transition::Issued { invoice_no, series, reservation_code, tax_authority_code, provider_status } => {
+            Row {
+                status: "ISSUED",
+                invoice_no: Some(invoice_no),
+                series: Some(series),
+                reservation: reservation_code.as_deref(),
+                tax_code: tax_authority_code.as_deref(),
+                provider_status: provider_status.as_deref(),
+                ..base
+            }
+        }
+        Transition::Submitted { next } | Transition::StillSubmitted { next } => {
+            Row { status: "SUBMITTED", next_at: Some(*next), ..base }
+        }
+        // Stays ISSUING, owned by nobody, until the safe wait is over.
+        Transition::Ambiguous { until, error } => Row {
+            status: "ISSUING",
+            next_at: Some(*until),
+            lease_until: Some(*until),
+            error: Some(error),
+            ..base
+        },
+        Transition::Retry { next, error } => {
+            Row { status: "QUEUED", next_at: Some(*next), error: Some(error), ..base }
+        }
+        Transition::Failed { error } => Row { status: "FAILED", error: Some(error), ..base },
+    }
+}
+
+/// Writes settlements in one statement, fenced on status (and lease owner), with their audit
+/// rows and events. Returns, per settlement, whether it applied (false: fenced out, someone
+/// else moved the invoice).
 pub async fn settle(
     conn: &mut PgConnection,
     settles: &[Settle],
     events_topic: &str,
     actor: &str,
 ) -> Result<Vec<bool>, StorageError> {
-    let mut applied = Vec::with_capacity(settles.len());
+    if settles.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<Row<'_>> = settles.iter().map(|s| row(&s.transition)).collect();
+    let updated: Vec<i64> = sqlx::query_scalar(
+        "UPDATE invoice i SET
+             status = u.status,
+             provider_invoice_no = COALESCE(u.invoice_no, i.provider_invoice_no),
+             provider_series = COALESCE(u.series, i.provider_series),
+             reservation_code = COALESCE(u.reservation, i.reservation_code),
+             tax_authority_code = COALESCE(u.tax_code, i.tax_authority_code),
+             provider_status = CASE WHEN u.provider_status IS NULL THEN i.provider_status
+                                    ELSE jsonb_build_object('status', u.provider_status) END,
+             issued_at = CASE WHEN u.status = 'ISSUED' THEN now() ELSE i.issued_at END,
+             submitted_at = CASE WHEN u.status = 'SUBMITTED' THEN COALESCE(i.submitted_at, now()) ELSE i.submitted_at END,
+             lease_owner = NULL,
+             lease_until = u.lease_until,
+             next_attempt_at = u.next_at,
+             last_error = CASE WHEN u.status = 'ISSUED' THEN NULL ELSE COALESCE(u.error, i.last_error) END,
+             updated_at = now()
+         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[])
+              AS u(id, expected, owner, status, invoice_no, series, reservation, tax_code, provider_status,
+                   next_at, lease_until, error)
+         WHERE i.id = u.id AND i.status = u.expected AND (u.owner IS NULL OR i.lease_owner = u.owner)
+         RETURNING i.id",
+    )
+    .bind(settles.iter().map(|s| s.invoice.id).collect::<Vec<_>>())
+    .bind(settles.iter().map(|s| s.expected_status).collect::<Vec<_>>())
+    .bind(settles.iter().map(|s| s.owner.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.invoice_no).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.series).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.reservation).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.tax_code).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.provider_status).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.next_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.lease_until).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.error).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await?;
+    let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
+    let applied: Vec<bool> = settles.iter().map(|s| updated.contains(&s.invoice.id)).collect();
+
+    let now = Utc::now();
     let mut audits = Vec::new();
     let mut outbox = Vec::new();
-    let now = Utc::now();
-    for s in settles {
-        let inv = &s.invoice;
-        let (status, rows) = match &s.transition {
-            Transition::Issued {
-                invoice_no,
-                series,
-                reservation_code,
-                tax_authority_code,
-                provider_status,
-            } => {
-                let rows = sqlx::query(
-                    "UPDATE invoice SET status = 'ISSUED', provider_invoice_no = $4, provider_series = $5,
-                         reservation_code = $6, tax_authority_code = $7,
-                         provider_status = CASE WHEN $8::text IS NULL THEN provider_status ELSE jsonb_build_object('status', $8::text) END,
-                         issued_at = now(), lease_owner = NULL, lease_until = NULL, next_attempt_at = NULL,
-                         last_error = NULL, updated_at = now()
-                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
-                )
-                .bind(inv.id)
-                .bind(s.expected_status)
-                .bind(&s.owner)
-                .bind(invoice_no)
-                .bind(series)
-                .bind(reservation_code)
-                .bind(tax_authority_code)
-                .bind(provider_status)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                ("ISSUED", rows)
-            }
-            Transition::Submitted { next } | Transition::StillSubmitted { next } => {
-                let rows = sqlx::query(
-                    "UPDATE invoice SET status = 'SUBMITTED', submitted_at = COALESCE(submitted_at, now()),
-                         lease_owner = NULL, lease_until = NULL, next_attempt_at = $4, updated_at = now()
-                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
-                )
-                .bind(inv.id)
-                .bind(s.expected_status)
-                .bind(&s.owner)
-                .bind(next)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                ("SUBMITTED", rows)
-            }
-            Transition::Ambiguous { until, error } => {
-                let rows = sqlx::query(
-                    "UPDATE invoice SET lease_owner = NULL, lease_until = $4, next_attempt_at = $4,
-                         last_error = $5, updated_at = now()
-                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
-                )
-                .bind(inv.id)
-                .bind(s.expected_status)
-                .bind(&s.owner)
-                .bind(until)
-                .bind(error)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                ("ISSUING", rows)
-            }
-            Transition::Retry { next, error } => {
-                let rows = sqlx::query(
-                    "UPDATE invoice SET status = 'QUEUED', lease_owner = NULL, lease_until = NULL,
-                         next_attempt_at = $4, last_error = $5, updated_at = now()
-                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
-                )
-                .bind(inv.id)
-                .bind(s.expected_status)
-                .bind(&s.owner)
-                .bind(next)
-                .bind(error)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                ("QUEUED", rows)
-            }
-            Transition::Failed { error } => {
-                let rows = sqlx::query(
-                    "UPDATE invoice SET status = 'FAILED', lease_owner = NULL, lease_until = NULL,
-                         next_attempt_at = NULL, last_error = $4, updated_at = now()
-                     WHERE id = $1 AND status = $2 AND ($3::text IS NULL OR lease_owner = $3)",
-                )
-                .bind(inv.id)
-                .bind(s.expected_status)
-                .bind(&s.owner)
-                .bind(error)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                ("FAILED", rows)
-            }
-        };
-        let ok = rows == 1;
-        applied.push(ok);
+    for (s, ok) in settles.iter().zip(&applied) {
         if !ok {
             continue;
         }
+        let inv = &s.invoice;
+        let status = row(&s.transition).status;
+        use crate::events::invoice_events::EventType;
         // Quiet transitions (a SUBMITTED invoice still without a number) leave no audit row:
         // nothing changed but the next lookup time.
         let (event_type, event, reason) = match &s.transition {
-            Transition::Issued { .. } => {
-                ("invoice.issued", Some(crate::events::invoice_events::EventType::Issued), None)
-            }
+            Transition::Issued { .. } => ("invoice.issued", Some(EventType::Issued), None),
             Transition::Submitted { .. } => {
                 ("issuance_submitted", None, Some("accepted without a number".to_owned()))
             }
@@ -379,11 +384,7 @@ pub async fn settle(
                 ("issuance_ambiguous", None, Some(format!("{error}; look up after the safe wait")))
             }
             Transition::Retry { error, .. } => ("issuance_retry", None, Some(error.clone())),
-            Transition::Failed { error, .. } => (
-                "invoice.failed",
-                Some(crate::events::invoice_events::EventType::Failed),
-                Some(error.clone()),
-            ),
+            Transition::Failed { error } => ("invoice.failed", Some(EventType::Failed), Some(error.clone())),
         };
         let after = match &s.transition {
             Transition::Issued { invoice_no, series, .. } => {
