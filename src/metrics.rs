@@ -421,6 +421,8 @@ pub struct IssuanceMetrics {
     sweeper_oldest_due: prometheus::Gauge,
     queue_errors: IntCounterVec,
     issue_latency: prometheus::Histogram,
+    batch_phase: HistogramVec,
+    batch_size: prometheus::Histogram,
 }
 
 impl IssuanceMetrics {
@@ -493,9 +495,25 @@ impl IssuanceMetrics {
                     .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
             )
             .expect("valid metric"),
+            batch_phase: HistogramVec::new(
+                HistogramOpts::new(
+                    "worker_batch_phase_seconds",
+                    "Time of each phase of a worker batch: read, take, calls, settle, queue",
+                )
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 100.0]),
+                &["phase"],
+            )
+            .expect("valid metric"),
+            batch_size: prometheus::Histogram::with_opts(
+                HistogramOpts::new("worker_batch_jobs", "Jobs per worker batch")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+            )
+            .expect("valid metric"),
         };
         for collector in [
-            Box::new(m.queue_depth.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.batch_phase.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.batch_size.clone()),
+            Box::new(m.queue_depth.clone()),
             Box::new(m.dlq_depth.clone()),
             Box::new(m.queue_oldest_age.clone()),
             Box::new(m.queue_jobs.clone()),
@@ -569,6 +587,16 @@ impl IssuanceMetrics {
     /// A Redis error.
     pub fn queue_error(&self, operation: &'static str) {
         self.queue_errors.with_label_values(&[operation]).inc();
+    }
+
+    /// One phase of a worker batch.
+    pub fn batch_phase(&self, phase: &'static str, elapsed: Duration) {
+        self.batch_phase.with_label_values(&[phase]).observe(elapsed.as_secs_f64());
+    }
+
+    /// Jobs in a worker batch.
+    pub fn batch_jobs(&self, jobs: usize) {
+        self.batch_size.observe(jobs as f64);
     }
 
     /// Enqueue → ISSUED.

@@ -56,9 +56,16 @@ impl Worker {
                 },
                 _ = shutdown.cancelled() => return,
             };
-            let extra = self.slots.available_permits().min(self.deps.settings.batch_max.saturating_sub(1));
-            if extra > 0 {
-                if let Ok(more) = self.slots.clone().try_acquire_many_owned(extra as u32) {
+            // Top the batch up with whatever is free (other partitions' loops compete for the
+            // same permits, so a failed grab retries with what is left).
+            let batch_max = self.deps.settings.batch_max;
+            for _ in 0..4 {
+                let free =
+                    self.slots.available_permits().min(batch_max.saturating_sub(permits.num_permits()));
+                if free == 0 {
+                    break;
+                }
+                if let Ok(more) = self.slots.clone().try_acquire_many_owned(free as u32) {
                     permits.merge(more);
                 }
             }
@@ -139,6 +146,7 @@ impl Worker {
         }
         let q = &deps.queue;
         let m = &deps.metrics.issuance;
+        let started = std::time::Instant::now();
         match q.complete(partition, &complete).await {
             Ok(stale) => m.jobs("completed", complete.len() as u64 - stale),
             Err(error) => {
@@ -163,6 +171,7 @@ impl Worker {
                 }
             }
         }
+        m.batch_phase("queue", started.elapsed());
         // Enqueue → ISSUED latency, for jobs that ended issued.
         let now = crate::queue::now_ms();
         for job in &jobs {
@@ -175,6 +184,13 @@ impl Worker {
     /// Does the Postgres and provider part for a batch; returns each order's job fate.
     async fn process(&self, jobs: &[Job]) -> HashMap<String, Fate> {
         let deps = &self.deps;
+        let m = &deps.metrics.issuance;
+        m.batch_jobs(jobs.len());
+        let mut phase = std::time::Instant::now();
+        let mut lap = |name: &'static str| {
+            m.batch_phase(name, phase.elapsed());
+            phase = std::time::Instant::now();
+        };
         let orders: Vec<String> = jobs.iter().map(|j| j.order_id.clone()).collect();
         let invoices = match issuance::unfinished_for_orders(&deps.db, &orders).await {
             Ok(invoices) => invoices,
@@ -186,6 +202,7 @@ impl Worker {
                     .collect();
             }
         };
+        lap("read");
         let now = Utc::now();
         let settings = &deps.settings;
         let mut wake: HashMap<String, DateTime<Utc>> = HashMap::new();
@@ -275,6 +292,7 @@ impl Worker {
                     .collect();
             }
         }
+        lap("take");
         let (run, skipped): (Vec<Item>, Vec<Item>) =
             items.into_iter().partition(|i| i.step == Step::Poll || taken.contains_key(&i.inv.id));
         for item in skipped {
@@ -294,12 +312,17 @@ impl Worker {
             futures::future::join_all(run.into_iter().map(|item| self.call(item, owner.clone(), timing)))
                 .await;
 
+        lap("calls");
         // Transaction 2: every call recorded, every invoice settled.
-        let attempts: Vec<NewAttempt> = results.iter().flat_map(|r| r.attempts.iter().cloned()).collect();
-        let settles: Vec<Settle> = results.iter().map(|r| r.settle.clone()).collect();
+        let mut attempts: Vec<NewAttempt> = Vec::with_capacity(results.len());
+        let mut settles: Vec<Settle> = Vec::with_capacity(results.len());
+        for result in results {
+            attempts.extend(result.attempts);
+            settles.push(result.settle);
+        }
         let second = async {
             let mut tx = deps.db.begin().await?;
-            issuance::insert_attempts(&mut tx, &attempts).await?;
+            issuance::insert_attempts(&mut tx, attempts).await?;
             let applied = issuance::settle(&mut tx, &settles, &deps.events_topic, &deps.identity).await?;
             tx.commit().await?;
             Ok::<_, crate::storage::StorageError>(applied)
@@ -319,6 +342,7 @@ impl Worker {
             }
         };
 
+        lap("settle");
         for (s, ok) in settles.iter().zip(applied) {
             if !ok {
                 continue;
@@ -403,7 +427,7 @@ impl Worker {
         );
         let symbol = prepared.symbol();
         let mut attempts = Vec::new();
-        let mut record = |operation: &'static str, call: &Call, started: DateTime<Utc>| {
+        let mut record = |operation: &'static str, call: &mut Call, started: DateTime<Utc>| {
             deps.metrics.issuance.attempt(provider.name(), operation, call.outcome.class(), call.duration);
             attempts.push(NewAttempt {
                 invoice_id: inv.id,
@@ -413,8 +437,8 @@ impl Worker {
                 provider: provider.name().to_owned(),
                 outcome: call.outcome.class(),
                 error_code: call.outcome.code().map(str::to_owned),
-                request: call.request.clone(),
-                response: call.response.clone(),
+                request: call.request.take(),
+                response: call.response.take(),
                 duration_ms: i32::try_from(call.duration.as_millis()).unwrap_or(i32::MAX),
                 worker: deps.identity.clone(),
                 started_at: started,
@@ -424,24 +448,24 @@ impl Worker {
             Step::Create => match &prepared.prepared {
                 Some(valid) => {
                     let started = Utc::now();
-                    let call = provider.create(&target, &prepared.doc, valid).await;
-                    record("create", &call, started);
+                    let mut call = provider.create(&target, &prepared.doc, valid).await;
+                    record("create", &mut call, started);
                     plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
                 }
                 None => Transition::Failed { error: "validation failed".into() },
             },
             Step::LookupThenCreate | Step::LookupOnly | Step::Poll => {
                 let started = Utc::now();
-                let call = provider.lookup(&target, &inv.transaction_uuid).await;
-                record("lookup", &call, started);
+                let mut call = provider.lookup(&target, &inv.transaction_uuid).await;
+                record("lookup", &mut call, started);
                 match plan::after_lookup(step, &call.outcome, &symbol, Utc::now(), &timing, delay) {
                     Some(transition) => transition,
                     None => match &prepared.prepared {
                         // Nothing under the key: resend with the same key.
                         Some(valid) => {
                             let started = Utc::now();
-                            let call = provider.create(&target, &prepared.doc, valid).await;
-                            record("create", &call, started);
+                            let mut call = provider.create(&target, &prepared.doc, valid).await;
+                            record("create", &mut call, started);
                             plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
                         }
                         None => Transition::Failed { error: "validation failed".into() },
@@ -553,15 +577,15 @@ fn prepare(
         .get(&provider_name)
         .ok_or_else(|| format!("provider `{provider_name}` is not supported"))?;
 
-    let lines: Vec<Line> =
-        serde_json::from_value(inv.lines.clone()).map_err(|e| format!("stored lines are unreadable: {e}"))?;
+    // Deserialised from references: these values are large and cloning them was a measurable
+    // share of a worker's CPU.
+    let lines =
+        Vec::<Line>::deserialize(&inv.lines).map_err(|e| format!("stored lines are unreadable: {e}"))?;
     let buyer: Option<Buyer> = match &inv.buyer {
         None | Some(Value::Null) => None,
-        Some(b) => {
-            Some(serde_json::from_value(b.clone()).map_err(|e| format!("stored buyer is unreadable: {e}"))?)
-        }
+        Some(b) => Some(Buyer::deserialize(b).map_err(|e| format!("stored buyer is unreadable: {e}"))?),
     };
-    let seller: Seller = serde_json::from_value(snapshot.get("seller").cloned().unwrap_or(Value::Null))
+    let seller = Seller::deserialize(snapshot.get("seller").unwrap_or(&Value::Null))
         .map_err(|e| format!("seller in the config snapshot is unreadable: {e}"))?;
     let replaces = match inv.replaces_invoice_id {
         None => None,
@@ -613,9 +637,8 @@ fn prepare(
 
 fn decrypt(deps: &Deps, inv: &WorkInvoice, snapshot: &Value) -> Result<Target, String> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let sealed: SnapshotCredentials =
-        serde_json::from_value(snapshot.get("credentials").cloned().unwrap_or(Value::Null))
-            .map_err(|_| "the config snapshot has no sealed credentials".to_owned())?;
+    let sealed = SnapshotCredentials::deserialize(snapshot.get("credentials").unwrap_or(&Value::Null))
+        .map_err(|_| "the config snapshot has no sealed credentials".to_owned())?;
     let config_id: i64 = snapshot
         .get("configId")
         .and_then(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))

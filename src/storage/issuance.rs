@@ -165,9 +165,17 @@ pub struct NewAttempt {
 }
 
 /// Inserts attempt rows.
-pub async fn insert_attempts(conn: &mut PgConnection, v: &[NewAttempt]) -> Result<(), StorageError> {
+pub async fn insert_attempts(conn: &mut PgConnection, v: Vec<NewAttempt>) -> Result<(), StorageError> {
     if v.is_empty() {
         return Ok(());
+    }
+    // Moved, not cloned, into the columns: requests and responses are the bulk of the bytes.
+    let mut requests = Vec::with_capacity(v.len());
+    let mut responses = Vec::with_capacity(v.len());
+    let mut v = v;
+    for a in &mut v {
+        requests.push(a.request.take());
+        responses.push(a.response.take());
     }
     sqlx::query(
         "INSERT INTO issuance_attempt (invoice_id, attempt_no, operation, transaction_uuid, provider, outcome,
@@ -182,8 +190,8 @@ pub async fn insert_attempts(conn: &mut PgConnection, v: &[NewAttempt]) -> Resul
     .bind(v.iter().map(|a| a.provider.clone()).collect::<Vec<_>>())
     .bind(v.iter().map(|a| a.outcome).collect::<Vec<_>>())
     .bind(v.iter().map(|a| a.error_code.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.request.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.response.clone()).collect::<Vec<_>>())
+    .bind(requests)
+    .bind(responses)
     .bind(v.iter().map(|a| a.duration_ms).collect::<Vec<_>>())
     .bind(v.iter().map(|a| a.worker.clone()).collect::<Vec<_>>())
     .bind(v.iter().map(|a| a.started_at).collect::<Vec<_>>())
