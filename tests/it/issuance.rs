@@ -232,6 +232,16 @@ async fn transient_errors_are_retried_with_backoff_and_permanent_ones_fail_to_th
     })
     .await;
 
+    // `inspect` shows the invoice, the refused call and the audit trail, and the queue state.
+    let inspect = invoice_cmd(&s.env).args(["inspect", "ORD-P-1"]).output().unwrap();
+    assert!(inspect.status.success());
+    let report: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(report["invoices"][0]["status"], "FAILED");
+    assert_eq!(report["attempts"][0]["outcome"], "permanent");
+    assert_eq!(report["attempts"][0]["errorCode"], "INVOICE_SERIAL_NOT_FOUND");
+    assert!(report["audit"].as_array().unwrap().iter().any(|a| a["event"] == "invoice.failed"));
+    assert_eq!(report["queue"]["job"], "dead");
+    assert_eq!(invoice_cmd(&s.env).args(["inspect", "ORD-NOPE"]).output().unwrap().status.code(), Some(3));
     // The operator sees it, fixes the cause (the simulator now accepts) and requeues.
     let list = invoice_cmd(&s.env).args(["dlq", "list"]).output().unwrap();
     let listed = String::from_utf8_lossy(&list.stdout);
@@ -295,9 +305,21 @@ async fn duplicate_enqueues_and_a_replay_of_an_issued_invoice_call_the_provider_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_everything_loses_no_invoice() {
-    let s = setup(Knobs { latency_ms: 20, ..Knobs::default() }, "immediate").await;
-    let worker = TestWorker::spawn(&s.env).await;
+    // Few slots and a slow provider, so most jobs are still waiting in Redis when it is wiped.
+    let s = setup_with(Knobs { latency_ms: 40, ..Knobs::default() }, "immediate", |env| {
+        env.insert("APP_ENV_INVOICE_WORKER_CONCURRENCY".into(), "4".into());
+        env.insert("APP_ENV_INVOICE_WORKER_BATCH_MAX".into(), "4".into());
+    })
+    .await;
     s.pay((0..150).map(|i| format!("ORD-F-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'QUEUED'", 150).await;
+    let queue = queue_of(&s.env);
+    wait_until(WAIT, "150 jobs waiting in Redis", || async {
+        let waiting: u64 = queue.depths().await.unwrap().iter().map(|d| d.waiting).sum();
+        (waiting == 150).then_some(())
+    })
+    .await;
+    let worker = TestWorker::spawn(&s.env).await;
     // Wipe the queue while invoices are being issued (what FLUSHALL does to it).
     wait_until(WAIT, "issuance to be under way", || async {
         (s.scalar("SELECT count(*) FROM invoice WHERE status = 'ISSUED'").await >= 10).then_some(())
@@ -319,7 +341,12 @@ async fn a_redis_that_lost_everything_loses_no_invoice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_the_queue_without_running_one_key_twice() {
-    let s = setup(Knobs { latency_ms: 15, ..Knobs::default() }, "immediate").await;
+    // Eight slots each, so neither worker can take the whole backlog alone.
+    let s = setup_with(Knobs { latency_ms: 15, ..Knobs::default() }, "immediate", |env| {
+        env.insert("APP_ENV_INVOICE_WORKER_CONCURRENCY".into(), "8".into());
+        env.insert("APP_ENV_INVOICE_WORKER_BATCH_MAX".into(), "8".into());
+    })
+    .await;
     let a = TestWorker::spawn(&s.env).await;
     let b = TestWorker::spawn(&s.env).await;
     s.pay((0..120).map(|i| format!("ORD-W-{i}"))).await;
