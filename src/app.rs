@@ -191,6 +191,33 @@ pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationT
     Ok(())
 }
 
+/// What the stream's tasks need, for a process whose role is `mode`.
+fn stream_deps(
+    cfg: &Config,
+    db: &sqlx::PgPool,
+    lease: &workers::WorkerLease,
+    metrics: &Metrics,
+    mode: &str,
+) -> anyhow::Result<crate::stream::Deps> {
+    Ok(crate::stream::Deps {
+        db: db.clone(),
+        ids: lease.ids.clone(),
+        metrics: metrics.clone(),
+        topics: cfg.topics.clone(),
+        group_id: cfg.kafka_group_id.clone(),
+        brokers: cfg.kafka_brokers.clone(),
+        client_id: format!("{}-{mode}-{}", cfg.service_code, cfg.worker_id),
+        settings: crate::stream::Settings {
+            batch_max: cfg.stream_batch_max,
+            batch_linger: cfg.stream_batch_linger,
+            stall_after: cfg.stream_stall_after,
+            session_timeout: cfg.kafka_session_timeout,
+            ..crate::stream::Settings::default()
+        },
+        queue: Some(queue(cfg)?),
+    })
+}
+
 /// Runs the stream processor (and the outbox relay, and an HTTP listener for health,
 /// readiness and metrics) until `shutdown` is cancelled.
 pub async fn run_stream(
@@ -202,23 +229,7 @@ pub async fn run_stream(
     let producer = kafka_producer(&cfg)?;
     let state = http_state(&cfg, &base, producer.clone(), false)?;
     let Base { metrics, db, lease } = base;
-    let deps = crate::stream::Deps {
-        db: db.clone(),
-        ids: lease.ids.clone(),
-        metrics: metrics.clone(),
-        topics: cfg.topics.clone(),
-        group_id: cfg.kafka_group_id.clone(),
-        brokers: cfg.kafka_brokers.clone(),
-        client_id: format!("{}-stream-{}", cfg.service_code, cfg.worker_id),
-        settings: crate::stream::Settings {
-            batch_max: cfg.stream_batch_max,
-            batch_linger: cfg.stream_batch_linger,
-            stall_after: cfg.stream_stall_after,
-            session_timeout: cfg.kafka_session_timeout,
-            ..crate::stream::Settings::default()
-        },
-        queue: Some(queue(&cfg)?),
-    };
+    let deps = stream_deps(&cfg, &db, &lease, &metrics, "stream")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
     let relay_stop = CancellationToken::new();
@@ -283,23 +294,7 @@ pub async fn run_all(cfg: Config, listener: TcpListener, shutdown: CancellationT
     let producer = kafka_producer(&cfg)?;
     let state = http_state(&cfg, &base, producer.clone(), true)?;
     let Base { metrics, db, lease } = base;
-    let stream_deps = crate::stream::Deps {
-        db: db.clone(),
-        ids: lease.ids.clone(),
-        metrics: metrics.clone(),
-        topics: cfg.topics.clone(),
-        group_id: cfg.kafka_group_id.clone(),
-        brokers: cfg.kafka_brokers.clone(),
-        client_id: format!("{}-all-{}", cfg.service_code, cfg.worker_id),
-        settings: crate::stream::Settings {
-            batch_max: cfg.stream_batch_max,
-            batch_linger: cfg.stream_batch_linger,
-            stall_after: cfg.stream_stall_after,
-            session_timeout: cfg.kafka_session_timeout,
-            ..crate::stream::Settings::default()
-        },
-        queue: Some(queue(&cfg)?),
-    };
+    let stream_deps = stream_deps(&cfg, &db, &lease, &metrics, "all")?;
     let worker_deps = issuance_deps(&cfg, db.clone(), metrics.clone(), "all")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));

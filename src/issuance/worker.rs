@@ -444,37 +444,31 @@ impl Worker {
                 started_at: started,
             });
         };
-        let transition = match step {
-            Step::Create => match &prepared.prepared {
-                Some(valid) => {
-                    let started = Utc::now();
-                    let mut call = provider.create(&target, &prepared.doc, valid).await;
-                    record("create", &mut call, started);
-                    plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
-                }
-                None => Transition::Failed { error: "validation failed".into() },
-            },
+        // First the lookup, for the steps that have one; `None` means a create follows.
+        let looked_up = match step {
+            Step::Create => None,
             Step::LookupThenCreate | Step::LookupOnly | Step::Poll => {
                 let started = Utc::now();
                 let mut call = provider.lookup(&target, &inv.transaction_uuid).await;
                 record("lookup", &mut call, started);
-                match plan::after_lookup(step, &call.outcome, &symbol, Utc::now(), &timing, delay) {
-                    Some(transition) => transition,
-                    None => match &prepared.prepared {
-                        // Nothing under the key: resend with the same key.
-                        Some(valid) => {
-                            let started = Utc::now();
-                            let mut call = provider.create(&target, &prepared.doc, valid).await;
-                            record("create", &mut call, started);
-                            plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
-                        }
-                        None => Transition::Failed { error: "validation failed".into() },
-                    },
-                }
+                // `None`: nothing under the key, so resend with the same key.
+                plan::after_lookup(step, &call.outcome, &symbol, Utc::now(), &timing, delay)
             }
-            Step::WaitUntil(_) | Step::WaitForOriginal | Step::Exhausted => {
-                Transition::Ambiguous { until: Utc::now(), error: "internal: no call for this step".into() }
+            Step::WaitUntil(_) | Step::WaitForOriginal | Step::Exhausted => Some(Transition::Ambiguous {
+                until: Utc::now(),
+                error: "internal: no call for this step".into(),
+            }),
+        };
+        let transition = match (looked_up, &prepared.prepared) {
+            (Some(transition), _) => transition,
+            (None, Some(valid)) => {
+                let started = Utc::now();
+                let mut call = provider.create(&target, &prepared.doc, valid).await;
+                record("create", &mut call, started);
+                plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
             }
+            // prepare() refuses an invalid document for every step that may create.
+            (None, None) => Transition::Failed { error: "validation failed".into() },
         };
         drop(target);
         let (expected_status, owner) =

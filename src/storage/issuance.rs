@@ -425,7 +425,14 @@ pub async fn settle(
                 }
                 _ => None,
             };
-            outbox.push(event_row(events_topic, inv, event_type, status, provider, now));
+            outbox.push(event_row(
+                events_topic,
+                (inv.id, &inv.merchant_id, &inv.order_id),
+                event_type,
+                status,
+                provider,
+                now,
+            ));
         }
         // A replacement issued: its original becomes REPLACED, in the same transaction.
         if let (Transition::Issued { .. }, Some(original)) = (&s.transition, inv.replaces_invoice_id) {
@@ -458,9 +465,10 @@ pub async fn settle(
     Ok(applied)
 }
 
+/// The outbox row of a lifecycle event of invoice `(id, merchant, order)`.
 fn event_row(
     topic: &str,
-    inv: &WorkInvoice,
+    (invoice_id, merchant_id, order_id): (i64, &str, &str),
     event_type: crate::events::invoice_events::EventType,
     status: &'static str,
     provider: Option<crate::events::invoice_events::ProviderMember>,
@@ -470,9 +478,9 @@ fn event_row(
         event_id: uuid::Uuid::new_v4().to_string(),
         event_type,
         occurred_at: crate::events::invoice_events::rfc3339(now),
-        invoice_id: inv.id.to_string(),
-        order_id: inv.order_id.clone(),
-        merchant_id: inv.merchant_id.clone(),
+        invoice_id: invoice_id.to_string(),
+        order_id: order_id.to_owned(),
+        merchant_id: merchant_id.to_owned(),
         status,
         claim: None,
         provider,
@@ -480,7 +488,7 @@ fn event_row(
     NewOutbox {
         event_id: uuid::Uuid::parse_str(&event.event_id).unwrap_or_else(|_| uuid::Uuid::new_v4()),
         topic: topic.to_owned(),
-        key: Some(inv.order_id.as_bytes().to_vec()),
+        key: Some(order_id.as_bytes().to_vec()),
         payload: serde_json::to_vec(&event).unwrap_or_default(),
         headers: json!({"type": event_type.as_str()}),
         has_secret: false,
@@ -551,13 +559,12 @@ pub async fn expire_claims(
                 "claim deadline passed".into()
             }),
         });
-        let inv =
-            WorkInvoiceRef { id: invoice_id, merchant_id: merchant_id.clone(), order_id: order_id.clone() };
-        outbox.push(simple_event(
+        outbox.push(event_row(
             events_topic,
-            &inv,
+            (invoice_id, &merchant_id, &order_id),
             crate::events::invoice_events::EventType::ClaimExpired,
             status,
+            None,
             now,
         ));
         out.push(ExpiredClaim { invoice_id, merchant_id, order_id, queued });
@@ -578,40 +585,6 @@ fn status_static(status: &str) -> &'static str {
         "FAILED" => "FAILED",
         "CANCELLED" => "CANCELLED",
         _ => "REPLACED",
-    }
-}
-
-struct WorkInvoiceRef {
-    id: i64,
-    merchant_id: String,
-    order_id: String,
-}
-
-fn simple_event(
-    topic: &str,
-    inv: &WorkInvoiceRef,
-    event_type: crate::events::invoice_events::EventType,
-    status: &'static str,
-    now: DateTime<Utc>,
-) -> NewOutbox {
-    let event = crate::events::invoice_events::InvoiceEvent {
-        event_id: uuid::Uuid::new_v4().to_string(),
-        event_type,
-        occurred_at: crate::events::invoice_events::rfc3339(now),
-        invoice_id: inv.id.to_string(),
-        order_id: inv.order_id.clone(),
-        merchant_id: inv.merchant_id.clone(),
-        status,
-        claim: None,
-        provider: None,
-    };
-    NewOutbox {
-        event_id: uuid::Uuid::parse_str(&event.event_id).unwrap_or_else(|_| uuid::Uuid::new_v4()),
-        topic: topic.to_owned(),
-        key: Some(inv.order_id.as_bytes().to_vec()),
-        payload: serde_json::to_vec(&event).unwrap_or_default(),
-        headers: json!({"type": event_type.as_str()}),
-        has_secret: false,
     }
 }
 
