@@ -97,8 +97,13 @@ pub struct Timing {
     pub lookup_interval: Duration,
 }
 
-fn at(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+/// `now + d`, saturating at a far date instead of overflowing (a provider may send any
+/// `Retry-After`).
+pub fn at(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Where the outcome of a `create` takes an ISSUING invoice on its `attempt`-th attempt.
@@ -197,6 +202,17 @@ mod tests {
         safe_wait: Duration::from_secs(90),
         lookup_interval: Duration::from_secs(30),
     };
+
+    #[test]
+    fn times_saturate_instead_of_overflowing() {
+        assert_eq!(at(now(), Duration::MAX), DateTime::<Utc>::MAX_UTC);
+        let huge =
+            Outcome::Retryable { code: "HTTP_429".into(), retry_after: Some(Duration::from_secs(u64::MAX)) };
+        assert!(matches!(
+            after_create(&huge, 1, "s", now(), &TIMING, Duration::ZERO),
+            Transition::Retry { .. }
+        ));
+    }
 
     #[test]
     fn steps() {

@@ -123,8 +123,11 @@ impl Worker {
             lost.clone(),
             heartbeat_stop.clone(),
         ));
-        let fates = self.process(&jobs).await;
-        heartbeat_stop.cancel();
+        // Dropped on every exit, a panic included: a heartbeat outliving its batch would keep
+        // the leases alive forever.
+        let stop_guard = heartbeat_stop.clone().drop_guard();
+        let fates = self.process(&jobs, &lost).await;
+        drop(stop_guard);
         let _ended = heartbeat.await;
 
         let lost = lost.lock().map(|l| l.clone()).unwrap_or_default();
@@ -182,7 +185,7 @@ impl Worker {
     }
 
     /// Does the Postgres and provider part for a batch; returns each order's job fate.
-    async fn process(&self, jobs: &[Job]) -> HashMap<String, Fate> {
+    async fn process(&self, jobs: &[Job], lost: &Arc<Mutex<HashSet<String>>>) -> HashMap<String, Fate> {
         let deps = &self.deps;
         let m = &deps.metrics.issuance;
         m.batch_jobs(jobs.len());
@@ -209,8 +212,21 @@ impl Worker {
         let mut fail_reason: HashMap<String, String> = HashMap::new();
         let mut prefails: Vec<Settle> = Vec::new();
         let mut items: Vec<Item> = Vec::new();
+        // A job redelivered this often crashed its workers before any attempt was counted
+        // (a poison pill): its QUEUED invoices fail instead of looping forever.
+        let deliveries: HashMap<&str, u32> = jobs.iter().map(|j| (j.order_id.as_str(), j.delivery)).collect();
+        let max_deliveries = settings.max_attempts.saturating_mul(2).max(10);
 
         for inv in invoices {
+            if inv.status == "QUEUED"
+                && deliveries.get(inv.order_id.as_str()).is_some_and(|d| *d > max_deliveries)
+            {
+                prefails.push(prefail(
+                    inv,
+                    format!("job redelivered more than {max_deliveries} times without finishing"),
+                ));
+                continue;
+            }
             let state = plan::State {
                 status: &inv.status,
                 attempts: inv.attempts.max(0) as u32,
@@ -228,21 +244,25 @@ impl Worker {
             match step {
                 Step::WaitUntil(at) => earliest(&mut wake, &inv.order_id, at.max(now)),
                 Step::WaitForOriginal => {
-                    earliest(&mut wake, &inv.order_id, now + chrono_of(settings.lookup_interval))
+                    earliest(&mut wake, &inv.order_id, plan::at(now, settings.lookup_interval))
                 }
-                Step::Exhausted => {
-                    let error = "attempts exhausted".to_owned();
-                    fail_reason.insert(inv.order_id.clone(), error.clone());
-                    prefails.push(prefail(inv, error));
-                }
+                Step::Exhausted => prefails.push(prefail(inv, "attempts exhausted".to_owned())),
                 Step::Create | Step::LookupThenCreate | Step::LookupOnly | Step::Poll => {
                     match prepare(deps, &inv, step, now) {
                         Ok((provider, target, prepared)) => {
                             items.push(Item { inv, step, provider, target, prepared })
                         }
+                        // Never sent: a QUEUED invoice that cannot be sent fails for good.
+                        Err(error) if inv.status == "QUEUED" => prefails.push(prefail(inv, error)),
+                        // An ISSUING or SUBMITTED invoice may exist at the provider: it is never
+                        // failed without a lookup. Keep trying (an operator fixes the key).
                         Err(error) => {
-                            fail_reason.insert(inv.order_id.clone(), error.clone());
-                            prefails.push(prefail(inv, error));
+                            tracing::error!(
+                                orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
+                                status = %inv.status, error = %error,
+                                "Cannot look up an invoice that may exist at the provider; retrying later"
+                            );
+                            earliest(&mut wake, &inv.order_id, plan::at(now, settings.lookup_interval));
                         }
                     }
                 }
@@ -250,8 +270,9 @@ impl Worker {
         }
 
         // Transaction 1: take the invoices to call; permanent failures found before any call.
-        let call_lease = settings.provider_timeout + Duration::from_secs(5).min(settings.provider_timeout);
-        let lease_until = now + chrono_of(call_lease);
+        // The lease covers a wait for a send slot and one whole call; a call that would start
+        // later renews it first (see `call`).
+        let lease_until = plan::at(now, self.call_lease() * 2);
         let taken: HashMap<i64, String>;
         let acquire_ids: Vec<i64> = items.iter().filter(|i| i.step != Step::Poll).map(|i| i.inv.id).collect();
         // One lease owner per batch: a zombie batch (its leases expired and were re-taken) is
@@ -275,6 +296,7 @@ impl Worker {
                     if ok {
                         deps.metrics.issuance.transition("FAILED");
                         if let Transition::Failed { error } = &s.transition {
+                            fail_reason.insert(s.invoice.order_id.clone(), error.clone());
                             tracing::error!(
                                 orderId = %s.invoice.order_id, merchantId = %s.invoice.merchant_id,
                                 invoiceId = s.invoice.id, error = %error,
@@ -293,8 +315,19 @@ impl Worker {
             }
         }
         lap("take");
-        let (run, skipped): (Vec<Item>, Vec<Item>) =
+        let (mut run, skipped): (Vec<Item>, Vec<Item>) =
             items.into_iter().partition(|i| i.step == Step::Poll || taken.contains_key(&i.inv.id));
+        // Read as QUEUED but taken as ISSUING (another delivery's lease ran out in between):
+        // a call may have happened, so look up first.
+        for item in &mut run {
+            if item.step == Step::Create && taken.get(&item.inv.id).map(String::as_str) == Some("ISSUING") {
+                item.step = if item.inv.attempts.max(0) as u32 >= settings.max_attempts {
+                    Step::LookupOnly
+                } else {
+                    Step::LookupThenCreate
+                };
+            }
+        }
         for item in skipped {
             // Changed by someone else since it was read: look again shortly.
             let at = now + chrono::Duration::seconds(1);
@@ -308,9 +341,10 @@ impl Worker {
             safe_wait: settings.provider_safe_wait,
             lookup_interval: settings.lookup_interval,
         };
-        let results =
-            futures::future::join_all(run.into_iter().map(|item| self.call(item, owner.clone(), timing)))
-                .await;
+        let results = futures::future::join_all(
+            run.into_iter().map(|item| self.call(item, owner.clone(), timing, lease_until, lost)),
+        )
+        .await;
 
         lap("calls");
         // Transaction 2: every call recorded, every invoice settled.
@@ -334,7 +368,7 @@ impl Worker {
                 // ISSUING until the call lease ends, then are looked up (never resent blindly).
                 tracing::error!(%error, invoices = settles.len(), "Cannot record provider results; they will be looked up after the lease");
                 for s in &settles {
-                    let at = lease_until;
+                    let at = plan::at(Utc::now(), self.call_lease());
                     let entry = wake.entry(s.invoice.order_id.clone()).or_insert(at);
                     *entry = (*entry).min(at);
                 }
@@ -411,8 +445,53 @@ impl Worker {
             .collect()
     }
 
+    /// How long one provider call may take, everything included: its timeout plus a margin.
+    fn call_lease(&self) -> Duration {
+        let timeout = self.deps.settings.provider_timeout;
+        timeout + Duration::from_secs(5).min(timeout)
+    }
+
+    /// Whether this delivery may still send for `inv`: its job lease is not lost, and its
+    /// Postgres lease covers a whole call from now (renewed, fenced on the owner, when it
+    /// would not). A call that starts must end before anyone else may look up or resend.
+    async fn may_send(
+        &self,
+        inv: &WorkInvoice,
+        owner: &str,
+        lease_until: &mut DateTime<Utc>,
+        lost: &Arc<Mutex<HashSet<String>>>,
+    ) -> bool {
+        if lost.lock().map(|l| l.contains(&inv.order_id)).unwrap_or(true) {
+            return false;
+        }
+        let needed = plan::at(Utc::now(), self.call_lease());
+        if needed <= *lease_until {
+            return true;
+        }
+        let until = plan::at(Utc::now(), self.call_lease() * 2);
+        match issuance::renew_lease(&self.deps.db, inv.id, owner, until).await {
+            Ok(true) => {
+                *lease_until = until;
+                true
+            }
+            Ok(false) => false,
+            Err(error) => {
+                tracing::warn!(invoiceId = inv.id, %error, "Cannot renew the call lease; not sending");
+                false
+            }
+        }
+    }
+
     /// One invoice's provider calls (a lookup, a create, or a lookup then a create).
-    async fn call(&self, item: Item, owner: String, timing: Timing) -> CallResult {
+    async fn call(
+        &self,
+        item: Item,
+        owner: String,
+        timing: Timing,
+        lease_until: DateTime<Utc>,
+        lost: &Arc<Mutex<HashSet<String>>>,
+    ) -> CallResult {
+        let mut lease_until = lease_until;
         let deps = &self.deps;
         let Item { inv, step, provider, target, prepared } = item;
         let series_key = (inv.merchant_id.clone(), prepared.doc.series.clone());
@@ -449,7 +528,8 @@ impl Worker {
             Step::Create => None,
             Step::LookupThenCreate | Step::LookupOnly | Step::Poll => {
                 let started = Utc::now();
-                let mut call = provider.lookup(&target, &inv.transaction_uuid).await;
+                let mut call =
+                    bounded(self.call_lease(), provider.lookup(&target, &inv.transaction_uuid)).await;
                 record("lookup", &mut call, started);
                 // `None`: nothing under the key, so resend with the same key.
                 plan::after_lookup(step, &call.outcome, &symbol, Utc::now(), &timing, delay)
@@ -461,11 +541,17 @@ impl Worker {
         };
         let transition = match (looked_up, &prepared.prepared) {
             (Some(transition), _) => transition,
-            (None, Some(valid)) => {
+            (None, Some(valid)) if self.may_send(&inv, &owner, &mut lease_until, lost).await => {
                 let started = Utc::now();
-                let mut call = provider.create(&target, &prepared.doc, valid).await;
+                let mut call =
+                    bounded(self.call_lease(), provider.create(&target, &prepared.doc, valid)).await;
                 record("create", &mut call, started);
                 plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
+            }
+            // This delivery lost the invoice (lease lost or taken over): send nothing; the
+            // owner-fenced write below changes nothing either.
+            (None, Some(_)) => {
+                Transition::Ambiguous { until: lease_until, error: "lease lost before sending".into() }
             }
             // prepare() refuses an invalid document for every step that may create.
             (None, None) => Transition::Failed { error: "validation failed".into() },
@@ -526,8 +612,18 @@ struct CallResult {
     settle: Settle,
 }
 
-fn chrono_of(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+/// A provider call cut at `limit`, whatever it does inside (several HTTP requests with a
+/// re-login): a cut call is an ambiguous outcome, and the lease it ran under covers `limit`.
+async fn bounded(limit: Duration, call: futures::future::BoxFuture<'_, Call>) -> Call {
+    match tokio::time::timeout(limit, call).await {
+        Ok(call) => call,
+        Err(_) => Call {
+            outcome: crate::providers::Outcome::Ambiguous { code: "CALL_DEADLINE".into() },
+            request: None,
+            response: None,
+            duration: limit,
+        },
+    }
 }
 
 fn prefail(inv: WorkInvoice, error: String) -> Settle {

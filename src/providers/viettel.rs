@@ -50,6 +50,17 @@ const REDACTED: &[&str] = &[
     "reservationCode",
 ];
 
+/// The request as it is stored in the attempt row: credentials and personal data redacted
+/// (for an individual buyer, the name and personal id number too).
+pub fn recorded_request(body: &Value, buyer_kind: BuyerKind) -> Value {
+    let mut recorded = body.clone();
+    redact(&mut recorded, REDACTED);
+    if buyer_kind == BuyerKind::Individual {
+        redact(&mut recorded, &["buyerLegalName", "buyerTaxCode"]);
+    }
+    recorded
+}
+
 /// The Viettel adapter.
 pub struct Viettel {
     client: reqwest::Client,
@@ -123,7 +134,8 @@ impl Viettel {
         let Some(token) = token else {
             return Err(Outcome::Retryable { code: "LOGIN_NO_TOKEN".into(), retry_after: None });
         };
-        let expires_in = body.get("expires_in").and_then(Value::as_u64).unwrap_or(300);
+        // Bounded: a token claimed to live for years must not overflow the clock arithmetic.
+        let expires_in = body.get("expires_in").and_then(Value::as_u64).unwrap_or(300).min(86_400);
         // Refresh early: at 80% of the lifetime, and at least 30 s before expiry.
         let lifetime = Duration::from_secs(expires_in);
         let early = (lifetime / 5).max(Duration::from_secs(30));
@@ -135,8 +147,7 @@ impl Viettel {
     async fn create_call(&self, target: &Target, doc: &Document, prepared: &Prepared) -> Call {
         let started = Instant::now();
         let body = create_body(doc, prepared);
-        let mut recorded = body.clone();
-        redact(&mut recorded, REDACTED);
+        let recorded = recorded_request(&body, prepared.buyer_kind);
         let url = format!(
             "{}/InvoiceAPI/InvoiceWS/createInvoice/{}",
             target.endpoint.trim_end_matches('/'),
@@ -271,7 +282,8 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+        // An hour at most: the retry schedule caps delays anyway.
+        .map(|s| Duration::from_secs(s.min(3_600)))
 }
 
 /// The marker outcome for "the token expired": re-login once and retry.
@@ -306,14 +318,6 @@ fn error_symbol(body: &Value) -> Option<String> {
     field("errorCode").or_else(|| field("message")).map(str::to_owned)
 }
 
-fn error_text(body: &Value) -> String {
-    let text = ["description", "data", "message"]
-        .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_str).filter(|s| !s.is_empty()))
-        .unwrap_or("");
-    text.chars().take(300).collect()
-}
-
 /// Every answer of `createInvoice`, mapped (DOMAIN §6 "Outcomes", §7).
 pub fn classify_create(status: u16, body: &Value, retry_after: Option<Duration>) -> Outcome {
     let symbol = error_symbol(body);
@@ -343,7 +347,7 @@ pub fn classify_create(status: u16, body: &Value, retry_after: Option<Duration>)
                 None => Outcome::Ambiguous { code: "EMPTY_RESULT".into() },
             }
         }
-        (_, Some(code)) => classify_code(status, code, body, retry_after),
+        (_, Some(code)) => classify_code(status, code, retry_after),
         (429, None) => Outcome::Retryable { code: "HTTP_429".into(), retry_after },
         (503, None) => Outcome::Retryable { code: "HTTP_503".into(), retry_after },
         (413 | 415, None) => Outcome::Permanent {
@@ -359,7 +363,7 @@ pub fn classify_create(status: u16, body: &Value, retry_after: Option<Duration>)
     }
 }
 
-fn classify_code(status: u16, code: &str, body: &Value, retry_after: Option<Duration>) -> Outcome {
+fn classify_code(status: u16, code: &str, retry_after: Option<Duration>) -> Outcome {
     let permanent = |message: &str| Outcome::Permanent { code: code.to_owned(), message: message.to_owned() };
     match code {
         // Duplicate key, or the same key still being processed, or a number clash: the
@@ -382,7 +386,9 @@ fn classify_code(status: u16, code: &str, body: &Value, retry_after: Option<Dura
         }
         _ if status == 429 || status == 503 => Outcome::Retryable { code: code.to_owned(), retry_after },
         _ if status >= 500 => Outcome::Ambiguous { code: code.to_owned() },
-        _ => Outcome::Permanent { code: code.to_owned(), message: error_text(body) },
+        // The provider's own text stays in the (redacted) attempt row; users and logs get a
+        // mapped message (DOMAIN §6).
+        _ => Outcome::Permanent { code: code.to_owned(), message: "the provider refused the invoice".into() },
     }
 }
 
@@ -402,7 +408,9 @@ pub fn classify_lookup(status: u16, body: &Value) -> Outcome {
                     .map(str::to_owned)
             };
             match results.first() {
-                None => Outcome::NotFound,
+                // Only NOT_FOUND_DATA says "absent"; an empty answer is not proof enough to
+                // send again.
+                None => Outcome::Retryable { code: "EMPTY_RESULT".into(), retry_after: None },
                 Some(first) => match text(first, "invoiceNo") {
                     Some(invoice_no) => Outcome::Issued(IssuedInvoice {
                         invoice_no,
@@ -663,10 +671,13 @@ mod tests {
         assert_eq!(body["buyerInfo"]["buyerNotGetInvoice"], 0);
         assert_eq!(body["generalInvoiceInfo"]["adjustmentType"], "3");
         assert_eq!(body["generalInvoiceInfo"]["originalInvoiceId"], "C26TAA12");
-        let mut recorded = body.clone();
-        redact(&mut recorded, REDACTED);
+        let recorded = recorded_request(&body, p.buyer_kind);
         assert_eq!(recorded["buyerInfo"]["buyerEmail"], "***");
         assert_eq!(recorded["buyerInfo"]["buyerTaxCode"], "0101243150");
+        // An individual's name and personal id are personal data: redacted too.
+        let recorded = recorded_request(&body, BuyerKind::Individual);
+        assert_eq!(recorded["buyerInfo"]["buyerTaxCode"], "***");
+        assert_eq!(recorded["buyerInfo"]["buyerLegalName"], "***");
     }
 
     #[test]
@@ -709,6 +720,7 @@ mod tests {
         );
         assert_eq!(classify_lookup(200, &json!({"result": [{"invoiceNo": null}]})), Outcome::Accepted);
         assert!(matches!(classify_lookup(503, &Value::Null), Outcome::Retryable { .. }));
+        assert!(matches!(classify_lookup(200, &json!({"result": []})), Outcome::Retryable { .. }));
     }
 
     #[test]

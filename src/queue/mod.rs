@@ -18,7 +18,7 @@
 //! | `state` | hash | order id → `waiting`, `active`, `delayed` or `dead` (absent: no job) |
 //! | `job` | hash | order id → payload JSON |
 //! | `att` | hash | order id → deliveries started |
-//! | `tok` / `seq` | hash / counter | order id → lease token of the current delivery |
+//! | `tok` | hash | order id → lease token of the current delivery (128 random bits from the client, so a token is never reused, even after Redis lost or rolled back its data) |
 //! | `err` | hash | order id → last error |
 //!
 //! Invariant: an id is in exactly one of `wait`/`active`/`delayed`/`dlq` iff `state` names it
@@ -132,11 +132,21 @@ pub struct Retry<'a> {
 }
 
 const ENQUEUE: &str = r#"
--- KEYS: wait state job att ; ARGV: id payload [id payload ...] ; returns 1/0 per id
+-- KEYS: wait state job att dlq err ; ARGV: id payload [id payload ...] ; returns 1/0 per id
+-- A dead job is revived: whoever enqueues read Postgres, which says the order is due again.
 local out = {}
 for i = 1, #ARGV, 2 do
   local id = ARGV[i]
-  if redis.call('HEXISTS', KEYS[2], id) == 1 then
+  local state = redis.call('HGET', KEYS[2], id)
+  if state == 'dead' then
+    redis.call('ZREM', KEYS[5], id)
+    redis.call('HDEL', KEYS[6], id)
+    redis.call('HSET', KEYS[2], id, 'waiting')
+    redis.call('HSET', KEYS[3], id, ARGV[i + 1])
+    redis.call('HSET', KEYS[4], id, 0)
+    redis.call('RPUSH', KEYS[1], id)
+    out[#out + 1] = 1
+  elseif state then
     out[#out + 1] = 0
   else
     redis.call('HSET', KEYS[2], id, 'waiting')
@@ -150,12 +160,12 @@ return out
 "#;
 
 const CLAIM: &str = r#"
--- KEYS: wait active delayed state job att tok seq ; ARGV: now lease_ms n housekeeping_max
--- returns {reclaimed, promoted, id, payload, delivery, token, ...}
+-- KEYS: wait active delayed state job att tok ; ARGV: now lease_ms housekeeping_max token...
+-- (one fresh random token per job it may hand out) ; returns {reclaimed, promoted, id, payload, delivery, token, ...}
 local now = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local hk = tonumber(ARGV[4])
+local hk = tonumber(ARGV[3])
+local n = #ARGV - 3
 -- Leases that expired: their worker died or hung. Back to the head of the line.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, hk)
 for i = #expired, 1, -1 do
@@ -179,14 +189,14 @@ while taken < n do
   if not id then break end
   if redis.call('HGET', KEYS[4], id) == 'waiting' then
     local delivery = redis.call('HINCRBY', KEYS[6], id, 1)
-    local token = redis.call('INCR', KEYS[8])
+    local token = ARGV[4 + taken]
     redis.call('HSET', KEYS[7], id, token)
     redis.call('ZADD', KEYS[2], now + lease, id)
     redis.call('HSET', KEYS[4], id, 'active')
     out[#out + 1] = id
     out[#out + 1] = redis.call('HGET', KEYS[5], id) or ''
     out[#out + 1] = delivery
-    out[#out + 1] = tostring(token)
+    out[#out + 1] = token
     taken = taken + 1
   end
 end
@@ -332,7 +342,6 @@ struct Keys {
     job: String,
     att: String,
     tok: String,
-    seq: String,
     err: String,
 }
 
@@ -387,7 +396,6 @@ impl Queue {
             job: format!("{base}:job"),
             att: format!("{base}:att"),
             tok: format!("{base}:tok"),
-            seq: format!("{base}:seq"),
             err: format!("{base}:err"),
         }
     }
@@ -408,7 +416,7 @@ impl Queue {
         for (partition, indexes) in by_partition {
             let k = self.keys(partition);
             let mut call = self.scripts.enqueue.prepare_invoke();
-            call.key(&k.wait).key(&k.state).key(&k.job).key(&k.att);
+            call.key(&k.wait).key(&k.state).key(&k.job).key(&k.att).key(&k.dlq).key(&k.err);
             for &i in &indexes {
                 let payload = serde_json::to_string(&jobs[i].1).unwrap_or_default();
                 call.arg(&jobs[i].0).arg(payload);
@@ -428,24 +436,14 @@ impl Queue {
     /// partition are moved first (bounded per call), so every claimer is also the reaper.
     pub async fn claim(&self, partition: u32, n: usize, lease: Duration) -> Result<Claimed, QueueError> {
         let k = self.keys(partition);
+        let mut call = self.scripts.claim.prepare_invoke();
+        call.key(&k.wait).key(&k.active).key(&k.delayed).key(&k.state).key(&k.job).key(&k.att).key(&k.tok);
+        call.arg(now_ms()).arg(ms(lease)).arg(1000);
+        for _ in 0..n.max(1) {
+            call.arg(uuid::Uuid::new_v4().simple().to_string());
+        }
         let mut conn = self.conn().await?;
-        let reply: Vec<redis::Value> = self
-            .scripts
-            .claim
-            .key(&k.wait)
-            .key(&k.active)
-            .key(&k.delayed)
-            .key(&k.state)
-            .key(&k.job)
-            .key(&k.att)
-            .key(&k.tok)
-            .key(&k.seq)
-            .arg(now_ms())
-            .arg(ms(lease))
-            .arg(n)
-            .arg(1000)
-            .invoke_async(&mut conn)
-            .await?;
+        let reply: Vec<redis::Value> = call.invoke_async(&mut conn).await?;
         parse_claim(partition, reply)
     }
 

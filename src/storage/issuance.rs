@@ -135,6 +135,27 @@ pub async fn acquire(
     Ok(taken.into_iter().map(|(id, before, ..)| (id, before)).collect())
 }
 
+/// Extends an ISSUING invoice's call lease for `owner` before a send; `false` if the invoice
+/// is no longer ISSUING for this owner (taken over: the caller must not send).
+pub async fn renew_lease(
+    pool: &PgPool,
+    id: i64,
+    owner: &str,
+    until: DateTime<Utc>,
+) -> Result<bool, StorageError> {
+    let rows = sqlx::query(
+        "UPDATE invoice SET lease_until = $3, next_attempt_at = $3
+         WHERE id = $1 AND status = 'ISSUING' AND lease_owner = $2 AND lease_until > now()",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(until)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(rows == 1)
+}
+
 /// One provider call to record.
 #[derive(Debug, Clone)]
 pub struct NewAttempt {

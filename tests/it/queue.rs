@@ -134,7 +134,6 @@ async fn retries_wait_their_delay_dead_jobs_requeue_and_released_jobs_keep_their
         (dead[0].0.as_str(), dead[0].3.as_deref()),
         (orders[1].as_str(), Some("INVOICE_SERIAL_NOT_FOUND"))
     );
-    assert_eq!(q.enqueue(&[(orders[1].clone(), payload())]).await.unwrap(), vec![Enqueued::Duplicate]);
     assert_eq!(q.requeue(&orders[1], &payload()).await.unwrap(), "requeued");
     assert_eq!(q.requeue(&orders[1], &payload()).await.unwrap(), "waiting");
     let again = claim_one(&q, 1, Duration::from_secs(30)).await.unwrap();
@@ -142,6 +141,16 @@ async fn retries_wait_their_delay_dead_jobs_requeue_and_released_jobs_keep_their
     check_invariant(&prefix, 1).await;
     // Requeue of an order Redis does not know creates the job (Redis lost it).
     assert_eq!(q.requeue("ORD-UNKNOWN", &payload()).await.unwrap(), "enqueued");
+
+    // An enqueue revives a dead job: whoever enqueues read Postgres, which says it is due
+    // (a replay committed in Postgres whose requeue never reached Redis must not stay dead).
+    q.complete(1, &[&again]).await.unwrap();
+    q.enqueue(&[(orders[1].clone(), payload())]).await.unwrap();
+    let job = claim_one(&q, 1, Duration::from_secs(30)).await.unwrap();
+    assert!(q.dead(&job, "x").await.unwrap());
+    assert_eq!(q.enqueue(&[(orders[1].clone(), payload())]).await.unwrap(), vec![Enqueued::New]);
+    assert_eq!(q.job_state(&orders[1]).await.unwrap(), (Some("waiting".into()), None));
+    check_invariant(&prefix, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
