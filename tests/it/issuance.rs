@@ -600,3 +600,44 @@ async fn the_simulator_catches_concurrent_creates_with_one_key_as_viettel_would_
     assert!(!a.request.unwrap().to_string().contains("pw"));
     assert!(a.response.unwrap().to_string().contains("\"reservationCode\":\"***\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_that_wakes_after_its_leases_sends_nothing_more() {
+    // One call at a time per series, 300 ms each: the frozen worker still has calls queued
+    // behind the first when it is stopped.
+    let s = setup_with(Knobs { latency_ms: 300, ..Knobs::default() }, "immediate", |env| {
+        env.insert("APP_ENV_INVOICE_WORKER_CONCURRENCY".into(), "6".into());
+        env.insert("APP_ENV_INVOICE_WORKER_BATCH_MAX".into(), "6".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_SERIES_CONCURRENCY".into(), "1".into());
+    })
+    .await;
+    s.pay((0..6).map(|i| format!("ORD-Z-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'QUEUED'", 6).await;
+    let mut zombie = spawn_worker_process(&s.env);
+    wait_until(WAIT, "the first call to reach the provider", || async {
+        (s.sim.stats().creates >= 1).then_some(())
+    })
+    .await;
+    let signal = |sig: &str, pid: u32| {
+        assert!(std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+    };
+    signal("-STOP", zombie.id());
+    // Another worker takes over once the leases (Redis 2 s, Postgres 6 s) have run out.
+    let rescuer = TestWorker::spawn(&s.env).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 6).await;
+    // The zombie wakes up with calls it had not sent yet: it must send none of them.
+    let creates = s.sim.stats().creates;
+    signal("-CONT", zombie.id());
+    signal("-TERM", zombie.id());
+    let status = wait_until(WAIT, "the zombie to exit", || {
+        let exited = zombie.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success());
+    assert_eq!(s.sim.stats().creates, creates, "the zombie sent after losing its leases");
+    s.assert_one_provider_invoice_each().await;
+    assert_eq!(s.sim.stats().issued, 6);
+    rescuer.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
