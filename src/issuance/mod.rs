@@ -69,7 +69,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
     let background = CancellationToken::new();
     let sweeper = tokio::spawn(sweeper::run(deps.clone(), background.clone()));
     let gauges = tokio::spawn(sweeper::gauges(deps.clone(), background.clone()));
-    let worker = worker::Worker::new(deps.clone(), tracker.clone());
+    let worker = worker::Worker::new(deps.clone(), tracker.clone(), shutdown.clone());
     let loops: Vec<_> = (0..deps.queue.partitions())
         .map(|partition| tokio::spawn(worker.clone().claim_loop(partition, shutdown.clone())))
         .collect();

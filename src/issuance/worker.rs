@@ -36,13 +36,15 @@ pub struct Worker {
     slots: Arc<Semaphore>,
     series: Arc<SeriesLimiter>,
     tracker: TaskTracker,
+    /// Cancelled on SIGTERM: calls not yet started are handed back instead of sent.
+    stopping: CancellationToken,
 }
 
 impl Worker {
     /// Workers over `deps`, spawning batches on `tracker`.
-    pub fn new(deps: Arc<Deps>, tracker: TaskTracker) -> Worker {
+    pub fn new(deps: Arc<Deps>, tracker: TaskTracker, stopping: CancellationToken) -> Worker {
         let slots = Arc::new(Semaphore::new(deps.settings.concurrency));
-        Worker { deps, slots, series: Arc::new(SeriesLimiter::default()), tracker }
+        Worker { deps, slots, series: Arc::new(SeriesLimiter::default()), tracker, stopping }
     }
 
     /// Claims and dispatches jobs of one partition until `shutdown`.
@@ -392,6 +394,7 @@ impl Worker {
                 }
                 Transition::Submitted { next } => ("SUBMITTED", Some(*next)),
                 Transition::StillSubmitted { next } => ("", Some(*next)),
+                Transition::HandBack => ("QUEUED", Some(Utc::now())),
                 Transition::Ambiguous { until, error } => {
                     deps.metrics.issuance.retry(&s.provider, "ambiguous");
                     tracing::warn!(
@@ -525,6 +528,12 @@ impl Worker {
         };
         // First the lookup, for the steps that have one; `None` means a create follows.
         let looked_up = match step {
+            // Stopping, and nothing was sent for it: back to the queue, uncounted.
+            Step::Create if self.stopping.is_cancelled() => Some(Transition::HandBack),
+            // Stopping, and an earlier call may exist: released for an immediate lookup elsewhere.
+            Step::LookupThenCreate | Step::LookupOnly if self.stopping.is_cancelled() => {
+                Some(Transition::Ambiguous { until: Utc::now(), error: "handed back on shutdown".into() })
+            }
             Step::Create => None,
             Step::LookupThenCreate | Step::LookupOnly | Step::Poll => {
                 let started = Utc::now();

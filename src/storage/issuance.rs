@@ -266,6 +266,9 @@ pub enum Transition {
         /// Next lookup.
         next: DateTime<Utc>,
     },
+    /// Back to QUEUED, due now, its attempt not counted: the worker is stopping and never
+    /// sent anything for it.
+    HandBack,
 }
 
 /// One invoice's result to write.
@@ -294,6 +297,7 @@ struct Row<'a> {
     next_at: Option<DateTime<Utc>>,
     lease_until: Option<DateTime<Utc>>,
     error: Option<&'a str>,
+    attempts_delta: i32,
 }
 
 fn row(t: &Transition) -> Row<'_> {
@@ -307,6 +311,7 @@ fn row(t: &Transition) -> Row<'_> {
         next_at: None,
         lease_until: None,
         error: None,
+        attempts_delta: 0,
     };
     match t {
         Transition::Issued { invoice_no, series, reservation_code, tax_authority_code, provider_status } => {
@@ -335,6 +340,9 @@ fn row(t: &Transition) -> Row<'_> {
             Row { status: "QUEUED", next_at: Some(*next), error: Some(error), ..base }
         }
         Transition::Failed { error } => Row { status: "FAILED", error: Some(error), ..base },
+        Transition::HandBack => {
+            Row { status: "QUEUED", next_at: Some(Utc::now()), attempts_delta: -1, ..base }
+        }
     }
 }
 
@@ -366,11 +374,12 @@ pub async fn settle(
              lease_until = u.lease_until,
              next_attempt_at = u.next_at,
              last_error = CASE WHEN u.status = 'ISSUED' THEN NULL ELSE COALESCE(u.error, i.last_error) END,
+             attempts = greatest(i.attempts + u.attempts_delta, 0),
              updated_at = now()
          FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                     $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[])
+                     $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[], $13::int[])
               AS u(id, expected, owner, status, invoice_no, series, reservation, tax_code, provider_status,
-                   next_at, lease_until, error)
+                   next_at, lease_until, error, attempts_delta)
          WHERE i.id = u.id AND i.status = u.expected AND (u.owner IS NULL OR i.lease_owner = u.owner)
          RETURNING i.id",
     )
@@ -386,6 +395,7 @@ pub async fn settle(
     .bind(rows.iter().map(|r| r.next_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.lease_until).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.error).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.attempts_delta).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
     let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
@@ -414,6 +424,9 @@ pub async fn settle(
             }
             Transition::Retry { error, .. } => ("issuance_retry", None, Some(error.clone())),
             Transition::Failed { error } => ("invoice.failed", Some(EventType::Failed), Some(error.clone())),
+            Transition::HandBack => {
+                ("issuance_handed_back", None, Some("worker stopping before the call".to_owned()))
+            }
         };
         let after = match &s.transition {
             Transition::Issued { invoice_no, series, .. } => {

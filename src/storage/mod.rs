@@ -22,11 +22,19 @@ pub use error::StorageError;
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// `idle_in_transaction_session_timeout` of every connection of the service, in ms.
+const IDLE_IN_TRANSACTION_TIMEOUT_MS: &str = "10000";
+
 /// Connection options from a URL, with the application name set so `pg_stat_activity`
 /// shows who is connected.
 pub fn connect_options(url: &str, application_name: &str) -> Result<PgConnectOptions, StorageError> {
     let options: PgConnectOptions = url.parse().map_err(|_| StorageError::InvalidUrl)?;
-    Ok(options.application_name(application_name))
+    // No transaction of ours waits on anything outside Postgres (provider calls happen between
+    // transactions), so one idle for 10 s belongs to a frozen or partitioned process: Postgres
+    // ends it, and its row locks stop blocking the workers that took over its leases.
+    Ok(options
+        .application_name(application_name)
+        .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS)]))
 }
 
 /// Opens a pool. Does not wait for the database to answer: start-up checks it explicitly

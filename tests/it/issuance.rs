@@ -510,8 +510,13 @@ async fn workers_killed_with_sigkill_during_provider_calls_issue_every_invoice_e
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_in_flight_calls_finish_and_exits_zero() {
-    let s = setup(Knobs { latency_ms: 300, ..Knobs::default() }, "immediate").await;
+async fn sigterm_lets_in_flight_calls_finish_hands_back_the_rest_and_exits_zero() {
+    // One call at a time per series, 300 ms each: when SIGTERM comes, most of the batch has
+    // not been sent yet.
+    let s = setup_with(Knobs { latency_ms: 300, ..Knobs::default() }, "immediate", |env| {
+        env.insert("APP_ENV_INVOICE_PROVIDER_SERIES_CONCURRENCY".into(), "1".into());
+    })
+    .await;
     s.pay((0..20).map(|i| format!("ORD-G-{i}"))).await;
     let mut worker = spawn_worker_process(&s.env);
     wait_until(WAIT, "calls in flight", || async { (s.sim.stats().creates > 0).then_some(()) }).await;
@@ -523,8 +528,17 @@ async fn sigterm_lets_in_flight_calls_finish_and_exits_zero() {
     })
     .await;
     assert!(status.success(), "exit status {status:?}");
-    // Whatever it had started was finished: nothing is left ISSUING under its lease.
+    // Whatever it had started was finished, the rest handed back uncounted: nothing is left
+    // ISSUING under its lease.
     assert_eq!(s.scalar("SELECT count(*) FROM invoice WHERE status = 'ISSUING'").await, 0);
+    let handed_back =
+        s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'issuance_handed_back'").await;
+    assert!(handed_back > 0, "nothing was handed back");
+    assert_eq!(
+        s.scalar("SELECT count(*) FROM invoice WHERE status = 'QUEUED' AND attempts <> 0").await,
+        0,
+        "a handed-back invoice kept its attempt"
+    );
     let worker = TestWorker::spawn(&s.env).await;
     s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 20).await;
     s.assert_one_provider_invoice_each().await;
