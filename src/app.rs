@@ -232,14 +232,7 @@ pub async fn run_stream(
     let deps = stream_deps(&cfg, &db, &lease, &metrics, "stream")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
-    let relay_stop = CancellationToken::new();
-    let relay = tokio::spawn(crate::outbox::run(
-        db.clone(),
-        cfg.database_url.expose().clone(),
-        producer.clone(),
-        metrics.clone(),
-        relay_stop.clone(),
-    ));
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
     tracing::info!(group = %cfg.kafka_group_id, worker_id = cfg.worker_id, "Stream starting");
     let result = crate::stream::run(deps, shutdown).await;
     // The relay goes last so that what the final batches wrote is published if it can be.
@@ -269,14 +262,7 @@ pub async fn run_worker(
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
     // Workers write outbox rows too (issued, failed, claim expired): a relay publishes them.
     // Only one relay in the whole deployment is active at a time (advisory lock).
-    let relay_stop = CancellationToken::new();
-    let relay = tokio::spawn(crate::outbox::run(
-        db.clone(),
-        cfg.database_url.expose().clone(),
-        producer.clone(),
-        metrics.clone(),
-        relay_stop.clone(),
-    ));
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
     let result = crate::issuance::run(deps, shutdown).await;
     relay_stop.cancel();
     let _ended = relay.await;
@@ -298,14 +284,7 @@ pub async fn run_all(cfg: Config, listener: TcpListener, shutdown: CancellationT
     let worker_deps = issuance_deps(&cfg, db.clone(), metrics.clone(), "all")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
-    let relay_stop = CancellationToken::new();
-    let relay = tokio::spawn(crate::outbox::run(
-        db.clone(),
-        cfg.database_url.expose().clone(),
-        producer.clone(),
-        metrics.clone(),
-        relay_stop.clone(),
-    ));
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
     let workers = tokio::spawn(crate::issuance::run(worker_deps, shutdown.clone()));
     tracing::info!(addr = %cfg.http_addr, worker_id = cfg.worker_id, "Running api + stream + worker");
     let stream_result = crate::stream::run(stream_deps, shutdown.clone()).await;
@@ -319,6 +298,25 @@ pub async fn run_all(cfg: Config, listener: TcpListener, shutdown: CancellationT
     lease.release().await;
     db.close().await;
     stream_result.and(worker_result)
+}
+
+/// Starts the outbox relay (one leader per deployment: the others wait on its advisory lock);
+/// cancel the token to stop it.
+fn spawn_relay(
+    cfg: &Config,
+    db: &sqlx::PgPool,
+    producer: &FutureProducer,
+    metrics: &Metrics,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(crate::outbox::run(
+        db.clone(),
+        cfg.database_url.expose().clone(),
+        producer.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    (stop, relay)
 }
 
 /// This host's name, for lease holders and client ids.

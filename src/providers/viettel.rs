@@ -153,49 +153,62 @@ impl Viettel {
             target.endpoint.trim_end_matches('/'),
             target.supplier_tax_code
         );
-        let mut relogged = false;
-        loop {
-            let token = match self.token(target, relogged).await {
-                Ok(token) => token,
-                Err(outcome) => {
-                    return Call {
-                        outcome,
-                        request: Some(recorded),
-                        response: None,
-                        duration: started.elapsed(),
-                    }
-                }
-            };
-            let sent = self
-                .client
-                .post(&url)
-                .header(reqwest::header::COOKIE, format!("access_token={token}"))
-                .json(&body)
-                .send()
-                .await;
-            let (outcome, response) = match sent {
-                Err(e) => (transport_outcome(&e, true), None),
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let retry_after = retry_after(&response);
-                    match response.text().await {
-                        Err(e) => (transport_outcome(&e, true), None),
-                        Ok(text) => {
-                            let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-                            (classify_create(status, &value, retry_after), Some(value))
+        let (client, url, body) = (&self.client, &url, &body);
+        let (outcome, response) = match self
+            .authorized(target, |token| async move {
+                let sent = client
+                    .post(url)
+                    .header(reqwest::header::COOKIE, format!("access_token={token}"))
+                    .json(body)
+                    .send()
+                    .await;
+                match sent {
+                    Err(e) => (transport_outcome(&e, true), None),
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let retry_after = retry_after(&response);
+                        match response.text().await {
+                            Err(e) => (transport_outcome(&e, true), None),
+                            Ok(text) => {
+                                let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                                (classify_create(status, &value, retry_after), Some(value))
+                            }
                         }
                     }
                 }
-            };
+            })
+            .await
+        {
+            Ok(answer) => answer,
+            Err(outcome) => (outcome, None),
+        };
+        let response = response.map(|mut v| {
+            redact(&mut v, REDACTED);
+            v
+        });
+        Call { outcome, request: Some(recorded), response, duration: started.elapsed() }
+    }
+
+    /// Runs `send` with a token; on a token-expired answer logs in again once and resends.
+    /// `Err`: no token could be had (the login's outcome).
+    async fn authorized<F, Fut>(
+        &self,
+        target: &Target,
+        mut send: F,
+    ) -> Result<(Outcome, Option<Value>), Outcome>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = (Outcome, Option<Value>)>,
+    {
+        let mut relogged = false;
+        loop {
+            let token = self.token(target, relogged).await?;
+            let (outcome, response) = send(token).await;
             if outcome == token_expired() && !relogged {
                 relogged = true;
                 continue;
             }
-            let response = response.map(|mut v| {
-                redact(&mut v, REDACTED);
-                v
-            });
-            return Call { outcome, request: Some(recorded), response, duration: started.elapsed() };
+            return Ok((outcome, response));
         }
     }
 
@@ -207,49 +220,39 @@ impl Viettel {
             "{}/InvoiceAPI/InvoiceWS/searchInvoiceByTransactionUuid",
             target.endpoint.trim_end_matches('/')
         );
-        let mut relogged = false;
-        loop {
-            let token = match self.token(target, relogged).await {
-                Ok(token) => token,
-                Err(outcome) => {
-                    return Call {
-                        outcome,
-                        request: Some(request),
-                        response: None,
-                        duration: started.elapsed(),
+        let (client, url) = (&self.client, &url);
+        let (outcome, response) = match self
+            .authorized(target, |token| async move {
+                let sent = client
+                    .post(url)
+                    .header(reqwest::header::COOKIE, format!("access_token={token}"))
+                    .form(&[
+                        ("supplierTaxCode", target.supplier_tax_code.as_str()),
+                        ("transactionUuid", transaction_uuid),
+                    ])
+                    .send()
+                    .await;
+                match sent {
+                    // A lookup changes nothing: any transport failure is simply retryable.
+                    Err(e) => (Outcome::Retryable { code: transport_code(&e), retry_after: None }, None),
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let text = response.text().await.unwrap_or_default();
+                        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                        (classify_lookup(status, &value), Some(value))
                     }
                 }
-            };
-            let sent = self
-                .client
-                .post(&url)
-                .header(reqwest::header::COOKIE, format!("access_token={token}"))
-                .form(&[
-                    ("supplierTaxCode", target.supplier_tax_code.as_str()),
-                    ("transactionUuid", transaction_uuid),
-                ])
-                .send()
-                .await;
-            let (outcome, response) = match sent {
-                // A lookup changes nothing: any transport failure is simply retryable.
-                Err(e) => (Outcome::Retryable { code: transport_code(&e), retry_after: None }, None),
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let text = response.text().await.unwrap_or_default();
-                    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-                    (classify_lookup(status, &value), Some(value))
-                }
-            };
-            if outcome == token_expired() && !relogged {
-                relogged = true;
-                continue;
-            }
-            let response = response.map(|mut v| {
-                redact(&mut v, REDACTED);
-                v
-            });
-            return Call { outcome, request: Some(request), response, duration: started.elapsed() };
-        }
+            })
+            .await
+        {
+            Ok(answer) => answer,
+            Err(outcome) => (outcome, None),
+        };
+        let response = response.map(|mut v| {
+            redact(&mut v, REDACTED);
+            v
+        });
+        Call { outcome, request: Some(request), response, duration: started.elapsed() }
     }
 }
 
