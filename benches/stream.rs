@@ -276,9 +276,9 @@ async fn main() {
         ("APP_ENV_INVOICE_QUEUE_PREFIX".into(), format!("{prefix}-iq")),
         (
             "APP_ENV_INVOICE_WORKER_CONCURRENCY".into(),
-            env_usize("BENCH_WORKER_CONCURRENCY", 1024).to_string(),
+            env_usize("BENCH_WORKER_CONCURRENCY", 4096).to_string(),
         ),
-        ("APP_ENV_INVOICE_WORKER_BATCH_MAX".into(), env_usize("BENCH_WORKER_BATCH", 128).to_string()),
+        ("APP_ENV_INVOICE_WORKER_BATCH_MAX".into(), env_usize("BENCH_WORKER_BATCH", 256).to_string()),
         (
             "APP_ENV_INVOICE_PROVIDER_SERIES_CONCURRENCY".into(),
             env_usize("BENCH_SERIES_CONCURRENCY", 64).to_string(),
