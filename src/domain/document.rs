@@ -246,7 +246,7 @@ pub fn validate(doc: &Document) -> Result<Prepared, DocumentError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
     use std::str::FromStr;
@@ -255,23 +255,17 @@ mod tests {
         Decimal::from_str(s).unwrap()
     }
 
-    fn doc(rate: &str, paid_at: DateTime<Utc>) -> Document {
-        let inputs = vec![LineInput {
-            sku: Some("CF-01".into()),
-            name: "Cà phê sữa đá".into(),
-            unit: Some("ly".into()),
-            quantity: dec("2"),
-            unit_price: dec("500000"),
-            vat_rate: VatRate::parse(rate).unwrap(),
-        }];
+    /// A valid consumer document of `inputs` sold and issued at `at` (for tests here and in
+    /// the provider adapters).
+    pub(crate) fn sample(inputs: Vec<LineInput>, at: DateTime<Utc>) -> Document {
         let (lines, totals) = money::compute("VND", &inputs).unwrap();
         Document {
             invoice_id: 1,
             transaction_uuid: "8f0e4c52-5a8d-8c3e-9d2a-0123456789ab".into(),
             template_code: "1/001".into(),
             series: "C26TAA".into(),
-            legal_time: paid_at,
-            issued_at: paid_at,
+            legal_time: at,
+            issued_at: at,
             currency: "VND".into(),
             seller: Seller {
                 tax_code: "0100109106".into(),
@@ -284,6 +278,18 @@ mod tests {
             totals,
             replaces: None,
         }
+    }
+
+    fn doc(rate: &str, paid_at: DateTime<Utc>) -> Document {
+        let inputs = vec![LineInput {
+            sku: Some("CF-01".into()),
+            name: "Cà phê sữa đá".into(),
+            unit: Some("ly".into()),
+            quantity: dec("2"),
+            unit_price: dec("500000"),
+            vat_rate: VatRate::parse(rate).unwrap(),
+        }];
+        sample(inputs, paid_at)
     }
 
     fn at(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {

@@ -137,6 +137,7 @@ impl Worker {
         let mut complete = Vec::new();
         let mut retries = Vec::new();
         let mut dead = Vec::new();
+        let mut release = Vec::new();
         for job in &jobs {
             if lost.contains(&job.order_id) {
                 continue;
@@ -147,11 +148,19 @@ impl Worker {
                     retries.push(Retry { job, delay: *delay, error: error.clone() })
                 }
                 Some(Fate::Dead(error)) => dead.push((job, error.clone())),
+                Some(Fate::Release) => release.push(job),
             }
         }
         let q = &deps.queue;
         let m = &deps.metrics.issuance;
         let started = std::time::Instant::now();
+        match q.release(partition, &release).await {
+            Ok(()) => m.jobs("released", release.len() as u64),
+            Err(error) => {
+                m.queue_error("release");
+                tracing::warn!(partition, %error, "Cannot hand jobs back; their leases will expire");
+            }
+        }
         match q.complete(partition, &complete).await {
             Ok(stale) => m.jobs("completed", complete.len() as u64 - stale),
             Err(error) => {
@@ -379,6 +388,7 @@ impl Worker {
         };
 
         lap("settle");
+        let mut handed_back: HashSet<String> = HashSet::new();
         for (s, ok) in settles.iter().zip(applied) {
             if !ok {
                 continue;
@@ -394,7 +404,10 @@ impl Worker {
                 }
                 Transition::Submitted { next } => ("SUBMITTED", Some(*next)),
                 Transition::StillSubmitted { next } => ("", Some(*next)),
-                Transition::HandBack => ("QUEUED", Some(Utc::now())),
+                Transition::HandBack => {
+                    handed_back.insert(inv.order_id.clone());
+                    ("QUEUED", None)
+                }
                 Transition::Ambiguous { until, error } => {
                     deps.metrics.issuance.retry(&s.provider, "ambiguous");
                     tracing::warn!(
@@ -440,6 +453,7 @@ impl Worker {
                         (*at - now).to_std().unwrap_or(Duration::ZERO).max(Duration::from_millis(10)),
                         fail_reason.get(&order).cloned().unwrap_or_else(|| "not finished".into()),
                     ),
+                    (None, _) if handed_back.contains(&order) => Fate::Release,
                     (None, Some(error)) => Fate::Dead(error.clone()),
                     (None, None) => Fate::Complete,
                 };
@@ -590,6 +604,8 @@ enum Fate {
     RetryIn(Duration, String),
     /// Failed: to the DLQ.
     Dead(String),
+    /// Not sent because the worker is stopping: back to the head of the line, uncounted.
+    Release,
 }
 
 struct PreparedDoc {

@@ -579,8 +579,8 @@ pub fn create_body(doc: &Document, prepared: &Prepared) -> Value {
 mod tests {
     use super::*;
     use crate::domain::buyer::Buyer;
-    use crate::domain::document::{self, Original, Seller};
-    use crate::domain::money::{self, LineInput};
+    use crate::domain::document::{self, Original};
+    use crate::domain::money::LineInput;
     use chrono::TimeZone;
     use std::str::FromStr;
 
@@ -603,27 +603,7 @@ mod tests {
                 vat_rate: VatRate::Kct,
             },
         ];
-        let (lines, totals) = money::compute("VND", &inputs).unwrap();
-        let t = Utc.with_ymd_and_hms(2026, 5, 1, 3, 0, 0).unwrap();
-        Document {
-            invoice_id: 1,
-            transaction_uuid: "8f0e4c52-5a8d-8c3e-9d2a-0123456789ab".into(),
-            template_code: "1/001".into(),
-            series: "C26TAA".into(),
-            legal_time: t,
-            issued_at: t,
-            currency: "VND".into(),
-            seller: Seller {
-                tax_code: "0100109106".into(),
-                legal_name: Some("Demo".into()),
-                ..Seller::default()
-            },
-            buyer: None,
-            paid_total: totals.gross,
-            lines,
-            totals,
-            replaces: None,
-        }
+        document::tests::sample(inputs, Utc.with_ymd_and_hms(2026, 5, 1, 3, 0, 0).unwrap())
     }
 
     #[test]

@@ -539,6 +539,10 @@ async fn sigterm_lets_in_flight_calls_finish_hands_back_the_rest_and_exits_zero(
         0,
         "a handed-back invoice kept its attempt"
     );
+    // Their jobs went back to the head of the line, not to a retry delay.
+    let depths = queue_of(&s.env).depths().await.unwrap();
+    assert_eq!(depths.iter().map(|d| d.delayed + d.active).sum::<u64>(), 0, "{depths:?}");
+    assert!(depths.iter().map(|d| d.waiting).sum::<u64>() > 0, "{depths:?}");
     let worker = TestWorker::spawn(&s.env).await;
     s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 20).await;
     s.assert_one_provider_invoice_each().await;
