@@ -13,6 +13,7 @@
 //! (the API), [`metrics`] and [`telemetry`] (observability), [`app`] (wiring), [`cli`].
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -36,6 +36,8 @@ pub struct Metrics {
     stream_transaction_retries: IntCounterVec,
     /// The issuance queue, workers and providers.
     pub issuance: IssuanceMetrics,
+    /// Webhooks, JWT authentication and claims of the HTTP API.
+    pub api: ApiMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -244,8 +246,10 @@ impl Metrics {
         }
         started.set(chrono::Utc::now().timestamp());
         let issuance = IssuanceMetrics::register(&registry);
+        let api = ApiMetrics::register(&registry);
         Metrics {
             issuance,
+            api,
             registry,
             http_request_duration,
             dependency_up,
@@ -402,6 +406,102 @@ impl Metrics {
             tracing::error!(%error, "Failed to encode metrics");
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// Metrics of the HTTP API's doors: webhooks, JWT authentication, claims (SPEC §9).
+#[derive(Clone)]
+pub struct ApiMetrics {
+    webhook_requests: IntCounterVec,
+    auth_failures: IntCounterVec,
+    jwks_fetches: IntCounterVec,
+    jwks_keys: IntGauge,
+    jwks_last_success: IntGauge,
+    claim_requests: IntCounterVec,
+    rate_limited: IntCounterVec,
+}
+
+impl ApiMetrics {
+    #[allow(clippy::expect_used)]
+    fn register(registry: &Registry) -> ApiMetrics {
+        let m = ApiMetrics {
+            webhook_requests: IntCounterVec::new(
+                Opts::new(
+                    "webhook_requests_total",
+                    "Webhook requests by endpoint, result (accepted, duplicate, rejected, invalid, error) and reason",
+                ),
+                &["endpoint", "result", "reason"],
+            )
+            .expect("valid metric"),
+            auth_failures: IntCounterVec::new(
+                Opts::new("auth_failures_total", "Refused JWT-authorised requests by reason"),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            jwks_fetches: IntCounterVec::new(
+                Opts::new("jwks_fetches_total", "JWKS fetches by trigger (startup, refresh, unknown_kid) and outcome"),
+                &["trigger", "outcome"],
+            )
+            .expect("valid metric"),
+            jwks_keys: IntGauge::new("jwks_keys", "ES256 keys held from the JWKS").expect("valid metric"),
+            jwks_last_success: IntGauge::new(
+                "jwks_last_success_timestamp_seconds",
+                "When the JWKS was last fetched successfully (alert when stale)",
+            )
+            .expect("valid metric"),
+            claim_requests: IntCounterVec::new(
+                Opts::new("claim_requests_total", "Claim endpoint answers by method and result"),
+                &["method", "result"],
+            )
+            .expect("valid metric"),
+            rate_limited: IntCounterVec::new(
+                Opts::new("http_rate_limited_total", "Requests refused with 429 by route"),
+                &["route"],
+            )
+            .expect("valid metric"),
+        };
+        for collector in [
+            Box::new(m.webhook_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.auth_failures.clone()),
+            Box::new(m.jwks_fetches.clone()),
+            Box::new(m.jwks_keys.clone()),
+            Box::new(m.jwks_last_success.clone()),
+            Box::new(m.claim_requests.clone()),
+            Box::new(m.rate_limited.clone()),
+        ] {
+            registry.register(collector).expect("metric names are unique");
+        }
+        m
+    }
+
+    /// One webhook request's result.
+    pub fn webhook(&self, endpoint: &'static str, result: &'static str, reason: &'static str) {
+        self.webhook_requests.with_label_values(&[endpoint, result, reason]).inc();
+    }
+
+    /// A refused JWT-authorised request.
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// A JWKS fetch; on success, the keys now held.
+    pub fn jwks_fetch(&self, trigger: &'static str, keys: Option<usize>) {
+        let outcome = if keys.is_some() { "ok" } else { "error" };
+        self.jwks_fetches.with_label_values(&[trigger, outcome]).inc();
+        if let Some(keys) = keys {
+            self.jwks_keys.set(keys as i64);
+            self.jwks_last_success.set(chrono::Utc::now().timestamp());
+        }
+    }
+
+    /// One claim request's result.
+    pub fn claim_request(&self, method: &'static str, result: &'static str) {
+        self.claim_requests.with_label_values(&[method, result]).inc();
+    }
+
+    /// A 429.
+    pub fn rate_limited(&self, route: &'static str) {
+        self.rate_limited.with_label_values(&[route]).inc();
     }
 }
 
