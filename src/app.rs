@@ -152,12 +152,12 @@ async fn start(cfg: &Config, mode: &str) -> anyhow::Result<Base> {
     Ok(Base { metrics, db, lease })
 }
 
-/// The HTTP state of a mode; only `api` serves the `/v1/api` routes.
+/// The HTTP state of a mode; only `api` (and `all`) serve the `/v1/api` routes.
 fn http_state(
     cfg: &Config,
     base: &Base,
     kafka: FutureProducer,
-    api_routes: bool,
+    api: Option<Arc<http::Api>>,
 ) -> anyhow::Result<Arc<HttpState>> {
     Ok(Arc::new(HttpState {
         metrics: base.metrics.clone(),
@@ -167,7 +167,48 @@ fn http_state(
             kafka,
             timeout: cfg.ready_timeout,
         },
-        api_routes,
+        api,
+    }))
+}
+
+/// The dependencies of the `/v1/api` routes. Starts loading the JWKS (and keeps it fresh
+/// until `stop`) without waiting: until the first load succeeds, JWT routes answer 503.
+fn api_deps(cfg: &Config, base: &Base, stop: &CancellationToken) -> anyhow::Result<Arc<http::Api>> {
+    let auth_cfg = cfg.http_auth.as_ref().context("the HTTP API needs its webhook and JWT settings")?;
+    let mut jwt = crate::auth::jwt::Settings::new(
+        auth_cfg.jwks_url.clone(),
+        auth_cfg.jwt_issuer.clone(),
+        auth_cfg.jwt_audience.clone(),
+    );
+    jwt.refetch_cooldown = auth_cfg.jwks_refetch_cooldown;
+    let auth = crate::auth::jwt::Authenticator::new(jwt, base.metrics.clone())?;
+    let loader = auth.clone();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        loader.refresh("startup").await;
+        loader.run_refresh(stop).await;
+    });
+    Ok(Arc::new(http::Api {
+        db: base.db.clone(),
+        queue: queue(cfg)?,
+        keyring: keyring(cfg),
+        ids: base.lease.ids.clone(),
+        events_topic: cfg.topics.events.clone(),
+        merchant_webhooks: crate::auth::webhook::Verifier::new(
+            &auth_cfg.webhook_secret,
+            auth_cfg.webhook_secret_previous.as_ref(),
+        ),
+        internal_webhooks: crate::auth::webhook::Verifier::new(
+            &auth_cfg.webhook_internal_secret,
+            auth_cfg.webhook_internal_secret_previous.as_ref(),
+        ),
+        auth,
+        claim_limiter: http::rate_limit::FailureLimiter::new(
+            auth_cfg.claim_failure_limit,
+            Duration::from_secs(600),
+        ),
+        trusted_proxies: auth_cfg.trusted_proxies.clone(),
+        metrics: base.metrics.clone(),
     }))
 }
 
@@ -181,10 +222,19 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<TcpListener> {
 /// Runs the HTTP API on `listener` until `shutdown` is cancelled.
 pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let base = start(&cfg, "api").await?;
-    let state = http_state(&cfg, &base, kafka_producer(&cfg)?, true)?;
-    let Base { db, lease, .. } = base;
+    let producer = kafka_producer(&cfg)?;
+    let background_stop = CancellationToken::new();
+    let api = api_deps(&cfg, &base, &background_stop)?;
+    let state = http_state(&cfg, &base, producer.clone(), Some(api))?;
+    let Base { metrics, db, lease } = base;
+    // The API writes outbox rows too (claimed, cancelled): a relay must run somewhere, and
+    // an API-only deployment has no other process (one leader at a time, advisory lock).
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
     tracing::info!(addr = %listener.local_addr()?, worker_id = cfg.worker_id, "Serving the HTTP API");
     http::server::serve(listener, state, shutdown).await;
+    background_stop.cancel();
+    relay_stop.cancel();
+    let _ended = relay.await;
     lease.release().await;
     db.close().await;
     tracing::info!("API stopped");
@@ -227,7 +277,7 @@ pub async fn run_stream(
 ) -> anyhow::Result<()> {
     let base = start(&cfg, "stream").await?;
     let producer = kafka_producer(&cfg)?;
-    let state = http_state(&cfg, &base, producer.clone(), false)?;
+    let state = http_state(&cfg, &base, producer.clone(), None)?;
     let Base { metrics, db, lease } = base;
     let deps = stream_deps(&cfg, &db, &lease, &metrics, "stream")?;
     let http_stop = CancellationToken::new();
@@ -255,7 +305,7 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     let base = start(&cfg, "worker").await?;
     let producer = kafka_producer(&cfg)?;
-    let state = http_state(&cfg, &base, producer.clone(), false)?;
+    let state = http_state(&cfg, &base, producer.clone(), None)?;
     let Base { metrics, db, lease } = base;
     let deps = issuance_deps(&cfg, db.clone(), metrics.clone(), "worker")?;
     let http_stop = CancellationToken::new();
@@ -278,7 +328,9 @@ pub async fn run_worker(
 pub async fn run_all(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let base = start(&cfg, "all").await?;
     let producer = kafka_producer(&cfg)?;
-    let state = http_state(&cfg, &base, producer.clone(), true)?;
+    let background_stop = CancellationToken::new();
+    let api = api_deps(&cfg, &base, &background_stop)?;
+    let state = http_state(&cfg, &base, producer.clone(), Some(api))?;
     let Base { metrics, db, lease } = base;
     let stream_deps = stream_deps(&cfg, &db, &lease, &metrics, "all")?;
     let worker_deps = issuance_deps(&cfg, db.clone(), metrics.clone(), "all")?;
@@ -290,6 +342,7 @@ pub async fn run_all(cfg: Config, listener: TcpListener, shutdown: CancellationT
     let stream_result = crate::stream::run(stream_deps, shutdown.clone()).await;
     // The stream may end on its own (an error): take the rest down with it.
     shutdown.cancel();
+    background_stop.cancel();
     let worker_result = workers.await.map_err(|e| anyhow::anyhow!("worker task: {e}"))?;
     relay_stop.cancel();
     let _ended = relay.await;

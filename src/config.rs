@@ -141,6 +141,15 @@ pub struct HttpAuth {
     pub jwt_issuer: String,
     /// Expected `aud`.
     pub jwt_audience: String,
+    /// `APP_ENV_INVOICE_TRUSTED_PROXIES`: comma-separated proxy addresses whose
+    /// `X-Forwarded-For` is believed (none by default: the peer address is the client).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// `APP_ENV_INVOICE_JWKS_REFETCH_COOLDOWN_MS` (30 s, SPEC §5): least time between two
+    /// JWKS fetches caused by unknown `kid`s.
+    pub jwks_refetch_cooldown: Duration,
+    /// `APP_ENV_INVOICE_CLAIM_FAILURE_LIMIT` (20): failed claim lookups per client per
+    /// 10 minutes before 429.
+    pub claim_failure_limit: u32,
 }
 
 /// The whole configuration of one process.
@@ -437,6 +446,21 @@ impl Config {
                 jwks_url,
                 jwt_issuer: required(&var("JWT_ISSUER"))?,
                 jwt_audience: required(&var("JWT_AUDIENCE"))?,
+                trusted_proxies: {
+                    let name = var("TRUSTED_PROXIES");
+                    get(&name)
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| {
+                            s.parse::<std::net::IpAddr>()
+                                .map_err(|_| ConfigError::new(&name, format!("`{s}` is not an IP address")))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                },
+                jwks_refetch_cooldown: ms("JWKS_REFETCH_COOLDOWN_MS", 30_000, 0..=3_600_000)?,
+                claim_failure_limit: number("CLAIM_FAILURE_LIMIT", 20, 1..=1_000_000)? as u32,
             })
         } else {
             None

@@ -200,33 +200,38 @@ async fn replay(cfg: &Config, order_id: &str, reason: &str, failed_only: bool) -
     let db = app::database(cfg, "invoice-replay").await?;
     let queue = app::queue(cfg)?;
     let actor = format!("cli@{}", app::hostname());
-    let invoices = storage::issuance::replay(&db, order_id, &actor, reason).await?;
-    if invoices.is_empty() {
+    let source = if failed_only { "dlq_requeue" } else { "replay" };
+    // Refuse before touching anything: `dlq requeue` of an order without a FAILED invoice.
+    if failed_only {
+        let failed: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM invoice WHERE order_id = $1 AND status = 'FAILED' AND deleted_at IS NULL)",
+        )
+        .bind(order_id)
+        .fetch_one(&db)
+        .await?;
+        let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM invoice WHERE order_id = $1)")
+            .bind(order_id)
+            .fetch_one(&db)
+            .await?;
+        if known && !failed {
+            eprintln!("invoice: order {order_id} has no FAILED invoice");
+            return Ok(ExitCode::from(4));
+        }
+    }
+    let report = invoice::issuance::replay_order(&db, &queue, order_id, None, &actor, reason, source).await?;
+    if report.invoices.is_empty() {
         eprintln!("invoice: no invoice for order {order_id}");
         return Ok(ExitCode::from(3));
     }
-    let replayed = invoices.iter().filter(|i| i.before == "FAILED").count();
-    let unfinished = invoices.iter().any(|i| matches!(i.after.as_str(), "QUEUED" | "ISSUING" | "SUBMITTED"));
-    for i in &invoices {
+    for i in &report.invoices {
         out(format_args!("invoice {} ({}): {} -> {}", i.invoice_id, i.merchant_id, i.before, i.after));
     }
-    if failed_only && replayed == 0 {
-        eprintln!("invoice: order {order_id} has no FAILED invoice");
-        return Ok(ExitCode::from(4));
-    }
-    if unfinished {
-        let payload = invoice::queue::JobPayload {
-            merchant_id: invoices[0].merchant_id.clone(),
-            enqueued_at_ms: invoice::queue::now_ms(),
-            source: if failed_only { "dlq_requeue".into() } else { "replay".into() },
-        };
-        let state = queue.requeue(order_id, &payload).await?;
-        out(format_args!(
+    match &report.job {
+        Some(state) => out(format_args!(
             "[enqueueIssuance] order {order_id}: job {state}, partition: {}",
             queue.partition_of(order_id)
-        ));
-    } else {
-        out(format_args!("nothing to issue for order {order_id}"));
+        )),
+        None => out(format_args!("nothing to issue for order {order_id}")),
     }
     Ok(ExitCode::SUCCESS)
 }

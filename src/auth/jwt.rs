@@ -382,7 +382,8 @@ struct UnverifiedHeader {
 /// a foreign `typ`) and to pick the key by `kid`.
 fn unverified_header(token: &str) -> Result<UnverifiedHeader, AuthError> {
     let mut parts = token.split('.');
-    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(AuthError::Malformed("not a signed JWT (three dot-separated parts)"));
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -400,7 +401,8 @@ fn unverified_header(token: &str) -> Result<UnverifiedHeader, AuthError> {
         }
     }
     if let Some(typ) = object.get("typ") {
-        let ok = typ.as_str().is_some_and(|t| t.eq_ignore_ascii_case("JWT") || t.eq_ignore_ascii_case("at+jwt"));
+        let ok =
+            typ.as_str().is_some_and(|t| t.eq_ignore_ascii_case("JWT") || t.eq_ignore_ascii_case("at+jwt"));
         if !ok {
             return Err(AuthError::Malformed("`typ` must be JWT or at+jwt"));
         }

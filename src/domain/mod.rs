@@ -2,6 +2,7 @@
 //! reads no clock (times are passed in), so every rule is a plain function tested with unit
 //! and property tests.
 
+pub mod assign;
 pub mod buyer;
 pub mod claim;
 pub mod decision;

@@ -1,21 +1,43 @@
 //! The HTTP API (SPEC §5). This module routes and maps; it holds no SQL and no business
-//! rules. Every error leaves as `application/problem+json` ([`problem::Problem`]).
+//! rules. Every error leaves as `application/problem+json` ([`problem::Problem`]), mapped
+//! here once from the typed errors of auth, storage and the domain.
 
+pub mod claims;
 pub mod health;
+pub mod openapi;
+pub mod operator;
 pub mod problem;
+pub mod rate_limit;
+pub mod routes;
 pub mod server;
+pub mod webhooks;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{HeaderMap, Request, Response, StatusCode};
 use serde::Serialize;
 
+use crate::auth::jwt::{AuthError, Authenticator, Principal};
+use crate::auth::webhook::Verifier;
+use crate::crypto::Keyring;
+use crate::ids::Snowflake;
 use crate::metrics::Metrics;
 use problem::Problem;
+use routes::{Matched, RouteId};
 use server::bytes_body::Body;
+
+/// Largest request body anywhere (SPEC §5).
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Largest webhook body: far above any real payload, small enough that a flood of big bodies
+/// costs little (the signature is checked over the whole body).
+pub const MAX_WEBHOOK_BODY: usize = 256 * 1024;
+/// A request still running after this is answered 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What handlers share.
 pub struct HttpState {
@@ -23,10 +45,40 @@ pub struct HttpState {
     pub metrics: Metrics,
     /// Dependency probes for `/ready`.
     pub readiness: health::Readiness,
-    /// Whether the API routes are served (the `api` mode); other modes serve only health,
+    /// The `/v1/api` routes' dependencies; `None` in modes that serve only health,
     /// readiness and metrics.
-    pub api_routes: bool,
+    pub api: Option<Arc<Api>>,
 }
+
+/// The dependencies of the `/v1/api` routes.
+pub struct Api {
+    /// Postgres.
+    pub db: sqlx::PgPool,
+    /// The issuance queue (claims and requests enqueue after commit).
+    pub queue: crate::queue::Queue,
+    /// Seals provider credentials.
+    pub keyring: Keyring,
+    /// Ids for requests, replacements and configurations.
+    pub ids: Snowflake,
+    /// `invoice.events.v1`
+    pub events_topic: String,
+    /// `WEBHOOK_SECRET` (+ previous).
+    pub merchant_webhooks: Verifier,
+    /// `WEBHOOK_INTERNAL_SECRET` (+ previous).
+    pub internal_webhooks: Verifier,
+    /// JWT verification.
+    pub auth: Authenticator,
+    /// Failed claim lookups per client.
+    pub claim_limiter: rate_limit::FailureLimiter,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// The peer address of the connection, put into each request's extensions by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
 
 /// A JSON response with `status`.
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
@@ -51,100 +103,187 @@ pub async fn route(state: Arc<HttpState>, request: Request<Incoming>) -> Respons
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let (template, response) = dispatch(&state, &method, &path).await;
+    let (template, response) = match routes::find(method.as_str(), &path, state.api.is_some()) {
+        Matched::NotFound => ("unmatched", Problem::not_found(&path).into_response()),
+        Matched::MethodNotAllowed(template, allowed) => {
+            let mut response = Problem::method_not_allowed(method.as_str(), &allowed).into_response();
+            if let Ok(value) = HeaderValue::from_str(&allowed.join(", ")) {
+                response.headers_mut().insert(hyper::header::ALLOW, value);
+            }
+            (template, response)
+        }
+        Matched::Route(route, params) => {
+            let params: Vec<String> = params.into_iter().map(str::to_owned).collect();
+            let handled =
+                tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, route.id, params, request)).await;
+            let response = handled.unwrap_or_else(|_| {
+                tracing::warn!(route = route.template, "Request timed out");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    "the request took too long; retry later",
+                )
+                .into_response()
+            });
+            (route.template, response)
+        }
+    };
     let elapsed: Duration = started.elapsed();
     state.metrics.http_request(method.as_str(), template, response.status().as_u16(), elapsed);
     tracing::debug!(method = %method, route = template, status = response.status().as_u16(), elapsed_ms = elapsed.as_millis() as u64, "HTTP request");
     response
 }
 
-async fn dispatch(state: &HttpState, method: &Method, path: &str) -> (&'static str, Response<Body>) {
-    let get_only = |template: &'static str| -> Option<(&'static str, Response<Body>)> {
-        (method != Method::GET && method != Method::HEAD)
-            .then(|| (template, Problem::method_not_allowed(method.as_str(), &["GET"]).into_response()))
-    };
-    match path {
-        "/health" => {
-            if let Some(refused) = get_only("/health") {
-                return refused;
-            }
-            ("/health", health::health())
-        }
-        "/ready" => {
-            if let Some(refused) = get_only("/ready") {
-                return refused;
-            }
-            ("/ready", state.readiness.check(&state.metrics).await)
-        }
-        "/metrics" => {
-            if let Some(refused) = get_only("/metrics") {
-                return refused;
-            }
+async fn handle(
+    state: &HttpState,
+    id: RouteId,
+    params: Vec<String>,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let api = state.api.as_deref();
+    let param = |i: usize| params.get(i).map(String::as_str).unwrap_or_default();
+    match (id, api) {
+        (RouteId::Health, _) => health::health(),
+        (RouteId::Ready, _) => state.readiness.check(&state.metrics).await,
+        (RouteId::Metrics, _) => {
             let mut response = Response::new(Body::from(state.metrics.render()));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
-            ("/metrics", response)
+            response
         }
-        _ if state.api_routes => api(state, method, path).await,
-        _ => ("unmatched", Problem::not_found(path).into_response()),
+        (RouteId::OpenApi, _) => openapi::document(),
+        (_, None) => Problem::not_found(request.uri().path()).into_response(),
+        (RouteId::WebhookMerchant, Some(api)) => {
+            webhooks::handle(api, webhooks::Endpoint::Merchant, request).await
+        }
+        (RouteId::WebhookInternal, Some(api)) => {
+            webhooks::handle(api, webhooks::Endpoint::Internal, request).await
+        }
+        (RouteId::ClaimGet, Some(api)) => claims::get(api, param(0), &request).await,
+        (RouteId::ClaimPost, Some(api)) => {
+            let token = param(0).to_owned();
+            claims::post(api, &token, request).await
+        }
+        (RouteId::Provinces | RouteId::Wards, Some(api)) => operator::admin_units(api, id, param(0)).await,
+        (_, Some(api)) => {
+            operator::handle(api, id, &params, request).await.unwrap_or_else(Problem::into_response)
+        }
     }
 }
 
-/// The `/v1/api` routes implemented so far.
-async fn api(state: &HttpState, method: &Method, path: &str) -> (&'static str, Response<Body>) {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    let template = match segments.as_slice() {
-        ["", "v1", "api", "admin-units", "provinces"] => "/v1/api/admin-units/provinces",
-        ["", "v1", "api", "admin-units", "provinces", _, "wards"] => {
-            "/v1/api/admin-units/provinces/{code}/wards"
-        }
-        _ => return ("unmatched", Problem::not_found(path).into_response()),
+/// Reads a whole body, refusing more than `limit` bytes with 413 (from `Content-Length`
+/// before reading anything, else while reading).
+pub async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Problem> {
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            format!("the body exceeds {limit} bytes"),
+        )
     };
-    if method != Method::GET && method != Method::HEAD {
-        return (template, Problem::method_not_allowed(method.as_str(), &["GET"]).into_response());
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
     }
-    let db = &state.readiness.db;
-    let response = match segments.as_slice() {
-        [.., "provinces"] => match crate::storage::admin_units::provinces(db).await {
-            Ok(provinces) => json(StatusCode::OK, &serde_json::json!({"items": provinces})),
-            Err(error) => internal(&error),
-        },
-        [.., "provinces", code, "wards"] => {
-            if code.len() != 2 || !code.bytes().all(|b| b.is_ascii_digit()) {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid-province-code",
-                    "a province code is two digits, e.g. 01",
-                )
-                .into_response()
-            } else {
-                match crate::storage::admin_units::wards(db, code).await {
-                    Ok(Some(wards)) => {
-                        json(StatusCode::OK, &serde_json::json!({"provinceCode": code, "items": wards}))
-                    }
-                    Ok(None) => Problem::new(
-                        StatusCode::NOT_FOUND,
-                        "not-found",
-                        format!("no province with code {code}"),
-                    )
-                    .into_response(),
-                    Err(error) => internal(&error),
-                }
+    match http_body_util::Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(_) => Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "body-unreadable",
+            "the request body could not be read",
+        )),
+    }
+}
+
+/// Parses a JSON body into `T`, with the parser's position and reason in the detail.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    serde_json::from_slice(body).map_err(|e| {
+        let (status, slug) = if e.is_syntax() || e.is_eof() {
+            (StatusCode::BAD_REQUEST, "invalid-json")
+        } else {
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid-body")
+        };
+        Problem::new(status, slug, format!("the body is not acceptable: {e}"))
+    })
+}
+
+/// The caller of a JWT route, with `permission` (401/403/503 otherwise).
+pub async fn authorize(api: &Api, headers: &HeaderMap, permission: &str) -> Result<Principal, Problem> {
+    let authorization = headers.get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let principal = api.auth.authenticate(authorization).await.map_err(|error| {
+        api.metrics.api.auth_failure(error.reason());
+        tracing::info!(reason = error.reason(), "Authentication refused");
+        match error {
+            AuthError::KeysUnavailable => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "auth-unavailable", error.to_string())
             }
+            _ => Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string()),
         }
-        _ => Problem::not_found(path).into_response(),
-    };
-    (template, response)
+    })?;
+    if !principal.has(permission) {
+        api.metrics.api.auth_failure("permission");
+        tracing::info!(sub = %principal.subject, permission, "Authorization refused: missing permission");
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("the token lacks the `{permission}` permission"),
+        ));
+    }
+    Ok(principal)
+}
+
+/// The client's address: the peer, or — only when the peer is a trusted proxy — the
+/// nearest untrusted address in `X-Forwarded-For`.
+pub fn client_ip(api: &Api, request: &Request<Incoming>) -> Option<IpAddr> {
+    let peer = request.extensions().get::<Peer>().map(|p| p.0.ip())?;
+    if !api.trusted_proxies.contains(&peer) {
+        return Some(peer);
+    }
+    let forwarded =
+        request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let nearest = forwarded
+        .split(',')
+        .rev()
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .find(|ip| !api.trusted_proxies.contains(ip));
+    Some(nearest.unwrap_or(peer))
 }
 
 /// A 500 whose detail says nothing internal; the error itself is logged.
-fn internal(error: &dyn std::fmt::Display) -> Response<Body> {
+pub fn internal(error: &dyn std::fmt::Display) -> Problem {
     tracing::error!(%error, "Request failed");
     Problem::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal",
         "the request could not be completed; it has been logged",
     )
-    .into_response()
+}
+
+impl From<crate::storage::StorageError> for Problem {
+    fn from(error: crate::storage::StorageError) -> Problem {
+        internal(&error)
+    }
+}
+
+impl From<sqlx::Error> for Problem {
+    fn from(error: sqlx::Error) -> Problem {
+        internal(&error)
+    }
+}
+
+impl From<crate::ids::IdError> for Problem {
+    fn from(error: crate::ids::IdError) -> Problem {
+        tracing::error!(%error, "No id available");
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the service cannot take writes right now; retry",
+        )
+    }
 }

@@ -7,15 +7,20 @@ use std::time::Duration;
 
 use bytes_body::Body;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::limit::ConcurrencyLimitLayer;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
-use super::{route, HttpState};
+use super::{route, HttpState, Peer};
 
 /// The response body type of every handler.
 pub mod bytes_body {
@@ -26,11 +31,44 @@ pub mod bytes_body {
 /// How long in-flight requests may run after shutdown was requested.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Requests handled at once per process; more wait for a slot (the accept loop keeps
+/// accepting, so a burst queues instead of being refused).
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// A panic in a handler becomes a 500 problem (the connection and the process live on).
+fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
+    tracing::error!("A request handler panicked");
+    super::problem::Problem::new(
+        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the request could not be completed; it has been logged",
+    )
+    .into_response()
+}
+
 /// Serves until `shutdown` is cancelled, then stops accepting, drains in-flight requests
 /// (at most [`DRAIN_TIMEOUT`]) and returns.
+///
+/// Each request passes, outermost first: request id (`x-request-id`, generated unless
+/// given, echoed back), a tracing span carrying it, panic-to-500, the concurrency limit,
+/// then [`route`] (which adds the timeout, body limits and the per-route metrics).
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    let shared = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<Incoming>| {
+            let request_id =
+                request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
+        .service(tower::service_fn(move |request: Request<Incoming>| {
+            let state = state.clone();
+            async move { Ok::<Response<Body>, Infallible>(route(state, request).await) }
+        }));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -44,12 +82,15 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
             },
             _ = shutdown.cancelled() => break,
         };
-        let state = state.clone();
-        let service = service_fn(move |request: Request<Incoming>| {
-            let state = state.clone();
-            async move { Ok::<Response<Body>, Infallible>(route(state, request).await) }
-        });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let service = ServiceBuilder::new()
+            .map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
+                request
+            })
+            .service(shared.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

@@ -96,6 +96,47 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// What a replay did: each invoice of the order with its status before and after, and the
+/// queue state of the order's job (`None` if nothing is left to issue).
+#[derive(Debug, Clone)]
+pub struct ReplayReport {
+    /// The order's invoices.
+    pub invoices: Vec<crate::storage::issuance::Replayed>,
+    /// The job's state after the requeue.
+    pub job: Option<String>,
+}
+
+/// `replay`, `dlq requeue` and their API twins: FAILED → QUEUED in Postgres (audited), then
+/// the order's job back in Redis (also from the DLQ) if anything is left to issue.
+pub async fn replay_order(
+    db: &sqlx::PgPool,
+    queue: &Queue,
+    order_id: &str,
+    merchant_id: Option<&str>,
+    actor: &str,
+    reason: &str,
+    source: &str,
+) -> anyhow::Result<ReplayReport> {
+    let invoices = crate::storage::issuance::replay(db, order_id, merchant_id, actor, reason).await?;
+    let unfinished = invoices.iter().any(|i| matches!(i.after.as_str(), "QUEUED" | "ISSUING" | "SUBMITTED"));
+    let mut job = None;
+    if let (true, Some(first)) = (unfinished, invoices.first()) {
+        let payload = JobPayload {
+            merchant_id: first.merchant_id.clone(),
+            enqueued_at_ms: crate::queue::now_ms(),
+            source: source.to_owned(),
+        };
+        let state = queue.requeue(order_id, &payload).await?;
+        tracing::info!(
+            orderId = %order_id, merchantId = %first.merchant_id, source,
+            "[enqueueIssuance] job {state} in queue invoice-issuance, partition: {}",
+            queue.partition_of(order_id)
+        );
+        job = Some(state);
+    }
+    Ok(ReplayReport { invoices, job })
+}
+
 /// Enqueues issuance jobs for `(order id, merchant id)` pairs and logs each new one with the
 /// runbook marker. Returns how many were new.
 pub async fn enqueue(

@@ -285,7 +285,8 @@ impl Worker {
         // later renews it first (see `call`).
         let lease_until = plan::at(now, self.call_lease() * 2);
         let taken: HashMap<i64, String>;
-        let acquire_ids: Vec<i64> = items.iter().filter(|i| i.step != Step::Poll).map(|i| i.inv.id).collect();
+        let acquire_ids: Vec<(i64, chrono::DateTime<chrono::Utc>)> =
+            items.iter().filter(|i| i.step != Step::Poll).map(|i| (i.inv.id, i.inv.updated_at)).collect();
         // One lease owner per batch: a zombie batch (its leases expired and were re-taken) is
         // fenced out of every write by the owner changing.
         let owner = format!("{}#{}", deps.identity, uuid::Uuid::new_v4().simple());

@@ -9,6 +9,9 @@
 pub mod sim;
 pub mod viettel;
 
+/// The provider names a configuration may name (those [`Registry::new`] registers).
+pub const KNOWN: &[&str] = &["viettel"];
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -52,6 +52,9 @@ pub struct WorkInvoice {
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// ISSUING lease end.
     pub lease_until: Option<DateTime<Utc>>,
+    /// Version read: `acquire` takes the invoice only if it is unchanged since (a buyer
+    /// given through the API after the read must not be issued with the old buyer).
+    pub updated_at: DateTime<Utc>,
     /// The replaced invoice's status.
     pub original_status: Option<String>,
     /// The replaced invoice's number.
@@ -72,7 +75,7 @@ pub async fn unfinished_for_orders(
     Ok(sqlx::query_as(
         "SELECT i.id, i.merchant_id, i.order_id, i.kind, i.replaces_invoice_id, i.status, i.paid_at, i.currency,
                 i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount, i.config_snapshot,
-                i.provider_config_id, i.transaction_uuid, i.attempts, i.next_attempt_at, i.lease_until,
+                i.provider_config_id, i.transaction_uuid, i.attempts, i.next_attempt_at, i.lease_until, i.updated_at,
                 o.status AS original_status, o.provider_invoice_no AS original_invoice_no,
                 o.issued_at AS original_issued_at, o.config_snapshot AS original_snapshot,
                 i.replacement_reason
@@ -91,7 +94,7 @@ pub async fn unfinished_for_orders(
 /// changed by someone else meanwhile and must not be called.
 pub async fn acquire(
     conn: &mut PgConnection,
-    ids: &[i64],
+    ids: &[(i64, DateTime<Utc>)],
     owner: &str,
     lease_until: DateTime<Utc>,
     actor: &str,
@@ -99,20 +102,23 @@ pub async fn acquire(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
+    let versions: Vec<DateTime<Utc>> = ids.iter().map(|(_, v)| *v).collect();
+    let ids: Vec<i64> = ids.iter().map(|(id, _)| *id).collect();
     let taken: Vec<(i64, String, String, String, i32)> = sqlx::query_as(
         "WITH old AS (
-             SELECT id, status FROM invoice
-             WHERE id = ANY($1)
-               AND (status = 'QUEUED' OR (status = 'ISSUING' AND lease_until < now()))
-             FOR UPDATE SKIP LOCKED)
+             SELECT i.id, i.status FROM invoice i JOIN unnest($1::bigint[], $4::timestamptz[]) AS r(id, seen)
+                  ON r.id = i.id AND i.updated_at = r.seen
+             WHERE (i.status = 'QUEUED' OR (i.status = 'ISSUING' AND i.lease_until < now()))
+             FOR UPDATE OF i SKIP LOCKED)
          UPDATE invoice i SET status = 'ISSUING', attempts = i.attempts + 1, lease_owner = $2,
                 lease_until = $3, next_attempt_at = $3, updated_at = now()
          FROM old WHERE i.id = old.id
          RETURNING i.id, old.status, i.merchant_id, i.order_id, i.attempts",
     )
-    .bind(ids)
+    .bind(&ids)
     .bind(owner)
     .bind(lease_until)
+    .bind(&versions)
     .fetch_all(&mut *conn)
     .await?;
     let audits: Vec<NewAudit> = taken
@@ -500,7 +506,7 @@ pub async fn settle(
 }
 
 /// The outbox row of a lifecycle event of invoice `(id, merchant, order)`.
-fn event_row(
+pub(crate) fn event_row(
     topic: &str,
     (invoice_id, merchant_id, order_id): (i64, &str, &str),
     event_type: crate::events::invoice_events::EventType,
@@ -666,20 +672,24 @@ pub struct Replayed {
     pub after: String,
 }
 
-/// Replays an order's FAILED invoices (→ QUEUED, attempts reset, audited). Issued or
+/// Replays an order's FAILED invoices (of one merchant, if given) (→ QUEUED, attempts reset, audited). Issued or
 /// otherwise settled invoices are left alone: a replay of an issued invoice is a no-op.
 /// Returns every invoice of the order with what happened to it.
 pub async fn replay(
     pool: &PgPool,
     order_id: &str,
+    merchant_id: Option<&str>,
     actor: &str,
     reason: &str,
 ) -> Result<Vec<Replayed>, StorageError> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, String, String)> = sqlx::query_as(
-        "SELECT id, merchant_id, status FROM invoice WHERE order_id = $1 AND deleted_at IS NULL ORDER BY id FOR UPDATE",
+        "SELECT id, merchant_id, status FROM invoice
+         WHERE order_id = $1 AND ($2::text IS NULL OR merchant_id = $2) AND deleted_at IS NULL
+         ORDER BY id FOR UPDATE",
     )
     .bind(order_id)
+    .bind(merchant_id)
     .fetch_all(&mut *tx)
     .await?;
     let mut out = Vec::new();

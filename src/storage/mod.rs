@@ -3,12 +3,16 @@
 //! (a transaction dereferences to one), so the caller owns the transaction boundary.
 
 pub mod admin_units;
+pub mod buyers;
+pub mod claims;
 pub mod decisions;
 pub mod error;
+pub mod invoices;
 pub mod issuance;
 pub mod merchants;
 pub mod offsets;
 pub mod outbox;
+pub mod provider_configs;
 pub mod seed;
 pub mod workers;
 

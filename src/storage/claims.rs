@@ -1,0 +1,95 @@
+//! Buyer claims, found by the SHA-256 of their token (the clear token is never stored).
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+
+use super::buyers::{self, Given, Giver};
+use super::StorageError;
+use crate::domain::buyer::ValidBuyer;
+
+/// What `GET /claims/{token}` shows.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimView {
+    /// Claim status (`OPEN`, `CLAIMED`, `EXPIRED`, `CANCELLED`).
+    pub status: String,
+    /// The seller's display name.
+    pub merchant_name: Option<String>,
+    /// Merchant.
+    pub merchant_id: String,
+    /// Order.
+    pub order_id: String,
+    /// Amount paid.
+    pub total_amount: Decimal,
+    /// Currency.
+    pub currency: String,
+    /// Deadline.
+    pub deadline: DateTime<Utc>,
+    /// The buyer given, once claimed.
+    pub buyer: Option<Value>,
+    /// The invoice's status.
+    pub invoice_status: String,
+}
+
+/// The claim with token hash `hash`.
+pub async fn view(pool: &PgPool, hash: &[u8; 32]) -> Result<Option<ClaimView>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT c.status, m.merchant_name, c.merchant_id, c.order_id, i.total_amount, i.currency, c.deadline,
+                c.buyer, i.status AS invoice_status
+         FROM claim c JOIN invoice i ON i.id = c.invoice_id
+         LEFT JOIN merchant_tax_info m ON m.merchant_id = c.merchant_id
+         WHERE c.token_hash = $1",
+    )
+    .bind(&hash[..])
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// What submitting a claim did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// The buyer was given: see [`Given`].
+    Given {
+        /// Merchant.
+        merchant_id: String,
+        /// Order.
+        order_id: String,
+        /// What happened.
+        given: Given,
+    },
+    /// No claim has this token.
+    Unknown,
+    /// Past the deadline, or expired by the worker.
+    Expired,
+    /// The invoice was cancelled.
+    Cancelled,
+    /// Claimed before (by this or another request).
+    AlreadyClaimed,
+}
+
+/// Claims with token hash `hash` for `buyer`, inside `tx`. The claim row is locked first, so
+/// of two concurrent claims exactly one finds it OPEN.
+pub async fn submit(
+    tx: &mut PgConnection,
+    hash: &[u8; 32],
+    buyer: &ValidBuyer,
+    giver: &Giver<'_>,
+) -> Result<Submitted, StorageError> {
+    let row: Option<(String, DateTime<Utc>, String, String)> = sqlx::query_as(
+        "SELECT status, deadline, merchant_id, order_id FROM claim WHERE token_hash = $1 FOR UPDATE",
+    )
+    .bind(&hash[..])
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((status, deadline, merchant_id, order_id)) = row else { return Ok(Submitted::Unknown) };
+    match status.as_str() {
+        "CLAIMED" => return Ok(Submitted::AlreadyClaimed),
+        "CANCELLED" => return Ok(Submitted::Cancelled),
+        "EXPIRED" => return Ok(Submitted::Expired),
+        _ if giver.now > deadline => return Ok(Submitted::Expired),
+        _ => {}
+    }
+    let given = buyers::give(tx, &merchant_id, &order_id, buyer, giver).await?;
+    Ok(Submitted::Given { merchant_id, order_id, given })
+}
