@@ -3,6 +3,9 @@
 // Test code: a failed unwrap is a failed test with its location, which is what we want.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod api_claims;
+mod api_operator;
+mod api_webhooks;
 mod cli;
 mod crash;
 mod events;

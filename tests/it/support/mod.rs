@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod idp;
 pub mod kafka;
 
 use std::collections::HashMap;
@@ -207,35 +208,59 @@ pub fn base_env(db_url: &str) -> HashMap<String, String> {
     ])
 }
 
-/// The API running in this process on an ephemeral port, through the production `run_api`.
+/// The API running in this process on an ephemeral port, through the production `run_api`,
+/// with its own test identity provider and queue prefix.
 pub struct TestApi {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its database.
     pub db: TestDb,
+    /// Its identity provider.
+    pub idp: idp::TestIdp,
+    /// Its environment.
+    pub env: HashMap<String, String>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl TestApi {
     /// Starts the API on a fresh database; `tweak` may change the environment first.
+    /// Waits until it answers `/health` and, if the IdP is up, until it loaded the keys.
     pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApi {
+        TestApi::spawn_on(TestDb::create().await, tweak).await
+    }
+
+    /// Like [`TestApi::spawn_with`] on an existing database.
+    pub async fn spawn_on(db: TestDb, tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApi {
         init_logs();
-        let db = TestDb::create().await;
+        let idp = idp::TestIdp::spawn().await;
         let mut env = base_env(&db.url);
+        env.insert("APP_ENV_INVOICE_JWKS_URL".into(), idp.url());
+        env.insert("APP_ENV_INVOICE_QUEUE_PREFIX".into(), unique("iq-api-"));
         tweak(&mut env);
         let cfg = Config::from_source(&env, Mode::Api).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(invoice::app::run_api(cfg, listener, shutdown.clone()));
-        let api = TestApi { addr, db, shutdown, task };
+        let api = TestApi { addr, db, idp, env, shutdown, task };
         let url = api.url("/health");
         wait_until(Duration::from_secs(20), "the API to answer /health", || {
             let url = url.clone();
             async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
         })
         .await;
+        if api.env.get("APP_ENV_INVOICE_JWKS_URL") == Some(&api.idp.url()) {
+            let metrics = api.url("/metrics");
+            wait_until(Duration::from_secs(20), "the API to load the JWKS", || {
+                let metrics = metrics.clone();
+                async move {
+                    let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+                    (metric_value(&text, "invoice_jwks_keys", &[]) > 0.0).then_some(())
+                }
+            })
+            .await;
+        }
         api
     }
 
@@ -249,11 +274,130 @@ impl TestApi {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The metrics text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap()
+    }
+
+    /// A GET with a bearer token.
+    pub async fn get_as(&self, token: &str, path: &str) -> reqwest::Response {
+        reqwest::Client::new().get(self.url(path)).bearer_auth(token).send().await.unwrap()
+    }
+
+    /// A signed webhook delivery: `secret` signs `body` under `id`, sent now.
+    pub async fn webhook(&self, endpoint: &str, secret: &str, id: &str, body: &str) -> reqwest::Response {
+        let ts = chrono::Utc::now().timestamp();
+        self.webhook_at(endpoint, secret, id, ts, body).await
+    }
+
+    /// A signed webhook delivery with timestamp `ts`.
+    pub async fn webhook_at(
+        &self,
+        endpoint: &str,
+        secret: &str,
+        id: &str,
+        ts: i64,
+        body: &str,
+    ) -> reqwest::Response {
+        let signature = invoice::auth::webhook::sign(secret, id, ts, body.as_bytes());
+        reqwest::Client::new()
+            .post(self.url(&format!("/v1/api/webhooks/{endpoint}")))
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The merchant webhook secret of the test environment.
+    pub fn merchant_secret(&self) -> String {
+        self.env["WEBHOOK_SECRET"].clone()
+    }
+
+    /// The internal webhook secret of the test environment.
+    pub fn internal_secret(&self) -> String {
+        self.env["WEBHOOK_INTERNAL_SECRET"].clone()
+    }
+
+    /// The queue the API enqueues into.
+    pub fn queue(&self) -> invoice::queue::Queue {
+        queue_of(&self.env)
+    }
+
     /// Graceful stop; returns what `run_api` returned.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.task.await.unwrap()
     }
+}
+
+/// An invoice (and its open claim) written directly, as the stream would have decided it:
+/// merchant `merchant`, order `order`, status `status`, claim deadline `deadline`.
+/// Returns `(invoice id, clear claim token)`.
+pub async fn seed_invoice(
+    db: &TestDb,
+    merchant: &str,
+    order: &str,
+    status: &str,
+    deadline: chrono::DateTime<chrono::Utc>,
+) -> (i64, String) {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let id = 7_000_000_000_000_000_000
+        + i64::from(NEXT.fetch_add(1, Ordering::SeqCst)) * 10
+        + i64::from(std::process::id() % 10);
+    let token = invoice::crypto::random_token();
+    let hash = invoice::domain::claim::token_hash(&token);
+    let snapshot = serde_json::json!({"provider": "viettel", "configId": "1", "series": "C26TAA", "templateCode": "1/001",
+        "credentials": {"keyId": "k-test", "nonce": "AAAA", "ciphertext": "AAAA"}});
+    let lines = serde_json::json!([{"name": "Cà phê", "quantity": "1", "unitPrice": "100000", "vatRate": "8",
+        "net": "100000", "vat": "8000", "gross": "108000"}]);
+    let issued = status == "ISSUED";
+    sqlx::query(
+        "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, paid_at, currency, lines,
+             total_net, total_vat, total_amount, config_snapshot, transaction_uuid, next_attempt_at,
+             provider_invoice_no, issued_at)
+         VALUES ($1, $2, $3, $4, 'immediate', now(), 'VND', $5, 100000, 8000, 108000, $6, $7, now(),
+             CASE WHEN $8 THEN '0000001' END, CASE WHEN $8 THEN now() END)",
+    )
+    .bind(id)
+    .bind(merchant)
+    .bind(order)
+    .bind(status)
+    .bind(&lines)
+    .bind(&snapshot)
+    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(issued)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO claim (id, invoice_id, merchant_id, order_id, token_hash, deadline, status)
+         VALUES ($1, $1, $2, $3, $4, $5, 'OPEN')",
+    )
+    .bind(id)
+    .bind(merchant)
+    .bind(order)
+    .bind(&hash[..])
+    .bind(deadline)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    (id, token)
+}
+
+/// A company buyer with a valid tax code.
+pub fn company_buyer() -> serde_json::Value {
+    serde_json::json!({"legalName": "Công ty TNHH Mua Hàng", "taxCode": "0101243150",
+                       "address": "2 Lý Thường Kiệt, Hoàn Kiếm, Hà Nội", "email": "ketoan@muahang.vn"})
+}
+
+/// One number from SQL (`-1` if NULL or no row).
+pub async fn scalar(db: &TestDb, sql: &str) -> i64 {
+    let v: Option<Option<i64>> = sqlx::query_scalar(sql).fetch_optional(&db.pool).await.unwrap();
+    v.flatten().unwrap_or(-1)
 }
 
 /// The `invoice` binary with a clean environment (only `env`), run in an empty directory so

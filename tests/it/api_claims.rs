@@ -1,0 +1,180 @@
+//! Buyer claims: the token is the credential; one claim wins; expired is gone; guessing is
+//! throttled (R15, R16).
+
+use serde_json::{json, Value};
+
+use crate::support::{company_buyer, metric_value, scalar, seed_invoice, TestApi};
+
+fn claim_url(api: &TestApi, token: &str) -> String {
+    api.url(&format!("/v1/api/claims/{token}"))
+}
+
+async fn post_claim(api: &TestApi, token: &str, buyer: Value) -> reqwest::Response {
+    reqwest::Client::new().post(claim_url(api, token)).json(&json!({"buyer": buyer})).send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_sees_the_claim_claims_it_once_and_the_invoice_is_queued_for_them() {
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
+    let (id, token) = seed_invoice(&api.db, "M-1", "ORD-K-1", "PENDING_CLAIM", deadline).await;
+
+    let response = reqwest::get(claim_url(&api, &token)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["referrer-policy"], "no-referrer");
+    let view: Value = response.json().await.unwrap();
+    assert_eq!(view["status"], "OPEN");
+    assert_eq!(view["orderId"], "ORD-K-1");
+    assert_eq!(view["totalAmount"], "108000");
+    assert_eq!(view["currency"], "VND");
+    // The GET changed nothing.
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM claim WHERE status = 'OPEN'").await, 1);
+
+    let response = post_claim(&api, &token, company_buyer()).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body, json!({"status": "QUEUED", "invoiceId": id.to_string()}));
+    let (status, tax): (String, Option<String>) =
+        sqlx::query_as("SELECT status, buyer->>'taxCode' FROM invoice WHERE id = $1")
+            .bind(id)
+            .fetch_one(&api.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), tax.as_deref()), ("QUEUED", Some("0101243150")));
+    assert_eq!(api.queue().job_state("ORD-K-1").await.unwrap().0.as_deref(), Some("waiting"));
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM outbox WHERE headers->>'type' = 'invoice.claimed'").await,
+        1
+    );
+
+    // Used once: a second POST is 409, the GET shows it claimed.
+    assert_eq!(post_claim(&api, &token, company_buyer()).await.status(), 409);
+    let view: Value = reqwest::get(claim_url(&api, &token)).await.unwrap().json().await.unwrap();
+    assert_eq!(view["status"], "CLAIMED");
+    // The database holds no token text anywhere.
+    let leaked: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM claim WHERE buyer::text LIKE '%' || $1 || '%')
+              + (SELECT count(*) FROM audit_log WHERE coalesce(after::text, '') LIKE '%' || $1 || '%')",
+    )
+    .bind(&token)
+    .fetch_one(&api.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(leaked, 0);
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_concurrent_claims_exactly_one_wins() {
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
+    for round in 0..5 {
+        let (_, token) =
+            seed_invoice(&api.db, "M-1", &format!("ORD-K-2-{round}"), "PENDING_CLAIM", deadline).await;
+        let other = json!({"legalName": "Công ty CP Khác", "taxCode": "0100109106", "address": "1 Tràng Tiền, Hà Nội"});
+        let (a, b) = tokio::join!(post_claim(&api, &token, company_buyer()), post_claim(&api, &token, other));
+        let mut statuses = vec![a.status().as_u16(), b.status().as_u16()];
+        statuses.sort_unstable();
+        assert_eq!(statuses, vec![202, 409], "round {round}");
+    }
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM audit_log WHERE event_type = 'invoice.claimed'").await,
+        5
+    );
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_deadline_a_claim_is_gone_even_before_the_worker_expires_it() {
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let (id, token) = seed_invoice(&api.db, "M-1", "ORD-K-3", "PENDING_CLAIM", deadline).await;
+    assert_eq!(reqwest::get(claim_url(&api, &token)).await.unwrap().status(), 410);
+    let response = post_claim(&api, &token, company_buyer()).await;
+    assert_eq!(response.status(), 410);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let status: String = sqlx::query_scalar("SELECT status FROM invoice WHERE id = $1")
+        .bind(id)
+        .fetch_one(&api.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "PENDING_CLAIM");
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_buyers_are_refused_with_the_field_named_and_change_nothing() {
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
+    let (_, token) = seed_invoice(&api.db, "M-1", "ORD-K-4", "PENDING_CLAIM", deadline).await;
+    for (buyer, field) in [
+        (json!({"legalName": "A", "taxCode": "0101243151", "address": "B"}), "taxCode"),
+        (json!({"legalName": "A", "taxCode": "12345", "address": "B"}), "taxCode"),
+        (json!({"taxCode": "0101243150", "address": "B"}), "legalName"),
+        (json!({"legalName": "A", "taxCode": "0101243150"}), "address"),
+        (json!({"name": "A", "email": "not-an-email"}), "email"),
+    ] {
+        let response = post_claim(&api, &token, buyer).await;
+        assert_eq!(response.status(), 422, "{field}");
+        let problem: Value = response.json().await.unwrap();
+        assert!(problem["detail"].as_str().unwrap().contains(field), "{field}: {problem}");
+    }
+    let response = reqwest::Client::new()
+        .post(claim_url(&api, &token))
+        .json(&json!({"buyer": company_buyer(), "invoiceId": "1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422, "unknown members are refused");
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM claim WHERE status = 'OPEN'").await, 1);
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_tokens_is_throttled_with_429() {
+    let api = TestApi::spawn_with(|env| {
+        env.insert("APP_ENV_INVOICE_CLAIM_FAILURE_LIMIT".into(), "20".into());
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        let guess = invoice::crypto::random_token();
+        statuses.push(reqwest::get(claim_url(&api, &guess)).await.unwrap().status().as_u16());
+    }
+    assert!(statuses[..20].iter().all(|s| *s == 404), "{statuses:?}");
+    assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+    // Also for a real token from the same client, until the window ends.
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
+    let (_, token) = seed_invoice(&api.db, "M-1", "ORD-K-5", "PENDING_CLAIM", deadline).await;
+    let response = reqwest::get(claim_url(&api, &token)).await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    let metrics = api.metrics().await;
+    assert_eq!(metric_value(&metrics, "invoice_http_rate_limited_total", &[]), 11.0);
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_on_an_issued_consumer_invoice_within_the_deadline_creates_a_replacement() {
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
+    let (original, token) = seed_invoice(&api.db, "M-1", "ORD-K-6", "ISSUED", deadline).await;
+    let response = post_claim(&api, &token, company_buyer()).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    let replacement: i64 = body["invoiceId"].as_str().unwrap().parse().unwrap();
+    assert_ne!(replacement, original);
+    let (kind, status, replaces, tax): (String, String, Option<i64>, Option<String>) = sqlx::query_as(
+        "SELECT kind, status, replaces_invoice_id, buyer->>'taxCode' FROM invoice WHERE id = $1",
+    )
+    .bind(replacement)
+    .fetch_one(&api.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (kind.as_str(), status.as_str(), replaces, tax.as_deref()),
+        ("replacement", "QUEUED", Some(original), Some("0101243150"))
+    );
+    assert_eq!(api.queue().job_state("ORD-K-6").await.unwrap().0.as_deref(), Some("waiting"));
+    api.stop().await.unwrap();
+}

@@ -1,0 +1,317 @@
+//! Signed webhooks: Standard Webhooks verification at the door, exactly-once effects behind
+//! it (R1–R6 of the security notes).
+
+use serde_json::{json, Value};
+
+use crate::support::{company_buyer, metric_value, scalar, seed_invoice, TestApi};
+
+fn request_body(order: &str, buyer: Value) -> String {
+    json!({"type": "invoice.request", "data": {"orderId": order, "merchantId": "M-1", "buyer": buyer}})
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_a_pending_claim_queues_it_and_one_before_its_payment_is_kept() {
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(1);
+    let (id, _token) = seed_invoice(&api.db, "M-1", "ORD-W-1", "PENDING_CLAIM", deadline).await;
+
+    let response = api
+        .webhook("merchant", &api.merchant_secret(), "evt_1", &request_body("ORD-W-1", company_buyer()))
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["result"], "queued", "{body}");
+    assert_eq!(body["invoiceId"], id.to_string());
+    let (status, kind, tax): (String, String, Option<String>) =
+        sqlx::query_as("SELECT status, buyer_kind, buyer->>'taxCode' FROM invoice WHERE id = $1")
+            .bind(id)
+            .fetch_one(&api.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), kind.as_str(), tax.as_deref()), ("QUEUED", "company", Some("0101243150")));
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM claim WHERE status = 'CLAIMED'").await, 1);
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM invoice_request WHERE joined_at IS NOT NULL").await, 1);
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM audit_log WHERE event_type = 'invoice.claimed'").await,
+        1
+    );
+    // The job is in the queue for a worker.
+    let (state, _) = api.queue().job_state("ORD-W-1").await.unwrap();
+    assert_eq!(state.as_deref(), Some("waiting"));
+
+    // No invoice yet: the request is kept for the payment to join.
+    let response = api
+        .webhook("merchant", &api.merchant_secret(), "evt_2", &request_body("ORD-W-2", company_buyer()))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["result"], "pending");
+    assert_eq!(
+        scalar(
+            &api.db,
+            "SELECT count(*) FROM invoice_request WHERE order_id = 'ORD-W-2' AND joined_at IS NULL"
+        )
+        .await,
+        1
+    );
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_sent_ten_times_at_once_and_again_later_takes_effect_once() {
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(1);
+    seed_invoice(&api.db, "M-1", "ORD-W-3", "PENDING_CLAIM", deadline).await;
+    let body = request_body("ORD-W-3", company_buyer());
+    let secret = api.merchant_secret();
+    let sends = (0..10).map(|_| api.webhook("merchant", &secret, "evt_same", &body));
+    let mut answers = Vec::new();
+    for response in futures::future::join_all(sends).await {
+        assert_eq!(response.status(), 200);
+        answers.push(response.json::<Value>().await.unwrap());
+    }
+    let processed = answers.iter().filter(|a| a["status"] == "processed").count();
+    assert_eq!(processed, 1, "{answers:?}");
+    let again = api.webhook("merchant", &api.merchant_secret(), "evt_same", &body).await;
+    assert_eq!(again.json::<Value>().await.unwrap()["status"], "duplicate");
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM invoice_request").await, 1);
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM audit_log WHERE event_type = 'invoice.claimed'").await,
+        1
+    );
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM outbox WHERE headers->>'type' = 'invoice.claimed'").await,
+        1
+    );
+    let metrics = api.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "invoice_webhook_requests_total",
+            &["endpoint=\"merchant\"", "result=\"duplicate\""]
+        ),
+        10.0
+    );
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_signatures_are_401_with_their_reason_and_change_nothing() {
+    let api = TestApi::spawn().await;
+    let url = api.url("/v1/api/webhooks/merchant");
+    let body = request_body("ORD-W-4", company_buyer());
+    let secret = api.merchant_secret();
+    let now = chrono::Utc::now().timestamp();
+    let client = reqwest::Client::new();
+    let send = |headers: Vec<(&'static str, String)>, body: String| {
+        let mut request = client.post(&url).body(body);
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        request.send()
+    };
+    let signed =
+        |id: &str, ts: i64, body: &str| invoice::auth::webhook::sign(&secret, id, ts, body.as_bytes());
+    let cases: Vec<(&str, Vec<(&'static str, String)>, String, &str)> = vec![
+        (
+            "tampered body",
+            vec![
+                ("webhook-id", "e1".into()),
+                ("webhook-timestamp", now.to_string()),
+                ("webhook-signature", signed("e1", now, &body)),
+            ],
+            body.replace("ORD-W-4", "ORD-W-5"),
+            "bad_signature",
+        ),
+        (
+            "reformatted JSON",
+            vec![
+                ("webhook-id", "e1".into()),
+                ("webhook-timestamp", now.to_string()),
+                ("webhook-signature", signed("e1", now, &body)),
+            ],
+            serde_json::to_string_pretty(&serde_json::from_str::<Value>(&body).unwrap()).unwrap(),
+            "bad_signature",
+        ),
+        (
+            "internal secret on the merchant endpoint",
+            vec![
+                ("webhook-id", "e1".into()),
+                ("webhook-timestamp", now.to_string()),
+                (
+                    "webhook-signature",
+                    invoice::auth::webhook::sign(&api.internal_secret(), "e1", now, body.as_bytes()),
+                ),
+            ],
+            body.clone(),
+            "bad_signature",
+        ),
+        (
+            "stale timestamp",
+            vec![
+                ("webhook-id", "e1".into()),
+                ("webhook-timestamp", (now - 301).to_string()),
+                ("webhook-signature", signed("e1", now - 301, &body)),
+            ],
+            body.clone(),
+            "stale_timestamp",
+        ),
+        (
+            "future timestamp",
+            vec![
+                ("webhook-id", "e1".into()),
+                ("webhook-timestamp", (now + 301).to_string()),
+                ("webhook-signature", signed("e1", now + 301, &body)),
+            ],
+            body.clone(),
+            "future_timestamp",
+        ),
+        (
+            "missing signature",
+            vec![("webhook-id", "e1".into()), ("webhook-timestamp", now.to_string())],
+            body.clone(),
+            "missing_header",
+        ),
+        (
+            "missing id",
+            vec![("webhook-timestamp", now.to_string()), ("webhook-signature", signed("e1", now, &body))],
+            body.clone(),
+            "missing_header",
+        ),
+        (
+            "truncated signature",
+            vec![
+                ("webhook-id", "e1".into()),
+                ("webhook-timestamp", now.to_string()),
+                ("webhook-signature", "v1,".into()),
+            ],
+            body.clone(),
+            "bad_signature",
+        ),
+    ];
+    for (what, headers, body, reason) in cases {
+        let response = send(headers, body).await.unwrap();
+        assert_eq!(response.status(), 401, "{what}");
+        assert_eq!(response.headers()["content-type"], "application/problem+json", "{what}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["reason"], reason, "{what}: {problem}");
+        assert!(!problem["detail"].as_str().unwrap().contains(&secret), "{what}");
+    }
+    // An unsigned request with an id does not mark the id as seen: the real one goes through.
+    let response = api.webhook("merchant", &secret, "e1", &body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["status"], "processed");
+
+    // Over 256 KiB: 413 before any HMAC work.
+    let big = "x".repeat(300 * 1024);
+    let response = send(
+        vec![
+            ("webhook-id", "e9".into()),
+            ("webhook-timestamp", now.to_string()),
+            ("webhook-signature", "v1,AAAA".into()),
+        ],
+        big,
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 413);
+    // Signed but not JSON: 400; signed unknown type: 422; signed bad buyer: 422.
+    assert_eq!(api.webhook("merchant", &secret, "e10", "not json").await.status(), 400);
+    let unknown =
+        json!({"type": "invoice.cancel", "data": {"orderId": "O", "merchantId": "M-1"}}).to_string();
+    let response = api.webhook("merchant", &secret, "e11", &unknown).await;
+    assert_eq!(response.status(), 422);
+    assert!(response.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("invoice.cancel"));
+    let bad_buyer =
+        request_body("ORD-W-6", json!({"legalName": "X", "taxCode": "0101243151", "address": "Y"}));
+    let response = api.webhook("merchant", &secret, "e12", &bad_buyer).await;
+    assert_eq!(response.status(), 422);
+    assert!(response.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("taxCode"));
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM invoice_request").await, 1);
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM webhook_seen").await, 1);
+
+    let metrics = api.metrics().await;
+    for (reason, count) in
+        [("bad_signature", 4.0), ("stale_timestamp", 1.0), ("missing_header", 2.0), ("too_large", 1.0)]
+    {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "invoice_webhook_requests_total",
+                &["result=\"rejected\"", &format!("reason=\"{reason}\"")]
+            ),
+            count,
+            "{reason}"
+        );
+    }
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_previous_secret_is_accepted_only_while_configured() {
+    let old = "whsec_b2xkLXdlYmhvb2stc2VjcmV0LW1lcmNoYW50LTI0Ynl0ZXM=";
+    let api = TestApi::spawn_with(|env| {
+        env.insert("WEBHOOK_SECRET_PREVIOUS".into(), old.into());
+    })
+    .await;
+    let body = request_body("ORD-W-7", company_buyer());
+    assert_eq!(api.webhook("merchant", old, "r1", &body).await.status(), 200);
+    assert_eq!(api.webhook("merchant", &api.merchant_secret(), "r2", &body).await.status(), 200);
+    api.stop().await.unwrap();
+    let api = TestApi::spawn().await;
+    assert_eq!(api.webhook("merchant", old, "r3", &body).await.status(), 401);
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_cancel_and_provider_status_apply_only_where_they_may() {
+    let api = TestApi::spawn().await;
+    let secret = api.internal_secret();
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(1);
+    let (queued, _) = seed_invoice(&api.db, "M-1", "ORD-C-1", "QUEUED", deadline).await;
+    let (issued, _) = seed_invoice(&api.db, "M-1", "ORD-C-2", "ISSUED", deadline).await;
+    let cancel = |order: &str| {
+        json!({"type": "invoice.cancel", "data": {"orderId": order, "merchantId": "M-1", "reason": "order refunded"}})
+            .to_string()
+    };
+    let response = api.webhook("internal", &secret, "c1", &cancel("ORD-C-1")).await;
+    assert_eq!(response.status(), 200);
+    let status: String = sqlx::query_scalar("SELECT status FROM invoice WHERE id = $1")
+        .bind(queued)
+        .fetch_one(&api.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "CANCELLED");
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM claim WHERE status = 'CANCELLED'").await, 1);
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM outbox WHERE headers->>'type' = 'invoice.cancelled'").await,
+        1
+    );
+    // Issued: too late to cancel, nothing changes.
+    let response = api.webhook("internal", &secret, "c2", &cancel("ORD-C-2")).await;
+    assert_eq!(response.status(), 409);
+    // Unknown order: 404.
+    assert_eq!(api.webhook("internal", &secret, "c3", &cancel("ORD-NONE")).await.status(), 404);
+
+    let status_body = |order: &str| {
+        json!({"type": "provider.status", "data": {"orderId": order, "merchantId": "M-1",
+               "status": {"code": "00", "message": "accepted by the tax authority"}, "taxAuthorityCode": "M1-26-ABCDE-00000000001"}})
+        .to_string()
+    };
+    assert_eq!(api.webhook("internal", &secret, "s1", &status_body("ORD-C-2")).await.status(), 200);
+    let code: Option<String> = sqlx::query_scalar("SELECT tax_authority_code FROM invoice WHERE id = $1")
+        .bind(issued)
+        .fetch_one(&api.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(code.as_deref(), Some("M1-26-ABCDE-00000000001"));
+    // A status for a cancelled invoice is refused.
+    assert_eq!(api.webhook("internal", &secret, "s2", &status_body("ORD-C-1")).await.status(), 404);
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM audit_log WHERE event_type = 'provider_status'").await,
+        1
+    );
+    // A cancel is not a merchant webhook type.
+    assert_eq!(api.webhook("merchant", &api.merchant_secret(), "c4", &cancel("ORD-C-2")).await.status(), 422);
+    api.stop().await.unwrap();
+}
