@@ -95,10 +95,12 @@ pub fn issuance_deps(
     cfg: &Config,
     db: sqlx::PgPool,
     metrics: Metrics,
+    ids: crate::ids::Snowflake,
     mode: &str,
 ) -> anyhow::Result<crate::issuance::Deps> {
     Ok(crate::issuance::Deps {
         db,
+        ids,
         queue: queue(cfg)?,
         providers: providers(cfg)?,
         keyring: keyring(cfg),
@@ -307,7 +309,7 @@ pub async fn run_worker(
     let producer = kafka_producer(&cfg)?;
     let state = http_state(&cfg, &base, producer.clone(), None)?;
     let Base { metrics, db, lease } = base;
-    let deps = issuance_deps(&cfg, db.clone(), metrics.clone(), "worker")?;
+    let deps = issuance_deps(&cfg, db.clone(), metrics.clone(), lease.ids.clone(), "worker")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
     // Workers write outbox rows too (issued, failed, claim expired): a relay publishes them.
@@ -333,7 +335,7 @@ pub async fn run_all(cfg: Config, listener: TcpListener, shutdown: CancellationT
     let state = http_state(&cfg, &base, producer.clone(), Some(api))?;
     let Base { metrics, db, lease } = base;
     let stream_deps = stream_deps(&cfg, &db, &lease, &metrics, "all")?;
-    let worker_deps = issuance_deps(&cfg, db.clone(), metrics.clone(), "all")?;
+    let worker_deps = issuance_deps(&cfg, db.clone(), metrics.clone(), lease.ids.clone(), "all")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
     let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);

@@ -210,3 +210,34 @@ async fn submit(
     }
     Ok(super::json(StatusCode::ACCEPTED, &json!({"status": "QUEUED", "invoiceId": invoice_id.to_string()})))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn only_tokens_of_our_shape_reach_the_database() {
+        assert!(well_formed(&crate::crypto::random_token()));
+        assert!(!well_formed("short"));
+        assert!(!well_formed(&"a".repeat(44)));
+        assert!(!well_formed(&format!("{}=", "a".repeat(42))));
+    }
+
+    proptest! {
+        #[test]
+        fn no_claim_body_makes_the_parser_panic(body in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse(&body);
+        }
+
+        #[test]
+        fn no_buyer_makes_validation_panic(fields in proptest::collection::hash_map(
+            prop_oneof![Just("name"), Just("legalName"), Just("taxCode"), Just("address"), Just("email"), Just("phone")],
+            "\\PC{0,60}", 0..6)) {
+            let body = serde_json::json!({"buyer": fields});
+            if let Ok(buyer) = parse(body.to_string().as_bytes()) {
+                let _ = buyer.validate();
+            }
+        }
+    }
+}

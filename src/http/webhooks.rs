@@ -365,3 +365,41 @@ fn no_invoice(merchant_id: &str, order_id: &str) -> Problem {
         format!("merchant {merchant_id} has no invoice for order {order_id}"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn each_endpoint_accepts_only_its_types() {
+        let cancel = br#"{"type": "invoice.cancel", "data": {"orderId": "O-1", "merchantId": "M-1"}}"#;
+        assert!(matches!(parse(Endpoint::Internal, cancel), Ok(Payload::Cancel(_))));
+        assert_eq!(parse(Endpoint::Merchant, cancel).unwrap_err().status, 422);
+        let request = br#"{"type": "invoice.request", "data": {"orderId": "O-1", "merchantId": "M-1", "buyer": {}}}"#;
+        assert!(matches!(parse(Endpoint::Merchant, request), Ok(Payload::Request(_))));
+        assert_eq!(parse(Endpoint::Merchant, b"{").unwrap_err().status, 400);
+        let float = br#"{"type": "provider.status", "data": {"orderId": "O-1", "merchantId": "M-1"}}"#;
+        assert_eq!(parse(Endpoint::Internal, float).unwrap_err().status, 422);
+        let empty_order = br#"{"type": "invoice.cancel", "data": {"orderId": " ", "merchantId": "M-1"}}"#;
+        assert!(parse(Endpoint::Internal, empty_order).unwrap_err().detail.contains("orderId"));
+    }
+
+    proptest! {
+        #[test]
+        fn no_body_makes_the_parser_panic(body in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse(Endpoint::Internal, &body);
+            let _ = parse(Endpoint::Merchant, &body);
+        }
+
+        #[test]
+        fn no_json_shaped_body_makes_the_parser_panic(
+            kind in prop_oneof![Just("invoice.request".to_owned()), Just("invoice.cancel".to_owned()), Just("provider.status".to_owned()), "\\PC{0,20}"],
+            order in "\\PC{0,200}", buyer in proptest::collection::hash_map("\\PC{0,12}", "\\PC{0,40}", 0..6),
+        ) {
+            let body = serde_json::json!({"type": kind, "data": {"orderId": order, "merchantId": "M-1", "buyer": buyer,
+                "status": "00", "reason": order}});
+            let _ = parse(Endpoint::Internal, body.to_string().as_bytes());
+        }
+    }
+}

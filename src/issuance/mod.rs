@@ -38,6 +38,8 @@ pub use sweeper::sweep_once;
 pub struct Deps {
     /// Postgres.
     pub db: sqlx::PgPool,
+    /// Ids for replacement invoices (a pending request joined to an issued invoice).
+    pub ids: crate::ids::Snowflake,
     /// The queue.
     pub queue: Queue,
     /// Providers by name.

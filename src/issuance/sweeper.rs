@@ -25,6 +25,58 @@ pub struct Swept {
     pub due: u64,
     /// Jobs created for them (the rest were live already).
     pub enqueued: u64,
+    /// Pending invoice requests joined (or refused) late.
+    pub requests_joined: u64,
+}
+
+/// Requests pending longer than this are joined by the sweeper (younger ones may still be
+/// joined by the stream transaction that is deciding their payment right now).
+const JOIN_AFTER_SECONDS: f64 = 5.0;
+/// Requests joined per sweep.
+const JOIN_PAGE: i64 = 200;
+
+/// Joins invoice requests that are pending although their order has an invoice: the request
+/// arrived while the payment's batch was being decided, or while the invoice was being
+/// issued. Each gets what the webhook would have given it now.
+async fn join_requests(deps: &Deps) -> anyhow::Result<u64> {
+    use crate::storage::buyers::{self, Given, Giver};
+    let mut tx = deps.db.begin().await?;
+    let pending = buyers::joinable_requests(&mut tx, JOIN_AFTER_SECONDS, JOIN_PAGE).await?;
+    let mut enqueue = Vec::new();
+    for (request_id, merchant_id, order_id, buyer) in &pending {
+        let valid = serde_json::from_value::<crate::domain::buyer::Buyer>(buyer.clone())
+            .ok()
+            .and_then(|b| b.validate().ok());
+        let Some(valid) = valid else {
+            buyers::settle_request(&mut tx, *request_id, None, Some("the stored buyer is no longer valid"), &deps.identity)
+                .await?;
+            continue;
+        };
+        let giver = Giver {
+            source: "internal_webhook",
+            actor: format!("sweeper:{}", deps.identity),
+            events_topic: &deps.events_topic,
+            replacement_id: deps.ids.next_id()?,
+            now: chrono::Utc::now(),
+        };
+        match buyers::give(&mut tx, merchant_id, order_id, &valid, &giver).await? {
+            Given::Refused(refusal) => {
+                tracing::info!(orderId = %order_id, merchantId = %merchant_id, %refusal, "Pending invoice request refused");
+                buyers::settle_request(&mut tx, *request_id, None, Some(&refusal.to_string()), &deps.identity).await?;
+            }
+            Given::Later { .. } | Given::NoInvoice => {}
+            given => {
+                buyers::settle_request(&mut tx, *request_id, given.invoice_id(), None, &deps.identity).await?;
+                tracing::info!(orderId = %order_id, merchantId = %merchant_id, "Pending invoice request joined");
+                enqueue.push((order_id.clone(), merchant_id.clone()));
+            }
+        }
+    }
+    tx.commit().await?;
+    if let Err(error) = super::enqueue(&deps.queue, &deps.metrics, &enqueue, "request_join").await {
+        tracing::warn!(%error, "Cannot enqueue joined requests; the due scan will");
+    }
+    Ok(pending.len() as u64)
 }
 
 /// One sweep: claim expiry, then re-enqueue of due invoices.
@@ -55,6 +107,7 @@ pub async fn sweep_once(deps: &Deps) -> anyhow::Result<Swept> {
             break;
         }
     }
+    swept.requests_joined = join_requests(deps).await?;
     let mut after = 0i64;
     loop {
         let page = crate::storage::issuance::due_page(&deps.db, after, DUE_PAGE).await?;

@@ -302,7 +302,7 @@ pub async fn settle_request(
     conn: &mut PgConnection,
     request_id: i64,
     invoice_id: Option<i64>,
-    refusal: Option<Refusal>,
+    refusal: Option<&str>,
     actor: &str,
 ) -> Result<(), StorageError> {
     if let Some(invoice_id) = invoice_id {
@@ -332,7 +332,7 @@ pub async fn settle_request(
                     before: None,
                     after: None,
                     actor: actor.to_owned(),
-                    reason: Some(refusal.to_string()),
+                    reason: Some(refusal.to_owned()),
                 }],
             )
             .await?;

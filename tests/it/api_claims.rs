@@ -42,10 +42,7 @@ async fn a_buyer_sees_the_claim_claims_it_once_and_the_invoice_is_queued_for_the
             .unwrap();
     assert_eq!((status.as_str(), tax.as_deref()), ("QUEUED", Some("0101243150")));
     assert_eq!(api.queue().job_state("ORD-K-1").await.unwrap().0.as_deref(), Some("waiting"));
-    assert_eq!(
-        scalar(&api.db, "SELECT count(*) FROM outbox WHERE headers->>'type' = 'invoice.claimed'").await,
-        1
-    );
+    api.assert_events_written(1).await;
 
     // Used once: a second POST is 409, the GET shows it claimed.
     assert_eq!(post_claim(&api, &token, company_buyer()).await.status(), 409);

@@ -79,10 +79,7 @@ async fn a_delivery_sent_ten_times_at_once_and_again_later_takes_effect_once() {
         scalar(&api.db, "SELECT count(*) FROM audit_log WHERE event_type = 'invoice.claimed'").await,
         1
     );
-    assert_eq!(
-        scalar(&api.db, "SELECT count(*) FROM outbox WHERE headers->>'type' = 'invoice.claimed'").await,
-        1
-    );
+    api.assert_events_written(1).await;
     let metrics = api.metrics().await;
     assert_eq!(
         metric_value(
@@ -283,10 +280,7 @@ async fn internal_cancel_and_provider_status_apply_only_where_they_may() {
         .unwrap();
     assert_eq!(status, "CANCELLED");
     assert_eq!(scalar(&api.db, "SELECT count(*) FROM claim WHERE status = 'CANCELLED'").await, 1);
-    assert_eq!(
-        scalar(&api.db, "SELECT count(*) FROM outbox WHERE headers->>'type' = 'invoice.cancelled'").await,
-        1
-    );
+    api.assert_events_written(1).await;
     // Issued: too late to cancel, nothing changes.
     let response = api.webhook("internal", &secret, "c2", &cancel("ORD-C-2")).await;
     assert_eq!(response.status(), 409);
@@ -313,5 +307,41 @@ async fn internal_cancel_and_provider_status_apply_only_where_they_may() {
     );
     // A cancel is not a merchant webhook type.
     assert_eq!(api.webhook("merchant", &api.merchant_secret(), "c4", &cancel("ORD-C-2")).await.status(), 422);
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_raced_its_payment_is_joined_by_the_sweeper() {
+    use crate::support::kafka::TestTopics;
+    use crate::support::{issuance_env, unique, wait_until, TestWorker};
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(1);
+    let (id, _) = seed_invoice(&api.db, "M-1", "ORD-W-9", "PENDING_CLAIM", deadline).await;
+    // As if the request committed while the payment's batch was deciding without it.
+    sqlx::query(
+        "INSERT INTO invoice_request (id, merchant_id, order_id, buyer, source, created_at)
+         VALUES (1, 'M-1', 'ORD-W-9', $1, 'merchant_webhook', now() - interval '10 seconds')",
+    )
+    .bind(company_buyer())
+    .execute(&api.db.pool)
+    .await
+    .unwrap();
+    let topics = TestTopics::create(1).await;
+    let env = issuance_env(&api.db, &topics.names, &unique("g-"));
+    let worker = TestWorker::spawn(&env).await;
+    wait_until(std::time::Duration::from_secs(30), "the request to be joined", || async {
+        (scalar(&api.db, "SELECT count(*) FROM invoice_request WHERE joined_at IS NOT NULL AND invoice_id IS NOT NULL").await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let kind: String = sqlx::query_scalar("SELECT buyer_kind FROM invoice WHERE id = $1")
+        .bind(id)
+        .fetch_one(&api.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kind, "company");
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM claim WHERE status = 'CLAIMED'").await, 1);
+    worker.stop().await.unwrap();
     api.stop().await.unwrap();
 }

@@ -178,10 +178,27 @@ async fn template() -> String {
                 invoice::storage::migrate(&pool).await.unwrap();
                 invoice::storage::seed::reference_data(&pool).await.unwrap();
                 pool.close().await;
-                sqlx::query(&format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\""))
-                    .execute(&mut admin)
-                    .await
-                    .unwrap();
+                // An autovacuum worker may still be connected to the fresh database, which
+                // makes the rename fail: end such sessions and try again, within a deadline.
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+                        .bind(&building)
+                        .execute(&mut admin)
+                        .await
+                        .unwrap();
+                    match sqlx::query(&format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\""))
+                        .execute(&mut admin)
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(error) if Instant::now() < deadline => {
+                            eprintln!("template rename failed ({error}); retrying");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(error) => panic!("cannot rename the template database: {error}"),
+                    }
+                }
             }
             sqlx::query("SELECT pg_advisory_unlock(7315002)").execute(&mut admin).await.unwrap();
             name
@@ -325,6 +342,17 @@ impl TestApi {
     /// The queue the API enqueues into.
     pub fn queue(&self) -> invoice::queue::Queue {
         queue_of(&self.env)
+    }
+
+    /// Waits until exactly `expected` events were written by this API's database (still in
+    /// the outbox, or published by this process's relay, which deletes them).
+    pub async fn assert_events_written(&self, expected: i64) {
+        wait_until(Duration::from_secs(20), &format!("{expected} events to be written"), || async {
+            let pending = scalar(&self.db, "SELECT count(*) FROM outbox").await;
+            let published = metric_value(&self.metrics().await, "invoice_outbox_published_total", &[]) as i64;
+            (pending + published == expected).then_some(())
+        })
+        .await;
     }
 
     /// Graceful stop; returns what `run_api` returned.
