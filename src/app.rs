@@ -127,7 +127,11 @@ pub fn kafka_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
 
 /// The credentials keyring.
 pub fn keyring(cfg: &Config) -> Keyring {
-    Keyring::new(cfg.credentials_key.clone())
+    let keyring = Keyring::new(cfg.credentials_key.clone());
+    match &cfg.credentials_key_previous {
+        Some(previous) => keyring.with_retired(previous.clone()),
+        None => keyring,
+    }
 }
 
 /// What every long-running mode starts with: metrics, the Postgres pool and the leased

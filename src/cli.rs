@@ -86,6 +86,13 @@ pub enum Command {
     },
     /// Print a fresh random 32-byte key as 64 hex characters (for APP_ENV_INVOICE_CREDENTIALS_KEY).
     Keygen,
+    /// Key rotation: re-seal every stored credential under APP_ENV_INVOICE_CREDENTIALS_KEY
+    /// (opening with APP_ENV_INVOICE_CREDENTIALS_KEY_PREVIOUS where needed). Idempotent.
+    RewrapCredentials {
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        batch: i64,
+    },
 }
 
 /// `invoice dlq …`

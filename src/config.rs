@@ -169,6 +169,9 @@ pub struct Config {
     pub worker_id: u16,
     /// 32-byte AES-256-GCM key for provider credentials.
     pub credentials_key: Secret<[u8; 32]>,
+    /// `APP_ENV_INVOICE_CREDENTIALS_KEY_PREVIOUS`: the key being rotated out; it only opens
+    /// what it sealed until `invoice rewrap-credentials` has re-sealed everything.
+    pub credentials_key_previous: Option<Secret<[u8; 32]>>,
     /// HTTP listen address.
     pub http_addr: SocketAddr,
     /// Number of issuance queue partitions (SPEC §4).
@@ -322,6 +325,14 @@ impl Config {
         })?;
         let credentials_key = parse_key(key_hex.trim())
             .ok_or_else(|| ConfigError::new(&key_var, "must be exactly 64 hex characters (32 bytes)"))?;
+        let previous_key_var = var("CREDENTIALS_KEY_PREVIOUS");
+        let credentials_key_previous = get(&previous_key_var)
+            .map(|hex| {
+                parse_key(hex.trim()).map(Secret::new).ok_or_else(|| {
+                    ConfigError::new(&previous_key_var, "must be exactly 64 hex characters (32 bytes)")
+                })
+            })
+            .transpose()?;
 
         let http_addr_var = var("HTTP_ADDR");
         let http_addr = get(&http_addr_var).unwrap_or_else(|| "127.0.0.1:31140".into());
@@ -474,6 +485,7 @@ impl Config {
             kafka_group_id,
             worker_id,
             credentials_key: Secret::new(credentials_key),
+            credentials_key_previous,
             http_addr,
             queue_partitions,
             topics,

@@ -189,6 +189,20 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             out(format_args!("{report}"));
             Ok(if report.has_differences() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
+        Command::RewrapCredentials { batch } => {
+            let db = app::database(&cfg, "invoice-rewrap").await?;
+            let keyring = app::keyring(&cfg);
+            let done = storage::provider_configs::rewrap(&db, &keyring, batch).await?;
+            out(format_args!(
+                "re-sealed under key {}: {} provider configuration(s), {} invoice snapshot(s); {} could not be opened",
+                keyring.current_key_id(),
+                done.configs,
+                done.invoices,
+                done.unopenable
+            ));
+            // Unopenable rows mean a key is missing: the old key must not be dropped yet.
+            Ok(if done.unopenable == 0 { ExitCode::SUCCESS } else { ExitCode::from(5) })
+        }
         Command::Keygen | Command::PartitionOf { .. } | Command::ProviderSim(_) => Ok(ExitCode::SUCCESS),
     }
 }

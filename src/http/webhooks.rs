@@ -376,7 +376,8 @@ mod tests {
         let cancel = br#"{"type": "invoice.cancel", "data": {"orderId": "O-1", "merchantId": "M-1"}}"#;
         assert!(matches!(parse(Endpoint::Internal, cancel), Ok(Payload::Cancel(_))));
         assert_eq!(parse(Endpoint::Merchant, cancel).unwrap_err().status, 422);
-        let request = br#"{"type": "invoice.request", "data": {"orderId": "O-1", "merchantId": "M-1", "buyer": {}}}"#;
+        let request =
+            br#"{"type": "invoice.request", "data": {"orderId": "O-1", "merchantId": "M-1", "buyer": {}}}"#;
         assert!(matches!(parse(Endpoint::Merchant, request), Ok(Payload::Request(_))));
         assert_eq!(parse(Endpoint::Merchant, b"{").unwrap_err().status, 400);
         let float = br#"{"type": "provider.status", "data": {"orderId": "O-1", "merchantId": "M-1"}}"#;

@@ -48,8 +48,14 @@ async fn join_requests(deps: &Deps) -> anyhow::Result<u64> {
             .ok()
             .and_then(|b| b.validate().ok());
         let Some(valid) = valid else {
-            buyers::settle_request(&mut tx, *request_id, None, Some("the stored buyer is no longer valid"), &deps.identity)
-                .await?;
+            buyers::settle_request(
+                &mut tx,
+                *request_id,
+                None,
+                Some("the stored buyer is no longer valid"),
+                &deps.identity,
+            )
+            .await?;
             continue;
         };
         let giver = Giver {
@@ -62,11 +68,19 @@ async fn join_requests(deps: &Deps) -> anyhow::Result<u64> {
         match buyers::give(&mut tx, merchant_id, order_id, &valid, &giver).await? {
             Given::Refused(refusal) => {
                 tracing::info!(orderId = %order_id, merchantId = %merchant_id, %refusal, "Pending invoice request refused");
-                buyers::settle_request(&mut tx, *request_id, None, Some(&refusal.to_string()), &deps.identity).await?;
+                buyers::settle_request(
+                    &mut tx,
+                    *request_id,
+                    None,
+                    Some(&refusal.to_string()),
+                    &deps.identity,
+                )
+                .await?;
             }
             Given::Later { .. } | Given::NoInvoice => {}
             given => {
-                buyers::settle_request(&mut tx, *request_id, given.invoice_id(), None, &deps.identity).await?;
+                buyers::settle_request(&mut tx, *request_id, given.invoice_id(), None, &deps.identity)
+                    .await?;
                 tracing::info!(orderId = %order_id, merchantId = %merchant_id, "Pending invoice request joined");
                 enqueue.push((order_id.clone(), merchant_id.clone()));
             }

@@ -122,3 +122,117 @@ pub async fn tax_info(pool: &PgPool, merchant_id: &str) -> Result<Option<Value>,
     .fetch_optional(pool)
     .await?)
 }
+
+/// `(id, merchant, ciphertext, nonce, key id)` of a provider configuration.
+type SealedRow = (i64, String, Vec<u8>, Vec<u8>, String);
+
+/// What a rewrap re-sealed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// Provider configuration rows (live and replaced).
+    pub configs: u64,
+    /// Invoice config snapshots.
+    pub invoices: u64,
+    /// Rows whose credentials could not be opened with any configured key (left as they are).
+    pub unopenable: u64,
+}
+
+/// Re-seals, under the keyring's current key, every stored credential sealed with another
+/// key: provider configurations and the snapshots copied into invoices (same plaintext, same
+/// AAD, a fresh nonce), in batches of `batch`, so the old key can then be dropped (R13).
+pub async fn rewrap(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result<Rewrapped, StorageError> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let current = keyring.current_key_id().to_owned();
+    let mut done = Rewrapped::default();
+    let mut after = 0i64;
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<SealedRow> = sqlx::query_as(
+            "SELECT id, merchant_id, credentials_ciphertext, credentials_nonce, key_id FROM provider_config
+             WHERE key_id <> $1 AND id > $2 ORDER BY id LIMIT $3 FOR UPDATE",
+        )
+        .bind(&current)
+        .bind(after)
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, merchant_id, ciphertext, nonce, key_id) in &rows {
+            let aad = provider_config_aad(merchant_id, *id);
+            let sealed = crate::crypto::Sealed {
+                key_id: key_id.clone(),
+                nonce: nonce.clone(),
+                ciphertext: ciphertext.clone(),
+            };
+            let Ok(plain) = keyring.open(&sealed, &aad) else {
+                done.unopenable += 1;
+                continue;
+            };
+            let fresh = keyring.seal(plain.expose(), &aad);
+            sqlx::query(
+                "UPDATE provider_config SET credentials_ciphertext = $2, credentials_nonce = $3, key_id = $4 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(&fresh.ciphertext)
+            .bind(&fresh.nonce)
+            .bind(&fresh.key_id)
+            .execute(&mut *tx)
+            .await?;
+            done.configs += 1;
+        }
+        tx.commit().await?;
+        match rows.last() {
+            Some(last) if rows.len() as i64 == batch => after = last.0,
+            _ => break,
+        }
+    }
+    let mut after = 0i64;
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<(i64, String, Value)> = sqlx::query_as(
+            "SELECT id, merchant_id, config_snapshot FROM invoice
+             WHERE config_snapshot->'credentials'->>'keyId' <> $1 AND id > $2 ORDER BY id LIMIT $3 FOR UPDATE",
+        )
+        .bind(&current)
+        .bind(after)
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, merchant_id, snapshot) in &rows {
+            let credentials = &snapshot["credentials"];
+            let config_id = snapshot["configId"].as_str().and_then(|s| s.parse::<i64>().ok());
+            let parts = (
+                credentials["keyId"].as_str(),
+                credentials["nonce"].as_str().and_then(|n| b64.decode(n).ok()),
+                credentials["ciphertext"].as_str().and_then(|c| b64.decode(c).ok()),
+                config_id,
+            );
+            let (Some(key_id), Some(nonce), Some(ciphertext), Some(config_id)) = parts else {
+                done.unopenable += 1;
+                continue;
+            };
+            let aad = provider_config_aad(merchant_id, config_id);
+            let sealed = crate::crypto::Sealed { key_id: key_id.to_owned(), nonce, ciphertext };
+            let Ok(plain) = keyring.open(&sealed, &aad) else {
+                done.unopenable += 1;
+                continue;
+            };
+            let fresh = keyring.seal(plain.expose(), &aad);
+            let value = json!({"keyId": fresh.key_id, "nonce": b64.encode(&fresh.nonce), "ciphertext": b64.encode(&fresh.ciphertext)});
+            // Only the sealing changes; the snapshot's content (what is sent to the provider)
+            // stays what it was when the invoice was created.
+            sqlx::query("UPDATE invoice SET config_snapshot = jsonb_set(config_snapshot, '{credentials}', $2) WHERE id = $1")
+                .bind(id)
+                .bind(&value)
+                .execute(&mut *tx)
+                .await?;
+            done.invoices += 1;
+        }
+        tx.commit().await?;
+        match rows.last() {
+            Some(last) if rows.len() as i64 == batch => after = last.0,
+            _ => break,
+        }
+    }
+    Ok(done)
+}

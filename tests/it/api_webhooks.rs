@@ -109,7 +109,9 @@ async fn bad_signatures_are_401_with_their_reason_and_change_nothing() {
     };
     let signed =
         |id: &str, ts: i64, body: &str| invoice::auth::webhook::sign(&secret, id, ts, body.as_bytes());
-    let cases: Vec<(&str, Vec<(&'static str, String)>, String, &str)> = vec![
+    // (what, headers, body, expected reason)
+    type Case<'a> = (&'a str, Vec<(&'static str, String)>, String, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "tampered body",
             vec![
@@ -330,7 +332,11 @@ async fn a_request_that_raced_its_payment_is_joined_by_the_sweeper() {
     let env = issuance_env(&api.db, &topics.names, &unique("g-"));
     let worker = TestWorker::spawn(&env).await;
     wait_until(std::time::Duration::from_secs(30), "the request to be joined", || async {
-        (scalar(&api.db, "SELECT count(*) FROM invoice_request WHERE joined_at IS NOT NULL AND invoice_id IS NOT NULL").await
+        (scalar(
+            &api.db,
+            "SELECT count(*) FROM invoice_request WHERE joined_at IS NOT NULL AND invoice_id IS NOT NULL",
+        )
+        .await
             == 1)
             .then_some(())
     })

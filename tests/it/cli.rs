@@ -210,3 +210,68 @@ fn json_log_format_writes_one_json_object_per_line() {
         .iter()
         .any(|l| l["message"] == "Postgres is not answering yet; retrying" && l["error"].is_string()));
 }
+
+#[tokio::test]
+async fn rewrap_credentials_moves_every_sealed_credential_to_the_new_key() {
+    use crate::support::{insert_provider_config, scalar, seed_invoice, TEST_KEY};
+    let db = TestDb::create().await;
+    insert_provider_config(&db, "M-1", 1).await;
+    let (invoice_id, _) = seed_invoice(&db, "M-1", "ORD-R-1", "QUEUED", chrono::Utc::now()).await;
+    // The invoice's snapshot carries the configuration's sealed credentials, as the stream copies them.
+    sqlx::query(
+        "UPDATE invoice i SET config_snapshot = jsonb_set(jsonb_set(i.config_snapshot, '{configId}', '\"1\"'), '{credentials}',
+             jsonb_build_object('keyId', pc.key_id,
+                 'nonce', translate(encode(pc.credentials_nonce, 'base64'), E'\\n', ''),
+                 'ciphertext', translate(encode(pc.credentials_ciphertext, 'base64'), E'\\n', '')))
+         FROM provider_config pc WHERE pc.id = 1 AND i.id = $1",
+    )
+    .bind(invoice_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let old_key_id: String = sqlx::query_scalar("SELECT key_id FROM provider_config WHERE id = 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let new_key = invoice::crypto::generate_key_hex();
+    let mut env = base_env(&db.url);
+    env.insert("APP_ENV_INVOICE_CREDENTIALS_KEY".into(), new_key.clone());
+
+    // Without the previous key nothing can be opened: exit 5, nothing changed.
+    let (code, stdout, _) = run(&env, &["rewrap-credentials"]);
+    assert_eq!(code, 5, "{stdout}");
+    assert_eq!(
+        scalar(&db, &format!("SELECT count(*) FROM provider_config WHERE key_id = '{old_key_id}'")).await,
+        1
+    );
+
+    env.insert("APP_ENV_INVOICE_CREDENTIALS_KEY_PREVIOUS".into(), TEST_KEY.into());
+    let (code, stdout, stderr) = run(&env, &["rewrap-credentials", "--batch", "1"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("1 provider configuration(s), 1 invoice snapshot(s); 0 could not"), "{stdout}");
+    assert_eq!(
+        scalar(&db, &format!("SELECT count(*) FROM provider_config WHERE key_id = '{old_key_id}'")).await,
+        0
+    );
+    assert_eq!(
+        scalar(&db, &format!("SELECT count(*) FROM invoice WHERE config_snapshot->'credentials'->>'keyId' = '{old_key_id}'")).await,
+        0
+    );
+    // The new key alone opens both, with the AAD of their row.
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(&new_key, &mut key).unwrap();
+    let keyring = invoice::crypto::Keyring::new(invoice::config::Secret::new(key));
+    let (cipher, nonce, key_id): (Vec<u8>, Vec<u8>, String) = sqlx::query_as(
+        "SELECT credentials_ciphertext, credentials_nonce, key_id FROM provider_config WHERE id = 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let sealed = invoice::crypto::Sealed { key_id, nonce, ciphertext: cipher };
+    let plain = keyring.open(&sealed, &invoice::storage::seed::provider_config_aad("M-1", 1)).unwrap();
+    assert!(String::from_utf8_lossy(plain.expose()).contains("password"));
+    // Idempotent: a second run has nothing to do.
+    let (code, stdout, _) = run(&env, &["rewrap-credentials"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("0 provider configuration(s), 0 invoice snapshot(s)"), "{stdout}");
+}
