@@ -34,9 +34,10 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets --all-features -- -D warnings
 
-bench: deps ## Micro benchmarks (criterion) and the end-to-end stream benchmark (target/bench/e2e.json)
+bench: deps ## Micro benchmarks (criterion), the end-to-end stream benchmark (target/bench/e2e.json) and the API benchmark (target/bench/api.json)
 	$(CARGO) bench --locked --bench micro
 	$(CARGO) bench --locked --bench stream
+	$(CARGO) bench --locked --bench api
 
 topics: deps build ## Create the Kafka topics of topics/ on the local broker, report differences
 	@$(DEV_ENV) target/release/invoice topics apply
