@@ -28,6 +28,7 @@ run: deps build ## Migrate with seed data, create topics, and run the service lo
 	@scripts/run.sh
 
 test: deps ## Start the dependencies and run every test
+	@scripts/schemathesis.sh
 	RUST_TEST_THREADS=$${RUST_TEST_THREADS:-4} $(CARGO) test --locked --all-targets
 
 lint: ## rustfmt check and clippy with warnings as errors

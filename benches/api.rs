@@ -37,7 +37,12 @@ struct Stage {
 }
 
 /// Sends every body with its id, `concurrency` at a time; asserts each answer.
-async fn drive(url: &str, deliveries: &[(String, String)], concurrency: usize, expect: &'static str) -> Stage {
+async fn drive(
+    url: &str,
+    deliveries: &[(String, String)],
+    concurrency: usize,
+    expect: &'static str,
+) -> Stage {
     let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
     let gate = Arc::new(Semaphore::new(concurrency));
     let started = Instant::now();
@@ -75,7 +80,9 @@ async fn drive(url: &str, deliveries: &[(String, String)], concurrency: usize, e
     }
     let secs = started.elapsed().as_secs_f64();
     latencies.sort_unstable();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64() * 1000.0;
+    let at = |q: f64| {
+        latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64() * 1000.0
+    };
     Stage { rps: deliveries.len() as f64 / secs, p50_ms: at(0.50), p99_ms: at(0.99) }
 }
 
@@ -97,7 +104,10 @@ async fn main() {
     let env: HashMap<String, String> = [
         ("APP_ENV_INVOICE_DATABASE_URL", url.as_str()),
         ("APP_ENV_INVOICE_WORKER_ID", "1019"),
-        ("APP_ENV_INVOICE_CREDENTIALS_KEY", "62656e63682d6f6e6c792d6b65792d62656e63682d6f6e6c792d6b65792d2121"),
+        (
+            "APP_ENV_INVOICE_CREDENTIALS_KEY",
+            "62656e63682d6f6e6c792d6b65792d62656e63682d6f6e6c792d6b65792d2121",
+        ),
         ("APP_ENV_INVOICE_HTTP_ADDR", "127.0.0.1:0"),
         ("APP_ENV_INVOICE_QUEUE_PREFIX", "iq-bench-api"),
         ("APP_ENV_INVOICE_LOG_FORMAT", "text"),
@@ -132,7 +142,8 @@ async fn main() {
         .collect();
     let fresh = drive(&webhook_url, &deliveries, concurrency, "processed").await;
     let duplicate = drive(&webhook_url, &deliveries, concurrency, "duplicate").await;
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM invoice_request").fetch_one(&pool).await.unwrap();
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM invoice_request").fetch_one(&pool).await.unwrap();
     assert_eq!(stored, n as i64, "one request row per delivery");
 
     let report = json!({

@@ -209,8 +209,31 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Prob
         } else {
             (StatusCode::UNPROCESSABLE_ENTITY, "invalid-body")
         };
-        Problem::new(status, slug, format!("the body is not acceptable: {e}"))
+        Problem::new(status, slug, format!("the body is not acceptable: {}", describe_json_error(&e)))
     })
+}
+
+/// serde's message, unless it quotes a value from the body (`invalid type: string "…"`):
+/// a value may be a credential or personal data, and details are logged and returned.
+pub fn describe_json_error(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    if message.starts_with("invalid type") || message.starts_with("invalid value") || message.contains('"') {
+        let expected = message.split(", expected ").nth(1).and_then(|rest| rest.split(" at line").next());
+        match expected {
+            Some(expected) => {
+                format!(
+                    "a member has the wrong type or value (expected {expected}) at line {} column {}",
+                    e.line(),
+                    e.column()
+                )
+            }
+            None => {
+                format!("a member has the wrong type or value at line {} column {}", e.line(), e.column())
+            }
+        }
+    } else {
+        message
+    }
 }
 
 /// The caller of a JWT route, with `permission` (401/403/503 otherwise).
@@ -285,5 +308,25 @@ impl From<crate::ids::IdError> for Problem {
             "unavailable",
             "the service cannot take writes right now; retry",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_never_quote_values_from_the_body() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Body {
+            password: u32,
+        }
+        let e = serde_json::from_str::<Body>(r#"{"password": "s3cr3t-sentinel"}"#).unwrap_err();
+        let text = describe_json_error(&e);
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert!(text.contains("expected u32") && text.contains("line 1"), "{text}");
+        let e = serde_json::from_str::<Body>("{}").unwrap_err();
+        assert_eq!(describe_json_error(&e), "missing field `password` at line 1 column 2");
     }
 }

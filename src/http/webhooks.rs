@@ -136,7 +136,11 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Payload, Problem> {
         ));
     }
     let data = |e: serde_json::Error| {
-        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-body", format!("data is not acceptable: {e}"))
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            format!("data is not acceptable: {}", super::describe_json_error(&e)),
+        )
     };
     let payload = match envelope.kind.as_str() {
         "invoice.request" => {
@@ -211,7 +215,8 @@ pub async fn handle(api: &Api, endpoint: Endpoint, request: Request<Incoming>) -
         Ok(payload) => payload,
         Err(problem) => {
             api.metrics.api.webhook(label, "invalid", "body");
-            tracing::warn!(endpoint = label, webhookId = %webhook_id, detail = %problem.detail, "Webhook body refused");
+            // The detail is the sender's to see; it is not logged (bodies carry personal data).
+            tracing::warn!(endpoint = label, webhookId = %webhook_id, problem = %problem.type_uri, "Webhook body refused");
             return problem.into_response();
         }
     };

@@ -358,3 +358,64 @@ async fn the_openapi_document_is_served_and_lists_every_route() {
     }
     api.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_reach_logs_or_answers_even_in_bad_requests() {
+    use crate::support::{base_env, invoice_cmd, wait_until, TestDb};
+    use std::io::Read as _;
+    let db = TestDb::create().await;
+    let idp = idp::TestIdp::spawn().await;
+    let port = crate::cli::free_port();
+    let mut env = base_env(&db.url);
+    env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{port}"));
+    env.insert("APP_ENV_INVOICE_JWKS_URL".into(), idp.url());
+    let mut child = invoice_cmd(&env)
+        .env("RUST_LOG", "debug")
+        .arg("api")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let writer = token(&["invoice:config:write", "invoice:config:read"], &["M-1"]);
+    let url = format!("{base}/v1/api/merchants/M-1/provider-config");
+    let client = reqwest::Client::new();
+    wait_until(std::time::Duration::from_secs(30), "the api process to take tokens", || {
+        let (client, url, writer) = (client.clone(), url.clone(), writer.clone());
+        async move {
+            let status = client.get(&url).bearer_auth(&writer).send().await.ok()?.status();
+            (status == 404).then_some(())
+        }
+    })
+    .await;
+    let sentinel = "SENTINEL-9f2c-credential";
+    let good = json!({"provider": "viettel", "endpoint": "https://api-vinvoice.viettel.vn/services/einvoiceapplication/api",
+        "supplierTaxCode": "0100109106", "templateCode": "1/001", "series": "C26TAA",
+        "credentials": {"username": "0100109106-215", "password": sentinel}});
+    let mut answers = String::new();
+    let response = client.put(&url).bearer_auth(&writer).json(&good).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    answers += &response.text().await.unwrap();
+    // Wrong types around the secret: the error detail must not quote it.
+    for bad in [
+        json!({"provider": "viettel", "endpoint": sentinel, "supplierTaxCode": "0100109106", "templateCode": "1/001",
+               "series": "C26TAA", "credentials": {"username": "u", "password": sentinel}}),
+        json!({"provider": "viettel", "endpoint": "https://x.vn/api", "supplierTaxCode": "0100109106", "templateCode": 1,
+               "series": "C26TAA", "credentials": {"username": "u", "password": [sentinel]}}),
+        json!({"credentials": sentinel}),
+    ] {
+        let response = client.put(&url).bearer_auth(&writer).json(&bad).send().await.unwrap();
+        assert_eq!(response.status(), 422);
+        answers += &response.text().await.unwrap();
+    }
+    answers += &client.get(&url).bearer_auth(&writer).send().await.unwrap().text().await.unwrap();
+    assert!(!answers.contains(sentinel), "{answers}");
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut logs = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut logs).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(logs.contains("Provider configuration replaced"), "the logs were captured: {logs}");
+    assert!(!logs.contains(sentinel), "a credential reached the logs");
+}

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api_claims;
+mod api_fuzz;
 mod api_operator;
 mod api_webhooks;
 mod cli;
