@@ -290,13 +290,26 @@ pub fn internal(error: &dyn std::fmt::Display) -> Problem {
 
 impl From<crate::storage::StorageError> for Problem {
     fn from(error: crate::storage::StorageError) -> Problem {
-        internal(&error)
+        use crate::storage::StorageError;
+        match error {
+            // Nothing was written: the caller (a webhook sender, an operator) retries.
+            StorageError::Unavailable(_) | StorageError::Retry => {
+                tracing::warn!(%error, "Postgres unavailable for a request");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the database is not available; retry later",
+                )
+                .with("retryAfterSeconds", serde_json::json!(5))
+            }
+            other => internal(&other),
+        }
     }
 }
 
 impl From<sqlx::Error> for Problem {
     fn from(error: sqlx::Error) -> Problem {
-        internal(&error)
+        Problem::from(crate::storage::StorageError::from(error))
     }
 }
 

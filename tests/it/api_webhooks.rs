@@ -351,3 +351,66 @@ async fn a_request_that_raced_its_payment_is_joined_by_the_sweeper() {
     worker.stop().await.unwrap();
     api.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_database_outage_a_webhook_gets_a_5xx_and_its_redelivery_takes_effect_once() {
+    use sqlx::Connection as _;
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(1);
+    let (id, _) = seed_invoice(&api.db, "M-1", "ORD-W-10", "PENDING_CLAIM", deadline).await;
+    let name: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&api.db.pool).await.unwrap();
+    let mut admin =
+        sqlx::PgConnection::connect(&format!("{}/postgres", crate::support::pg_server_url())).await.unwrap();
+    let outage = |allow: bool| format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {allow}");
+    sqlx::query(&outage(false)).execute(&mut admin).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let body = request_body("ORD-W-10", company_buyer());
+    let response = api.webhook("merchant", &api.merchant_secret(), "evt_outage", &body).await;
+    let status = response.status();
+    assert!(status.is_server_error(), "{status}");
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    sqlx::query(&outage(true)).execute(&mut admin).await.unwrap();
+    // The sender retries: processed once, as if the first attempt never happened.
+    let mut processed = 0;
+    for _ in 0..3 {
+        let response = api.webhook("merchant", &api.merchant_secret(), "evt_outage", &body).await;
+        if response.status() == 200 && response.json::<Value>().await.unwrap()["status"] == "processed" {
+            processed += 1;
+        }
+    }
+    assert_eq!(processed, 1);
+    let status: String = sqlx::query_scalar("SELECT status FROM invoice WHERE id = $1")
+        .bind(id)
+        .fetch_one(&api.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "QUEUED");
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM invoice_request").await, 1);
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_a_webhook_is_still_recorded_and_the_sweeper_will_enqueue_it() {
+    let api = TestApi::spawn_with(|env| {
+        env.insert("APP_ENV_INVOICE_REDIS_URL".into(), "redis://127.0.0.1:1/0".into());
+    })
+    .await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(1);
+    let (id, _) = seed_invoice(&api.db, "M-1", "ORD-W-11", "PENDING_CLAIM", deadline).await;
+    let response = api
+        .webhook("merchant", &api.merchant_secret(), "evt_redis", &request_body("ORD-W-11", company_buyer()))
+        .await;
+    assert_eq!(response.status(), 200, "Postgres holds the truth; the queue is only delivery");
+    let (status, due): (String, bool) =
+        sqlx::query_as("SELECT status, next_attempt_at <= now() FROM invoice WHERE id = $1")
+            .bind(id)
+            .fetch_one(&api.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), due), ("QUEUED", true));
+    api.stop().await.unwrap();
+}
