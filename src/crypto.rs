@@ -199,4 +199,40 @@ mod tests {
         assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(key, generate_key_hex());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_value_round_trips_and_any_flipped_byte_is_refused(
+            plaintext in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            flip in proptest::prelude::any::<proptest::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let keyring = ring(7);
+            let aad = b"provider_config:M-1:1";
+            let sealed = keyring.seal(&plaintext, aad);
+            let opened = keyring.open(&sealed, aad).unwrap();
+            proptest::prop_assert_eq!(opened.expose(), &plaintext);
+            let mut blob = sealed.nonce.clone();
+            blob.extend_from_slice(&sealed.ciphertext);
+            let at = flip.index(blob.len());
+            blob[at] ^= 1 << bit;
+            let tampered = Sealed { key_id: sealed.key_id.clone(), nonce: blob[..NONCE_LEN].to_vec(), ciphertext: blob[NONCE_LEN..].to_vec() };
+            proptest::prop_assert_eq!(keyring.open(&tampered, aad).err(), Some(CryptoError::Unsealable));
+            // Another row's AAD (a blob copied to another merchant or config) is refused.
+            proptest::prop_assert!(keyring.open(&sealed, b"provider_config:M-2:1").is_err());
+            proptest::prop_assert!(keyring.open(&sealed, b"provider_config:M-1:2").is_err());
+        }
+
+        #[test]
+        fn arbitrary_stored_bytes_never_panic_the_opener(
+            key_id in "\\PC{0,12}",
+            nonce in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32),
+            ciphertext in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let keyring = ring(7);
+            let key_id = if key_id.is_empty() { keyring.current_key_id().to_owned() } else { key_id };
+            let stored = Sealed { key_id, nonce, ciphertext };
+            proptest::prop_assert!(keyring.open(&stored, b"aad").is_err());
+        }
+    }
 }

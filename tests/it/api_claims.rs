@@ -175,3 +175,36 @@ async fn a_claim_on_an_issued_consumer_invoice_within_the_deadline_creates_a_rep
     assert_eq!(api.queue().job_state("ORD-K-6").await.unwrap().0.as_deref(), Some("waiting"));
     api.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_schema_refuses_a_second_open_claim_or_a_second_live_configuration() {
+    use crate::support::{insert_provider_config, TestDb};
+    let db = TestDb::create().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
+    let (id, _) = seed_invoice(&db, "M-1", "ORD-K-7", "PENDING_CLAIM", deadline).await;
+    let second_claim = sqlx::query(
+        "INSERT INTO claim (id, invoice_id, merchant_id, order_id, token_hash, deadline, status)
+         VALUES ($1 + 1, $1, 'M-1', 'ORD-K-7', $2, now(), 'OPEN')",
+    )
+    .bind(id)
+    .bind(&invoice::domain::claim::token_hash("another")[..])
+    .execute(&db.pool)
+    .await;
+    let error = second_claim.unwrap_err().to_string();
+    assert!(error.contains("claim_one_open_per_invoice"), "{error}");
+
+    insert_provider_config(&db, "M-1", 1).await;
+    let copy = "INSERT INTO provider_config (id, merchant_id, provider, endpoint, supplier_tax_code, template_code,
+                    series, credentials_ciphertext, credentials_nonce, key_id, created_by)
+                SELECT $1, merchant_id, provider, endpoint, supplier_tax_code, template_code, series,
+                    credentials_ciphertext, credentials_nonce, key_id, 'test' FROM provider_config WHERE id = 1";
+    let error = sqlx::query(copy).bind(2i64).execute(&db.pool).await.unwrap_err().to_string();
+    assert!(error.contains("provider_config_one_live_per_merchant"), "{error}");
+    // Soft-deleted, the key is free again.
+    sqlx::query("UPDATE provider_config SET deleted_at = now() WHERE id = 1")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(copy).bind(2i64).execute(&db.pool).await.unwrap();
+    assert_eq!(scalar(&db, "SELECT count(*) FROM provider_config WHERE deleted_at IS NULL").await, 1);
+}
