@@ -14,6 +14,10 @@ pub struct Target<'a> {
     pub replaced: bool,
     /// The claim deadline, if a claim was opened for it.
     pub deadline: Option<DateTime<Utc>>,
+    /// Whether the merchant issues at payment (`immediate`); only those invoices are replaced
+    /// for a late buyer (a `claim_window` invoice is issued to a consumer only after its
+    /// deadline).
+    pub immediate: bool,
 }
 
 /// What to do.
@@ -66,7 +70,7 @@ pub fn action(target: Target<'_>, now: DateTime<Utc>) -> Action {
         "QUEUED" => Action::SetBuyer,
         "ISSUING" | "SUBMITTED" => Action::Later,
         "ISSUED" => match target.deadline {
-            Some(deadline) if now <= deadline => Action::Replace,
+            Some(deadline) if target.immediate && now <= deadline => Action::Replace,
             _ => Action::Refuse(Refusal::DeadlinePassed),
         },
         _ => Action::Later,
@@ -79,7 +83,7 @@ mod tests {
     use chrono::Duration;
 
     fn target(status: &str) -> Target<'_> {
-        Target { status, has_buyer: false, replaced: false, deadline: None }
+        Target { status, has_buyer: false, replaced: false, deadline: None, immediate: true }
     }
 
     #[test]
@@ -104,6 +108,8 @@ mod tests {
         assert_eq!(action(target("ISSUED"), now), Action::Refuse(Refusal::DeadlinePassed));
         let replaced = Target { replaced: true, ..within };
         assert_eq!(action(replaced, now), Action::Refuse(Refusal::AlreadyReplaced));
+        let claim_window = Target { immediate: false, ..within };
+        assert_eq!(action(claim_window, now), Action::Refuse(Refusal::DeadlinePassed));
     }
 
     #[test]

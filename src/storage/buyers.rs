@@ -86,8 +86,8 @@ pub async fn give(
     giver: &Giver<'_>,
 ) -> Result<Given, StorageError> {
     // A cancelled invoice is only the answer when there is no live one.
-    let row: Option<(i64, String, String)> = sqlx::query_as(
-        "SELECT id, status, buyer_kind FROM invoice
+    let row: Option<(i64, String, String, String)> = sqlx::query_as(
+        "SELECT id, status, buyer_kind, issuance_mode FROM invoice
          WHERE merchant_id = $1 AND order_id = $2 AND kind = 'original' AND deleted_at IS NULL
          ORDER BY (status = 'CANCELLED'), id DESC LIMIT 1 FOR UPDATE",
     )
@@ -95,7 +95,7 @@ pub async fn give(
     .bind(order_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((invoice_id, status, buyer_kind)) = row else { return Ok(Given::NoInvoice) };
+    let Some((invoice_id, status, buyer_kind, mode)) = row else { return Ok(Given::NoInvoice) };
     let replaced: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM invoice WHERE replaces_invoice_id = $1 AND status <> 'CANCELLED')",
     )
@@ -107,7 +107,13 @@ pub async fn give(
             .bind(invoice_id)
             .fetch_optional(&mut *tx)
             .await?;
-    let target = assign::Target { status: &status, has_buyer: buyer_kind != "consumer", replaced, deadline };
+    let target = assign::Target {
+        status: &status,
+        has_buyer: buyer_kind != "consumer",
+        replaced,
+        deadline,
+        immediate: mode == "immediate",
+    };
     let buyer_json = serde_json::to_value(&buyer.buyer).unwrap_or(Value::Null);
     let kind = buyer.kind.as_str();
     let reason = format!("buyer given by {}", giver.source);

@@ -208,3 +208,87 @@ async fn the_schema_refuses_a_second_open_claim_or_a_second_live_configuration()
     sqlx::query(copy).bind(2i64).execute(&db.pool).await.unwrap();
     assert_eq!(scalar(&db, "SELECT count(*) FROM provider_config WHERE deleted_at IS NULL").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_a_claim_from_the_event_turns_a_held_payment_into_a_company_invoice() {
+    use crate::events::{cdc, payment, tax};
+    use crate::support::kafka::{produce, producer, read_all, TestTopics};
+    use crate::support::{
+        insert_provider_config_at, issuance_env, unique, wait_until, TestDb, TestSim, TestStream, TestWorker,
+    };
+    use std::time::Duration;
+    let topics = TestTopics::create(1).await;
+    let sim = TestSim::spawn(invoice::providers::sim::Knobs::default()).await;
+    let db = TestDb::create().await;
+    let worker_env = issuance_env(&db, &topics.names, &unique("g-"));
+    let api = TestApi::spawn_on(db, |env| {
+        env.insert("APP_ENV_INVOICE_QUEUE_PREFIX".into(), worker_env["APP_ENV_INVOICE_QUEUE_PREFIX"].clone());
+        env.insert("APP_ENV_INVOICE_TOPIC_EVENTS".into(), topics.names.events.clone());
+    })
+    .await;
+    insert_provider_config_at(&api.db, "M-1", 1, &sim.endpoint()).await;
+    let p = producer();
+    let mut held = tax("claim_window");
+    held["claimWindowMinutes"] = json!(60);
+    produce(
+        &p,
+        &topics.names.merchant_cdc,
+        "M-1",
+        Some(cdc("c", "M-1", held, 10).to_string().as_bytes()),
+        &[],
+    )
+    .await;
+    let stream = TestStream::spawn(&worker_env).await;
+    let worker = TestWorker::spawn(&worker_env).await;
+    wait_until(Duration::from_secs(60), "the merchant's TaxInfo", || async {
+        (scalar(&api.db, "SELECT count(*) FROM merchant_tax_info").await == 1).then_some(())
+    })
+    .await;
+    let mut paid = payment(&uuid::Uuid::new_v4().to_string(), "ORD-E2E-1", "M-1");
+    paid["paidAt"] = json!(chrono::Utc::now().to_rfc3339());
+    produce(&p, &topics.names.payment, "ORD-E2E-1", Some(paid.to_string().as_bytes()), &[]).await;
+
+    // The claim token exists only in the `invoice.claim_opened` event.
+    let events_topic = topics.names.events.clone();
+    let token = wait_until(Duration::from_secs(60), "the claim_opened event", || {
+        let topic = events_topic.clone();
+        async move {
+            let events = tokio::task::spawn_blocking(move || read_all(&topic, 2, Duration::from_secs(2)))
+                .await
+                .unwrap();
+            events.iter().find_map(|e| {
+                let v: Value = serde_json::from_slice(e.value.as_deref()?).ok()?;
+                (v["type"] == "invoice.claim_opened")
+                    .then(|| v["claim"]["token"].as_str().map(str::to_owned))
+                    .flatten()
+            })
+        }
+    })
+    .await;
+    let view: Value = reqwest::get(claim_url(&api, &token)).await.unwrap().json().await.unwrap();
+    assert_eq!(view["status"], "OPEN");
+    assert_eq!(view["orderId"], "ORD-E2E-1");
+    assert_eq!(view["totalAmount"], "1080000");
+    assert_eq!(view["invoiceStatus"], "PENDING_CLAIM");
+
+    assert_eq!(post_claim(&api, &token, company_buyer()).await.status(), 202);
+    wait_until(Duration::from_secs(60), "the invoice to be issued", || async {
+        (scalar(&api.db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-E2E-1' AND status = 'ISSUED'")
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let uuid: String =
+        sqlx::query_scalar("SELECT transaction_uuid FROM invoice WHERE order_id = 'ORD-E2E-1'")
+            .fetch_one(&api.db.pool)
+            .await
+            .unwrap();
+    let at_sim: Vec<Value> =
+        reqwest::get(format!("http://{}/sim/invoices/{uuid}", sim.addr)).await.unwrap().json().await.unwrap();
+    assert_eq!(at_sim.len(), 1);
+    assert_eq!(at_sim[0]["buyerTaxCode"], "0101243150");
+    worker.stop().await.unwrap();
+    stream.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
