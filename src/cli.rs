@@ -69,6 +69,12 @@ pub enum Command {
         #[arg(long, default_value = "M-1001")]
         merchant: String,
     },
+    /// The stream's stored consumer offsets (the truth; Kafka's committed offsets mirror them).
+    Offsets {
+        /// What to do.
+        #[command(subcommand)]
+        action: OffsetsAction,
+    },
     /// Manage the Kafka topics defined in `topics/`.
     Topics {
         /// What to do.
@@ -166,6 +172,46 @@ impl ProviderSimArgs {
             ..crate::providers::sim::Knobs::default()
         }
     }
+}
+
+/// `invoice offsets …`
+#[derive(Debug, Subcommand)]
+pub enum OffsetsAction {
+    /// Per topic and partition: stored next offset, Kafka's committed mirror, log start, high
+    /// watermark and lag (like `kafka-consumer-groups --describe`).
+    Show {
+        /// One JSON object per partition instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move the stored offsets of a consumed topic. A dry run unless `--execute`; refused
+    /// while the consumer group has members unless `--force`; audited.
+    Reset {
+        /// The topic (its configured name).
+        #[arg(long)]
+        topic: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<i32>,
+        /// To the first offset still in the log (re-process everything retained).
+        #[arg(long, group = "target")]
+        to_earliest: bool,
+        /// To the high watermark (skip everything not yet processed).
+        #[arg(long, group = "target")]
+        to_latest: bool,
+        /// To the first message at or after this RFC 3339 time.
+        #[arg(long, group = "target")]
+        to_datetime: Option<String>,
+        /// To this offset (clamped into the log).
+        #[arg(long, group = "target")]
+        to_offset: Option<i64>,
+        /// Apply the moves (without it, only print them).
+        #[arg(long)]
+        execute: bool,
+        /// Apply even while consumers are running (they are fenced by the stored offset).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `invoice topics …`

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use invoice::cli::{Cli, Command, DlqAction, TopicsAction};
+use invoice::cli::{Cli, Command, DlqAction, OffsetsAction, TopicsAction};
 use invoice::config::{self, Config, Mode};
 use invoice::{app, crypto, ids, storage, telemetry, topics};
 use tokio_util::sync::CancellationToken;
@@ -188,6 +188,110 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             let report = topics::apply(&cfg.kafka_brokers, &topics::specs(&cfg.topics)?).await?;
             out(format_args!("{report}"));
             Ok(if report.has_differences() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Command::Offsets { action: OffsetsAction::Show { json } } => {
+            let db = app::database(&cfg, "invoice-offsets").await?;
+            let topics = [cfg.topics.payment.clone(), cfg.topics.merchant_cdc.clone()];
+            let positions =
+                invoice::stream::offsets::show(&db, &cfg.kafka_brokers, &cfg.kafka_group_id, &topics).await?;
+            if json {
+                for p in &positions {
+                    out(serde_json::to_string(p)?);
+                }
+            } else {
+                out(format_args!("group {}", cfg.kafka_group_id));
+                out(format_args!(
+                    "{:<32} {:>9} {:>14} {:>15} {:>10} {:>14} {:>10}",
+                    "TOPIC",
+                    "PARTITION",
+                    "STORED-OFFSET",
+                    "KAFKA-COMMITTED",
+                    "LOG-START",
+                    "HIGH-WATERMARK",
+                    "LAG"
+                ));
+                let dash = || "-".to_owned();
+                for p in &positions {
+                    out(format_args!(
+                        "{:<32} {:>9} {:>14} {:>15} {:>10} {:>14} {:>10}",
+                        p.topic,
+                        p.partition,
+                        p.stored.map_or_else(dash, |o| o.to_string()),
+                        p.kafka_committed.map_or_else(dash, |o| o.to_string()),
+                        p.log_start,
+                        p.high_watermark,
+                        p.lag
+                    ));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Offsets {
+            action:
+                OffsetsAction::Reset {
+                    topic,
+                    partition,
+                    to_earliest,
+                    to_latest,
+                    to_datetime,
+                    to_offset,
+                    execute,
+                    force,
+                },
+        } => {
+            use invoice::stream::offsets::{self, Target};
+            if topic != cfg.topics.payment && topic != cfg.topics.merchant_cdc {
+                eprintln!(
+                    "invoice: --topic must be a consumed topic: {} or {}",
+                    cfg.topics.payment, cfg.topics.merchant_cdc
+                );
+                return Ok(ExitCode::from(2));
+            }
+            let target = match (to_earliest, to_latest, to_datetime, to_offset) {
+                (true, ..) => Target::Earliest,
+                (_, true, ..) => Target::Latest,
+                (_, _, Some(at), _) => match chrono::DateTime::parse_from_rfc3339(&at) {
+                    Ok(at) => Target::Datetime(at.timestamp_millis()),
+                    Err(_) => {
+                        eprintln!("invoice: --to-datetime `{at}` is not an RFC 3339 time (e.g. 2026-11-28T00:00:00+07:00)");
+                        return Ok(ExitCode::from(2));
+                    }
+                },
+                (_, _, _, Some(n)) => Target::Offset(n),
+                _ => {
+                    eprintln!("invoice: give one of --to-earliest, --to-latest, --to-datetime, --to-offset");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let db = app::database(&cfg, "invoice-offsets").await?;
+            let moves =
+                offsets::plan(&db, &cfg.kafka_brokers, &cfg.kafka_group_id, &topic, partition, target)
+                    .await?;
+            for m in &moves {
+                out(format_args!(
+                    "{} partition {}: {} -> {}",
+                    m.topic,
+                    m.partition,
+                    m.from.map_or_else(|| "-".to_owned(), |o| o.to_string()),
+                    m.to
+                ));
+            }
+            if !execute {
+                out("dry run: nothing changed (add --execute to apply)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let members = offsets::group_members(&cfg.kafka_brokers, &cfg.kafka_group_id).await?;
+            if members > 0 && !force {
+                eprintln!(
+                    "invoice: group {} has {members} running consumer(s); stop the stream first, or add --force",
+                    cfg.kafka_group_id
+                );
+                return Ok(ExitCode::from(6));
+            }
+            let actor = format!("cli@{}", app::hostname());
+            offsets::apply(&db, &cfg.kafka_brokers, &cfg.kafka_group_id, &moves, &actor, members > 0).await?;
+            out(format_args!("moved {} partition(s)", moves.len()));
+            Ok(ExitCode::SUCCESS)
         }
         Command::RewrapCredentials { batch } => {
             let db = app::database(&cfg, "invoice-rewrap").await?;

@@ -16,6 +16,7 @@
 mod consumer;
 mod deadletter;
 mod merchants;
+pub mod offsets;
 mod partition;
 mod payments;
 

@@ -14,6 +14,7 @@ mod harness;
 mod http_api;
 mod issuance;
 mod mock_cluster;
+mod offsets;
 mod queue;
 mod stream;
 mod support;

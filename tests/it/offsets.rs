@@ -1,0 +1,129 @@
+//! `invoice offsets show|reset` against the real broker and database.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::support::kafka::{produce, producer, TestTopics};
+use crate::support::{invoice_cmd, scalar, stream_env, unique, TestDb, TestStream};
+
+fn run(env: &HashMap<String, String>, args: &[&str]) -> (i32, String, String) {
+    let output = invoice_cmd(env).args(args).output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn stored(db: &TestDb, topic: &str) -> Vec<(i32, i64)> {
+    sqlx::query_as("SELECT partition, next_offset FROM consumer_offset WHERE topic = $1 ORDER BY partition")
+        .bind(topic)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_show_describes_and_reset_moves_the_stored_truth_with_an_audit_row() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(2).await;
+    let group = unique("g-off-");
+    let env = stream_env(&db, &topics.names, &group);
+    let p = producer();
+    let mut high = HashMap::new();
+    for i in 0..12 {
+        let (partition, offset) =
+            produce(&p, &topics.names.payment, &format!("k-{i}"), Some(b"{}"), &[]).await;
+        high.insert(partition, offset + 1);
+    }
+    for (partition, h) in &high {
+        sqlx::query(
+            "INSERT INTO consumer_offset (group_id, topic, partition, next_offset) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&group)
+        .bind(&topics.names.payment)
+        .bind(partition)
+        .bind(h - 1)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+
+    let (code, out, err) = run(&env, &["offsets", "show", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 4, "two partitions of each consumed topic: {out}");
+    for row in rows.iter().filter(|r| r["topic"] == topics.names.payment.as_str()) {
+        let partition = row["partition"].as_i64().unwrap() as i32;
+        let h = high.get(&partition).copied().unwrap_or(0);
+        assert_eq!(row["highWatermark"], h, "{row}");
+        if h > 0 {
+            assert_eq!(row["stored"], h - 1, "{row}");
+            assert_eq!(row["lag"], 1, "{row}");
+        }
+    }
+    let (code, table, _) = run(&env, &["offsets", "show"]);
+    assert_eq!(code, 0);
+    assert!(table.contains("STORED-OFFSET") && table.contains(&topics.names.payment), "{table}");
+
+    // A dry run changes nothing.
+    let before = stored(&db, &topics.names.payment).await;
+    let (code, out, _) = run(&env, &["offsets", "reset", "--topic", &topics.names.payment, "--to-earliest"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("dry run"), "{out}");
+    assert_eq!(stored(&db, &topics.names.payment).await, before);
+
+    let (code, out, err) =
+        run(&env, &["offsets", "reset", "--topic", &topics.names.payment, "--to-earliest", "--execute"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(stored(&db, &topics.names.payment).await.iter().all(|(_, o)| *o == 0));
+    assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE event_type = 'offsets_reset'").await, 2);
+
+    // Beyond the log: clamped to the high watermark.
+    let (code, _, _) = run(
+        &env,
+        &[
+            "offsets",
+            "reset",
+            "--topic",
+            &topics.names.payment,
+            "--partition",
+            "0",
+            "--to-offset",
+            "999",
+            "--execute",
+        ],
+    );
+    assert_eq!(code, 0);
+    let after: HashMap<i32, i64> = stored(&db, &topics.names.payment).await.into_iter().collect();
+    assert_eq!(after[&0], high.get(&0).copied().unwrap_or(0));
+
+    // Not a consumed topic, or no target: refused with exit 2.
+    assert_eq!(run(&env, &["offsets", "reset", "--topic", &topics.names.events, "--to-latest"]).0, 2);
+    assert_eq!(run(&env, &["offsets", "reset", "--topic", &topics.names.payment]).0, 2);
+
+    // While the stream runs: refused unless --force.
+    let stream = TestStream::spawn(&env).await;
+    crate::support::wait_until(
+        std::time::Duration::from_secs(60),
+        "the stream to join its group",
+        || async {
+            let members = invoice::stream::offsets::group_members(&crate::support::kafka_brokers(), &group)
+                .await
+                .ok()?;
+            (members > 0).then_some(())
+        },
+    )
+    .await;
+    let (code, _, err) =
+        run(&env, &["offsets", "reset", "--topic", &topics.names.payment, "--to-latest", "--execute"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("running consumer"), "{err}");
+    let (code, _, err) = run(
+        &env,
+        &["offsets", "reset", "--topic", &topics.names.payment, "--to-latest", "--execute", "--force"],
+    );
+    assert_eq!(code, 0, "{err}");
+    stream.stop().await.unwrap();
+}
