@@ -75,6 +75,16 @@ pub enum Command {
         #[command(subcommand)]
         action: OffsetsAction,
     },
+    /// Compare stored TaxInfo with the latest record per merchant of the (compacted) merchant
+    /// CDC topic; exit 1 if any merchant differs.
+    TaxDrift {
+        /// Only this merchant.
+        #[arg(long)]
+        merchant: Option<String>,
+        /// One JSON object per merchant instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the Kafka topics defined in `topics/`.
     Topics {
         /// What to do.

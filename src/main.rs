@@ -293,6 +293,38 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             out(format_args!("moved {} partition(s)", moves.len()));
             Ok(ExitCode::SUCCESS)
         }
+        Command::TaxDrift { merchant, json } => {
+            use invoice::stream::tax_drift::{self, Drift};
+            let db = app::database(&cfg, "invoice-tax-drift").await?;
+            let (findings, read) =
+                tax_drift::check(&db, &cfg.kafka_brokers, &cfg.topics.merchant_cdc, merchant.as_deref())
+                    .await?;
+            let drifted: Vec<_> = findings.iter().filter(|f| f.drift != Drift::InSync).collect();
+            if json {
+                for f in &findings {
+                    out(serde_json::to_string(f)?);
+                }
+            } else {
+                for f in &drifted {
+                    out(format_args!(
+                        "{}: {}\n  topic:  {}\n  stored: {}",
+                        f.merchant_id,
+                        serde_json::to_string(&f.drift)?.trim_matches('"'),
+                        f.topic_tax.as_ref().map_or_else(|| "-".to_owned(), |t| t.to_string()),
+                        f.stored_tax.as_ref().map_or_else(|| "-".to_owned(), |t| t.to_string()),
+                    ));
+                }
+                out(format_args!(
+                    "{} merchant(s) compared ({} CDC records read from {}): {} in sync, {} drifted",
+                    findings.len(),
+                    read,
+                    cfg.topics.merchant_cdc,
+                    findings.len() - drifted.len(),
+                    drifted.len()
+                ));
+            }
+            Ok(if drifted.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::RewrapCredentials { batch } => {
             let db = app::database(&cfg, "invoice-rewrap").await?;
             let keyring = app::keyring(&cfg);

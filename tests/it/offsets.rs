@@ -127,3 +127,53 @@ async fn offsets_show_describes_and_reset_moves_the_stored_truth_with_an_audit_r
     assert_eq!(code, 0, "{err}");
     stream.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tax_drift_finds_a_stored_taxinfo_the_topic_disagrees_with_and_a_replay_repairs_it() {
+    use crate::events::{cdc, tax};
+    use crate::support::wait_until;
+    use std::time::Duration;
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let env = stream_env(&db, &topics.names, &unique("g-drift-"));
+    let p = producer();
+    for merchant in ["M-1", "M-2"] {
+        let event = cdc("c", merchant, tax("immediate"), 10).to_string();
+        produce(&p, &topics.names.merchant_cdc, merchant, Some(event.as_bytes()), &[]).await;
+    }
+    let stream = TestStream::spawn(&env).await;
+    wait_until(Duration::from_secs(60), "both merchants stored", || async {
+        (scalar(&db, "SELECT count(*) FROM merchant_tax_info").await == 2).then_some(())
+    })
+    .await;
+    stream.stop().await.unwrap();
+    let (code, out, err) = run(&env, &["tax-drift"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 merchant(s) compared") && out.contains("0 drifted"), "{out}");
+
+    // Someone edits the stored TaxInfo by hand: drift.
+    sqlx::query("UPDATE merchant_tax_info SET tax = jsonb_set(tax, '{legalName}', '\"Hand edited\"') WHERE merchant_id = 'M-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (code, out, _) = run(&env, &["tax-drift", "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let findings: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let m1 = findings.iter().find(|f| f["merchantId"] == "M-1").unwrap();
+    assert_eq!(m1["drift"], "tax_differs");
+    assert_eq!(m1["storedTax"]["legalName"], "Hand edited");
+    let m2 = findings.iter().find(|f| f["merchantId"] == "M-2").unwrap();
+    assert_eq!(m2["drift"], "in_sync");
+    assert_eq!(run(&env, &["tax-drift", "--merchant", "M-2"]).0, 0);
+
+    // The runbook's re-sync: replay the CDC topic from the start.
+    let (code, _, err) =
+        run(&env, &["offsets", "reset", "--topic", &topics.names.merchant_cdc, "--to-earliest", "--execute"]);
+    assert_eq!(code, 0, "{err}");
+    let stream = TestStream::spawn(&env).await;
+    wait_until(Duration::from_secs(60), "the replay to repair M-1", || async {
+        (run(&env, &["tax-drift"]).0 == 0).then_some(())
+    })
+    .await;
+    stream.stop().await.unwrap();
+}
