@@ -16,6 +16,7 @@ mod issuance;
 mod mock_cluster;
 mod offsets;
 mod queue;
+mod runbook;
 mod stream;
 mod support;
 mod topics;
