@@ -71,9 +71,11 @@ pub struct Principal {
 pub const ADMIN: &str = "invoice:admin";
 
 impl Principal {
-    /// Whether the caller holds `permission` (`invoice:admin` holds every one).
+    /// Whether the caller holds `permission`, exactly: `invoice:admin` widens the merchant
+    /// scope ([`Principal::sees`]) and opens the DLQ, it does not stand in for the others
+    /// (least privilege: an admin token that should write configuration says so).
     pub fn has(&self, permission: &str) -> bool {
-        self.permissions.contains(permission) || self.permissions.contains(ADMIN)
+        self.permissions.contains(permission)
     }
 
     /// Whether the caller may see `merchant_id`'s data.
@@ -318,7 +320,13 @@ impl Inner {
                 anyhow::bail!("the JWKS is larger than {MAX_JWKS_BYTES} bytes");
             }
         }
-        parse_jwks(&body)
+        let keys = parse_jwks(&body)?;
+        // An empty set is an IdP mistake far more often than a wish to refuse everyone:
+        // keep the held keys (and say so) rather than lock every operator out.
+        if keys.is_empty() {
+            anyhow::bail!("the JWKS holds no usable ES256 signing key");
+        }
+        Ok(keys)
     }
 }
 
@@ -471,6 +479,7 @@ mod tests {
         assert!(p.has("invoice:read") && !p.has("invoice:replay"));
         assert!(p.sees("M-1") && !p.sees("M-2"));
         let admin = Principal { permissions: [ADMIN.to_owned()].into(), ..p };
-        assert!(admin.has("invoice:config:write") && admin.sees("M-2"));
+        assert!(admin.has(ADMIN) && admin.sees("M-2"));
+        assert!(!admin.has("invoice:config:write"), "admin is a scope, not every permission");
     }
 }

@@ -138,7 +138,7 @@ pub async fn post(api: &Api, token: &str, request: Request<Incoming>) -> Respons
             return with_headers(problem.into_response());
         }
     };
-    match submit(api, token, &buyer).await {
+    match submit(api, token, &buyer, client).await {
         Ok(response) => with_headers(response),
         Err(problem) => problem.into_response(),
     }
@@ -148,6 +148,7 @@ async fn submit(
     api: &Api,
     token: &str,
     buyer: &crate::domain::buyer::ValidBuyer,
+    client: Option<std::net::IpAddr>,
 ) -> Result<Response<Body>, Problem> {
     let giver = Giver {
         source: "claim",
@@ -159,11 +160,8 @@ async fn submit(
     let mut tx = api.db.begin().await?;
     let submitted = claims::submit(&mut tx, &token_hash(token), buyer, &giver).await?;
     let (merchant_id, order_id, given) = match submitted {
-        Submitted::Unknown => {
-            api.metrics.api.claim_request("POST", "unknown");
-            return Ok(Problem::new(StatusCode::NOT_FOUND, "unknown-claim", "no claim has this token")
-                .into_response());
-        }
+        // A guess counts against the client like a GET's: POST is no way around the limit.
+        Submitted::Unknown => return Ok(unknown(api, client, "POST")),
         Submitted::Expired => return Ok(gone(api, "POST", "the claim deadline has passed")),
         Submitted::Cancelled => return Ok(gone(api, "POST", "the invoice was cancelled")),
         Submitted::AlreadyClaimed => {

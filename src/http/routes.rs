@@ -143,9 +143,32 @@ pub fn find<'p>(method: &str, path: &'p str, api: bool) -> Matched<'p> {
     }
 }
 
+/// What a log line may say about a request's path: its route template, never the path itself
+/// (a claim token in the path is a bearer secret).
+pub fn loggable(method: &str, path: &str) -> &'static str {
+    match find(method, path, true) {
+        Matched::Route(route, _) => route.template,
+        Matched::MethodNotAllowed(template, _) => template,
+        Matched::NotFound => "(unmatched)",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logged_paths_never_carry_a_claim_token() {
+        let token = "AbCdEfGhIjKlMnOpQrStUvWxYz012345";
+        for method in ["GET", "POST", "DELETE"] {
+            for path in [format!("/v1/api/claims/{token}"), format!("/v1/api/claims/{token}/x")] {
+                let logged = loggable(method, &path);
+                assert!(!logged.contains(token), "{method} {path} logged as {logged}");
+            }
+        }
+        assert_eq!(loggable("GET", "/v1/api/claims/abc"), "/v1/api/claims/{token}");
+        assert_eq!(loggable("GET", "/nope"), "(unmatched)");
+    }
 
     #[test]
     fn templates_match_with_their_parameters() {

@@ -60,7 +60,8 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<Incoming>| {
             let request_id =
                 request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-            tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+            let route = super::routes::loggable(request.method().as_str(), request.uri().path());
+            tracing::info_span!("http", method = %request.method(), route, request_id)
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(CatchPanicLayer::custom(panic_response))

@@ -346,7 +346,7 @@ async fn process(
                     return Err(Problem::new(
                         StatusCode::CONFLICT,
                         "not-issued",
-                        format!("the invoice is {status}; a provider status applies to an issued invoice"),
+                        format!("the invoice is {status}; a provider status applies to an issued or submitted invoice"),
                     ))
                 }
                 None => return Err(no_invoice(&d.merchant_id, &d.order_id)),

@@ -17,7 +17,7 @@
 //! lease ran out is looked up by its key before anything is sent again.
 
 pub mod plan;
-mod sweeper;
+pub mod sweeper;
 mod worker;
 
 use std::sync::Arc;

@@ -27,7 +27,15 @@ pub struct Swept {
     pub enqueued: u64,
     /// Pending invoice requests joined (or refused) late.
     pub requests_joined: u64,
+    /// Webhook ids forgotten (older than [`WEBHOOK_IDS_KEPT_SECONDS`]).
+    pub webhook_ids_forgotten: u64,
 }
+
+/// How long a webhook id is remembered for dedupe: far longer than the 5-minute timestamp
+/// tolerance, after which a replay is refused on its timestamp alone.
+pub const WEBHOOK_IDS_KEPT_SECONDS: f64 = 24.0 * 3600.0;
+/// Webhook ids forgotten per sweep (a short delete; the next sweep continues).
+const WEBHOOK_FORGET_PAGE: i64 = 10_000;
 
 /// Requests pending longer than this are joined by the sweeper (younger ones may still be
 /// joined by the stream transaction that is deciding their payment right now).
@@ -121,7 +129,21 @@ pub async fn sweep_once(deps: &Deps) -> anyhow::Result<Swept> {
             break;
         }
     }
-    swept.requests_joined = join_requests(deps).await?;
+    swept.webhook_ids_forgotten =
+        crate::storage::buyers::forget_webhooks(&deps.db, WEBHOOK_IDS_KEPT_SECONDS, WEBHOOK_FORGET_PAGE)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "Cannot forget old webhook ids; next sweep retries");
+                0
+            });
+    // A failure here must not keep the due scan below (the safety net) from running.
+    swept.requests_joined = join_requests(deps).await.unwrap_or_else(|error| {
+        tracing::warn!(
+            error = format!("{error:#}"),
+            "Cannot join pending invoice requests; next sweep retries"
+        );
+        0
+    });
     let mut after = 0i64;
     loop {
         let page = crate::storage::issuance::due_page(&deps.db, after, DUE_PAGE).await?;

@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
 use super::decisions::{insert_audits, insert_outbox, NewAudit};
 use super::issuance::event_row;
@@ -76,6 +76,25 @@ impl Given {
     }
 }
 
+/// Locks `(merchant, order)`'s active original invoice (a cancelled one only when there is
+/// no live one): `(id, status, buyer kind, issuance mode)`. Every path that changes an
+/// invoice and its claim locks the invoice first.
+pub async fn lock_original(
+    tx: &mut PgConnection,
+    merchant_id: &str,
+    order_id: &str,
+) -> Result<Option<(i64, String, String, String)>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT id, status, buyer_kind, issuance_mode FROM invoice
+         WHERE merchant_id = $1 AND order_id = $2 AND kind = 'original' AND deleted_at IS NULL
+         ORDER BY (status = 'CANCELLED'), id DESC LIMIT 1 FOR UPDATE",
+    )
+    .bind(merchant_id)
+    .bind(order_id)
+    .fetch_optional(&mut *tx)
+    .await?)
+}
+
 /// Gives `(merchant, order)`'s active original invoice the buyer, per
 /// [`crate::domain::assign::action`]. Closes its open claim when the buyer is taken.
 pub async fn give(
@@ -85,17 +104,9 @@ pub async fn give(
     buyer: &ValidBuyer,
     giver: &Giver<'_>,
 ) -> Result<Given, StorageError> {
-    // A cancelled invoice is only the answer when there is no live one.
-    let row: Option<(i64, String, String, String)> = sqlx::query_as(
-        "SELECT id, status, buyer_kind, issuance_mode FROM invoice
-         WHERE merchant_id = $1 AND order_id = $2 AND kind = 'original' AND deleted_at IS NULL
-         ORDER BY (status = 'CANCELLED'), id DESC LIMIT 1 FOR UPDATE",
-    )
-    .bind(merchant_id)
-    .bind(order_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((invoice_id, status, buyer_kind, mode)) = row else { return Ok(Given::NoInvoice) };
+    let Some((invoice_id, status, buyer_kind, mode)) = lock_original(tx, merchant_id, order_id).await? else {
+        return Ok(Given::NoInvoice);
+    };
     let replaced: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM invoice WHERE replaces_invoice_id = $1 AND status <> 'CANCELLED')",
     )
@@ -224,6 +235,21 @@ pub async fn first_delivery(
     Ok(rows == 1)
 }
 
+/// Forgets webhook ids older than `keep_seconds` (at most `limit` per call); returns how many.
+/// A delivery that old fails the timestamp tolerance before its id is looked at, so its id
+/// no longer needs remembering.
+pub async fn forget_webhooks(pool: &PgPool, keep_seconds: f64, limit: i64) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "DELETE FROM webhook_seen WHERE ctid = ANY (ARRAY(
+             SELECT ctid FROM webhook_seen WHERE received_at < now() - make_interval(secs => $1) LIMIT $2))",
+    )
+    .bind(keep_seconds)
+    .bind(limit)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Records an invoice request: joined to the invoice when the buyer was given, else kept
 /// pending (the latest request for an order wins) for the stream or the sweeper to join.
 #[allow(clippy::too_many_arguments)]
@@ -246,6 +272,16 @@ pub async fn record_request(
     };
     match joined {
         Some(invoice_id) => {
+            // An older request still pending (it came while the invoice was being issued) is
+            // superseded: the sweeper must not apply the older buyer after this one.
+            sqlx::query(
+                "UPDATE invoice_request SET deleted_at = now()
+                 WHERE merchant_id = $1 AND order_id = $2 AND joined_at IS NULL AND deleted_at IS NULL",
+            )
+            .bind(merchant_id)
+            .bind(order_id)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query(
                 "INSERT INTO invoice_request (id, merchant_id, order_id, buyer, source, webhook_id, invoice_id, joined_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, now())",
@@ -384,16 +420,9 @@ pub async fn cancel(
     events_topic: &str,
     now: DateTime<Utc>,
 ) -> Result<Cancelled, StorageError> {
-    let row: Option<(i64, String)> = sqlx::query_as(
-        "SELECT id, status FROM invoice
-         WHERE merchant_id = $1 AND order_id = $2 AND kind = 'original' AND deleted_at IS NULL
-         ORDER BY (status = 'CANCELLED'), id DESC LIMIT 1 FOR UPDATE",
-    )
-    .bind(merchant_id)
-    .bind(order_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((invoice_id, status)) = row else { return Ok(Cancelled::NoInvoice) };
+    let Some((invoice_id, status, ..)) = lock_original(tx, merchant_id, order_id).await? else {
+        return Ok(Cancelled::NoInvoice);
+    };
     match status.as_str() {
         "CANCELLED" => return Ok(Cancelled::Already { invoice_id }),
         "PENDING_CLAIM" | "QUEUED" | "FAILED" => {}
@@ -467,14 +496,15 @@ pub async fn provider_status(
     let row: Option<(i64, String, Option<Value>, Option<String>)> = sqlx::query_as(
         "SELECT id, status, provider_status, tax_authority_code FROM invoice
          WHERE merchant_id = $1 AND order_id = $2 AND deleted_at IS NULL AND status <> 'CANCELLED'
-         ORDER BY (status = 'ISSUED') DESC, id DESC LIMIT 1 FOR UPDATE",
+         ORDER BY (status IN ('ISSUED', 'SUBMITTED')) DESC, id DESC LIMIT 1 FOR UPDATE",
     )
     .bind(merchant_id)
     .bind(order_id)
     .fetch_optional(&mut *tx)
     .await?;
     let Some((invoice_id, current, before, before_code)) = row else { return Ok(None) };
-    if !matches!(current.as_str(), "ISSUED" | "REPLACED") {
+    // SUBMITTED too: the tax authority may answer before our next lookup does.
+    if !matches!(current.as_str(), "ISSUED" | "REPLACED" | "SUBMITTED") {
         return Ok(Some(Err(current)));
     }
     sqlx::query(

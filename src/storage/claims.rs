@@ -76,13 +76,21 @@ pub async fn submit(
     buyer: &ValidBuyer,
     giver: &Giver<'_>,
 ) -> Result<Submitted, StorageError> {
-    let row: Option<(String, DateTime<Utc>, String, String)> = sqlx::query_as(
-        "SELECT status, deadline, merchant_id, order_id FROM claim WHERE token_hash = $1 FOR UPDATE",
-    )
-    .bind(&hash[..])
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((status, deadline, merchant_id, order_id)) = row else { return Ok(Submitted::Unknown) };
+    let order: Option<(String, String)> =
+        sqlx::query_as("SELECT merchant_id, order_id FROM claim WHERE token_hash = $1")
+            .bind(&hash[..])
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((merchant_id, order_id)) = order else { return Ok(Submitted::Unknown) };
+    // The invoice is locked before the claim, as in `give`, `cancel` and the expiry: one lock
+    // order everywhere, so a claim racing a webhook or the expiry cannot deadlock.
+    buyers::lock_original(tx, &merchant_id, &order_id).await?;
+    let row: Option<(String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT status, deadline FROM claim WHERE token_hash = $1 FOR UPDATE")
+            .bind(&hash[..])
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((status, deadline)) = row else { return Ok(Submitted::Unknown) };
     match status.as_str() {
         "CLAIMED" => return Ok(Submitted::AlreadyClaimed),
         "CANCELLED" => return Ok(Submitted::Cancelled),

@@ -551,7 +551,8 @@ pub struct ExpiredClaim {
 /// Expires open claims past their deadline (at most `limit`): the claim becomes EXPIRED and a
 /// PENDING_CLAIM invoice becomes QUEUED for a consumer; audit and `invoice.claim_expired` in
 /// the same transaction. `SKIP LOCKED` and the status conditions make each expiry happen
-/// exactly once with any number of workers.
+/// exactly once with any number of workers; taking the invoice's lock with the claim's,
+/// never waiting, keeps it out of a deadlock with a claim or webhook holding the invoice.
 pub async fn expire_claims(
     pool: &PgPool,
     limit: i64,
@@ -561,8 +562,9 @@ pub async fn expire_claims(
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, i64, String, String, bool, String)> = sqlx::query_as(
         "WITH due AS (
-             SELECT id FROM claim WHERE status = 'OPEN' AND deadline <= now()
-             ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED),
+             SELECT c.id FROM claim c JOIN invoice i ON i.id = c.invoice_id
+             WHERE c.status = 'OPEN' AND c.deadline <= now()
+             ORDER BY c.deadline LIMIT $1 FOR UPDATE OF c, i SKIP LOCKED),
          expired AS (
              UPDATE claim c SET status = 'EXPIRED', updated_at = now() FROM due WHERE c.id = due.id
              RETURNING c.id, c.invoice_id),

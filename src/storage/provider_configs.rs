@@ -54,7 +54,12 @@ pub async fn put(
 ) -> Result<Value, StorageError> {
     let sealed = keyring.seal(credentials_json, &provider_config_aad(merchant_id, id));
     let mut tx = pool.begin().await?;
-    // Serialises concurrent edits of one merchant's configuration.
+    // Serialises concurrent edits of one merchant's configuration, the first one included
+    // (there is no live row to lock yet: two first PUTs would both insert).
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('provider_config:' || $1))")
+        .bind(merchant_id)
+        .execute(&mut *tx)
+        .await?;
     let before: Option<Value> = sqlx::query_scalar(&format!(
         "UPDATE provider_config SET deleted_at = now()
          WHERE merchant_id = $1 AND deleted_at IS NULL RETURNING {MASKED}"

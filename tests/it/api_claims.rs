@@ -78,6 +78,28 @@ async fn of_two_concurrent_claims_exactly_one_wins() {
         scalar(&api.db, "SELECT count(*) FROM audit_log WHERE event_type = 'invoice.claimed'").await,
         5
     );
+    // A claim racing a cancel and a buyer request of the same order: every path locks the
+    // invoice before the claim, so none deadlocks (a deadlock would surface as a 503).
+    let secret = api.internal_secret();
+    for round in 0..10 {
+        let order = format!("ORD-K-R-{round}");
+        let (_, token) = seed_invoice(&api.db, "M-1", &order, "PENDING_CLAIM", deadline).await;
+        let cancel = json!({"type": "invoice.cancel", "data": {"orderId": order, "merchantId": "M-1", "reason": "refunded"}})
+            .to_string();
+        let request = json!({"type": "invoice.request", "data": {"orderId": order, "merchantId": "M-1", "buyer": company_buyer()}})
+            .to_string();
+        let (cancel_id, request_id) = (format!("race-c-{round}"), format!("race-r-{round}"));
+        let (claimed, cancelled, requested) = tokio::join!(
+            post_claim(&api, &token, company_buyer()),
+            api.webhook("internal", &secret, &cancel_id, &cancel),
+            api.webhook("internal", &secret, &request_id, &request),
+        );
+        for (what, status) in
+            [("claim", claimed.status()), ("cancel", cancelled.status()), ("request", requested.status())]
+        {
+            assert!(!status.is_server_error(), "round {round}: {what} answered {status}");
+        }
+    }
     api.stop().await.unwrap();
 }
 
@@ -133,10 +155,16 @@ async fn guessing_tokens_is_throttled_with_429() {
         env.insert("APP_ENV_INVOICE_CLAIM_FAILURE_LIMIT".into(), "20".into());
     })
     .await;
+    // GETs and POSTs (with a valid buyer, so the token is looked up) count alike.
     let mut statuses = Vec::new();
-    for _ in 0..30 {
+    for i in 0..30 {
         let guess = invoice::crypto::random_token();
-        statuses.push(reqwest::get(claim_url(&api, &guess)).await.unwrap().status().as_u16());
+        let status = if i % 2 == 0 {
+            reqwest::get(claim_url(&api, &guess)).await.unwrap().status()
+        } else {
+            post_claim(&api, &guess, company_buyer()).await.status()
+        };
+        statuses.push(status.as_u16());
     }
     assert!(statuses[..20].iter().all(|s| *s == 404), "{statuses:?}");
     assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");

@@ -167,9 +167,11 @@ async fn permissions_and_merchant_scope_are_enforced_on_every_route() {
     }
     assert_eq!(api.get_as(&token(&["invoice:read"], &["M-1"]), "/v1/api/dlq").await.status(), 403);
     assert_eq!(api.get_as(&token(&["invoice:admin"], &[]), "/v1/api/dlq").await.status(), 200);
-    // An admin sees every merchant.
+    // An admin sees every merchant, with the permissions it holds; admin alone is no read.
     let admin = token(&["invoice:admin"], &[]);
-    assert_eq!(api.get_as(&admin, &format!("/v1/api/invoices/{theirs}")).await.status(), 200);
+    assert_eq!(api.get_as(&admin, &format!("/v1/api/invoices/{theirs}")).await.status(), 403);
+    let admin_reader = token(&["invoice:admin", "invoice:read"], &[]);
+    assert_eq!(api.get_as(&admin_reader, &format!("/v1/api/invoices/{theirs}")).await.status(), 200);
     api.stop().await.unwrap();
 }
 
@@ -270,6 +272,23 @@ async fn provider_configuration_is_validated_stored_encrypted_masked_and_audited
     extra["keyId"] = json!("k-evil");
     assert_eq!(client.put(&url).bearer_auth(&writer).json(&extra).send().await.unwrap().status(), 422);
     assert_eq!(scalar(&api.db, "SELECT count(*) FROM provider_config").await, 2);
+    // Concurrent first configurations of one merchant: serialised, every one answered 200,
+    // one live row in the end (never a 500 from the uniqueness race).
+    let writer_9 = token(&["invoice:config:write"], &["M-9"]);
+    let url_9 = api.url("/v1/api/merchants/M-9/provider-config");
+    let puts = (0..8).map(|_| client.put(&url_9).bearer_auth(&writer_9).json(&body).send());
+    let statuses: Vec<u16> =
+        futures::future::join_all(puts).await.into_iter().map(|r| r.unwrap().status().as_u16()).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(
+        scalar(
+            &api.db,
+            "SELECT count(*) FROM provider_config WHERE merchant_id = 'M-9' AND deleted_at IS NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM provider_config WHERE merchant_id = 'M-9'").await, 8);
     api.stop().await.unwrap();
 }
 

@@ -544,12 +544,11 @@ async fn sigterm_lets_in_flight_calls_finish_hands_back_the_rest_and_exits_zero(
     let queue = queue_of(&s.env);
     let depths = queue.depths().await.unwrap();
     assert_eq!(depths.iter().map(|d| d.active).sum::<u64>(), 0, "a job was left active: {depths:?}");
-    let handed_back_orders: Vec<(String,)> = sqlx::query_as(
-        "SELECT DISTINCT order_id FROM audit_log WHERE event_type = 'issuance_handed_back'",
-    )
-    .fetch_all(&s.db.pool)
-    .await
-    .unwrap();
+    let handed_back_orders: Vec<(String,)> =
+        sqlx::query_as("SELECT DISTINCT order_id FROM audit_log WHERE event_type = 'issuance_handed_back'")
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
     for (order,) in handed_back_orders {
         let (state, _) = queue.job_state(&order).await.unwrap();
         assert_eq!(state.as_deref(), Some("waiting"), "the job of handed-back {order}");
