@@ -142,19 +142,20 @@ struct Base {
     lease: workers::WorkerLease,
 }
 
-async fn start(cfg: &Config, mode: &str) -> anyhow::Result<Base> {
+/// With `worker_id_auto`, `cfg.worker_id` is set to the leased id (it names the process in
+/// Kafka client ids and audit actors).
+async fn start(cfg: &mut Config, mode: &str) -> anyhow::Result<Base> {
     let metrics = Metrics::new();
     metrics.running(mode);
     let db = database(cfg, &format!("invoice-{mode}")).await?;
     let holder = format!("{mode}@{}", hostname());
-    let lease = workers::acquire(
-        cfg.database_url.expose(),
-        cfg.worker_id,
-        &holder,
-        Arc::new(SystemClock),
-        metrics.clone(),
-    )
-    .await?;
+    let url = cfg.database_url.expose();
+    let lease = if cfg.worker_id_auto {
+        workers::acquire_any(url, &holder, Arc::new(SystemClock), metrics.clone()).await?
+    } else {
+        workers::acquire(url, cfg.worker_id, &holder, Arc::new(SystemClock), metrics.clone()).await?
+    };
+    cfg.worker_id = lease.ids.worker_id();
     Ok(Base { metrics, db, lease })
 }
 
@@ -226,8 +227,12 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<TcpListener> {
 }
 
 /// Runs the HTTP API on `listener` until `shutdown` is cancelled.
-pub async fn run_api(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let base = start(&cfg, "api").await?;
+pub async fn run_api(
+    mut cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let base = start(&mut cfg, "api").await?;
     let producer = kafka_producer(&cfg)?;
     let background_stop = CancellationToken::new();
     let api = api_deps(&cfg, &base, &background_stop)?;
@@ -277,11 +282,11 @@ fn stream_deps(
 /// Runs the stream processor (and the outbox relay, and an HTTP listener for health,
 /// readiness and metrics) until `shutdown` is cancelled.
 pub async fn run_stream(
-    cfg: Config,
+    mut cfg: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let base = start(&cfg, "stream").await?;
+    let base = start(&mut cfg, "stream").await?;
     let producer = kafka_producer(&cfg)?;
     let state = http_state(&cfg, &base, producer.clone(), None)?;
     let Base { metrics, db, lease } = base;
@@ -305,11 +310,11 @@ pub async fn run_stream(
 /// Runs the issuance workers, the sweeper and claim expiry (and an HTTP listener for health,
 /// readiness and metrics) until `shutdown` is cancelled.
 pub async fn run_worker(
-    cfg: Config,
+    mut cfg: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let base = start(&cfg, "worker").await?;
+    let base = start(&mut cfg, "worker").await?;
     let producer = kafka_producer(&cfg)?;
     let state = http_state(&cfg, &base, producer.clone(), None)?;
     let Base { metrics, db, lease } = base;
@@ -331,8 +336,12 @@ pub async fn run_worker(
 
 /// Runs the API, the stream processor, the workers and the relay in one process (`invoice
 /// all`, for development and small installations).
-pub async fn run_all(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let base = start(&cfg, "all").await?;
+pub async fn run_all(
+    mut cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let base = start(&mut cfg, "all").await?;
     let producer = kafka_producer(&cfg)?;
     let background_stop = CancellationToken::new();
     let api = api_deps(&cfg, &base, &background_stop)?;

@@ -165,8 +165,12 @@ pub struct Config {
     pub service_code: String,
     /// Kafka consumer group.
     pub kafka_group_id: String,
-    /// Snowflake worker id, 0–1023; unique per process (held with an advisory lock).
+    /// Snowflake worker id, 0–1023; unique per process (held with an advisory lock). With
+    /// [`Config::worker_id_auto`] it is 0 until start-up leases a free one and sets it.
     pub worker_id: u16,
+    /// `APP_ENV_INVOICE_WORKER_ID=auto`: lease the lowest free id at start-up (replicas of a
+    /// Deployment need no ordinal; the lease keeps ids unique across processes).
+    pub worker_id_auto: bool,
     /// 32-byte AES-256-GCM key for provider credentials.
     pub credentials_key: Secret<[u8; 32]>,
     /// `APP_ENV_INVOICE_CREDENTIALS_KEY_PREVIOUS`: the key being rotated out; it only opens
@@ -313,11 +317,20 @@ impl Config {
 
         let worker_id_var = var("WORKER_ID");
         let worker_id = get(&worker_id_var)
-            .ok_or_else(|| ConfigError::new(&worker_id_var, "required (an integer 0–1023)"))?;
-        let worker_id =
+            .ok_or_else(|| ConfigError::new(&worker_id_var, "required (an integer 0–1023, or `auto`)"))?;
+        let worker_id_auto = worker_id.trim() == "auto";
+        let worker_id = if worker_id_auto {
+            0
+        } else {
             worker_id.trim().parse::<u16>().ok().filter(|id| *id <= crate::ids::MAX_WORKER_ID).ok_or_else(
-                || ConfigError::new(&worker_id_var, format!("`{worker_id}` is not an integer 0–1023")),
-            )?;
+                || {
+                    ConfigError::new(
+                        &worker_id_var,
+                        format!("`{worker_id}` is not an integer 0–1023 or `auto`"),
+                    )
+                },
+            )?
+        };
 
         let key_var = var("CREDENTIALS_KEY");
         let key_hex = get(&key_var).ok_or_else(|| {
@@ -484,6 +497,7 @@ impl Config {
             service_code,
             kafka_group_id,
             worker_id,
+            worker_id_auto,
             credentials_key: Secret::new(credentials_key),
             credentials_key_previous,
             http_addr,
@@ -592,6 +606,12 @@ mod tests {
         assert_eq!(cfg.topics, Topics::default());
         assert_eq!(cfg.log_format, LogFormat::Text);
         assert_eq!(cfg.worker_id, 7);
+        assert!(!cfg.worker_id_auto);
+        let mut auto = minimal();
+        auto.insert("APP_ENV_INVOICE_WORKER_ID".into(), "auto".into());
+        assert!(Config::from_source(&auto, Mode::Stream).unwrap().worker_id_auto);
+        auto.insert("APP_ENV_INVOICE_WORKER_ID".into(), "1024".into());
+        assert_eq!(err(&auto, Mode::Stream).var, "APP_ENV_INVOICE_WORKER_ID");
         assert!(cfg.http_auth.is_none());
     }
 

@@ -29,6 +29,9 @@ pub enum LeaseError {
         /// The contested id.
         worker_id: u16,
     },
+    /// `auto`: every one of the 1024 ids is held.
+    #[error("every snowflake worker id (0–1023) is held by a live process")]
+    AllTaken,
     /// The clock is far behind the last id this worker issued.
     #[error("system clock is {behind_ms} ms behind the last id issued with worker id {worker_id}; refusing to start")]
     ClockBehind {
@@ -109,6 +112,38 @@ pub async fn acquire(
     if !try_lock(&mut conn, worker_id).await? {
         return Err(LeaseError::Taken { worker_id });
     }
+    hold(conn, options, worker_id, holder, clock, metrics).await
+}
+
+/// Takes the lease on the lowest free worker id (`APP_ENV_INVOICE_WORKER_ID=auto`), trying
+/// each in turn on one connection: the advisory lock makes two processes racing for the
+/// same id end with different ones.
+pub async fn acquire_any(
+    database_url: &str,
+    holder: &str,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+) -> Result<WorkerLease, LeaseError> {
+    let options = connect_options(database_url, "invoice-worker-id-lease")?;
+    let mut conn = PgConnection::connect_with(&options).await.map_err(StorageError::from)?;
+    for worker_id in 0..=crate::ids::MAX_WORKER_ID {
+        if try_lock(&mut conn, worker_id).await? {
+            return hold(conn, options, worker_id, holder, clock, metrics).await;
+        }
+    }
+    Err(LeaseError::AllTaken)
+}
+
+/// With the lock on `worker_id` held on `conn`: waits out a clock behind the last id, records
+/// the holder and keeps the lease.
+async fn hold(
+    mut conn: PgConnection,
+    options: sqlx::postgres::PgConnectOptions,
+    worker_id: u16,
+    holder: &str,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+) -> Result<WorkerLease, LeaseError> {
     let last_ms: Option<i64> =
         sqlx::query_scalar("SELECT last_ms FROM snowflake_worker WHERE worker_id = $1")
             .bind(i32::from(worker_id))

@@ -37,6 +37,33 @@ async fn a_second_holder_of_a_worker_id_is_refused_until_the_first_releases() {
 }
 
 #[tokio::test]
+async fn auto_worker_ids_are_distinct_for_racing_processes_and_reused_after_release() {
+    // Advisory locks are per database: this test's database starts with every id free.
+    let db = TestDb::create().await;
+    let take = |holder: &'static str| {
+        let url = db.url.clone();
+        async move { workers::acquire_any(&url, holder, Arc::new(SystemClock), Metrics::new()).await.unwrap() }
+    };
+    let leases = futures::future::join_all((0..6).map(|i| take(["a", "b", "c", "d", "e", "f"][i]))).await;
+    let mut ids: Vec<u16> = leases.iter().map(|l| l.ids.worker_id()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4, 5], "racing processes got the lowest ids, each once");
+    // A fixed id that an auto process holds is refused to anyone else.
+    let fixed = workers::acquire(&db.url, 3, "fixed", Arc::new(SystemClock), Metrics::new()).await;
+    assert!(matches!(fixed, Err(LeaseError::Taken { worker_id: 3 })));
+    let mut leases = leases;
+    let released = leases.remove(2);
+    let freed = released.ids.worker_id();
+    released.release().await;
+    let again = take("g").await;
+    assert_eq!(again.ids.worker_id(), freed, "a released id is reused (its last millisecond kept)");
+    again.release().await;
+    for lease in leases {
+        lease.release().await;
+    }
+}
+
+#[tokio::test]
 async fn a_restart_with_a_clock_far_behind_the_last_id_refuses_to_start() {
     let db = TestDb::create().await;
     let id = next_worker_id();
