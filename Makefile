@@ -5,7 +5,7 @@ CARGO ?= cargo
 # Development-only settings for `make run` (never used in production).
 DEV_ENV := set -a; source scripts/dev.env; set +a;
 
-.PHONY: help deps deps-down deps-status run test lint bench topics build
+.PHONY: help deps deps-down deps-status run test lint bench topics build tools helm-lint asyncapi
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,7 +27,7 @@ run: deps build ## Migrate with seed data, create topics, and run the service lo
 	@$(DEV_ENV) target/release/invoice topics apply
 	@scripts/run.sh
 
-test: deps ## Start the dependencies and run every test
+test: deps tools ## Start the dependencies and run every test
 	@scripts/schemathesis.sh
 	RUST_TEST_THREADS=$${RUST_TEST_THREADS:-4} $(CARGO) test --locked --all-targets
 
@@ -42,3 +42,14 @@ bench: deps ## Micro benchmarks (criterion), the end-to-end stream benchmark (ta
 
 topics: deps build ## Create the Kafka topics of topics/ on the local broker, report differences
 	@$(DEV_ENV) target/release/invoice topics apply
+
+tools: ## Install helm (go install, pinned) and promtool (Debian's prometheus package) into target/tools/bin
+	@scripts/tools.sh all
+
+helm-lint: tools ## helm lint --strict and helm template (defaults, every feature on), promtool check and test of the alert rules
+	target/tools/bin/helm lint --strict helm/invoice
+	target/tools/bin/helm lint --strict helm/invoice -f helm/invoice/ci/all-features-values.yaml
+	target/tools/bin/helm template invoice helm/invoice > /dev/null
+	target/tools/bin/helm template invoice helm/invoice --kube-version 1.31.0 -f helm/invoice/ci/all-features-values.yaml > /dev/null
+	target/tools/bin/promtool check rules helm/invoice/alerts/invoice-rules.yaml
+	target/tools/bin/promtool test rules helm/invoice/alerts/tests.yaml

@@ -98,11 +98,13 @@ pub fn issuance_deps(
     ids: crate::ids::Snowflake,
     mode: &str,
 ) -> anyhow::Result<crate::issuance::Deps> {
+    let providers = providers(cfg)?;
+    metrics.issuance.providers(providers.names());
     Ok(crate::issuance::Deps {
         db,
         ids,
         queue: queue(cfg)?,
-        providers: providers(cfg)?,
+        providers,
         keyring: keyring(cfg),
         metrics,
         settings: cfg.issuance.clone(),
@@ -260,6 +262,7 @@ fn stream_deps(
     metrics: &Metrics,
     mode: &str,
 ) -> anyhow::Result<crate::stream::Deps> {
+    metrics.input_topics(&[&cfg.topics.payment, &cfg.topics.merchant_cdc]);
     Ok(crate::stream::Deps {
         db: db.clone(),
         ids: lease.ids.clone(),

@@ -85,6 +85,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The newest messages of the dead-letter topic: where each came from and why it could
+    /// not be processed (payloads are not printed: they may hold personal data).
+    Deadletters {
+        /// Newest messages per partition.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+        /// One JSON object per message instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the Kafka topics defined in `topics/`.
     Topics {
         /// What to do.

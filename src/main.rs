@@ -293,6 +293,37 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             out(format_args!("moved {} partition(s)", moves.len()));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Deadletters { limit, json } => {
+            let (brokers, topic) = (cfg.kafka_brokers.clone(), cfg.topics.deadletter.clone());
+            let letters = tokio::task::spawn_blocking(move || {
+                invoice::stream::deadletter::recent(&brokers, &topic, limit)
+            })
+            .await??;
+            if json {
+                for letter in &letters {
+                    out(serde_json::to_string(letter)?);
+                }
+            } else {
+                for d in &letters {
+                    let at = d
+                        .timestamp_ms
+                        .and_then(chrono::DateTime::from_timestamp_millis)
+                        .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());
+                    out(format_args!(
+                        "{at} {}/{} key={} from {}/{}@{}: {}",
+                        d.partition,
+                        d.offset,
+                        d.key.as_deref().unwrap_or("-"),
+                        d.source_topic.as_deref().unwrap_or("?"),
+                        d.source_partition.as_deref().unwrap_or("?"),
+                        d.source_offset.as_deref().unwrap_or("?"),
+                        d.error.as_deref().unwrap_or("(no x-error header)"),
+                    ));
+                }
+                out(format_args!("{} dead letter(s) shown from {}", letters.len(), cfg.topics.deadletter));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::TaxDrift { merchant, json } => {
             use invoice::stream::tax_drift::{self, Drift};
             let db = app::database(&cfg, "invoice-tax-drift").await?;

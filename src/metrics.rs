@@ -18,6 +18,7 @@ pub struct Metrics {
     started: IntGauge,
     worker_id_lease_lost: IntCounterVec,
     consumer_lag: IntGaugeVec,
+    consumer_offset: IntGaugeVec,
     consumer_lag_seconds: prometheus::GaugeVec,
     messages_consumed: IntCounterVec,
     decisions: IntCounterVec,
@@ -109,6 +110,14 @@ impl Metrics {
             Opts::new(
                 "kafka_consumer_lag",
                 "High watermark minus the stored next offset, per topic and partition",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        let consumer_offset = IntGaugeVec::new(
+            Opts::new(
+                "kafka_consumer_offset",
+                "Next offset to process per partition, as stored in Postgres (the truth Kafka's committed offsets mirror)",
             ),
             &["topic", "partition"],
         )
@@ -210,6 +219,7 @@ impl Metrics {
         .expect("valid metric");
         for collector in [
             Box::new(consumer_lag.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consumer_offset.clone()),
             Box::new(consumer_lag_seconds.clone()),
             Box::new(messages_consumed.clone()),
             Box::new(decisions.clone()),
@@ -257,6 +267,7 @@ impl Metrics {
             started,
             worker_id_lease_lost,
             consumer_lag,
+            consumer_offset,
             consumer_lag_seconds,
             messages_consumed,
             decisions,
@@ -276,9 +287,27 @@ impl Metrics {
         }
     }
 
-    /// Marks the running mode in `invoice_build_info`.
+    /// Marks the running mode in `invoice_build_info`, and creates the counters whose labels
+    /// are known in advance at zero: a series that appears already at 1 hides its first
+    /// increase from `rate()` and `increase()` (and from the alerts built on them).
     pub fn running(&self, mode: &str) {
         self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), mode]).set(1);
+        for outcome in ["applied", "skipped", "stale", "deleted"] {
+            let _zero = self.cdc_updates.with_label_values(&[outcome]);
+        }
+        for event in ["opened", "claimed", "expired"] {
+            let _zero = self.claims.with_label_values(&[event]);
+        }
+        for status in ["ISSUED", "SUBMITTED", "FAILED"] {
+            let _zero = self.issuance.settled.with_label_values(&[status]);
+        }
+    }
+
+    /// Creates the per-input-topic counters at zero (see [`Metrics::running`]).
+    pub fn input_topics(&self, topics: &[&str]) {
+        for topic in topics {
+            let _zero = self.dead_lettered.with_label_values(&[topic]);
+        }
     }
 
     /// An HTTP request finished.
@@ -299,9 +328,11 @@ impl Metrics {
     }
 
     /// Lag of a partition: high watermark − stored next offset, and the age of the last
-    /// processed message.
-    pub fn partition_lag(&self, topic: &str, partition: i32, messages: i64, seconds: f64) {
+    /// processed message; also the stored next offset itself (a stall shows as lag with an
+    /// offset that does not move).
+    pub fn partition_lag(&self, topic: &str, partition: i32, position: i64, messages: i64, seconds: f64) {
         let p = partition.to_string();
+        self.consumer_offset.with_label_values(&[topic, &p]).set(position.max(0));
         self.consumer_lag.with_label_values(&[topic, &p]).set(messages.max(0));
         self.consumer_lag_seconds.with_label_values(&[topic, &p]).set(seconds.max(0.0));
     }
@@ -310,6 +341,7 @@ impl Metrics {
     pub fn partition_released(&self, topic: &str, partition: i32) {
         let p = partition.to_string();
         let _absent = self.consumer_lag.remove_label_values(&[topic, &p]);
+        let _absent = self.consumer_offset.remove_label_values(&[topic, &p]);
         let _absent = self.consumer_lag_seconds.remove_label_values(&[topic, &p]);
     }
 
@@ -662,6 +694,15 @@ impl IssuanceMetrics {
     pub fn attempt(&self, provider: &str, operation: &'static str, outcome: &'static str, elapsed: Duration) {
         self.attempts.with_label_values(&[provider, operation, outcome]).inc();
         self.provider_latency.with_label_values(&[provider, operation]).observe(elapsed.as_secs_f64());
+    }
+
+    /// Creates the per-provider retry counters at zero (see [`Metrics::running`]).
+    pub fn providers(&self, names: impl Iterator<Item = &'static str>) {
+        for name in names {
+            for class in ["retryable", "ambiguous"] {
+                let _zero = self.retries.with_label_values(&[name, class]);
+            }
+        }
     }
 
     /// A retry scheduled (`class`: retryable, ambiguous, lookup).

@@ -180,6 +180,11 @@ impl Registry {
     pub fn get(&self, name: &str) -> Option<Arc<dyn Provider>> {
         self.providers.get(name).cloned()
     }
+
+    /// The names of the registered providers.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.providers.keys().copied()
+    }
 }
 
 /// The HTTP client could not be built (TLS roots, …).

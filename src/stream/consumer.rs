@@ -345,7 +345,7 @@ async fn watch(
             let last_ts = state.last_message_ts_ms.load(Ordering::Acquire);
             let lag_seconds =
                 if lag == 0 || last_ts < 0 { 0.0 } else { (now - last_ts).max(0) as f64 / 1000.0 };
-            deps.metrics.partition_lag(&topic, partition, lag, lag_seconds);
+            deps.metrics.partition_lag(&topic, partition, position, lag, lag_seconds);
             let idle_ms = now - state.last_progress_ms.load(Ordering::Acquire);
             if lag > 0 && idle_ms > deps.settings.stall_after.as_millis() as i64 {
                 tracing::warn!(%topic, partition, lag, idle_ms, "Partition has lag and made no progress; recovering");

@@ -14,7 +14,7 @@
 //!   except a transient failure, which is retried in place with backoff.
 
 mod consumer;
-mod deadletter;
+pub mod deadletter;
 mod merchants;
 pub mod offsets;
 mod partition;

@@ -316,6 +316,23 @@ async fn end_to_end_a_claim_from_the_event_turns_a_held_payment_into_a_company_i
         reqwest::get(format!("http://{}/sim/invoices/{uuid}", sim.addr)).await.unwrap().json().await.unwrap();
     assert_eq!(at_sim.len(), 1);
     assert_eq!(at_sim[0]["buyerTaxCode"], "0101243150");
+
+    // The metrics the dashboard and the alerts query are all exported by these running
+    // processes (after a rejected webhook, a refused operator call and a readiness check).
+    let rejected = api.webhook("merchant", "a-wrong-secret-that-is-long-enough", "evt_x", "{}").await;
+    assert_eq!(rejected.status(), 401);
+    assert_eq!(reqwest::get(api.url("/v1/api/invoices")).await.unwrap().status(), 401);
+    for addr in [stream.addr.to_string(), worker.addr.to_string()] {
+        reqwest::get(format!("http://{addr}/ready")).await.unwrap();
+    }
+    reqwest::get(api.url("/ready")).await.unwrap();
+    // Lag gauges appear once the stream's watchdog has seen each partition's high watermark.
+    wait_until(Duration::from_secs(30), "the stream's lag gauges", || async {
+        stream.metrics().await.contains("invoice_kafka_consumer_offset{").then_some(())
+    })
+    .await;
+    let scrapes = [api.metrics().await, stream.metrics().await, worker.metrics().await];
+    crate::operations::assert_dashboard_and_alert_metrics_exported(&scrapes);
     worker.stop().await.unwrap();
     stream.stop().await.unwrap();
     api.stop().await.unwrap();

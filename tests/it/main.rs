@@ -15,6 +15,7 @@ mod http_api;
 mod issuance;
 mod mock_cluster;
 mod offsets;
+mod operations;
 mod queue;
 mod runbook;
 mod stream;

@@ -58,6 +58,7 @@ async fn every_runbook_command_runs_and_succeeds() {
         "offsets show",
         "offsets reset",
         "partition-of",
+        "deadletters",
     ] {
         assert!(
             commands.iter().any(|c| c.starts_with(&format!("invoice {needed}"))),
@@ -73,6 +74,20 @@ async fn every_runbook_command_runs_and_succeeds() {
     let record = crate::events::cdc("c", "M-1", tax("immediate"), 1).to_string();
     produce(&p, &topics.names.merchant_cdc, "M-1", Some(record.as_bytes()), &[]).await;
     produce(&p, &topics.names.payment, "ORD-X", Some(b"{}"), &[]).await;
+    let source_topic = topics.names.payment.clone();
+    produce(
+        &p,
+        &topics.names.deadletter,
+        "ORD-DL",
+        Some(b"{\"orderId\": 1.5}"),
+        &[
+            ("x-error", "orderId: expected a string"),
+            ("x-source-topic", &source_topic),
+            ("x-source-partition", "0"),
+            ("x-source-offset", "41"),
+        ],
+    )
+    .await;
     insert_merchant(&db, "M-1", &tax("immediate")).await;
     insert_provider_config(&db, "M-1", 1).await;
     let order = unique("ORD-RB-");
@@ -102,4 +117,15 @@ async fn every_runbook_command_runs_and_succeeds() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    // `deadletters` shows where a dead letter came from and why, never its payload.
+    let output = invoice_cmd(&env).args(["deadletters", "--json"]).output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    let letters: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(letters.len(), 1, "{text}");
+    assert_eq!(letters[0]["key"], "ORD-DL");
+    assert_eq!(letters[0]["error"], "orderId: expected a string");
+    assert_eq!(letters[0]["sourceTopic"], source_topic.as_str());
+    assert_eq!(letters[0]["sourceOffset"], "41");
+    assert!(!text.contains("1.5"), "a payload was printed: {text}");
 }
