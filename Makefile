@@ -53,3 +53,6 @@ helm-lint: tools ## helm lint --strict and helm template (defaults, every featur
 	target/tools/bin/helm template invoice helm/invoice --kube-version 1.31.0 -f helm/invoice/ci/all-features-values.yaml > /dev/null
 	target/tools/bin/promtool check rules helm/invoice/alerts/invoice-rules.yaml
 	target/tools/bin/promtool test rules helm/invoice/alerts/tests.yaml
+
+asyncapi: ## Regenerate docs/asyncapi.json (AsyncAPI 3.0) from topics/
+	@$(DEV_ENV) $(CARGO) run --quiet --locked --bin invoice -- topics asyncapi > docs/asyncapi.json

@@ -2,7 +2,8 @@
 # Installs the operations tools into target/tools/bin (idempotent, pinned versions):
 #   helm      built with `go install` (the Go module proxy is reachable; release downloads are not)
 #   promtool  extracted from Debian's `prometheus` package (the server is not installed or started)
-# Usage: scripts/tools.sh helm|promtool|all   — prints nothing but errors; exits non-zero on failure.
+#   asyncapi-specs  the official AsyncAPI JSON Schemas (npm), to validate docs/asyncapi.json
+# Usage: scripts/tools.sh helm|promtool|asyncapi-specs|all   — prints nothing but errors; exits non-zero on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,9 +42,30 @@ promtool_tool() {
   rm -rf "$work"
 }
 
+ASYNCAPI_SPECS_VERSION=6.11.1
+
+# The official AsyncAPI JSON Schemas (npm @asyncapi/specs), to validate docs/asyncapi.json.
+asyncapi_specs_tool() {
+  local dir="$BIN/../asyncapi-specs-${ASYNCAPI_SPECS_VERSION}"
+  if [[ -f $dir/schemas/3.0.0-without-\$id.json ]]; then
+    return
+  fi
+  command -v npm >/dev/null || die "npm is needed to fetch @asyncapi/specs"
+  local work
+  work="$(mktemp -d)"
+  log "fetching @asyncapi/specs ${ASYNCAPI_SPECS_VERSION} (npm pack)"
+  (cd "$work" && npm pack --silent "@asyncapi/specs@${ASYNCAPI_SPECS_VERSION}" >/dev/null 2>&1) \
+    || die "npm pack @asyncapi/specs@${ASYNCAPI_SPECS_VERSION} failed"
+  tar xzf "$work"/asyncapi-specs-*.tgz -C "$work"
+  rm -rf "$dir" && mkdir -p "$dir"
+  cp -r "$work/package/schemas" "$dir/"
+  rm -rf "$work"
+}
+
 case "${1:-all}" in
   helm) helm_tool ;;
   promtool) promtool_tool ;;
-  all) helm_tool; promtool_tool ;;
+  asyncapi-specs) asyncapi_specs_tool ;;
+  all) helm_tool; promtool_tool; asyncapi_specs_tool ;;
   *) die "unknown tool $1" ;;
 esac

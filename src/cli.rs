@@ -240,4 +240,7 @@ pub enum TopicsAction {
     /// Create missing topics; report how existing ones differ from their definitions
     /// (exit code 1 if any does).
     Apply,
+    /// Print the AsyncAPI 3.0 document of the topics (JSON), generated from `topics/` with the
+    /// configured names (`docs/asyncapi.json` holds it for the default names).
+    Asyncapi,
 }

@@ -184,6 +184,10 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Topics { action: TopicsAction::Asyncapi } => {
+            out(serde_json::to_string_pretty(&topics::asyncapi(&topics::specs(&cfg.topics)?))?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Topics { action: TopicsAction::Apply } => {
             let report = topics::apply(&cfg.kafka_brokers, &topics::specs(&cfg.topics)?).await?;
             out(format_args!("{report}"));

@@ -292,7 +292,7 @@ impl Metrics {
     /// increase from `rate()` and `increase()` (and from the alerts built on them).
     pub fn running(&self, mode: &str) {
         self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), mode]).set(1);
-        for outcome in ["applied", "skipped", "stale", "deleted"] {
+        for outcome in ["applied", "skipped", "stale", "deleted", "already_deleted"] {
             let _zero = self.cdc_updates.with_label_values(&[outcome]);
         }
         for event in ["opened", "claimed", "expired"] {

@@ -177,3 +177,118 @@ async fn tax_drift_finds_a_stored_taxinfo_the_topic_disagrees_with_and_a_replay_
     .await;
     stream.stop().await.unwrap();
 }
+
+/// Every stored merchant row, as text, for before/after comparisons.
+async fn merchant_rows(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar("SELECT row_to_json(m)::text FROM merchant_tax_info m ORDER BY merchant_id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_the_cdc_topic_from_the_start_changes_no_taxinfo_row() {
+    use crate::events::{cdc, tax};
+    use crate::support::{metric_value, wait_until};
+    use std::time::Duration;
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let env = stream_env(&db, &topics.names, &unique("g-resync-"));
+    let p = producer();
+    // Creates, an update, an update that changes nothing, and a delete: every CDC path.
+    let mut changed = tax("immediate");
+    changed["legalName"] = serde_json::json!("Công ty TNHH Đổi Tên");
+    let events = [
+        ("M-1", cdc("c", "M-1", tax("immediate"), 10)),
+        ("M-2", cdc("c", "M-2", tax("claim_window"), 11)),
+        ("M-1", cdc("u", "M-1", changed.clone(), 12)),
+        ("M-1", cdc("u", "M-1", changed, 13)),
+        ("M-3", cdc("c", "M-3", tax("immediate"), 14)),
+        ("M-3", cdc("d", "M-3", tax("immediate"), 15)),
+    ];
+    let mut end = 0;
+    for (key, event) in &events {
+        end =
+            produce(&p, &topics.names.merchant_cdc, key, Some(event.to_string().as_bytes()), &[]).await.1 + 1;
+    }
+    let caught_up = || async {
+        let offsets = stored(&db, &topics.names.merchant_cdc).await;
+        (offsets.first().map(|(_, o)| *o) == Some(end)).then_some(())
+    };
+    let stream = TestStream::spawn(&env).await;
+    wait_until(Duration::from_secs(60), "the CDC topic consumed", caught_up).await;
+    stream.stop().await.unwrap();
+    let before = merchant_rows(&db).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    let (code, out, err) =
+        run(&env, &["offsets", "reset", "--topic", &topics.names.merchant_cdc, "--to-earliest", "--execute"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(stored(&db, &topics.names.merchant_cdc).await, vec![(0, 0)]);
+    let stream = TestStream::spawn(&env).await;
+    wait_until(Duration::from_secs(60), "the replay to finish", caught_up).await;
+    // Not one row written: the same bytes, `updated_at` included (diff skip and position
+    // ordering, not a rewrite with equal values).
+    assert_eq!(merchant_rows(&db).await, before);
+    let metrics = stream.metrics().await;
+    let applied = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"applied\""]);
+    let deleted = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"deleted\""]);
+    assert_eq!(applied + deleted, 0.0, "{metrics}");
+    let skipped = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"skipped\""]);
+    let stale = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"stale\""]);
+    let gone = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"already_deleted\""]);
+    assert_eq!(skipped + stale + gone, events.len() as f64, "{metrics}");
+    stream.stop().await.unwrap();
+    let (code, _, _) = run(&env, &["tax-drift"]);
+    assert_eq!(code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_to_a_datetime_lands_where_kafkas_offsets_for_times_says() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    use std::time::Duration;
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let group = unique("g-dt-");
+    let env = stream_env(&db, &topics.names, &group);
+    let p = producer();
+    for i in 0..3 {
+        produce(&p, &topics.names.payment, &format!("early-{i}"), Some(b"{}"), &[]).await;
+    }
+    // A boundary strictly between the two batches' timestamps (the clock is polled, not slept).
+    let boundary = chrono::Utc::now() + chrono::Duration::milliseconds(5);
+    crate::support::wait_until(Duration::from_secs(5), "the clock to pass the boundary", || async {
+        (chrono::Utc::now() > boundary + chrono::Duration::milliseconds(2)).then_some(())
+    })
+    .await;
+    for i in 0..4 {
+        produce(&p, &topics.names.payment, &format!("late-{i}"), Some(b"{}"), &[]).await;
+    }
+    let (code, out, err) = run(
+        &env,
+        &[
+            "offsets",
+            "reset",
+            "--topic",
+            &topics.names.payment,
+            "--to-datetime",
+            &boundary.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "--execute",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", crate::support::kafka_brokers())
+        .set("group.id", unique("g-oft-"))
+        .create()
+        .unwrap();
+    let mut query = TopicPartitionList::new();
+    query
+        .add_partition_offset(&topics.names.payment, 0, Offset::Offset(boundary.timestamp_millis()))
+        .unwrap();
+    let answer = consumer.offsets_for_times(query, Duration::from_secs(10)).unwrap();
+    let kafka_says = answer.elements()[0].offset().to_raw().unwrap();
+    assert_eq!(kafka_says, 3, "the boundary falls between the batches");
+    assert_eq!(stored(&db, &topics.names.payment).await, vec![(0, kafka_says)]);
+}

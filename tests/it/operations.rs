@@ -324,3 +324,49 @@ fn every_alert_passes_promtool_and_its_runbook_link_names_a_runbook_section() {
     }
     assert_eq!(linked, 9);
 }
+
+#[test]
+fn the_asyncapi_document_is_generated_from_topics_and_valid_asyncapi_3() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let specs = invoice::topics::specs(&invoice::config::Topics::default()).unwrap();
+    let generated = invoice::topics::asyncapi(&specs);
+    let committed: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("docs/asyncapi.json")).unwrap()).unwrap();
+    assert!(
+        generated == committed,
+        "docs/asyncapi.json is stale: regenerate it with `make asyncapi` (from topics/)"
+    );
+    for spec in &specs {
+        let channel =
+            &generated["channels"].as_object().unwrap().values().find(|c| c["address"] == spec.name.as_str());
+        let channel = channel.unwrap_or_else(|| panic!("no channel for {}", spec.name));
+        assert_eq!(channel["bindings"]["kafka"]["partitions"], spec.partitions);
+    }
+    let deadletter = &generated["components"]["messages"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|m| m["headers"].is_object())
+        .expect("the dead-letter message documents its headers")["headers"]["properties"];
+    for header in ["x-error", "x-source-topic", "x-source-partition", "x-source-offset"] {
+        assert!(deadletter.get(header).is_some(), "{header}");
+    }
+    // Against the official AsyncAPI 3.0.0 JSON Schema (npm @asyncapi/specs, fetched by
+    // scripts/tools.sh; a draft-07 schema with its definitions inline).
+    let schema_path = std::fs::read_dir(root.join("target/tools"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("asyncapi-specs-"))
+        .expect("run scripts/tools.sh asyncapi-specs (make test does)")
+        .path()
+        .join("schemas/3.0.0-without-$id.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(schema_path).unwrap()).unwrap();
+    let validator = jsonschema::draft7::new(&schema).unwrap();
+    let errors: Vec<String> =
+        validator.iter_errors(&committed).map(|e| format!("{}: {e}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "docs/asyncapi.json is not valid AsyncAPI 3.0.0:\n{}", errors.join("\n"));
+    // The validator sees a broken document (the check can fail).
+    let mut broken = committed.clone();
+    broken["channels"]["payment"]["address"] = serde_json::json!(42);
+    assert!(!validator.is_valid(&broken));
+}
