@@ -302,15 +302,6 @@ impl From<crate::storage::StorageError> for Problem {
                 )
                 .with("retryAfterSeconds", serde_json::json!(5))
             }
-            // A concurrent request won a uniqueness race: nothing of this one was written.
-            StorageError::Conflict { .. } => {
-                tracing::info!(%error, "Request lost a race with a concurrent one");
-                Problem::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    "a concurrent request changed the same resource; read it again and retry",
-                )
-            }
             other => internal(&other),
         }
     }

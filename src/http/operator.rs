@@ -373,7 +373,17 @@ async fn put_config(
         &masked(&names),
         &principal.actor(),
     )
-    .await?;
+    .await
+    .map_err(|error| match error {
+        // Two first configurations raced past each other (the advisory lock makes this
+        // rare): nothing of this one was written.
+        crate::storage::StorageError::Conflict { .. } => Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "a concurrent request changed this merchant's configuration; read it again and retry",
+        ),
+        other => other.into(),
+    })?;
     tracing::info!(merchantId = %merchant_id, sub = %principal.subject, "Provider configuration replaced");
     Ok(super::json(StatusCode::OK, &stored))
 }

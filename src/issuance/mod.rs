@@ -85,7 +85,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
         let _ended = handle.await;
     }
     tracker.close();
-    let drain = deps.settings.lease.max(Duration::from_secs(5));
+    // Long enough for a call that started just before SIGTERM to end (its timeout bounds it);
+    // the Helm chart's termination grace is derived from the same timeout.
+    let drain = deps.settings.lease.max(deps.settings.provider_timeout + Duration::from_secs(5));
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         tracing::warn!(
             "In-flight jobs did not finish within {drain:?}; their leases will expire and another worker takes them"

@@ -47,58 +47,81 @@ const JOIN_PAGE: i64 = 200;
 /// arrived while the payment's batch was being decided, or while the invoice was being
 /// issued. Each gets what the webhook would have given it now.
 async fn join_requests(deps: &Deps) -> anyhow::Result<u64> {
-    use crate::storage::buyers::{self, Given, Giver};
-    let mut tx = deps.db.begin().await?;
-    let pending = buyers::joinable_requests(&mut tx, JOIN_AFTER_SECONDS, JOIN_PAGE).await?;
+    let pending = crate::storage::buyers::joinable_requests(&deps.db, JOIN_AFTER_SECONDS, JOIN_PAGE).await?;
     let mut enqueue = Vec::new();
-    for (request_id, merchant_id, order_id, buyer) in &pending {
-        let valid = serde_json::from_value::<crate::domain::buyer::Buyer>(buyer.clone())
-            .ok()
-            .and_then(|b| b.validate().ok());
-        let Some(valid) = valid else {
-            buyers::settle_request(
-                &mut tx,
-                *request_id,
-                None,
-                Some("the stored buyer is no longer valid"),
-                &deps.identity,
-            )
-            .await?;
-            continue;
-        };
-        let giver = Giver {
-            source: "internal_webhook",
-            actor: format!("sweeper:{}", deps.identity),
-            events_topic: &deps.events_topic,
-            replacement_id: deps.ids.next_id()?,
-            now: chrono::Utc::now(),
-        };
-        match buyers::give(&mut tx, merchant_id, order_id, &valid, &giver).await? {
-            Given::Refused(refusal) => {
-                tracing::info!(orderId = %order_id, merchantId = %merchant_id, %refusal, "Pending invoice request refused");
-                buyers::settle_request(
-                    &mut tx,
-                    *request_id,
-                    None,
-                    Some(&refusal.to_string()),
-                    &deps.identity,
-                )
-                .await?;
+    let mut joined = 0u64;
+    for (request_id, merchant_id, order_id) in &pending {
+        // One transaction per request, invoice locked before the request (the webhooks'
+        // order): a sweeper holding many requests while waiting on an invoice deadlocked with
+        // a webhook holding the invoice.
+        match join_one(deps, *request_id, merchant_id, order_id).await {
+            Ok(Some(enqueued)) => {
+                joined += 1;
+                if enqueued {
+                    enqueue.push((order_id.clone(), merchant_id.clone()));
+                }
             }
-            Given::Later { .. } | Given::NoInvoice => {}
-            given => {
-                buyers::settle_request(&mut tx, *request_id, given.invoice_id(), None, &deps.identity)
-                    .await?;
-                tracing::info!(orderId = %order_id, merchantId = %merchant_id, "Pending invoice request joined");
-                enqueue.push((order_id.clone(), merchant_id.clone()));
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(orderId = %order_id, merchantId = %merchant_id, error = format!("{error:#}"), "Cannot join a pending invoice request; next sweep retries")
             }
         }
     }
-    tx.commit().await?;
     if let Err(error) = super::enqueue(&deps.queue, &deps.metrics, &enqueue, "request_join").await {
         tracing::warn!(%error, "Cannot enqueue joined requests; the due scan will");
     }
-    Ok(pending.len() as u64)
+    Ok(joined)
+}
+
+/// Joins (or refuses) one pending request; `Some(needs a job)` if it was settled, `None` if
+/// someone else settled it first or it must wait (the invoice is being issued).
+async fn join_one(
+    deps: &Deps,
+    request_id: i64,
+    merchant_id: &str,
+    order_id: &str,
+) -> anyhow::Result<Option<bool>> {
+    use crate::storage::buyers::{self, Given, Giver};
+    let mut tx = deps.db.begin().await?;
+    buyers::lock_original(&mut tx, merchant_id, order_id).await?;
+    let Some(buyer) = buyers::lock_pending_request(&mut tx, request_id).await? else { return Ok(None) };
+    let valid =
+        serde_json::from_value::<crate::domain::buyer::Buyer>(buyer).ok().and_then(|b| b.validate().ok());
+    let Some(valid) = valid else {
+        buyers::settle_request(
+            &mut tx,
+            request_id,
+            None,
+            Some("the stored buyer is no longer valid"),
+            &deps.identity,
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Some(false));
+    };
+    let giver = Giver {
+        source: "internal_webhook",
+        actor: format!("sweeper:{}", deps.identity),
+        events_topic: &deps.events_topic,
+        replacement_id: deps.ids.next_id()?,
+        now: chrono::Utc::now(),
+    };
+    let settled = match buyers::give(&mut tx, merchant_id, order_id, &valid, &giver).await? {
+        Given::Refused(refusal) => {
+            tracing::info!(orderId = %order_id, merchantId = %merchant_id, %refusal, "Pending invoice request refused");
+            buyers::settle_request(&mut tx, request_id, None, Some(&refusal.to_string()), &deps.identity)
+                .await?;
+            Some(false)
+        }
+        Given::Later { .. } | Given::NoInvoice => None,
+        given => {
+            buyers::settle_request(&mut tx, request_id, given.invoice_id(), None, &deps.identity).await?;
+            tracing::info!(orderId = %order_id, merchantId = %merchant_id, "Pending invoice request joined");
+            Some(true)
+        }
+    };
+    tx.commit().await?;
+    Ok(settled)
 }
 
 /// One sweep: claim expiry, then re-enqueue of due invoices.

@@ -274,14 +274,7 @@ pub async fn record_request(
         Some(invoice_id) => {
             // An older request still pending (it came while the invoice was being issued) is
             // superseded: the sweeper must not apply the older buyer after this one.
-            sqlx::query(
-                "UPDATE invoice_request SET deleted_at = now()
-                 WHERE merchant_id = $1 AND order_id = $2 AND joined_at IS NULL AND deleted_at IS NULL",
-            )
-            .bind(merchant_id)
-            .bind(order_id)
-            .execute(&mut *tx)
-            .await?;
+            supersede_pending(tx, merchant_id, order_id).await?;
             sqlx::query(
                 "INSERT INTO invoice_request (id, merchant_id, order_id, buyer, source, webhook_id, invoice_id, joined_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, now())",
@@ -319,24 +312,59 @@ pub async fn record_request(
 
 /// Pending requests older than `min_age_seconds` whose order has an invoice: the ones a
 /// payment processed concurrently with the request did not see, or whose invoice was being
-/// issued. `(request id, merchant, order, buyer)`.
+/// issued. `(request id, merchant, order)`, unlocked: each is then taken with
+/// [`lock_pending_request`] after its invoice.
 pub async fn joinable_requests(
-    conn: &mut PgConnection,
+    pool: &PgPool,
     min_age_seconds: f64,
     limit: i64,
-) -> Result<Vec<(i64, String, String, Value)>, StorageError> {
+) -> Result<Vec<(i64, String, String)>, StorageError> {
     Ok(sqlx::query_as(
-        "SELECT r.id, r.merchant_id, r.order_id, r.buyer FROM invoice_request r
+        "SELECT r.id, r.merchant_id, r.order_id FROM invoice_request r
          WHERE r.joined_at IS NULL AND r.deleted_at IS NULL
            AND r.created_at < now() - make_interval(secs => $1)
            AND EXISTS (SELECT 1 FROM invoice i WHERE i.merchant_id = r.merchant_id AND i.order_id = r.order_id
                        AND i.kind = 'original' AND i.status NOT IN ('ISSUING', 'SUBMITTED'))
-         ORDER BY r.id LIMIT $2 FOR UPDATE OF r SKIP LOCKED",
+         ORDER BY r.id LIMIT $2",
     )
     .bind(min_age_seconds)
     .bind(limit)
-    .fetch_all(conn)
+    .fetch_all(pool)
     .await?)
+}
+
+/// Locks pending request `request_id` (its buyer), `None` if it was joined, withdrawn or is
+/// locked by someone else meanwhile. Call after locking its invoice ([`lock_original`]): the
+/// webhook paths lock the invoice first and the request second, so must everyone.
+pub async fn lock_pending_request(
+    tx: &mut PgConnection,
+    request_id: i64,
+) -> Result<Option<Value>, StorageError> {
+    Ok(sqlx::query_scalar(
+        "SELECT buyer FROM invoice_request WHERE id = $1 AND joined_at IS NULL AND deleted_at IS NULL
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(request_id)
+    .fetch_optional(&mut *tx)
+    .await?)
+}
+
+/// Withdraws `(merchant, order)`'s pending request, if any: a buyer given now (by a newer
+/// request or a claim) supersedes it, and the sweeper must not apply the older buyer later.
+pub async fn supersede_pending(
+    tx: &mut PgConnection,
+    merchant_id: &str,
+    order_id: &str,
+) -> Result<(), StorageError> {
+    sqlx::query(
+        "UPDATE invoice_request SET deleted_at = now()
+         WHERE merchant_id = $1 AND order_id = $2 AND joined_at IS NULL AND deleted_at IS NULL",
+    )
+    .bind(merchant_id)
+    .bind(order_id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// Settles a pending request: joined to `invoice_id`, or withdrawn (refused) with an audit row.
@@ -496,7 +524,8 @@ pub async fn provider_status(
     let row: Option<(i64, String, Option<Value>, Option<String>)> = sqlx::query_as(
         "SELECT id, status, provider_status, tax_authority_code FROM invoice
          WHERE merchant_id = $1 AND order_id = $2 AND deleted_at IS NULL AND status <> 'CANCELLED'
-         ORDER BY (status IN ('ISSUED', 'SUBMITTED')) DESC, id DESC LIMIT 1 FOR UPDATE",
+         ORDER BY CASE status WHEN 'ISSUED' THEN 0 WHEN 'SUBMITTED' THEN 1 ELSE 2 END, id DESC
+         LIMIT 1 FOR UPDATE",
     )
     .bind(merchant_id)
     .bind(order_id)

@@ -99,5 +99,9 @@ pub async fn submit(
         _ => {}
     }
     let given = buyers::give(tx, &merchant_id, &order_id, buyer, giver).await?;
+    if given.needs_enqueue() {
+        // The buyer's own claim wins over a request still pending for the order.
+        buyers::supersede_pending(tx, &merchant_id, &order_id).await?;
+    }
     Ok(Submitted::Given { merchant_id, order_id, given })
 }

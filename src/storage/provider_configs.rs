@@ -39,6 +39,11 @@ pub async fn live(pool: &PgPool, merchant_id: &str) -> Result<Option<Value>, Sto
     .await?)
 }
 
+/// First key of the two-key advisory lock serialising one merchant's configuration edits
+/// (the second is a hash of the merchant id); the two-key space keeps it apart from the
+/// single-key locks (outbox leader) and the worker-id namespace.
+const CONFIG_LOCK_NAMESPACE: i32 = 0x1_1406;
+
 /// Replaces `merchant_id`'s live configuration; returns the new row (masked).
 /// `credentials_json` is sealed here and never stored or logged in clear.
 #[allow(clippy::too_many_arguments)]
@@ -56,8 +61,9 @@ pub async fn put(
     let mut tx = pool.begin().await?;
     // Serialises concurrent edits of one merchant's configuration, the first one included
     // (there is no live row to lock yet: two first PUTs would both insert).
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('provider_config:' || $1))")
+    sqlx::query("SELECT pg_advisory_xact_lock($2, hashtext($1))")
         .bind(merchant_id)
+        .bind(CONFIG_LOCK_NAMESPACE)
         .execute(&mut *tx)
         .await?;
     let before: Option<Value> = sqlx::query_scalar(&format!(

@@ -117,7 +117,8 @@ pub async fn acquire(
 
 /// Takes the lease on the lowest free worker id (`APP_ENV_INVOICE_WORKER_ID=auto`), trying
 /// each in turn on one connection: the advisory lock makes two processes racing for the
-/// same id end with different ones.
+/// same id end with different ones. Ids used in the last seconds and ids whose last use is
+/// ahead of this host's clock are passed over.
 pub async fn acquire_any(
     database_url: &str,
     holder: &str,
@@ -126,13 +127,47 @@ pub async fn acquire_any(
 ) -> Result<WorkerLease, LeaseError> {
     let options = connect_options(database_url, "invoice-worker-id-lease")?;
     let mut conn = PgConnection::connect_with(&options).await.map_err(StorageError::from)?;
-    for worker_id in 0..=crate::ids::MAX_WORKER_ID {
-        if try_lock(&mut conn, worker_id).await? {
-            return hold(conn, options, worker_id, holder, clock, metrics).await;
+    // An id written back lately may belong to a live process whose lease connection just
+    // blipped (it re-takes its id within a second): those come last, so a starting process
+    // does not grab it in between.
+    let recent: Vec<i32> = sqlx::query_scalar(
+        "SELECT worker_id FROM snowflake_worker WHERE updated_at > now() - make_interval(secs => $1)",
+    )
+    .bind(RECENT_SECONDS)
+    .fetch_all(&mut conn)
+    .await
+    .map_err(StorageError::from)?;
+    let (fresh, recent): (Vec<u16>, Vec<u16>) =
+        (0..=crate::ids::MAX_WORKER_ID).partition(|id| !recent.contains(&i32::from(*id)));
+    for worker_id in fresh.into_iter().chain(recent) {
+        if !try_lock(&mut conn, worker_id).await? {
+            continue;
         }
+        // An id whose last use is ahead of this host's clock would refuse to start: take
+        // another one instead.
+        let last_ms: Option<i64> =
+            sqlx::query_scalar("SELECT last_ms FROM snowflake_worker WHERE worker_id = $1")
+                .bind(i32::from(worker_id))
+                .fetch_optional(&mut conn)
+                .await
+                .map_err(StorageError::from)?;
+        if last_ms.is_some_and(|last| last.max(0) as u64 > clock.now_ms() + MAX_START_WAIT.as_millis() as u64)
+        {
+            sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                .bind(LOCK_NAMESPACE)
+                .bind(i32::from(worker_id))
+                .execute(&mut conn)
+                .await
+                .map_err(StorageError::from)?;
+            continue;
+        }
+        return hold(conn, options, worker_id, holder, clock, metrics).await;
     }
     Err(LeaseError::AllTaken)
 }
+
+/// How recently an id must have been written back to count as possibly still alive.
+const RECENT_SECONDS: f64 = 10.0;
 
 /// With the lock on `worker_id` held on `conn`: waits out a clock behind the last id, records
 /// the holder and keeps the lease.

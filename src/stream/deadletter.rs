@@ -63,6 +63,9 @@ pub fn recent(brokers: &str, topic: &str, limit: i64) -> anyhow::Result<Vec<Dead
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("invoice-deadletters-{}", uuid::Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
+        // The end of a partition is reported even when its last offset is never delivered
+        // (a transaction marker, a record compacted away).
+        .set("enable.partition.eof", "true")
         .create()?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
@@ -109,6 +112,10 @@ pub fn recent(brokers: &str, topic: &str, limit: i64) -> anyhow::Result<Vec<Dead
                 if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
                     ends.remove(&m.partition());
                 }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                last_progress = Instant::now();
+                ends.remove(&partition);
             }
             Some(Err(error)) => anyhow::bail!("reading {topic}: {error}"),
             None if last_progress.elapsed() > Duration::from_secs(30) => {

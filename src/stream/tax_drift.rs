@@ -154,6 +154,9 @@ fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<(HashMap<String, Lat
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("invoice-tax-drift-{}", uuid::Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
+        // The end of a partition is reported even when its last offset is never delivered
+        // (a transaction marker, a record compacted away).
+        .set("enable.partition.eof", "true")
         .create()?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
@@ -188,6 +191,10 @@ fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<(HashMap<String, Lat
                 if ends.get(&message.partition()).is_some_and(|end| message.offset() + 1 >= *end) {
                     ends.remove(&message.partition());
                 }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                last_progress = Instant::now();
+                ends.remove(&partition);
             }
             Some(Err(error)) => anyhow::bail!("reading {topic}: {error}"),
             None if last_progress.elapsed() > Duration::from_secs(30) => {

@@ -135,7 +135,8 @@ async fn tax_drift_finds_a_stored_taxinfo_the_topic_disagrees_with_and_a_replay_
     use std::time::Duration;
     let db = TestDb::create().await;
     let topics = TestTopics::create(1).await;
-    let env = stream_env(&db, &topics.names, &unique("g-drift-"));
+    let group = unique("g-drift-");
+    let env = stream_env(&db, &topics.names, &group);
     let p = producer();
     for merchant in ["M-1", "M-2"] {
         let event = cdc("c", merchant, tax("immediate"), 10).to_string();
@@ -167,6 +168,7 @@ async fn tax_drift_finds_a_stored_taxinfo_the_topic_disagrees_with_and_a_replay_
     assert_eq!(run(&env, &["tax-drift", "--merchant", "M-2"]).0, 0);
 
     // The runbook's re-sync: replay the CDC topic from the start.
+    wait_group_empty(&group).await;
     let (code, _, err) =
         run(&env, &["offsets", "reset", "--topic", &topics.names.merchant_cdc, "--to-earliest", "--execute"]);
     assert_eq!(code, 0, "{err}");
@@ -176,6 +178,17 @@ async fn tax_drift_finds_a_stored_taxinfo_the_topic_disagrees_with_and_a_replay_
     })
     .await;
     stream.stop().await.unwrap();
+}
+
+/// Waits until `group` has no member (a stopped stream's LeaveGroup can take a moment to
+/// show in the group description), as an operator would before a reset.
+async fn wait_group_empty(group: &str) {
+    crate::support::wait_until(std::time::Duration::from_secs(30), "the consumer group to empty", || async {
+        let members =
+            invoice::stream::offsets::group_members(&crate::support::kafka_brokers(), group).await.ok()?;
+        (members == 0).then_some(())
+    })
+    .await;
 }
 
 /// Every stored merchant row, as text, for before/after comparisons.
@@ -193,7 +206,8 @@ async fn replaying_the_cdc_topic_from_the_start_changes_no_taxinfo_row() {
     use std::time::Duration;
     let db = TestDb::create().await;
     let topics = TestTopics::create(1).await;
-    let env = stream_env(&db, &topics.names, &unique("g-resync-"));
+    let group = unique("g-resync-");
+    let env = stream_env(&db, &topics.names, &group);
     let p = producer();
     // Creates, an update, an update that changes nothing, and a delete: every CDC path.
     let mut changed = tax("immediate");
@@ -220,6 +234,7 @@ async fn replaying_the_cdc_topic_from_the_start_changes_no_taxinfo_row() {
     stream.stop().await.unwrap();
     let before = merchant_rows(&db).await;
     assert_eq!(before.len(), 3, "{before:?}");
+    wait_group_empty(&group).await;
 
     let (code, out, err) =
         run(&env, &["offsets", "reset", "--topic", &topics.names.merchant_cdc, "--to-earliest", "--execute"]);
@@ -230,14 +245,20 @@ async fn replaying_the_cdc_topic_from_the_start_changes_no_taxinfo_row() {
     // Not one row written: the same bytes, `updated_at` included (diff skip and position
     // ordering, not a rewrite with equal values).
     assert_eq!(merchant_rows(&db).await, before);
-    let metrics = stream.metrics().await;
-    let applied = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"applied\""]);
-    let deleted = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"deleted\""]);
-    assert_eq!(applied + deleted, 0.0, "{metrics}");
-    let skipped = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"skipped\""]);
-    let stale = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"stale\""]);
-    let gone = metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"already_deleted\""]);
-    assert_eq!(skipped + stale + gone, events.len() as f64, "{metrics}");
+    // Every replayed event was counted as a no-write outcome (the counters move just after
+    // the commit that moved the offset: polled).
+    let count = |metrics: &str, outcome: &str| {
+        metric_value(metrics, "invoice_cdc_updates_total", &[&format!("outcome=\"{outcome}\"")])
+    };
+    let metrics = wait_until(Duration::from_secs(30), "every replayed event counted", || async {
+        let metrics = stream.metrics().await;
+        let no_write =
+            ["skipped", "stale", "already_deleted"].iter().map(|o| count(&metrics, o)).sum::<f64>();
+        (no_write >= events.len() as f64).then_some(metrics)
+    })
+    .await;
+    assert_eq!(count(&metrics, "applied") + count(&metrics, "deleted"), 0.0, "{metrics}");
+    assert_eq!(merchant_rows(&db).await, before);
     stream.stop().await.unwrap();
     let (code, _, _) = run(&env, &["tax-drift"]);
     assert_eq!(code, 0);

@@ -105,7 +105,7 @@ fn the_default_render_has_one_deployment_per_mode_with_probes_grace_and_secret_r
         let grace = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
         // Longer than the HTTP drain (20 s) after the preStop sleep; a worker's covers a whole
         // provider call (90 s) on top.
-        assert!(grace > pre_stop + 20, "{name}: grace {grace}");
+        assert!(grace >= pre_stop + 25, "{name}: grace {grace}");
         if mode == "worker" {
             assert!(grace >= 90 + pre_stop + 30, "{name}: grace {grace}");
         }
@@ -124,6 +124,15 @@ fn the_default_render_has_one_deployment_per_mode_with_probes_grace_and_secret_r
             }
         }
         assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true, "{name}");
+        // Webhook secrets only where the API runs, and required there.
+        let webhook: Vec<&Value> =
+            env_of(container).into_iter().filter(|e| e["name"] == "WEBHOOK_SECRET").collect();
+        if mode == "api" {
+            assert_eq!(webhook.len(), 1, "{name}");
+            assert!(webhook[0]["valueFrom"]["secretKeyRef"].get("optional").is_none(), "{name}");
+        } else {
+            assert!(webhook.is_empty(), "{name} gets the webhook secret");
+        }
     }
     let config = named(&objects, "ConfigMap", "inv-invoice");
     for variable in SECRET_VARIABLES {
@@ -156,9 +165,20 @@ fn every_feature_on_renders_keda_capped_at_the_partitions_monitoring_and_the_das
         .as_str()
         .unwrap()
         .contains("invoice_queue_depth"));
-    // KEDA owns the replica count of what it scales; HPAs only when KEDA is off.
+    // KEDA owns the replica count of what it scales; the api keeps its CPU HPA.
     assert!(named(&objects, "Deployment", "inv-invoice-stream")["spec"].get("replicas").is_none());
-    assert!(of_kind(&objects, "HorizontalPodAutoscaler").is_empty());
+    let hpas: Vec<&str> = of_kind(&objects, "HorizontalPodAutoscaler")
+        .iter()
+        .filter_map(|h| h["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(hpas, vec!["inv-invoice-api"]);
+    assert!(named(&objects, "Deployment", "inv-invoice-api")["spec"].get("replicas").is_none());
+    // The worker's queue query is this release's series only.
+    let query = worker["spec"]["triggers"][0]["metadata"]["query"].as_str().unwrap();
+    assert!(
+        query.contains(r#"namespace="payments""#) && query.contains(r#"job="inv-invoice-metrics""#),
+        "{query}"
+    );
     // The worker's grace is raised to cover a provider call whatever the values say (30 s).
     let worker_pod = &named(&objects, "Deployment", "inv-invoice-worker")["spec"]["template"]["spec"];
     assert!(worker_pod["terminationGracePeriodSeconds"].as_i64().unwrap() >= 125);
@@ -167,7 +187,7 @@ fn every_feature_on_renders_keda_capped_at_the_partitions_monitoring_and_the_das
     let rule = named(&objects, "PrometheusRule", "inv-invoice");
     assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
     let alerts = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
-    assert_eq!(alerts.len(), 9);
+    assert_eq!(alerts.len(), 10);
     for alert in alerts {
         let url = alert["annotations"]["runbook_url"].as_str().unwrap();
         assert!(
@@ -194,6 +214,10 @@ fn without_keda_the_hpas_scale_each_mode_and_the_stream_stays_within_its_partiti
     let hpas = of_kind(&objects, "HorizontalPodAutoscaler");
     assert_eq!(hpas.len(), 3);
     assert_eq!(named(&objects, "HorizontalPodAutoscaler", "inv-invoice-stream")["spec"]["maxReplicas"], 6);
+    // A minimum above the cap is clamped rather than rendered invalid (min > max).
+    let tiny = render(&["--set", "autoscaling.hpa.enabled=true", "--set", "kafkaPartitions=1"]);
+    let stream = &named(&tiny, "HorizontalPodAutoscaler", "inv-invoice-stream")["spec"];
+    assert_eq!((stream["minReplicas"].as_i64(), stream["maxReplicas"].as_i64()), (Some(1), Some(1)));
     // Without an autoscaler, replicas come from the values, the stream's capped too.
     let plain = render(&["--set", "modes.stream.replicas=40", "--set", "kafkaPartitions=6"]);
     assert_eq!(named(&plain, "Deployment", "inv-invoice-stream")["spec"]["replicas"], 6);
@@ -292,7 +316,7 @@ fn metric_names_are_read_from_promql() {
 #[test]
 fn every_alert_passes_promtool_and_its_runbook_link_names_a_runbook_section() {
     let checked = run("promtool", &["check", "rules", "helm/invoice/alerts/invoice-rules.yaml"]).unwrap();
-    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 10 rules found"), "{checked}");
     let tested = run("promtool", &["test", "rules", "helm/invoice/alerts/tests.yaml"]).unwrap();
     assert!(tested.contains("SUCCESS"), "{tested}");
     let runbook =
@@ -322,16 +346,18 @@ fn every_alert_passes_promtool_and_its_runbook_link_names_a_runbook_section() {
         );
         linked += 1;
     }
-    assert_eq!(linked, 9);
+    assert_eq!(linked, 10);
 }
 
 #[test]
 fn the_asyncapi_document_is_generated_from_topics_and_valid_asyncapi_3() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let specs = invoice::topics::specs(&invoice::config::Topics::default()).unwrap();
-    let generated = invoice::topics::asyncapi(&specs);
+    let mut generated = invoice::topics::asyncapi(&specs);
     let committed: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("docs/asyncapi.json")).unwrap()).unwrap();
+    // A version bump alone does not make the document stale.
+    generated["info"]["version"] = committed["info"]["version"].clone();
     assert!(
         generated == committed,
         "docs/asyncapi.json is stale: regenerate it with `make asyncapi` (from topics/)"

@@ -61,16 +61,20 @@ app.kubernetes.io/component: {{ .mode }}
 {{- default (printf "%s_CONSUMER" .Values.config.serviceCode) .Values.config.kafka.groupId }}
 {{- end }}
 
-{{/* Termination grace of a mode: a worker's covers a whole provider call plus margin. */}}
+{{/* Termination grace of a mode, never below what its drain needs after the preStop sleep:
+     the HTTP drain (20 s) for api, the last batch and the outbox flush for stream, a whole
+     provider call (the worker drain waits for in-flight calls) for worker and all. */}}
 {{- define "invoice.terminationGrace" -}}
 {{- $mode := .mode -}}
 {{- $values := index .root.Values.modes $mode -}}
-{{- $grace := int $values.terminationGracePeriodSeconds -}}
-{{- if or (eq $mode "worker") (eq $mode "all") -}}
-{{- $floor := add (div (int .root.Values.config.providerTimeoutMs) 1000) 30 (int .root.Values.preStopSleepSeconds) -}}
-{{- $grace = max $grace $floor -}}
+{{- $preStop := int .root.Values.preStopSleepSeconds -}}
+{{- $floor := add $preStop 25 -}}
+{{- if eq $mode "stream" -}}
+{{- $floor = add $preStop 30 -}}
+{{- else if or (eq $mode "worker") (eq $mode "all") -}}
+{{- $floor = add (div (int .root.Values.config.providerTimeoutMs) 1000) 30 $preStop -}}
 {{- end -}}
-{{- $grace -}}
+{{- max (int $values.terminationGracePeriodSeconds) $floor -}}
 {{- end }}
 
 {{/* A secret-backed variable; call with (dict "root" $ "name" "VAR" "key" "data-key" "optional" bool). */}}
@@ -85,22 +89,27 @@ app.kubernetes.io/component: {{ .mode }}
       {{- end }}
 {{- end }}
 
-{{/* Every pod's environment: configuration from the ConfigMap, secrets by reference. */}}
+{{/* A pod's environment; call with (dict "root" $ "mode" "api"): configuration from the
+     ConfigMap, secrets by reference; webhook secrets only where the API runs (required there). */}}
 {{- define "invoice.env" -}}
-{{- $k := .Values.secrets.keys -}}
+{{- $root := .root -}}
+{{- $k := $root.Values.secrets.keys -}}
+{{- $api := has .mode (list "api" "all") -}}
 envFrom:
   - configMapRef:
-      name: {{ include "invoice.fullname" . }}
+      name: {{ include "invoice.fullname" $root }}
 env:
   # Every process leases its own snowflake worker id: replicas never share one.
   - name: APP_ENV_INVOICE_WORKER_ID
     value: auto
-  {{- include "invoice.secretEnv" (dict "root" . "name" "APP_ENV_INVOICE_DATABASE_URL" "key" $k.databaseUrl "optional" false) | nindent 2 }}
-  {{- include "invoice.secretEnv" (dict "root" . "name" "APP_ENV_INVOICE_REDIS_URL" "key" $k.redisUrl "optional" false) | nindent 2 }}
-  {{- include "invoice.secretEnv" (dict "root" . "name" "APP_ENV_INVOICE_CREDENTIALS_KEY" "key" $k.credentialsKey "optional" false) | nindent 2 }}
-  {{- include "invoice.secretEnv" (dict "root" . "name" "APP_ENV_INVOICE_CREDENTIALS_KEY_PREVIOUS" "key" $k.credentialsKeyPrevious "optional" true) | nindent 2 }}
-  {{- include "invoice.secretEnv" (dict "root" . "name" "WEBHOOK_SECRET" "key" $k.webhookSecret "optional" true) | nindent 2 }}
-  {{- include "invoice.secretEnv" (dict "root" . "name" "WEBHOOK_SECRET_PREVIOUS" "key" $k.webhookSecretPrevious "optional" true) | nindent 2 }}
-  {{- include "invoice.secretEnv" (dict "root" . "name" "WEBHOOK_INTERNAL_SECRET" "key" $k.webhookInternalSecret "optional" true) | nindent 2 }}
-  {{- include "invoice.secretEnv" (dict "root" . "name" "WEBHOOK_INTERNAL_SECRET_PREVIOUS" "key" $k.webhookInternalSecretPrevious "optional" true) | nindent 2 }}
+  {{- include "invoice.secretEnv" (dict "root" $root "name" "APP_ENV_INVOICE_DATABASE_URL" "key" $k.databaseUrl "optional" false) | nindent 2 }}
+  {{- include "invoice.secretEnv" (dict "root" $root "name" "APP_ENV_INVOICE_REDIS_URL" "key" $k.redisUrl "optional" false) | nindent 2 }}
+  {{- include "invoice.secretEnv" (dict "root" $root "name" "APP_ENV_INVOICE_CREDENTIALS_KEY" "key" $k.credentialsKey "optional" false) | nindent 2 }}
+  {{- include "invoice.secretEnv" (dict "root" $root "name" "APP_ENV_INVOICE_CREDENTIALS_KEY_PREVIOUS" "key" $k.credentialsKeyPrevious "optional" true) | nindent 2 }}
+  {{- if $api }}
+  {{- include "invoice.secretEnv" (dict "root" $root "name" "WEBHOOK_SECRET" "key" $k.webhookSecret "optional" false) | nindent 2 }}
+  {{- include "invoice.secretEnv" (dict "root" $root "name" "WEBHOOK_SECRET_PREVIOUS" "key" $k.webhookSecretPrevious "optional" true) | nindent 2 }}
+  {{- include "invoice.secretEnv" (dict "root" $root "name" "WEBHOOK_INTERNAL_SECRET" "key" $k.webhookInternalSecret "optional" false) | nindent 2 }}
+  {{- include "invoice.secretEnv" (dict "root" $root "name" "WEBHOOK_INTERNAL_SECRET_PREVIOUS" "key" $k.webhookInternalSecretPrevious "optional" true) | nindent 2 }}
+  {{- end }}
 {{- end }}
