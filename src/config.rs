@@ -5,6 +5,7 @@
 //! `all`), not for `stream`. A missing or malformed required value is a [`ConfigError`]
 //! naming the variable; `main` prints it and exits with code 2.
 
+use zeroize::Zeroize;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -35,11 +36,19 @@ impl Mode {
     }
 }
 
-/// A value that must never be printed: `Debug` and `Display` show `***`.
+/// A value that must never be printed: `Debug` and `Display` show `***`; its memory is
+/// wiped when it is dropped (keys, webhook secrets, URLs with passwords, decrypted
+/// credentials do not linger in freed heap or stack).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret<T>(T);
+pub struct Secret<T: Zeroize>(T);
 
-impl<T> Secret<T> {
+impl<T: Zeroize> Drop for Secret<T> {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl<T: Zeroize> Secret<T> {
     /// Wraps a secret value.
     pub fn new(value: T) -> Self {
         Secret(value)
@@ -50,13 +59,13 @@ impl<T> Secret<T> {
     }
 }
 
-impl<T> fmt::Debug for Secret<T> {
+impl<T: Zeroize> fmt::Debug for Secret<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
     }
 }
 
-impl<T> fmt::Display for Secret<T> {
+impl<T: Zeroize> fmt::Display for Secret<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
     }
