@@ -18,6 +18,8 @@ helm_tool() {
   if [[ -x $BIN/helm ]] && "$BIN/helm" version --short 2>/dev/null | grep -q "^${HELM_VERSION}"; then
     return
   fi
+  # The Go toolchain's usual home, for shells whose PATH lacks it.
+  [[ -x /usr/local/go/bin/go ]] && PATH="$PATH:/usr/local/go/bin"
   command -v go >/dev/null || die "go is needed to build helm (go install helm.sh/helm/v3/cmd/helm@${HELM_VERSION})"
   log "building helm ${HELM_VERSION} with go install (once; a few minutes)"
   GOBIN="$BIN" GOFLAGS=-mod=mod CGO_ENABLED=0 go install -ldflags "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" \
