@@ -373,7 +373,10 @@ pub async fn settle(
              reservation_code = COALESCE(u.reservation, i.reservation_code),
              tax_authority_code = COALESCE(u.tax_code, i.tax_authority_code),
              provider_status = CASE WHEN u.provider_status IS NULL THEN i.provider_status
-                                    ELSE jsonb_build_object('status', u.provider_status) END,
+                                    -- merged: what a provider.status webhook stored stays
+                                    ELSE (CASE WHEN jsonb_typeof(i.provider_status) = 'object'
+                                               THEN i.provider_status ELSE '{}'::jsonb END)
+                                         || jsonb_build_object('status', u.provider_status) END,
              issued_at = CASE WHEN u.status = 'ISSUED' THEN now() ELSE i.issued_at END,
              submitted_at = CASE WHEN u.status = 'SUBMITTED' THEN COALESCE(i.submitted_at, now()) ELSE i.submitted_at END,
              lease_owner = NULL,
