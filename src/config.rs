@@ -5,11 +5,11 @@
 //! `all`), not for `stream`. A missing or malformed required value is a [`ConfigError`]
 //! naming the variable; `main` prints it and exits with code 2.
 
-use zeroize::Zeroize;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
+use zeroize::Zeroize;
 
 /// The prefix of every variable of ours (the webhook secrets excepted, as SPEC §6 names them).
 pub const PREFIX: &str = "APP_ENV_INVOICE_";

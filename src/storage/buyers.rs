@@ -350,7 +350,8 @@ pub async fn lock_pending_request(
 }
 
 /// Withdraws `(merchant, order)`'s pending request, if any: a buyer given now (by a newer
-/// request or a claim) supersedes it, and the sweeper must not apply the older buyer later.
+/// request or a claim) supersedes it, or the order was cancelled; the sweeper must not
+/// apply it later.
 pub async fn supersede_pending(
     tx: &mut PgConnection,
     merchant_id: &str,
@@ -470,14 +471,7 @@ pub async fn cancel(
     .bind(invoice_id)
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
-        "UPDATE invoice_request SET deleted_at = now()
-         WHERE merchant_id = $1 AND order_id = $2 AND joined_at IS NULL AND deleted_at IS NULL",
-    )
-    .bind(merchant_id)
-    .bind(order_id)
-    .execute(&mut *tx)
-    .await?;
+    supersede_pending(tx, merchant_id, order_id).await?;
     insert_audits(
         tx,
         &[NewAudit {

@@ -99,6 +99,16 @@ async fn persist(
     Ok(())
 }
 
+/// The lease's own connection (the advisory lock lives and dies with it) and its options,
+/// for reconnecting.
+async fn lease_connection(
+    database_url: &str,
+) -> Result<(PgConnection, sqlx::postgres::PgConnectOptions), StorageError> {
+    let options = connect_options(database_url, "invoice-worker-id-lease")?;
+    let conn = PgConnection::connect_with(&options).await?;
+    Ok((conn, options))
+}
+
 /// Takes the lease on `worker_id` or fails; `holder` names this process in the table.
 pub async fn acquire(
     database_url: &str,
@@ -107,8 +117,7 @@ pub async fn acquire(
     clock: Arc<dyn Clock>,
     metrics: Metrics,
 ) -> Result<WorkerLease, LeaseError> {
-    let options = connect_options(database_url, "invoice-worker-id-lease")?;
-    let mut conn = PgConnection::connect_with(&options).await.map_err(StorageError::from)?;
+    let (mut conn, options) = lease_connection(database_url).await?;
     if !try_lock(&mut conn, worker_id).await? {
         return Err(LeaseError::Taken { worker_id });
     }
@@ -125,8 +134,7 @@ pub async fn acquire_any(
     clock: Arc<dyn Clock>,
     metrics: Metrics,
 ) -> Result<WorkerLease, LeaseError> {
-    let options = connect_options(database_url, "invoice-worker-id-lease")?;
-    let mut conn = PgConnection::connect_with(&options).await.map_err(StorageError::from)?;
+    let (mut conn, options) = lease_connection(database_url).await?;
     // An id written back lately may belong to a live process whose lease connection just
     // blipped (it re-takes its id within a second): those come last, so a starting process
     // does not grab it in between.
@@ -145,14 +153,7 @@ pub async fn acquire_any(
         }
         // An id whose last use is ahead of this host's clock would refuse to start: take
         // another one instead.
-        let last_ms: Option<i64> =
-            sqlx::query_scalar("SELECT last_ms FROM snowflake_worker WHERE worker_id = $1")
-                .bind(i32::from(worker_id))
-                .fetch_optional(&mut conn)
-                .await
-                .map_err(StorageError::from)?;
-        if last_ms.is_some_and(|last| last.max(0) as u64 > clock.now_ms() + MAX_START_WAIT.as_millis() as u64)
-        {
+        if last_used_ms(&mut conn, worker_id).await? > clock.now_ms() + MAX_START_WAIT.as_millis() as u64 {
             sqlx::query("SELECT pg_advisory_unlock($1, $2)")
                 .bind(LOCK_NAMESPACE)
                 .bind(i32::from(worker_id))
@@ -164,6 +165,16 @@ pub async fn acquire_any(
         return hold(conn, options, worker_id, holder, clock, metrics).await;
     }
     Err(LeaseError::AllTaken)
+}
+
+/// The newest millisecond ids were issued in with `worker_id` (0 if never used).
+async fn last_used_ms(conn: &mut PgConnection, worker_id: u16) -> Result<u64, StorageError> {
+    let last_ms: Option<i64> =
+        sqlx::query_scalar("SELECT last_ms FROM snowflake_worker WHERE worker_id = $1")
+            .bind(i32::from(worker_id))
+            .fetch_optional(conn)
+            .await?;
+    Ok(last_ms.unwrap_or(0).max(0) as u64)
 }
 
 /// How recently an id must have been written back to count as possibly still alive.
@@ -179,13 +190,7 @@ async fn hold(
     clock: Arc<dyn Clock>,
     metrics: Metrics,
 ) -> Result<WorkerLease, LeaseError> {
-    let last_ms: Option<i64> =
-        sqlx::query_scalar("SELECT last_ms FROM snowflake_worker WHERE worker_id = $1")
-            .bind(i32::from(worker_id))
-            .fetch_optional(&mut conn)
-            .await
-            .map_err(StorageError::from)?;
-    let last_ms = last_ms.unwrap_or(0).max(0) as u64;
+    let last_ms = last_used_ms(&mut conn, worker_id).await?;
     let now = clock.now_ms();
     if last_ms >= now {
         let behind = last_ms - now;

@@ -52,38 +52,7 @@ pub struct DeadLetter {
 /// The newest `limit` messages of each partition of `topic`, oldest first. Blocking: call
 /// from `spawn_blocking`.
 pub fn recent(brokers: &str, topic: &str, limit: i64) -> anyhow::Result<Vec<DeadLetter>> {
-    use rdkafka::config::ClientConfig;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Headers;
-    use rdkafka::{Offset, TopicPartitionList};
-    use std::collections::HashMap;
-    use std::time::{Duration, Instant};
-
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("invoice-deadletters-{}", uuid::Uuid::new_v4().simple()))
-        .set("enable.auto.commit", "false")
-        // The end of a partition is reported even when its last offset is never delivered
-        // (a transaction marker, a record compacted away).
-        .set("enable.partition.eof", "true")
-        .create()?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    if metadata.topics().iter().all(|t| t.error().is_some()) {
-        anyhow::bail!("topic {topic} does not exist on the broker");
-    }
-    let mut ends = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics().iter().filter(|t| t.error().is_none()) {
-        for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
-            if high > low {
-                ends.insert(p.id(), high);
-                tpl.add_partition_offset(topic, p.id(), Offset::Offset((high - limit.max(1)).max(low)))?;
-            }
-        }
-    }
-    consumer.assign(&tpl)?;
     let header = |m: &rdkafka::message::BorrowedMessage<'_>, name: &str| {
         m.headers().and_then(|h| {
             h.iter()
@@ -93,37 +62,24 @@ pub fn recent(brokers: &str, topic: &str, limit: i64) -> anyhow::Result<Vec<Dead
         })
     };
     let mut out = Vec::new();
-    let mut last_progress = Instant::now();
-    while !ends.is_empty() {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                last_progress = Instant::now();
-                out.push(DeadLetter {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp_ms: m.timestamp().to_millis(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    error: header(&m, "x-error"),
-                    source_topic: header(&m, "x-source-topic"),
-                    source_partition: header(&m, "x-source-partition"),
-                    source_offset: header(&m, "x-source-offset"),
-                    payload_bytes: m.payload().map_or(0, <[u8]>::len),
-                });
-                if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
-                    ends.remove(&m.partition());
-                }
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
-                last_progress = Instant::now();
-                ends.remove(&partition);
-            }
-            Some(Err(error)) => anyhow::bail!("reading {topic}: {error}"),
-            None if last_progress.elapsed() > Duration::from_secs(30) => {
-                anyhow::bail!("reading {topic}: no progress for 30 s")
-            }
-            None => {}
-        }
-    }
+    super::scan::to_end(
+        brokers,
+        topic,
+        |_, high| high - limit.max(1),
+        |m| {
+            out.push(DeadLetter {
+                partition: m.partition(),
+                offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                error: header(m, "x-error"),
+                source_topic: header(m, "x-source-topic"),
+                source_partition: header(m, "x-source-partition"),
+                source_offset: header(m, "x-source-offset"),
+                payload_bytes: m.payload().map_or(0, <[u8]>::len),
+            })
+        },
+    )?;
     out.sort_by_key(|d| (d.timestamp_ms, d.partition, d.offset));
     Ok(out)
 }

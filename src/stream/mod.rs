@@ -19,6 +19,7 @@ mod merchants;
 pub mod offsets;
 mod partition;
 mod payments;
+mod scan;
 pub mod tax_drift;
 
 use std::time::Duration;

@@ -5,12 +5,8 @@
 //! older positions never overwrite newer ones.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -150,59 +146,17 @@ pub async fn check(
 }
 
 fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<(HashMap<String, Latest>, u64)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("invoice-tax-drift-{}", uuid::Uuid::new_v4().simple()))
-        .set("enable.auto.commit", "false")
-        // The end of a partition is reported even when its last offset is never delivered
-        // (a transaction marker, a record compacted away).
-        .set("enable.partition.eof", "true")
-        .create()?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let mut ends = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics().iter().filter(|t| t.error().is_none()) {
-        for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
-            if high > low {
-                ends.insert(p.id(), high);
-                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-            }
-        }
-    }
-    if metadata.topics().iter().all(|t| t.error().is_some()) {
-        anyhow::bail!("topic {topic} does not exist on the broker");
-    }
-    consumer.assign(&tpl)?;
     let mut latest = HashMap::new();
-    let mut read = 0u64;
-    let mut last_progress = Instant::now();
-    while !ends.is_empty() {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                last_progress = Instant::now();
-                read += 1;
-                if let Ok(MerchantEvent::Change(change)) =
-                    merchant_cdc::parse(message.key(), message.payload())
-                {
-                    fold(&mut latest, &change.merchant_id, &change.change, change.position);
-                }
-                if ends.get(&message.partition()).is_some_and(|end| message.offset() + 1 >= *end) {
-                    ends.remove(&message.partition());
-                }
+    let read = super::scan::to_end(
+        brokers,
+        topic,
+        |low, _| low,
+        |message| {
+            if let Ok(MerchantEvent::Change(change)) = merchant_cdc::parse(message.key(), message.payload()) {
+                fold(&mut latest, &change.merchant_id, &change.change, change.position);
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
-                last_progress = Instant::now();
-                ends.remove(&partition);
-            }
-            Some(Err(error)) => anyhow::bail!("reading {topic}: {error}"),
-            None if last_progress.elapsed() > Duration::from_secs(30) => {
-                anyhow::bail!("reading {topic}: no progress for 30 s")
-            }
-            None => {}
-        }
-    }
+        },
+    )?;
     Ok((latest, read))
 }
 
