@@ -442,3 +442,62 @@ async fn payments_gone_from_the_log_before_they_were_decided_are_counted_and_log
     assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE order_id IN ('ORD-2', 'ORD-3')").await, 0);
     stream.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_stops_progressing_is_noticed_recovered_and_loses_nothing() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let p = producer();
+    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    let mut env = stream_env(&db, &topics.names, &unique("g-stall-"));
+    env.insert("APP_ENV_INVOICE_STREAM_STALL_SECONDS".into(), "1".into());
+    let stream = TestStream::spawn(&env).await;
+    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    send(&p, &topics.names.payment, "ORD-S-0", &payment("ev-s-0", "ORD-S-0", "M-1")).await;
+    wait_scalar(&db, "SELECT count(*) FROM invoice", 1).await;
+
+    // The partition stops making progress with messages waiting: its offset row is held, so
+    // no batch can commit (a stand-in for any stall: a hung statement, a fetch queue that
+    // never wakes its task).
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM consumer_offset WHERE topic = $1 FOR UPDATE")
+        .bind(&topics.names.payment)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    for i in 1..=20 {
+        let order = format!("ORD-S-{i}");
+        send(&p, &topics.names.payment, &order, &payment(&format!("ev-s-{i}"), &order, "M-1")).await;
+    }
+    let topic_label = format!("topic=\"{}\"", topics.names.payment);
+    wait_until(WAIT, "the watchdog to notice the stall", || async {
+        let metrics = stream.metrics().await;
+        (metric_value(&metrics, "invoice_kafka_partition_stalls_total", &[&topic_label]) >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 1, "nothing commits while the row is held");
+    let lag = metric_value(&stream.metrics().await, "invoice_kafka_consumer_lag", &[&topic_label]);
+    assert!(lag > 0.0, "the stall is visible as lag: {lag}");
+
+    // Released: the recovered partition resumes where its stored offset says, every payment
+    // decided once.
+    blocker.rollback().await.unwrap();
+    wait_scalar(&db, "SELECT count(*) FROM invoice", 21).await;
+    wait_scalar(
+        &db,
+        &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.payment),
+        21,
+    )
+    .await;
+    assert_eq!(scalar(&db, "SELECT count(DISTINCT order_id) FROM invoice").await, 21);
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT count(*) FROM audit_log WHERE entity = 'invoice' AND event_type = 'invoice.created'"
+        )
+        .await,
+        21
+    );
+    stream.stop().await.unwrap();
+}
