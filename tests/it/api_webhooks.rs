@@ -312,9 +312,22 @@ async fn internal_cancel_and_provider_status_apply_only_where_they_may() {
     assert_eq!(code.as_deref(), Some("M1-26-ABCDE-00000000001"));
     // A status for a cancelled invoice is refused.
     assert_eq!(api.webhook("internal", &secret, "s2", &status_body("ORD-C-1")).await.status(), 404);
+    // A SUBMITTED invoice takes it (the tax authority may answer before our lookup); one
+    // still QUEUED does not (409).
+    let (submitted, _) = seed_invoice(&api.db, "M-1", "ORD-C-3", "SUBMITTED", deadline).await;
+    assert_eq!(api.webhook("internal", &secret, "s3", &status_body("ORD-C-3")).await.status(), 200);
+    let stored: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT provider_status FROM invoice WHERE id = $1")
+            .bind(submitted)
+            .fetch_one(&api.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.unwrap()["code"], "00");
+    seed_invoice(&api.db, "M-1", "ORD-C-4", "QUEUED", deadline).await;
+    assert_eq!(api.webhook("internal", &secret, "s4", &status_body("ORD-C-4")).await.status(), 409);
     assert_eq!(
         scalar(&api.db, "SELECT count(*) FROM audit_log WHERE event_type = 'provider_status'").await,
-        1
+        2
     );
     // A cancel is not a merchant webhook type.
     assert_eq!(api.webhook("merchant", &api.merchant_secret(), "c4", &cancel("ORD-C-2")).await.status(), 422);
