@@ -8,7 +8,8 @@
 //! Needs the local stack (`make deps`). Sizes: `BENCH_EVENTS` (default 50 000 payments),
 //! `BENCH_CDC` (default 50 000 CDC events per path), `BENCH_PARTITIONS` (default 6),
 //! `BENCH_ISSUE_SLOW` (default 20 000 invoices at 50 ms), `BENCH_RATE` (default 2 000
-//! events/s) for `BENCH_STEADY_SECS` (default 15 s).
+//! events/s) for `BENCH_STEADY_SECS` (default 15 s). `BENCH_STOP_AFTER=stream` ends after the
+//! stream stage (for profiling it), writing nothing.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -80,6 +81,8 @@ fn bare_consumer_secs(topic: &str, partitions: i32, n: usize) -> f64 {
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
     }
+    // Connected first: the stream's rate does not count its start-up either.
+    consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     consumer.assign(&tpl).unwrap();
     let started = Instant::now();
     let mut read = 0;
@@ -113,8 +116,84 @@ async fn measure(pool: &PgPool, sql: &str, baseline: i64, target: i64) -> f64 {
     }
 }
 
-/// A payment of 1 100 000 đ (10% VAT: valid on any date) for order `i` of merchant
-/// `i mod merchants`.
+/// Events per second while a pre-filled backlog drains: the progress made between the first
+/// poll that sees any (so start-up and the group join are not counted) and the poll that sees
+/// `target`, polling every 5 ms.
+async fn drain_rate(pool: &PgPool, sql: &str, baseline: i64, target: i64) -> f64 {
+    let mut first: Option<(Instant, i64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let c = count(pool, sql).await - baseline;
+        if c > 0 && first.is_none() {
+            first = Some((Instant::now(), c));
+        }
+        if c >= target {
+            let (at, seen) = first.unwrap_or((Instant::now(), 0));
+            let secs = at.elapsed().as_secs_f64();
+            assert!(
+                secs > 0.05 && seen < target / 2,
+                "the backlog drained within two polls ({seen} of {target} at the first): raise its size"
+            );
+            return (target - seen) as f64 / secs;
+        }
+        assert!(Instant::now() < deadline, "benchmark stalled at {c}/{target}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Deletes the run's queue keys: each run has its own prefix, and 50,000 leftover jobs per
+/// run would make every later AOF rewrite of the shared Redis slower.
+async fn delete_queue_keys(prefix: &str) {
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await.unwrap();
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
+/// Prints the stream's batch figures (how the time was spent).
+async fn print_batch_metrics(url: &str) {
+    let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("invoice_stream_batch_duration_seconds_sum")
+            || l.starts_with("invoice_stream_batch_duration_seconds_count")
+            || l.starts_with("invoice_stream_batch_messages_sum")
+            || l.starts_with("invoice_stream_transaction_retries_total")
+            || l.starts_with("invoice_kafka_offset_fenced_total")
+    }) {
+        println!("{line}");
+    }
+}
+
+/// Starts `run_stream` as production does; returns its handle, its stop token and its
+/// metrics URL.
+async fn start_stream(
+    env: &HashMap<String, String>,
+) -> (tokio::task::JoinHandle<anyhow::Result<()>>, CancellationToken, String) {
+    let cfg = Config::from_source(env, Mode::Stream).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(invoice::app::run_stream(cfg, listener, shutdown.clone()));
+    (handle, shutdown, metrics_url)
+}
+
 fn payment(i: usize, merchants: usize, paid_at: &str) -> (String, String) {
     let order = format!("ORD-{i}");
     let v = json!({"eventId": format!("ev-{i}"), "orderId": order, "merchantId": format!("M-{}", i % merchants),
@@ -285,21 +364,25 @@ async fn main() {
         ),
     ]);
     invoice::telemetry::init_with_writer(invoice::config::LogFormat::Text, std::io::sink);
-    let cfg = Config::from_source(&env, Mode::Stream).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let stream = tokio::spawn(invoice::app::run_stream(cfg, listener, shutdown.clone()));
-
-    let decided_secs = measure(&pool, "SELECT count(*) FROM payment_decision", 0, events as i64).await;
-    let invoices = count(&pool, "SELECT count(*) FROM invoice").await;
-    assert_eq!(invoices, events as i64, "every payment became an invoice");
-
-    // CDC skip path: updates whose tax equals the stored one.
-    let offset_sql = format!(
+    let payment_offsets = format!(
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offset WHERE topic = '{}'",
+        names.payment
+    );
+    let cdc_offsets = format!(
         "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offset WHERE topic = '{}'",
         names.merchant_cdc
     );
+    // Each stage drains a backlog produced while no stream runs, as after an outage or a
+    // deployment: the rate is the consumer's, not the producer's.
+    let (stream, shutdown, payment_metrics) = start_stream(&env).await;
+    let decided_per_sec = drain_rate(&pool, &payment_offsets, 0, events as i64).await;
+    print_batch_metrics(&payment_metrics).await;
+    let invoices = count(&pool, "SELECT count(*) FROM invoice").await;
+    assert_eq!(invoices, events as i64, "every payment became an invoice");
+    shutdown.cancel();
+    stream.await.unwrap().unwrap();
+
+    // CDC skip path: updates whose tax equals the stored one.
     let skip: Vec<(String, String)> = (0..cdc_events)
         .map(|i| {
             let m = format!("M-{}", i % merchants);
@@ -307,7 +390,10 @@ async fn main() {
         })
         .collect();
     produce_all(&producer, &names.merchant_cdc, skip).await;
-    let skip_secs = measure(&pool, &offset_sql, 0, cdc_events as i64).await;
+    let (stream, shutdown, _) = start_stream(&env).await;
+    let skip_per_sec = drain_rate(&pool, &cdc_offsets, 0, cdc_events as i64).await;
+    shutdown.cancel();
+    stream.await.unwrap().unwrap();
     // CDC apply path: every update changes the tax.
     let apply: Vec<(String, String)> = (0..cdc_events)
         .map(|i| {
@@ -316,17 +402,21 @@ async fn main() {
         })
         .collect();
     produce_all(&producer, &names.merchant_cdc, apply).await;
-    let apply_secs = measure(&pool, &offset_sql, cdc_events as i64, cdc_events as i64).await;
+    let (stream, shutdown, metrics_url) = start_stream(&env).await;
+    let apply_per_sec = drain_rate(&pool, &cdc_offsets, cdc_events as i64, cdc_events as i64).await;
 
-    let metrics = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
-    for line in metrics.lines().filter(|l| {
-        l.starts_with("invoice_stream_batch_duration_seconds_sum")
-            || l.starts_with("invoice_stream_batch_duration_seconds_count")
-            || l.starts_with("invoice_stream_batch_messages_sum")
-            || l.starts_with("invoice_stream_transaction_retries_total")
-            || l.starts_with("invoice_kafka_offset_fenced_total")
-    }) {
-        println!("{line}");
+    println!(
+        "decided {decided_per_sec:.0}/s (bare consumer {:.0}/s), CDC skip {skip_per_sec:.0}/s, CDC apply {apply_per_sec:.0}/s",
+        events as f64 / ceiling_secs,
+    );
+    print_batch_metrics(&metrics_url).await;
+
+    if std::env::var("BENCH_STOP_AFTER").as_deref() == Ok("stream") {
+        // Profiling the stream stage alone: nothing written to e2e.json.
+        shutdown.cancel();
+        stream.await.unwrap().unwrap();
+        clean_up(&names, &prefix).await;
+        return;
     }
 
     // Issuance at 0 ms provider latency: the stream left `events` invoices QUEUED (and their
@@ -409,12 +499,12 @@ async fn main() {
     let report = json!({
         "events": events,
         "partitions": partitions,
-        "decided_per_sec": (events as f64 / decided_secs).round(),
+        "decided_per_sec": decided_per_sec.round(),
         "bare_consumer_per_sec": (events as f64 / ceiling_secs).round(),
         "cdc_events": cdc_events,
-        "cdc_per_sec": (cdc_events as f64 / skip_secs).round(),
-        "cdc_skip_per_sec": (cdc_events as f64 / skip_secs).round(),
-        "cdc_apply_per_sec": (cdc_events as f64 / apply_secs).round(),
+        "cdc_per_sec": skip_per_sec.round(),
+        "cdc_skip_per_sec": skip_per_sec.round(),
+        "cdc_apply_per_sec": apply_per_sec.round(),
         "issued_per_sec": (events as f64 / issue_fast_secs).round(),
         "issued_per_sec_provider_50ms": (slow as f64 / issue_slow_secs).round(),
         "e2e_events_per_sec": offered.round(),
@@ -432,6 +522,11 @@ async fn main() {
     println!("{text}");
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/e2e.json", text).unwrap();
+    clean_up(&names, &prefix).await;
+}
+
+/// Deletes the run's topics and queue keys.
+async fn clean_up(names: &Topics, prefix: &str) {
     let admin_topics = invoice::topics::admin_client(BROKERS).unwrap();
     let _ = admin_topics
         .delete_topics(
@@ -439,4 +534,5 @@ async fn main() {
             &rdkafka::admin::AdminOptions::new(),
         )
         .await;
+    delete_queue_keys(&format!("{prefix}-iq")).await;
 }
