@@ -64,82 +64,168 @@ pub async fn upsert(
     position: &CdcPosition,
     source: Source<'_>,
 ) -> Result<(), StorageError> {
-    sqlx::query(
-        "INSERT INTO merchant_tax_info (merchant_id, merchant_name, tax, tax_code, legal_name, address, email,
-             phone, invoice_enabled, issuance_mode, claim_window_minutes, provider, source_lsn, source_ts_ms,
-             source_topic, source_partition, source_offset)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-         ON CONFLICT (merchant_id) DO UPDATE SET
-             merchant_name = COALESCE(EXCLUDED.merchant_name, merchant_tax_info.merchant_name),
-             tax = EXCLUDED.tax, tax_code = EXCLUDED.tax_code, legal_name = EXCLUDED.legal_name,
-             address = EXCLUDED.address, email = EXCLUDED.email, phone = EXCLUDED.phone,
-             invoice_enabled = EXCLUDED.invoice_enabled, issuance_mode = EXCLUDED.issuance_mode,
-             claim_window_minutes = EXCLUDED.claim_window_minutes, provider = EXCLUDED.provider,
-             source_lsn = EXCLUDED.source_lsn, source_ts_ms = EXCLUDED.source_ts_ms,
-             source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
-             source_offset = EXCLUDED.source_offset, updated_at = now(), deleted_at = NULL
-         -- Second line of defence behind the task's own check: never overwrite newer state.
-         WHERE NOT (CASE
-             WHEN merchant_tax_info.source_lsn IS NOT NULL AND EXCLUDED.source_lsn IS NOT NULL
-                 THEN EXCLUDED.source_lsn < merchant_tax_info.source_lsn
-             WHEN merchant_tax_info.source_ts_ms IS NOT NULL AND EXCLUDED.source_ts_ms IS NOT NULL
-                 THEN EXCLUDED.source_ts_ms < merchant_tax_info.source_ts_ms
-             ELSE FALSE END)",
-    )
-    .bind(merchant_id)
-    .bind(name)
-    .bind(tax)
-    .bind(&info.tax_code)
-    .bind(&info.legal_name)
-    .bind(&info.address)
-    .bind(&info.email)
-    .bind(&info.phone)
-    .bind(info.invoice_enabled)
-    .bind(info.issuance_mode.as_str())
-    .bind(info.claim_window_minutes as i32)
-    .bind(&info.provider)
-    .bind(position.lsn)
-    .bind(position.ts_ms)
-    .bind(source.topic)
-    .bind(source.partition)
-    .bind(source.offset)
-    .execute(tx)
-    .await?;
-    Ok(())
+    let mut write = TaxWrite::new(merchant_id);
+    write.apply(name.map(str::to_owned), tax.clone(), info.clone(), *position, source.offset);
+    write_batch(tx, source.topic, source.partition, &[write]).await
 }
 
-/// Soft-deletes a merchant's TaxInfo (CDC `d`), keeping the delete's position so older
-/// events stay stale. A merchant never seen gets a deleted row carrying that position, so an
-/// older create replayed later does not bring it back.
-pub async fn soft_delete(
+/// The values of an applied upsert.
+#[derive(Debug, Clone)]
+pub struct Upserted {
+    /// Canonical `tax`.
+    pub tax: Value,
+    /// Its typed form.
+    pub info: TaxInfo,
+}
+
+/// The state one batch leaves a merchant's TaxInfo in: the net effect of the changes it
+/// applied, in offset order, so the batch writes each merchant once.
+#[derive(Debug, Clone)]
+pub struct TaxWrite {
+    /// Merchant.
+    pub merchant_id: String,
+    /// The last upsert applied (`None`: the batch only deleted; the stored values stay).
+    pub upserted: Option<Upserted>,
+    /// The last display name given (a change without one keeps the stored name).
+    pub name: Option<String>,
+    /// Whether the last change applied was a delete.
+    pub deleted: bool,
+    /// Position of the last change applied.
+    pub position: CdcPosition,
+    /// Offset of the last change applied.
+    pub offset: i64,
+}
+
+impl TaxWrite {
+    /// Nothing applied yet.
+    pub fn new(merchant_id: &str) -> TaxWrite {
+        TaxWrite {
+            merchant_id: merchant_id.to_owned(),
+            upserted: None,
+            name: None,
+            deleted: false,
+            position: CdcPosition { lsn: None, ts_ms: None },
+            offset: -1,
+        }
+    }
+
+    /// An upsert (`c`, `r`, `u`) applied: it also revives a deleted merchant.
+    pub fn apply(
+        &mut self,
+        name: Option<String>,
+        tax: Value,
+        info: TaxInfo,
+        position: CdcPosition,
+        offset: i64,
+    ) {
+        self.upserted = Some(Upserted { tax, info });
+        if name.is_some() {
+            self.name = name;
+        }
+        self.deleted = false;
+        self.position = position;
+        self.offset = offset;
+    }
+
+    /// A delete applied: the values stay, marked deleted, with the delete's position (so
+    /// older events stay stale).
+    pub fn delete(&mut self, position: CdcPosition, offset: i64) {
+        self.deleted = true;
+        self.position = position;
+        self.offset = offset;
+    }
+}
+
+/// Writes each merchant's net change of a batch: one statement for those with new values,
+/// one for those only deleted. A merchant never seen that is deleted gets a deleted row
+/// carrying the delete's position, so an older create replayed later does not bring it back.
+pub async fn write_batch(
     tx: &mut PgConnection,
-    merchant_id: &str,
-    position: &CdcPosition,
-    source: Source<'_>,
+    topic: &str,
+    partition: i32,
+    writes: &[TaxWrite],
 ) -> Result<(), StorageError> {
-    sqlx::query(
-        "INSERT INTO merchant_tax_info (merchant_id, tax, source_lsn, source_ts_ms, source_topic, source_partition,
-             source_offset, deleted_at)
-         VALUES ($1, '{}'::jsonb, $2, $3, $4, $5, $6, now())
-         ON CONFLICT (merchant_id) DO UPDATE SET
-             deleted_at = now(), updated_at = now(), source_lsn = EXCLUDED.source_lsn,
-             source_ts_ms = EXCLUDED.source_ts_ms, source_topic = EXCLUDED.source_topic,
-             source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset
-         WHERE NOT (CASE
-             WHEN merchant_tax_info.source_lsn IS NOT NULL AND EXCLUDED.source_lsn IS NOT NULL
-                 THEN EXCLUDED.source_lsn < merchant_tax_info.source_lsn
-             WHEN merchant_tax_info.source_ts_ms IS NOT NULL AND EXCLUDED.source_ts_ms IS NOT NULL
-                 THEN EXCLUDED.source_ts_ms < merchant_tax_info.source_ts_ms
-             ELSE FALSE END)",
-    )
-    .bind(merchant_id)
-    .bind(position.lsn)
-    .bind(position.ts_ms)
-    .bind(source.topic)
-    .bind(source.partition)
-    .bind(source.offset)
-    .execute(tx)
-    .await?;
+    let (upserts, deletes): (Vec<&TaxWrite>, Vec<&TaxWrite>) =
+        writes.iter().partition(|w| w.upserted.is_some());
+    let values = |w: &&TaxWrite| w.upserted.clone();
+    let upserted: Vec<Upserted> = upserts.iter().filter_map(values).collect();
+    if !upserts.is_empty() {
+        let text = |f: fn(&TaxInfo) -> &Option<String>| -> Vec<Option<String>> {
+            upserted.iter().map(|u| f(&u.info).clone()).collect()
+        };
+        sqlx::query(
+            "INSERT INTO merchant_tax_info (merchant_id, merchant_name, tax, tax_code, legal_name, address, email,
+                 phone, invoice_enabled, issuance_mode, claim_window_minutes, provider, source_lsn, source_ts_ms,
+                 source_topic, source_partition, source_offset, deleted_at)
+             SELECT m, n, t, tc, ln, a, e, ph, ie, im, cw, p, lsn, ts, $17, $18, o, CASE WHEN d THEN now() END
+             FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::text[], $7::text[],
+                 $8::text[], $9::bool[], $10::text[], $11::int[], $12::text[], $13::bigint[], $14::bigint[],
+                 $15::bigint[], $16::bool[]) AS u(m, n, t, tc, ln, a, e, ph, ie, im, cw, p, lsn, ts, o, d)
+             ON CONFLICT (merchant_id) DO UPDATE SET
+                 merchant_name = COALESCE(EXCLUDED.merchant_name, merchant_tax_info.merchant_name),
+                 tax = EXCLUDED.tax, tax_code = EXCLUDED.tax_code, legal_name = EXCLUDED.legal_name,
+                 address = EXCLUDED.address, email = EXCLUDED.email, phone = EXCLUDED.phone,
+                 invoice_enabled = EXCLUDED.invoice_enabled, issuance_mode = EXCLUDED.issuance_mode,
+                 claim_window_minutes = EXCLUDED.claim_window_minutes, provider = EXCLUDED.provider,
+                 source_lsn = EXCLUDED.source_lsn, source_ts_ms = EXCLUDED.source_ts_ms,
+                 source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
+                 source_offset = EXCLUDED.source_offset, updated_at = now(), deleted_at = EXCLUDED.deleted_at
+             -- Second line of defence behind the task's own check: never overwrite newer state.
+             WHERE NOT (CASE
+                 WHEN merchant_tax_info.source_lsn IS NOT NULL AND EXCLUDED.source_lsn IS NOT NULL
+                     THEN EXCLUDED.source_lsn < merchant_tax_info.source_lsn
+                 WHEN merchant_tax_info.source_ts_ms IS NOT NULL AND EXCLUDED.source_ts_ms IS NOT NULL
+                     THEN EXCLUDED.source_ts_ms < merchant_tax_info.source_ts_ms
+                 ELSE FALSE END)",
+        )
+        .bind(upserts.iter().map(|w| w.merchant_id.as_str()).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|w| w.name.as_deref()).collect::<Vec<_>>())
+        .bind(upserted.iter().map(|u| &u.tax).collect::<Vec<_>>())
+        .bind(text(|i| &i.tax_code))
+        .bind(text(|i| &i.legal_name))
+        .bind(text(|i| &i.address))
+        .bind(text(|i| &i.email))
+        .bind(text(|i| &i.phone))
+        .bind(upserted.iter().map(|u| u.info.invoice_enabled).collect::<Vec<_>>())
+        .bind(upserted.iter().map(|u| u.info.issuance_mode.as_str()).collect::<Vec<_>>())
+        .bind(upserted.iter().map(|u| u.info.claim_window_minutes as i32).collect::<Vec<_>>())
+        .bind(text(|i| &i.provider))
+        .bind(upserts.iter().map(|w| w.position.lsn).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|w| w.position.ts_ms).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|w| w.offset).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|w| w.deleted).collect::<Vec<_>>())
+        .bind(topic)
+        .bind(partition)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let deletes: Vec<&TaxWrite> = deletes.into_iter().filter(|w| w.deleted).collect();
+    if !deletes.is_empty() {
+        sqlx::query(
+            "INSERT INTO merchant_tax_info (merchant_id, tax, source_lsn, source_ts_ms, source_topic, source_partition,
+                 source_offset, deleted_at)
+             SELECT m, '{}'::jsonb, lsn, ts, $4, $5, o, now()
+             FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $6::bigint[]) AS d(m, lsn, ts, o)
+             ON CONFLICT (merchant_id) DO UPDATE SET
+                 deleted_at = now(), updated_at = now(), source_lsn = EXCLUDED.source_lsn,
+                 source_ts_ms = EXCLUDED.source_ts_ms, source_topic = EXCLUDED.source_topic,
+                 source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset
+             WHERE NOT (CASE
+                 WHEN merchant_tax_info.source_lsn IS NOT NULL AND EXCLUDED.source_lsn IS NOT NULL
+                     THEN EXCLUDED.source_lsn < merchant_tax_info.source_lsn
+                 WHEN merchant_tax_info.source_ts_ms IS NOT NULL AND EXCLUDED.source_ts_ms IS NOT NULL
+                     THEN EXCLUDED.source_ts_ms < merchant_tax_info.source_ts_ms
+                 ELSE FALSE END)",
+        )
+        .bind(deletes.iter().map(|w| w.merchant_id.as_str()).collect::<Vec<_>>())
+        .bind(deletes.iter().map(|w| w.position.lsn).collect::<Vec<_>>())
+        .bind(deletes.iter().map(|w| w.position.ts_ms).collect::<Vec<_>>())
+        .bind(topic)
+        .bind(partition)
+        .bind(deletes.iter().map(|w| w.offset).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
 }
 

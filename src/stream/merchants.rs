@@ -12,7 +12,20 @@ use super::{BatchError, Deps};
 use crate::domain::tax_info::{decide_cdc, CdcChange, CdcOutcome, StoredTax};
 use crate::events::merchant_cdc::{self, MerchantEvent};
 use crate::storage::decisions::{insert_audits, insert_outbox, NewAudit};
-use crate::storage::merchants::{self, Source};
+use crate::storage::merchants::{self, TaxWrite};
+
+/// The batch's pending write of `merchant_id`, created on its first change.
+fn write_of_merchant<'a>(
+    writes: &'a mut Vec<TaxWrite>,
+    index: &mut HashMap<String, usize>,
+    merchant_id: &str,
+) -> &'a mut TaxWrite {
+    let at = *index.entry(merchant_id.to_owned()).or_insert_with(|| {
+        writes.push(TaxWrite::new(merchant_id));
+        writes.len() - 1
+    });
+    &mut writes[at]
+}
 
 /// Stored TaxInfo per merchant as this task knows it (`None`: known to be absent). Valid only
 /// while the task owns the partition: merchants are keyed by id, so no one else writes them.
@@ -91,6 +104,9 @@ pub async fn process(
         }
     }
     let mut summary = Summary::default();
+    // Each merchant's net change, written once per batch, in first-seen order.
+    let mut writes: Vec<TaxWrite> = Vec::new();
+    let mut write_of: HashMap<String, usize> = HashMap::new();
     let mut audits = Vec::new();
     let mut dead = Vec::new();
     for (message, event) in &parsed {
@@ -114,7 +130,6 @@ pub async fn process(
             None => cache.get(merchant_id).cloned().flatten(),
         };
         let outcome = decide_cdc(&change.change, &change.position, stored.as_ref());
-        let source = Source { topic, partition, offset: message.offset() };
         let op = match &change.change {
             CdcChange::Upsert { op, .. } | CdcChange::Unchanged { op } => *op,
             CdcChange::Delete => 'd',
@@ -124,16 +139,13 @@ pub async fn process(
                 let (CdcChange::Upsert { tax, .. }, Some(info)) = (&change.change, &change.tax_info) else {
                     return Err(BatchError::Bug("an applied CDC change without tax"));
                 };
-                merchants::upsert(
-                    tx,
-                    merchant_id,
-                    change.merchant_name.as_deref(),
-                    tax,
-                    info,
-                    &change.position,
-                    source,
-                )
-                .await?;
+                write_of_merchant(&mut writes, &mut write_of, merchant_id).apply(
+                    change.merchant_name.clone(),
+                    tax.clone(),
+                    info.clone(),
+                    change.position,
+                    message.offset(),
+                );
                 audits.push(tax_audit(
                     merchant_id,
                     "tax_info.applied",
@@ -147,7 +159,8 @@ pub async fn process(
                 tracing::info!(merchantId = merchant_id, partition, op = %op, "[handleMerchantCDC] TaxInfo applied");
             }
             CdcOutcome::Delete => {
-                merchants::soft_delete(tx, merchant_id, &change.position, source).await?;
+                write_of_merchant(&mut writes, &mut write_of, merchant_id)
+                    .delete(change.position, message.offset());
                 audits.push(tax_audit(
                     merchant_id,
                     "tax_info.deleted",
@@ -179,7 +192,8 @@ pub async fn process(
                 if stored.is_none() {
                     // Never seen: keep the delete's position so an older create replayed
                     // later stays stale.
-                    merchants::soft_delete(tx, merchant_id, &change.position, source).await?;
+                    write_of_merchant(&mut writes, &mut write_of, merchant_id)
+                        .delete(change.position, message.offset());
                     let marker = StoredTax {
                         tax: serde_json::Value::Object(serde_json::Map::new()),
                         position: change.position,
@@ -196,6 +210,7 @@ pub async fn process(
         }
         summary.outcomes.push(outcome);
     }
+    merchants::write_batch(tx, topic, partition, &writes).await?;
     insert_audits(tx, &audits).await?;
     insert_outbox(tx, &dead).await?;
     // Everything loaded or changed here (misses included, so the next skip needs no query).

@@ -323,9 +323,14 @@ async fn cdc_keeps_the_newest_tax_info_whatever_the_order_and_format() {
     // M-4: deleted before it was ever seen, then an older create replayed: stays deleted.
     send(&p, t, "M-4", &cdc("d", "M-4", enabled.clone(), 600)).await;
     send(&p, t, "M-4", &cdc("c", "M-4", enabled.clone(), 550)).await;
+    // M-5: created, deleted and created again, all in one batch: the batch writes the merchant
+    // once, and that write is the last change (revived, with its values).
+    send(&p, t, "M-5", &cdc("c", "M-5", disabled.clone(), 700)).await;
+    send(&p, t, "M-5", &cdc("d", "M-5", disabled.clone(), 800)).await;
+    send(&p, t, "M-5", &cdc("c", "M-5", enabled.clone(), 900)).await;
 
     let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
-    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 12).await;
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 15).await;
     let row = |m: &'static str| {
         let pool = db.pool.clone();
         async move {
@@ -346,13 +351,19 @@ async fn cdc_keeps_the_newest_tax_info_whatever_the_order_and_format() {
         (false, Some(600), true),
         "an older create never revives a deleted merchant"
     );
-    assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'tax_info'").await, 5);
+    assert_eq!(row("M-5").await, (true, Some(900), false), "the last change of the batch wins");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'tax_info'").await, 8);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'tax_info' AND entity_id = 'M-5'").await,
+        3,
+        "one audit row per change applied, even when the batch writes the merchant once"
+    );
     let metrics = stream.metrics().await;
-    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"applied\""]), 4.0);
+    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"applied\""]), 6.0);
     assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"skipped\""]), 2.0);
     assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"stale\""]), 3.0);
     assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"already_deleted\""]), 1.0);
-    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"deleted\""]), 1.0);
+    assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"deleted\""]), 2.0);
     stream.stop().await.unwrap();
 }
 

@@ -16,3 +16,7 @@ DROP INDEX invoice_request_one_pending_per_order;
 CREATE UNIQUE INDEX invoice_request_one_pending_per_order
     ON invoice_request (order_id, merchant_id)
     WHERE joined_at IS NULL AND deleted_at IS NULL;
+
+-- Implied by `claim_token_hash` (unique over all claims, open or not); each claim paid for a
+-- second random-key B-tree insert.
+DROP INDEX claim_one_live_per_token;
