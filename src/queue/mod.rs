@@ -160,12 +160,15 @@ return out
 "#;
 
 const CLAIM: &str = r#"
--- KEYS: wait active delayed state job att tok ; ARGV: now lease_ms housekeeping_max token...
+-- KEYS: wait active delayed state job att tok ; ARGV: lease_ms housekeeping_max token...
 -- (one fresh random token per job it may hand out) ; returns {reclaimed, promoted, id, payload, delivery, token, ...}
-local now = tonumber(ARGV[1])
-local lease = tonumber(ARGV[2])
-local hk = tonumber(ARGV[3])
-local n = #ARGV - 3
+-- Redis's clock, not the caller's: workers' clocks may disagree, and a lease judged by a
+-- fast one would be reaped while its worker still runs.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local hk = tonumber(ARGV[2])
+local n = #ARGV - 2
 -- Leases that expired: their worker died or hung. Back to the head of the line.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, hk)
 for i = #expired, 1, -1 do
@@ -189,7 +192,7 @@ while taken < n do
   if not id then break end
   if redis.call('HGET', KEYS[4], id) == 'waiting' then
     local delivery = redis.call('HINCRBY', KEYS[6], id, 1)
-    local token = ARGV[4 + taken]
+    local token = ARGV[3 + taken]
     redis.call('HSET', KEYS[7], id, token)
     redis.call('ZADD', KEYS[2], now + lease, id)
     redis.call('HSET', KEYS[4], id, 'active')
@@ -204,12 +207,14 @@ return out
 "#;
 
 const EXTEND: &str = r#"
--- KEYS: active state tok ; ARGV: deadline id token [id token ...] ; returns the ids whose lease is lost
+-- KEYS: active state tok ; ARGV: lease_ms id token [id token ...] ; returns the ids whose lease is lost
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lost = {}
 for i = 2, #ARGV, 2 do
   local id = ARGV[i]
   if redis.call('HGET', KEYS[2], id) == 'active' and redis.call('HGET', KEYS[3], id) == ARGV[i + 1] then
-    redis.call('ZADD', KEYS[1], 'XX', tonumber(ARGV[1]), id)
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), id)
   else
     lost[#lost + 1] = id
   end
@@ -237,10 +242,11 @@ return stale
 "#;
 
 const RETRY: &str = r#"
--- KEYS: active delayed state tok err ; ARGV: now id token delay_ms error [...] ; returns stale count
-local now = tonumber(ARGV[1])
+-- KEYS: active delayed state tok err ; ARGV: id token delay_ms error [...] ; returns stale count
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stale = 0
-for i = 2, #ARGV, 4 do
+for i = 1, #ARGV, 4 do
   local id = ARGV[i]
   if redis.call('HGET', KEYS[3], id) == 'active' and redis.call('HGET', KEYS[4], id) == ARGV[i + 1] then
     redis.call('ZREM', KEYS[1], id)
@@ -256,13 +262,14 @@ return stale
 "#;
 
 const DEAD: &str = r#"
--- KEYS: active dlq state tok err ; ARGV: now id token error ; returns 1 if moved, 0 if stale
-if redis.call('HGET', KEYS[3], ARGV[2]) == 'active' and redis.call('HGET', KEYS[4], ARGV[2]) == ARGV[3] then
-  redis.call('ZREM', KEYS[1], ARGV[2])
-  redis.call('HDEL', KEYS[4], ARGV[2])
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[1]), ARGV[2])
-  redis.call('HSET', KEYS[3], ARGV[2], 'dead')
-  redis.call('HSET', KEYS[5], ARGV[2], ARGV[4])
+-- KEYS: active dlq state tok err ; ARGV: id token error ; returns 1 if moved, 0 if stale
+if redis.call('HGET', KEYS[3], ARGV[1]) == 'active' and redis.call('HGET', KEYS[4], ARGV[1]) == ARGV[2] then
+  local t = redis.call('TIME')
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[4], ARGV[1])
+  redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+  redis.call('HSET', KEYS[3], ARGV[1], 'dead')
+  redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
   return 1
 end
 return 0
@@ -438,7 +445,7 @@ impl Queue {
         let k = self.keys(partition);
         let mut call = self.scripts.claim.prepare_invoke();
         call.key(&k.wait).key(&k.active).key(&k.delayed).key(&k.state).key(&k.job).key(&k.att).key(&k.tok);
-        call.arg(now_ms()).arg(ms(lease)).arg(1000);
+        call.arg(ms(lease)).arg(1000);
         for _ in 0..n.max(1) {
             call.arg(uuid::Uuid::new_v4().simple().to_string());
         }
@@ -460,7 +467,7 @@ impl Queue {
         }
         let k = self.keys(partition);
         let mut call = self.scripts.extend.prepare_invoke();
-        call.key(&k.active).key(&k.state).key(&k.tok).arg(now_ms() + ms(lease));
+        call.key(&k.active).key(&k.state).key(&k.tok).arg(ms(lease));
         for job in jobs {
             call.arg(&job.order_id).arg(&job.token);
         }
@@ -491,7 +498,7 @@ impl Queue {
         }
         let k = self.keys(partition);
         let mut call = self.scripts.retry.prepare_invoke();
-        call.key(&k.active).key(&k.delayed).key(&k.state).key(&k.tok).key(&k.err).arg(now_ms());
+        call.key(&k.active).key(&k.delayed).key(&k.state).key(&k.tok).key(&k.err);
         for r in retries {
             call.arg(&r.job.order_id).arg(&r.job.token).arg(ms(r.delay)).arg(&r.error);
         }
@@ -511,7 +518,6 @@ impl Queue {
             .key(&k.state)
             .key(&k.tok)
             .key(&k.err)
-            .arg(now_ms())
             .arg(&job.order_id)
             .arg(&job.token)
             .arg(error)
