@@ -555,6 +555,7 @@ pub struct IssuanceMetrics {
     issue_latency: prometheus::Histogram,
     batch_phase: HistogramVec,
     batch_size: prometheus::Histogram,
+    tax_authority_rejections: IntCounterVec,
 }
 
 impl IssuanceMetrics {
@@ -636,6 +637,14 @@ impl IssuanceMetrics {
                 &["phase"],
             )
             .expect("valid metric"),
+            tax_authority_rejections: IntCounterVec::new(
+                Opts::new(
+                    "tax_authority_rejections_total",
+                    "Issued invoices whose provider status says the tax authority rejected them (DIS_APPROVED)",
+                ),
+                &["provider"],
+            )
+            .expect("valid metric"),
             batch_size: prometheus::Histogram::with_opts(
                 HistogramOpts::new("worker_batch_jobs", "Jobs per worker batch")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
@@ -658,6 +667,7 @@ impl IssuanceMetrics {
             Box::new(m.sweeper_oldest_due.clone()),
             Box::new(m.queue_errors.clone()),
             Box::new(m.issue_latency.clone()),
+            Box::new(m.tax_authority_rejections.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
@@ -702,7 +712,13 @@ impl IssuanceMetrics {
             for class in ["retryable", "ambiguous"] {
                 let _zero = self.retries.with_label_values(&[name, class]);
             }
+            let _zero = self.tax_authority_rejections.with_label_values(&[name]);
         }
+    }
+
+    /// An issued invoice the tax authority rejected.
+    pub fn tax_authority_rejected(&self, provider: &str) {
+        self.tax_authority_rejections.with_label_values(&[provider]).inc();
     }
 
     /// A retry scheduled (`class`: retryable, ambiguous, lookup).

@@ -106,6 +106,13 @@ pub fn at(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// Whether a provider's status of an issued invoice says the tax authority rejected it
+/// (Viettel's `DIS_APPROVED`, DOMAIN §3). The invoice has a number but is not valid: someone
+/// must act (fix and replace it), so it is counted and alerted on, never silently kept.
+pub fn rejected_by_tax_authority(provider_status: Option<&str>) -> bool {
+    provider_status.is_some_and(|s| s.to_ascii_uppercase().contains("DIS_APPROVED"))
+}
+
 /// Where the outcome of a `create` takes an ISSUING invoice on its `attempt`-th attempt.
 /// `backoff` is the jittered delay for this attempt (drawn by the caller).
 pub fn after_create(
@@ -202,6 +209,15 @@ mod tests {
         safe_wait: Duration::from_secs(90),
         lookup_interval: Duration::from_secs(30),
     };
+
+    #[test]
+    fn a_tax_authority_rejection_is_recognised_in_any_case_and_nothing_else_is() {
+        assert!(rejected_by_tax_authority(Some("DIS_APPROVED")));
+        assert!(rejected_by_tax_authority(Some("dis_approved: sai mã số thuế")));
+        for status in [None, Some(""), Some("Đã cấp mã"), Some("APPROVED"), Some("Chờ cấp số")] {
+            assert!(!rejected_by_tax_authority(status), "{status:?}");
+        }
+    }
 
     #[test]
     fn times_saturate_instead_of_overflowing() {

@@ -396,11 +396,19 @@ impl Worker {
             }
             let inv = &s.invoice;
             let (status, next): (&'static str, Option<DateTime<Utc>>) = match &s.transition {
-                Transition::Issued { invoice_no, .. } => {
+                Transition::Issued { invoice_no, provider_status, .. } => {
                     tracing::info!(
                         orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
                         invoiceNo = %invoice_no, "Invoice issued"
                     );
+                    if super::plan::rejected_by_tax_authority(provider_status.as_deref()) {
+                        deps.metrics.issuance.tax_authority_rejected(&s.provider);
+                        tracing::error!(
+                            orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
+                            invoiceNo = %invoice_no, providerStatus = ?provider_status,
+                            "[taxAuthority] Issued invoice rejected by the tax authority; it needs a replacement"
+                        );
+                    }
                     ("ISSUED", None)
                 }
                 Transition::Submitted { next } => ("SUBMITTED", Some(*next)),

@@ -8,6 +8,7 @@
 //! [`Outcome::Ambiguous`], and the worker looks it up after the safe wait.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -65,9 +66,14 @@ pub fn recorded_request(body: &Value, buyer_kind: BuyerKind) -> Value {
 pub struct Viettel {
     client: reqwest::Client,
     settings: Settings,
-    /// (login URL, username) → (token, refresh after).
-    tokens: Mutex<HashMap<(String, String), (String, Instant)>>,
+    /// (login URL, username) → its token slot. One lock per account: a slow login of one
+    /// merchant's account never holds up the calls of the others.
+    tokens: std::sync::Mutex<HashMap<(String, String), TokenSlot>>,
 }
+
+/// A cached token and when to refresh it; its lock is held across a login, so concurrent
+/// callers of one account wait for that login instead of each logging in.
+type TokenSlot = Arc<Mutex<Option<(String, Instant)>>>;
 
 impl Viettel {
     /// An adapter with its own connection pool.
@@ -79,7 +85,7 @@ impl Viettel {
             .user_agent(concat!("invoice/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ProviderInitError(e.to_string()))?;
-        Ok(Viettel { client, settings, tokens: Mutex::new(HashMap::new()) })
+        Ok(Viettel { client, settings, tokens: std::sync::Mutex::new(HashMap::new()) })
     }
 
     /// The login URL: `/auth/login` at the host root of the API's base URL.
@@ -95,20 +101,25 @@ impl Viettel {
     }
 
     async fn token(&self, target: &Target, fresh: bool) -> Result<String, Outcome> {
-        let key = (Self::login_url(&target.endpoint), target.username.clone());
-        let mut tokens = self.tokens.lock().await;
+        let login_url = Self::login_url(&target.endpoint);
+        let slot = {
+            // A panic elsewhere while holding this map leaves it usable: it only maps keys to slots.
+            let mut slots = self.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            slots.entry((login_url.clone(), target.username.clone())).or_default().clone()
+        };
+        let mut cached = slot.lock().await;
         if !fresh {
-            if let Some((token, refresh_after)) = tokens.get(&key) {
+            if let Some((token, refresh_after)) = cached.as_ref() {
                 if Instant::now() < *refresh_after {
                     return Ok(token.clone());
                 }
             }
         }
-        // Logging in under the lock: concurrent callers wait for one login instead of
-        // each logging in (Viettel invalidates older tokens on some accounts).
+        // Logging in under the account's lock: its concurrent callers wait for one login
+        // instead of each logging in (Viettel invalidates older tokens on some accounts).
         let response = self
             .client
-            .post(&key.0)
+            .post(&login_url)
             .json(&json!({"username": target.username, "password": target.password.expose()}))
             .send()
             .await
@@ -140,7 +151,7 @@ impl Viettel {
         let lifetime = Duration::from_secs(expires_in);
         let early = (lifetime / 5).max(Duration::from_secs(30));
         let refresh_after = Instant::now() + lifetime.saturating_sub(early);
-        tokens.insert(key, (token.to_owned(), refresh_after));
+        *cached = Some((token.to_owned(), refresh_after));
         Ok(token.to_owned())
     }
 
