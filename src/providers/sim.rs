@@ -62,6 +62,9 @@ pub struct Knobs {
     pub number_delay_ms: u64,
     /// Token lifetime (`expires_in`).
     pub token_ttl_s: u64,
+    /// Lookups report every numbered invoice as rejected by the tax authority
+    /// (`exchangeStatus` `DIS_APPROVED`).
+    pub tax_authority_rejects: bool,
 }
 
 impl Default for Knobs {
@@ -80,6 +83,7 @@ impl Default for Knobs {
             accept_without_number_first: 0,
             number_delay_ms: 2_000,
             token_ttl_s: 600,
+            tax_authority_rejects: false,
         }
     }
 }
@@ -456,7 +460,10 @@ impl Sim {
         }
         let body = read(request).await;
         let form: HashMap<String, String> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
-        let latency = self.lock_knobs().latency_ms;
+        let (latency, rejects) = {
+            let knobs = self.lock_knobs();
+            (knobs.latency_ms, knobs.tax_authority_rejects)
+        };
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
@@ -475,7 +482,11 @@ impl Sim {
                         "invoiceNo": if visible { invoice.invoice_no.as_str() } else { "" },
                         "reservationCode": invoice.reservation_code,
                         "status": "Hóa đơn gốc",
-                        "exchangeStatus": if visible { "Đã cấp mã" } else { "Chờ cấp số" },
+                        "exchangeStatus": match (visible, rejects) {
+                            (false, _) => "Chờ cấp số",
+                            (true, false) => "Đã cấp mã",
+                            (true, true) => "DIS_APPROVED",
+                        },
                         "codeOfTax": null}]}),
                 )
             }

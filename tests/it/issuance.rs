@@ -199,6 +199,38 @@ async fn accepted_without_a_number_is_submitted_then_issued() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issued_invoice_the_tax_authority_rejected_is_counted_for_the_alert() {
+    let s = setup(
+        Knobs {
+            accept_without_number_first: 1,
+            number_delay_ms: 500,
+            tax_authority_rejects: true,
+            ..Knobs::default()
+        },
+        "immediate",
+    )
+    .await;
+    let worker = TestWorker::spawn(&s.env).await;
+    // The first create is accepted without a number: its lookup finds it numbered but
+    // DIS_APPROVED. The other is issued by its create, whose answer has no such status.
+    s.pay(["ORD-T-1".to_owned(), "ORD-T-2".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 2).await;
+    assert_eq!(
+        s.scalar("SELECT count(*) FROM invoice WHERE provider_status->>'status' = 'DIS_APPROVED'").await,
+        1,
+        "the lookup's status is kept on the invoice"
+    );
+    let metrics = worker.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "invoice_tax_authority_rejections_total", &["provider=\"viettel\""]),
+        1.0,
+        "one rejection, the other invoice is fine"
+    );
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_are_retried_with_backoff_and_permanent_ones_fail_to_the_dlq() {
     let s = setup(Knobs { fail_first: 3, ..Knobs::default() }, "immediate").await;
     let worker = TestWorker::spawn(&s.env).await;
