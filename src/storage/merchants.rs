@@ -54,6 +54,19 @@ pub struct Source<'a> {
     pub offset: i64,
 }
 
+/// The conflict clause of every TaxInfo write: the second line of defence behind the task's
+/// own check, so an event older than the stored state (LSN, else `ts_ms`) never overwrites it.
+macro_rules! never_older_than_stored {
+    () => {
+        " WHERE NOT (CASE
+             WHEN merchant_tax_info.source_lsn IS NOT NULL AND EXCLUDED.source_lsn IS NOT NULL
+                 THEN EXCLUDED.source_lsn < merchant_tax_info.source_lsn
+             WHEN merchant_tax_info.source_ts_ms IS NOT NULL AND EXCLUDED.source_ts_ms IS NOT NULL
+                 THEN EXCLUDED.source_ts_ms < merchant_tax_info.source_ts_ms
+             ELSE FALSE END)"
+    };
+}
+
 /// Inserts or replaces a merchant's TaxInfo (and revives a deleted one).
 pub async fn upsert(
     tx: &mut PgConnection,
@@ -153,7 +166,7 @@ pub async fn write_batch(
         let text = |f: fn(&TaxInfo) -> &Option<String>| -> Vec<Option<String>> {
             upserted.iter().map(|u| f(&u.info).clone()).collect()
         };
-        sqlx::query(
+        sqlx::query(concat!(
             "INSERT INTO merchant_tax_info (merchant_id, merchant_name, tax, tax_code, legal_name, address, email,
                  phone, invoice_enabled, issuance_mode, claim_window_minutes, provider, source_lsn, source_ts_ms,
                  source_topic, source_partition, source_offset, deleted_at)
@@ -170,13 +183,7 @@ pub async fn write_batch(
                  source_lsn = EXCLUDED.source_lsn, source_ts_ms = EXCLUDED.source_ts_ms,
                  source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
                  source_offset = EXCLUDED.source_offset, updated_at = now(), deleted_at = EXCLUDED.deleted_at
-             -- Second line of defence behind the task's own check: never overwrite newer state.
-             WHERE NOT (CASE
-                 WHEN merchant_tax_info.source_lsn IS NOT NULL AND EXCLUDED.source_lsn IS NOT NULL
-                     THEN EXCLUDED.source_lsn < merchant_tax_info.source_lsn
-                 WHEN merchant_tax_info.source_ts_ms IS NOT NULL AND EXCLUDED.source_ts_ms IS NOT NULL
-                     THEN EXCLUDED.source_ts_ms < merchant_tax_info.source_ts_ms
-                 ELSE FALSE END)",
+             ", never_older_than_stored!()),
         )
         .bind(upserts.iter().map(|w| w.merchant_id.as_str()).collect::<Vec<_>>())
         .bind(upserts.iter().map(|w| w.name.as_deref()).collect::<Vec<_>>())
@@ -201,7 +208,7 @@ pub async fn write_batch(
     }
     let deletes: Vec<&TaxWrite> = deletes.into_iter().filter(|w| w.deleted).collect();
     if !deletes.is_empty() {
-        sqlx::query(
+        sqlx::query(concat!(
             "INSERT INTO merchant_tax_info (merchant_id, tax, source_lsn, source_ts_ms, source_topic, source_partition,
                  source_offset, deleted_at)
              SELECT m, '{}'::jsonb, lsn, ts, $4, $5, o, now()
@@ -210,12 +217,7 @@ pub async fn write_batch(
                  deleted_at = now(), updated_at = now(), source_lsn = EXCLUDED.source_lsn,
                  source_ts_ms = EXCLUDED.source_ts_ms, source_topic = EXCLUDED.source_topic,
                  source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset
-             WHERE NOT (CASE
-                 WHEN merchant_tax_info.source_lsn IS NOT NULL AND EXCLUDED.source_lsn IS NOT NULL
-                     THEN EXCLUDED.source_lsn < merchant_tax_info.source_lsn
-                 WHEN merchant_tax_info.source_ts_ms IS NOT NULL AND EXCLUDED.source_ts_ms IS NOT NULL
-                     THEN EXCLUDED.source_ts_ms < merchant_tax_info.source_ts_ms
-                 ELSE FALSE END)",
+             ", never_older_than_stored!()),
         )
         .bind(deletes.iter().map(|w| w.merchant_id.as_str()).collect::<Vec<_>>())
         .bind(deletes.iter().map(|w| w.position.lsn).collect::<Vec<_>>())
