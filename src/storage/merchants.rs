@@ -160,11 +160,10 @@ pub async fn write_batch(
 ) -> Result<(), StorageError> {
     let (upserts, deletes): (Vec<&TaxWrite>, Vec<&TaxWrite>) =
         writes.iter().partition(|w| w.upserted.is_some());
-    let values = |w: &&TaxWrite| w.upserted.clone();
-    let upserted: Vec<Upserted> = upserts.iter().filter_map(values).collect();
+    let upserted: Vec<&Upserted> = upserts.iter().filter_map(|w| w.upserted.as_ref()).collect();
     if !upserts.is_empty() {
-        let text = |f: fn(&TaxInfo) -> &Option<String>| -> Vec<Option<String>> {
-            upserted.iter().map(|u| f(&u.info).clone()).collect()
+        let text = |f: fn(&TaxInfo) -> &Option<String>| -> Vec<Option<&str>> {
+            upserted.iter().map(|u| f(&u.info).as_deref()).collect()
         };
         sqlx::query(concat!(
             "INSERT INTO merchant_tax_info (merchant_id, merchant_name, tax, tax_code, legal_name, address, email,
