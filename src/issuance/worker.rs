@@ -21,7 +21,7 @@ use crate::domain::buyer::Buyer;
 use crate::domain::document::{self, Document, Original, Prepared, Seller};
 use crate::domain::money::{Line, Totals};
 use crate::providers::{Call, Provider, Target};
-use crate::queue::{backoff, Job, Retry};
+use crate::queue::{backoff, Job, Retry, SeriesKey};
 use crate::storage::issuance::{self, NewAttempt, Settle, Transition, WorkInvoice};
 
 /// How long an idle claim loop sleeps at most between polls.
@@ -521,7 +521,10 @@ impl Worker {
         let deps = &self.deps;
         let Item { inv, step, provider, target, prepared } = item;
         let series_key = (inv.merchant_id.clone(), prepared.doc.series.clone());
-        let _slot = self.series.acquire(series_key, provider.concurrency_per_series()).await;
+        let _slot = self
+            .series
+            .acquire(&deps.queue, series_key, provider.concurrency_per_series(), &self.stopping)
+            .await;
         let attempt =
             if step == Step::Poll { inv.attempts.max(0) as u32 } else { inv.attempts.max(0) as u32 + 1 };
         let delay = backoff(
@@ -826,18 +829,114 @@ async fn heartbeat(
     }
 }
 
-/// At most N calls in flight per (merchant, series), per process.
+/// How long a shared series slot is held without renewal: what a crashed holder costs its
+/// series. Renewed at a third of it while the call runs.
+const SERIES_LEASE: Duration = Duration::from_secs(30);
+/// The longest pause between two tries for a busy series slot.
+const SERIES_WAIT_MAX: Duration = Duration::from_millis(100);
+
+/// At most N calls in flight per (merchant, series), across every worker process: first a
+/// local semaphore (so a process never has more than N tasks asking Redis for one series),
+/// then a leased slot in Redis shared by all processes.
 #[derive(Default)]
 struct SeriesLimiter {
-    slots: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
+    local: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
+}
+
+/// A held series slot; dropping it gives it back.
+struct SeriesSlot {
+    _local: Option<OwnedSemaphorePermit>,
+    _shared: Option<SharedSeriesSlot>,
+}
+
+/// The Redis half of a [`SeriesSlot`], renewed in the background while held.
+struct SharedSeriesSlot {
+    queue: crate::queue::Queue,
+    key: SeriesKey,
+    token: String,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SharedSeriesSlot {
+    fn drop(&mut self) {
+        self.renewal.abort();
+        let (queue, key, token) = (self.queue.clone(), self.key.clone(), std::mem::take(&mut self.token));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = queue.release_series(&key, &token).await {
+                    // The lease frees it soon enough.
+                    tracing::debug!(%error, "Cannot release a series slot; its lease will");
+                }
+            });
+        }
+    }
 }
 
 impl SeriesLimiter {
-    async fn acquire(&self, key: (String, String), limit: usize) -> Option<OwnedSemaphorePermit> {
-        let semaphore = {
-            let mut slots = self.slots.lock().ok()?;
-            slots.entry(key).or_insert_with(|| Arc::new(Semaphore::new(limit.max(1)))).clone()
+    /// Waits for a slot of the series. When Redis cannot be asked, the local limit alone
+    /// applies (a limiter must not stop issuance; the claim loop stops on its own when Redis
+    /// is gone). Stopping gives up the wait: the caller hands its work back.
+    async fn acquire(
+        &self,
+        queue: &crate::queue::Queue,
+        (merchant_id, series): (String, String),
+        limit: usize,
+        stopping: &CancellationToken,
+    ) -> SeriesSlot {
+        let semaphore = match self.local.lock() {
+            Ok(mut local) => Some(
+                local
+                    .entry((merchant_id.clone(), series.clone()))
+                    .or_insert_with(|| Arc::new(Semaphore::new(limit.max(1))))
+                    .clone(),
+            ),
+            Err(_) => None,
         };
-        semaphore.acquire_owned().await.ok()
+        let local = match semaphore {
+            Some(semaphore) => tokio::select! {
+                permit = semaphore.acquire_owned() => permit.ok(),
+                _ = stopping.cancelled() => return SeriesSlot { _local: None, _shared: None },
+            },
+            None => None,
+        };
+        let key = queue.series_key(&merchant_id, &series);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match queue.try_acquire_series(&key, &token, limit, SERIES_LEASE).await {
+                Ok(true) => break,
+                Ok(false) => {
+                    let jittered = pause.mul_f64(0.5 + rand::random::<f64>());
+                    tokio::select! {
+                        _ = tokio::time::sleep(jittered) => {},
+                        _ = stopping.cancelled() => return SeriesSlot { _local: local, _shared: None },
+                    }
+                    pause = (pause * 2).min(SERIES_WAIT_MAX);
+                }
+                Err(error) => {
+                    tracing::warn!(merchantId = merchant_id, series, %error, "Cannot take a shared series slot; local limit only");
+                    return SeriesSlot { _local: local, _shared: None };
+                }
+            }
+        }
+        let renewal = tokio::spawn({
+            let (queue, key, token) = (queue.clone(), key.clone(), token.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(SERIES_LEASE / 3).await;
+                    match queue.renew_series(&key, &token, SERIES_LEASE).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!("A series slot's lease ran out during a call; held again")
+                        }
+                        Err(error) => tracing::warn!(%error, "Cannot renew a series slot"),
+                    }
+                }
+            }
+        });
+        SeriesSlot {
+            _local: local,
+            _shared: Some(SharedSeriesSlot { queue: queue.clone(), key, token, renewal }),
+        }
     }
 }

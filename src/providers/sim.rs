@@ -118,6 +118,9 @@ pub struct Stats {
     pub accepted_without_number: u64,
     /// Distinct UUIDs holding at least one invoice.
     pub uuids: u64,
+    /// The most creates ever in flight at once for one (seller, series): the workers'
+    /// per-series limit, seen from the provider's side.
+    pub peak_series_in_flight: u64,
 }
 
 /// One invoice the simulator issued.
@@ -146,9 +149,35 @@ pub struct SimInvoice {
 struct Inner {
     by_uuid: HashMap<String, Vec<SimInvoice>>,
     in_flight: HashMap<String, u32>,
+    series_in_flight: HashMap<String, u64>,
     next_number: HashMap<String, u64>,
     tokens: HashMap<String, Instant>,
     stats: Stats,
+}
+
+/// One create being served; counted out on drop.
+struct InFlight<'a> {
+    sim: &'a Sim,
+    uuid: &'a str,
+    series: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.sim.lock_inner();
+        if let Some(n) = inner.in_flight.get_mut(self.uuid) {
+            *n -= 1;
+            if *n == 0 {
+                inner.in_flight.remove(self.uuid);
+            }
+        }
+        if let Some(n) = inner.series_in_flight.get_mut(&self.series) {
+            *n -= 1;
+            if *n == 0 {
+                inner.series_in_flight.remove(&self.series);
+            }
+        }
+    }
 }
 
 /// The simulator's shared state.
@@ -342,6 +371,11 @@ impl Sim {
             (k.latency_ms, fail, k.fail_status, permanent, timeout, k.hang_ms, accept_only, k.number_delay_ms)
         };
         let arrived = Instant::now();
+        let series = format!(
+            "{}/{}",
+            body["sellerInfo"]["sellerTaxCode"].as_str().unwrap_or(""),
+            general["invoiceSeries"].as_str().unwrap_or("")
+        );
         {
             let mut inner = self.lock_inner();
             inner.stats.creates += 1;
@@ -350,21 +384,19 @@ impl Sim {
             if *in_flight > 1 {
                 inner.stats.overlaps += 1;
             }
+            let series_in_flight = inner.series_in_flight.entry(series.clone()).or_insert(0);
+            *series_in_flight += 1;
+            let peak = *series_in_flight;
+            inner.stats.peak_series_in_flight = inner.stats.peak_series_in_flight.max(peak);
         }
+        // A guard, because a client that gives up drops this future in the middle of the sleep.
+        let in_flight = InFlight { sim: self, uuid: &uuid, series };
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
         let response =
             self.issue(&body, &uuid, arrived, fail, fail_status, permanent, accept_only, number_delay);
-        {
-            let mut inner = self.lock_inner();
-            if let Some(n) = inner.in_flight.get_mut(&uuid) {
-                *n -= 1;
-                if *n == 0 {
-                    inner.in_flight.remove(&uuid);
-                }
-            }
-        }
+        drop(in_flight);
         if timeout {
             self.lock_inner().stats.injected_timeouts += 1;
             tokio::time::sleep(Duration::from_millis(hang)).await;

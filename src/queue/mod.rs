@@ -23,6 +23,9 @@
 //!
 //! Invariant: an id is in exactly one of `wait`/`active`/`delayed`/`dlq` iff `state` names it
 //! (`wait` may also hold stale copies, which `claim` skips).
+//!
+//! Besides the partitions, `<prefix>:series:{<merchant>:<series>}` holds the leased call
+//! slots of one invoice series, shared by every worker process (module `series`).
 
 use std::time::Duration;
 
@@ -30,6 +33,9 @@ use deadpool_redis::redis::{self, Script};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::partition_of;
+
+mod series;
+pub use series::SeriesKey;
 
 /// Why a queue operation failed. Always transient from the caller's point of view: Postgres
 /// still holds the work, and the sweeper re-enqueues it.
@@ -322,6 +328,7 @@ struct Scripts {
     dead: Script,
     release: Script,
     requeue: Script,
+    series: series::SeriesScripts,
 }
 
 /// The queue: a Redis pool, the partition count and the key prefix.
@@ -378,6 +385,7 @@ impl Queue {
                 dead: Script::new(DEAD),
                 release: Script::new(RELEASE),
                 requeue: Script::new(REQUEUE),
+                series: series::SeriesScripts::default(),
             }),
         }
     }

@@ -373,10 +373,12 @@ async fn a_redis_that_lost_everything_loses_no_invoice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_the_queue_without_running_one_key_twice() {
-    // Eight slots each, so neither worker can take the whole backlog alone.
+    // Eight slots each, so neither worker can take the whole backlog alone; three calls at
+    // once for the merchant's series, whichever process makes them.
     let s = setup_with(Knobs { latency_ms: 15, ..Knobs::default() }, "immediate", |env| {
         env.insert("APP_ENV_INVOICE_WORKER_CONCURRENCY".into(), "8".into());
         env.insert("APP_ENV_INVOICE_WORKER_BATCH_MAX".into(), "8".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_SERIES_CONCURRENCY".into(), "3".into());
     })
     .await;
     let a = TestWorker::spawn(&s.env).await;
@@ -391,6 +393,8 @@ async fn two_workers_share_the_queue_without_running_one_key_twice() {
     );
     assert_eq!(ia + ib, 120.0);
     assert!(ia > 0.0 && ib > 0.0, "both workers took jobs: {ia} + {ib}");
+    // The limit holds across the two processes (each alone would allow three), and is used.
+    assert_eq!(s.sim.stats().peak_series_in_flight, 3, "{:?}", s.sim.stats());
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     s.stream.stop().await.unwrap();

@@ -176,3 +176,47 @@ async fn depths_match_the_lists_and_scripts_survive_a_script_flush() {
     assert_eq!(depths[0].active, claimed.jobs.len() as u64);
     check_invariant(&prefix, 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_slots_are_limited_released_renewed_and_freed_by_their_lease() {
+    let (q, _) = queue();
+    let key = q.series_key("M-S", "C26TAA");
+    let other = q.series_key("M-S", "C26TAB");
+    let long = Duration::from_secs(30);
+    assert!(q.try_acquire_series(&key, "a", 2, long).await.unwrap());
+    assert!(q.try_acquire_series(&key, "b", 2, long).await.unwrap());
+    assert!(!q.try_acquire_series(&key, "c", 2, long).await.unwrap(), "a third holder over a limit of 2");
+    // A holder asking again keeps its one slot.
+    assert!(q.try_acquire_series(&key, "a", 2, long).await.unwrap());
+    assert_eq!(q.series_holders(&key).await.unwrap(), 2);
+    // Another series of the same merchant has its own slots.
+    assert!(q.try_acquire_series(&other, "c", 2, long).await.unwrap());
+
+    q.release_series(&key, "a").await.unwrap();
+    assert!(q.try_acquire_series(&key, "c", 2, long).await.unwrap());
+    assert_eq!(q.series_holders(&key).await.unwrap(), 2);
+
+    // A holder that died frees its slot when its lease runs out; a renewed one does not.
+    q.release_series(&key, "b").await.unwrap();
+    q.release_series(&key, "c").await.unwrap();
+    assert!(q.try_acquire_series(&key, "dead", 2, Duration::from_millis(300)).await.unwrap());
+    assert!(q.try_acquire_series(&key, "alive", 2, Duration::from_millis(300)).await.unwrap());
+    assert!(!q.try_acquire_series(&key, "new", 2, long).await.unwrap());
+    wait_until(Duration::from_secs(10), "the dead holder's lease to run out", || async {
+        assert!(
+            q.renew_series(&key, "alive", Duration::from_millis(300)).await.unwrap(),
+            "alive lost its slot"
+        );
+        q.try_acquire_series(&key, "new", 2, long).await.unwrap().then_some(())
+    })
+    .await;
+    assert_eq!(q.series_holders(&key).await.unwrap(), 2, "alive and new");
+    // Renewing an expired slot takes it again and says so.
+    assert!(q.try_acquire_series(&other, "short", 5, Duration::from_millis(1)).await.unwrap());
+    wait_until(Duration::from_secs(10), "the short lease to run out", || async {
+        (q.series_holders(&other).await.unwrap() == 1).then_some(())
+    })
+    .await;
+    assert!(!q.renew_series(&other, "short", long).await.unwrap());
+    assert_eq!(q.series_holders(&other).await.unwrap(), 2);
+}
