@@ -70,9 +70,17 @@ pub async fn database(cfg: &Config, application_name: &str) -> anyhow::Result<sq
     }
 }
 
-/// The Redis pool (connections are opened on first use).
+/// The Redis pool (connections are opened on first use). Bounded waits everywhere: a Redis
+/// that does not answer must fail the operation (readiness, the sweeper and leases take it
+/// from there), never hang it.
 pub fn redis(cfg: &Config) -> anyhow::Result<deadpool_redis::Pool> {
-    deadpool_redis::Config::from_url(cfg.redis_url.expose().as_str())
+    let mut redis = deadpool_redis::Config::from_url(cfg.redis_url.expose().as_str());
+    let bound = Some(Duration::from_secs(5));
+    redis.pool = Some(deadpool_redis::PoolConfig {
+        timeouts: deadpool_redis::Timeouts { wait: bound, create: bound, recycle: bound },
+        ..deadpool_redis::PoolConfig::default()
+    });
+    redis
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
         .context("APP_ENV_INVOICE_REDIS_URL: cannot build a Redis pool")
 }

@@ -29,6 +29,7 @@
 
 use std::time::Duration;
 
+use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, Script};
 use serde::{Deserialize, Serialize};
 
@@ -335,9 +336,69 @@ struct Scripts {
 #[derive(Clone)]
 pub struct Queue {
     pool: deadpool_redis::Pool,
+    /// One multiplexed connection taken from the pool and shared by every operation. A
+    /// checkout from the pool costs a PING round trip (deadpool's health check), as much as
+    /// the operation itself; a multiplexed connection pipelines concurrent operations on one
+    /// socket anyway. Forgotten on a connection error, so the next operation gets a fresh
+    /// one through the pool.
+    shared: std::sync::Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
     partitions: u32,
     prefix: String,
     scripts: std::sync::Arc<Scripts>,
+}
+
+/// How long any queue operation may wait for Redis's answer. Without it a Redis that stops
+/// answering (paused, or a network that drops packets) would hang every worker for good;
+/// with it the operation fails, the connection is replaced, and leases and the sweeper
+/// repair whatever the lost answer concerned.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A queue operation's connection: the shared one, which it forgets on a connection error.
+struct Conn {
+    inner: MultiplexedConnection,
+    shared: std::sync::Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
+}
+
+impl Conn {
+    fn check<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(error) = &result {
+            if error.is_io_error()
+                || error.is_connection_dropped()
+                || error.is_unrecoverable_error()
+                || error.is_timeout()
+            {
+                if let Ok(mut shared) = self.shared.lock() {
+                    *shared = None;
+                }
+            }
+        }
+        result
+    }
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_command(cmd).await;
+            self.check(result)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_commands(cmd, offset, count).await;
+            self.check(result)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
 }
 
 impl std::fmt::Debug for Queue {
@@ -374,6 +435,7 @@ impl Queue {
     pub fn new(pool: deadpool_redis::Pool, partitions: u32, prefix: &str) -> Queue {
         Queue {
             pool,
+            shared: Default::default(),
             partitions: partitions.max(1),
             prefix: prefix.to_owned(),
             scripts: std::sync::Arc::new(Scripts {
@@ -415,8 +477,26 @@ impl Queue {
         }
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, QueueError> {
-        Ok(self.pool.get().await?)
+    async fn conn(&self) -> Result<Conn, QueueError> {
+        let cached = self.shared.lock().ok().and_then(|shared| shared.clone());
+        let inner = match cached {
+            Some(inner) => inner,
+            None => {
+                // Bounded whatever the pool's own settings: a new connection's handshake is
+                // a round trip too.
+                let pooled =
+                    tokio::time::timeout(RESPONSE_TIMEOUT, self.pool.get()).await.map_err(|_| {
+                        QueueError::Pool("no Redis connection within the response timeout".into())
+                    })??;
+                let mut inner = MultiplexedConnection::clone(&pooled);
+                inner.set_response_timeout(RESPONSE_TIMEOUT);
+                if let Ok(mut shared) = self.shared.lock() {
+                    *shared = Some(inner.clone());
+                }
+                inner
+            }
+        };
+        Ok(Conn { inner, shared: self.shared.clone() })
     }
 
     /// Enqueues jobs (order id, payload); an order that already has a job is left as it is.

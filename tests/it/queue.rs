@@ -220,3 +220,27 @@ async fn series_slots_are_limited_released_renewed_and_freed_by_their_lease() {
     assert!(!q.renew_series(&other, "short", long).await.unwrap());
     assert_eq!(q.series_holders(&other).await.unwrap(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_fails_operations_instead_of_hanging_them() {
+    // A listener that accepts connections and never answers: a paused Redis, or a network
+    // that drops its packets.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let pool = deadpool_redis::Config::from_url(format!("redis://{addr}"))
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let q = Queue::new(pool, 3, &unique("iq-hang-"));
+    let answer = tokio::time::timeout(Duration::from_secs(60), q.enqueue(&[("ORD-HANG".into(), payload())]))
+        .await
+        .expect("the enqueue came back within a minute");
+    let error = answer.expect_err("nothing answered, so the enqueue cannot have succeeded");
+    assert!(error.to_string().contains("Redis"), "{error}");
+    held.abort();
+}
