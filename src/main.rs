@@ -22,6 +22,9 @@ fn out(line: impl std::fmt::Display) {
 }
 
 fn main() -> ExitCode {
+    // Before parsing: flags take their defaults from the environment (SPEC §6: `.env` counts,
+    // variables already set win). A broken `.env` is reported by the commands that need it.
+    let dotenv = config::load_dotenv();
     let cli = Cli::parse();
     // Commands that need no configuration.
     match &cli.command {
@@ -46,7 +49,7 @@ fn main() -> ExitCode {
         Command::All => Mode::All,
         _ => Mode::Tool,
     };
-    let cfg = match config::load_dotenv().and_then(|()| Config::from_env(mode)) {
+    let cfg = match dotenv.and_then(|()| Config::from_env(mode)) {
         Ok(cfg) => cfg,
         Err(error) => {
             eprintln!("invoice: {error}");

@@ -33,9 +33,6 @@ use server::bytes_body::Body;
 
 /// Largest request body anywhere (SPEC §5).
 pub const MAX_BODY: usize = 1024 * 1024;
-/// Largest webhook body: far above any real payload, small enough that a flood of big bodies
-/// costs little (the signature is checked over the whole body).
-pub const MAX_WEBHOOK_BODY: usize = 256 * 1024;
 /// A request still running after this is answered 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::problem::Problem;
 use super::server::bytes_body::Body;
-use super::{parse_json, read_body, Api, MAX_WEBHOOK_BODY};
+use super::{parse_json, read_body, Api, MAX_BODY};
 use crate::auth::webhook::Headers;
 use crate::domain::buyer::Buyer;
 use crate::storage::buyers::{self, Cancelled, Given, Giver};
@@ -188,7 +188,7 @@ pub async fn handle(api: &Api, endpoint: Endpoint, request: Request<Incoming>) -
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (id, timestamp, signature) =
         (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
-    let body = match read_body(request, MAX_WEBHOOK_BODY).await {
+    let body = match read_body(request, MAX_BODY).await {
         Ok(body) => body,
         Err(problem) => {
             api.metrics.api.webhook(label, "rejected", "too_large");
@@ -255,6 +255,7 @@ async fn process(
         tx.rollback().await?;
         return Ok(Processed::Duplicate);
     }
+    let mut claimed = false;
     let (answer, enqueue) = match payload {
         Payload::Request(d) => {
             let buyer = d.buyer.validate().map_err(|e| {
@@ -267,7 +268,9 @@ async fn process(
                 replacement_id: api.ids.next_id()?,
                 now,
             };
-            let given = buyers::give(&mut tx, &d.merchant_id, &d.order_id, &buyer, &giver).await?;
+            let (given, claim_closed) =
+                buyers::give(&mut tx, &d.merchant_id, &d.order_id, &buyer, &giver).await?;
+            claimed = claim_closed;
             if let Given::Refused(refusal) = given {
                 return Err(Problem::new(StatusCode::CONFLICT, "request-refused", refusal.to_string()));
             }
@@ -354,6 +357,9 @@ async fn process(
         }
     };
     tx.commit().await?;
+    if claimed {
+        api.metrics.claim("claimed", 1);
+    }
     if let Some(order) = enqueue {
         // Committed: if Redis fails now, the sweeper enqueues it from Postgres.
         if let Err(error) = crate::issuance::enqueue(&api.queue, &api.metrics, &[order], "webhook").await {

@@ -106,7 +106,8 @@ async fn join_one(
         replacement_id: deps.ids.next_id()?,
         now: chrono::Utc::now(),
     };
-    let settled = match buyers::give(&mut tx, merchant_id, order_id, &valid, &giver).await? {
+    let (given, claim_closed) = buyers::give(&mut tx, merchant_id, order_id, &valid, &giver).await?;
+    let settled = match given {
         Given::Refused(refusal) => {
             tracing::info!(orderId = %order_id, merchantId = %merchant_id, %refusal, "Pending invoice request refused");
             buyers::settle_request(&mut tx, request_id, None, Some(&refusal.to_string()), &deps.identity)
@@ -121,6 +122,9 @@ async fn join_one(
         }
     };
     tx.commit().await?;
+    if claim_closed {
+        deps.metrics.claim("claimed", 1);
+    }
     Ok(settled)
 }
 

@@ -96,16 +96,17 @@ pub async fn lock_original(
 }
 
 /// Gives `(merchant, order)`'s active original invoice the buyer, per
-/// [`crate::domain::assign::action`]. Closes its open claim when the buyer is taken.
+/// [`crate::domain::assign::action`]. Closes its open claim when the buyer is taken; the
+/// flag says whether there was one (for the `claimed` count).
 pub async fn give(
     tx: &mut PgConnection,
     merchant_id: &str,
     order_id: &str,
     buyer: &ValidBuyer,
     giver: &Giver<'_>,
-) -> Result<Given, StorageError> {
+) -> Result<(Given, bool), StorageError> {
     let Some((invoice_id, status, buyer_kind, mode)) = lock_original(tx, merchant_id, order_id).await? else {
-        return Ok(Given::NoInvoice);
+        return Ok((Given::NoInvoice, false));
     };
     let replaced: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM invoice WHERE replaces_invoice_id = $1 AND status <> 'CANCELLED')",
@@ -129,8 +130,8 @@ pub async fn give(
     let kind = buyer.kind.as_str();
     let reason = format!("buyer given by {}", giver.source);
     let (given, outcome_status) = match assign::action(target, giver.now) {
-        Action::Refuse(refusal) => return Ok(Given::Refused(refusal)),
-        Action::Later => return Ok(Given::Later { invoice_id }),
+        Action::Refuse(refusal) => return Ok((Given::Refused(refusal), false)),
+        Action::Later => return Ok((Given::Later { invoice_id }, false)),
         Action::Queue => {
             sqlx::query(
                 "UPDATE invoice SET status = 'QUEUED', buyer = $2, buyer_kind = $3, attempts = 0,
@@ -170,12 +171,12 @@ pub async fn give(
             )
             .await?;
             if created.is_none() {
-                return Ok(Given::Refused(Refusal::AlreadyReplaced));
+                return Ok((Given::Refused(Refusal::AlreadyReplaced), false));
             }
             (Given::Replacement { invoice_id: giver.replacement_id }, "QUEUED")
         }
     };
-    sqlx::query(
+    let claim_closed = sqlx::query(
         "UPDATE claim SET status = 'CLAIMED', buyer = $2, claimed_at = $3, updated_at = now()
          WHERE invoice_id = $1 AND status = 'OPEN'",
     )
@@ -183,7 +184,9 @@ pub async fn give(
     .bind(&buyer_json)
     .bind(giver.now)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected()
+        > 0;
     let issued_for_buyer = given.invoice_id().unwrap_or(invoice_id);
     insert_audits(
         tx,
@@ -215,7 +218,7 @@ pub async fn give(
         )],
     )
     .await?;
-    Ok(given)
+    Ok((given, claim_closed))
 }
 
 /// Marks a webhook delivery as processed inside the transaction of its effect; `false` if it

@@ -98,7 +98,7 @@ pub async fn submit(
         _ if giver.now > deadline => return Ok(Submitted::Expired),
         _ => {}
     }
-    let given = buyers::give(tx, &merchant_id, &order_id, buyer, giver).await?;
+    let (given, _) = buyers::give(tx, &merchant_id, &order_id, buyer, giver).await?;
     if given.needs_enqueue() {
         // The buyer's own claim wins over a request still pending for the order.
         buyers::supersede_pending(tx, &merchant_id, &order_id).await?;

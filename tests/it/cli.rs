@@ -93,6 +93,16 @@ fn a_dotenv_file_is_read_and_set_variables_win() {
     // A variable already set wins over .env: this run gets past configuration.
     let out = invoice_cmd(&env).current_dir(dir.path()).args(["partition-of", "a"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
+    // Commands without configuration read it too: `partition-of` takes P from `.env`.
+    std::fs::write(dir.path().join(".env"), "APP_ENV_INVOICE_QUEUE_PARTITIONS=7\n").unwrap();
+    let out =
+        invoice_cmd(&env).current_dir(dir.path()).args(["partition-of", "Hello World"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "5\n");
+    let mut set = env.clone();
+    set.insert("APP_ENV_INVOICE_QUEUE_PARTITIONS".into(), "3".into());
+    let out =
+        invoice_cmd(&set).current_dir(dir.path()).args(["partition-of", "Hello World"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
 }
 
 #[tokio::test]
