@@ -131,10 +131,10 @@ pub async fn replay_order(
             source: source.to_owned(),
         };
         let state = queue.requeue(order_id, &payload).await?;
+        let partition = queue.partition_of(order_id);
         tracing::info!(
-            orderId = %order_id, merchantId = %first.merchant_id, source,
-            "[enqueueIssuance] job {state} in queue invoice-issuance, partition: {}",
-            queue.partition_of(order_id)
+            orderId = %order_id, merchantId = %first.merchant_id, partition, source,
+            "[enqueueIssuance] job {state} in queue invoice-issuance, partition: {partition}"
         );
         job = Some(state);
     }
@@ -177,10 +177,10 @@ pub async fn enqueue(
     for ((order_id, merchant_id), answer) in orders.iter().zip(&answers) {
         if *answer == Enqueued::New {
             new += 1;
+            let partition = queue.partition_of(order_id);
             tracing::info!(
-                orderId = %order_id, merchantId = %merchant_id, source,
-                "[enqueueIssuance] job added to queue invoice-issuance, partition: {}",
-                queue.partition_of(order_id)
+                orderId = %order_id, merchantId = %merchant_id, partition, source,
+                "[enqueueIssuance] job added to queue invoice-issuance, partition: {partition}"
             );
         }
     }

@@ -311,6 +311,7 @@ impl Worker {
                             fail_reason.insert(s.invoice.order_id.clone(), error.clone());
                             tracing::error!(
                                 orderId = %s.invoice.order_id, merchantId = %s.invoice.merchant_id,
+                                partition = deps.queue.partition_of(&s.invoice.order_id),
                                 invoiceId = s.invoice.id, error = %error,
                                 "[DLQ] invoice-issuance: failed before any provider call"
                             );
@@ -421,7 +422,7 @@ impl Worker {
                     deps.metrics.issuance.retry(&s.provider, "ambiguous");
                     tracing::warn!(
                         orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
-                        error = %error, lookupAt = %until,
+                        partition = deps.queue.partition_of(&inv.order_id), error = %error, lookupAt = %until,
                         "[_handleIssuanceFailure] Scheduling retry: outcome unknown, lookup by transaction UUID first"
                     );
                     ("", Some(*until))
@@ -430,7 +431,8 @@ impl Worker {
                     deps.metrics.issuance.retry(&s.provider, "retryable");
                     tracing::warn!(
                         orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
-                        attempt = inv.attempts + 1, error = %error, retryAt = %next,
+                        partition = deps.queue.partition_of(&inv.order_id), attempt = inv.attempts + 1,
+                        error = %error, retryAt = %next,
                         "[_handleIssuanceFailure] Scheduling retry"
                     );
                     ("QUEUED", Some(*next))
@@ -438,7 +440,8 @@ impl Worker {
                 Transition::Failed { error } => {
                     tracing::error!(
                         orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
-                        error = %error, "[DLQ] invoice-issuance: invoice FAILED"
+                        partition = deps.queue.partition_of(&inv.order_id), error = %error,
+                        "[DLQ] invoice-issuance: invoice FAILED"
                     );
                     fail_reason.insert(inv.order_id.clone(), error.clone());
                     ("FAILED", None)

@@ -705,3 +705,54 @@ async fn a_frozen_worker_that_wakes_after_its_leases_sends_nothing_more() {
     rescuer.stop().await.unwrap();
     s.stream.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issuance_log_markers_name_the_order_merchant_and_partition() {
+    let s = setup(Knobs { fail_first: 1, ..Knobs::default() }, "immediate").await;
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let mut env = s.env.clone();
+    env.insert("APP_ENV_INVOICE_LOG_FORMAT".into(), "json".into());
+    env.insert("APP_ENV_INVOICE_WORKER_ID".into(), crate::support::next_worker_id().to_string());
+    let mut worker = invoice_cmd(&env)
+        .arg("worker")
+        .stdout(std::process::Stdio::null())
+        .stderr(logs.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    // A transient error then success, and a permanent error.
+    s.pay(["ORD-LOG-1".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 1).await;
+    s.sim.knobs(json!({"permanentFirst": 1})).await;
+    s.pay(["ORD-LOG-2".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'FAILED'", 1).await;
+    // The operator's requeue enqueues it again.
+    let requeue = invoice_cmd(&env).args(["dlq", "requeue", "ORD-LOG-2"]).output().unwrap();
+    assert!(requeue.status.success(), "{}", String::from_utf8_lossy(&requeue.stderr));
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 2).await;
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+
+    let queue = queue_of(&s.env);
+    let mut lines: Vec<Value> = std::fs::read_to_string(logs.path())
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    lines.extend(
+        String::from_utf8_lossy(&requeue.stderr).lines().filter_map(|l| serde_json::from_str(l).ok()),
+    );
+    for (marker, order) in [
+        ("[_handleIssuanceFailure] Scheduling retry", "ORD-LOG-1"),
+        ("[DLQ] invoice-issuance", "ORD-LOG-2"),
+        ("[enqueueIssuance]", "ORD-LOG-2"),
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| l["message"].as_str().is_some_and(|m| m.starts_with(marker)))
+            .unwrap_or_else(|| panic!("no {marker} line in {lines:?}"));
+        assert_eq!(line["orderId"], order, "{line}");
+        assert_eq!(line["merchantId"], "M-1", "{line}");
+        assert_eq!(line["partition"], queue.partition_of(order), "{line}");
+    }
+    s.stream.stop().await.unwrap();
+}
