@@ -160,16 +160,9 @@ pub async fn give(
             (Given::BuyerSet { invoice_id }, "QUEUED")
         }
         Action::Replace => {
-            let created = super::issuance::create_replacement(
-                tx,
-                invoice_id,
-                giver.replacement_id,
-                &buyer_json,
-                kind,
-                &reason,
-                &giver.actor,
-            )
-            .await?;
+            let created =
+                super::issuance::create_replacement(tx, invoice_id, &buyer_json, kind, &reason, giver)
+                    .await?;
             if created.is_none() {
                 return Ok((Given::Refused(Refusal::AlreadyReplaced), false));
             }

@@ -735,16 +735,18 @@ pub async fn replay(
 /// Creates a replacement invoice for an issued original, for `buyer`, QUEUED (DOMAIN §7:
 /// a claim on an issued consumer invoice of an `immediate` merchant). The replacement copies
 /// the original's lines, totals and config snapshot, and gets its own id and idempotency key.
-/// Returns `None` if the original is not ISSUED or already has an active replacement.
+/// Its id, actor, lifecycle topic and time come from `giver`; like every invoice, it is
+/// announced with `invoice.created`. Returns `None` if the original is not ISSUED or already
+/// has an active replacement.
 pub async fn create_replacement(
     conn: &mut PgConnection,
     original_id: i64,
-    replacement_id: i64,
     buyer: &Value,
     buyer_kind: &str,
     reason: &str,
-    actor: &str,
+    giver: &super::buyers::Giver<'_>,
 ) -> Result<Option<(String, String)>, StorageError> {
+    let (replacement_id, actor) = (giver.replacement_id, giver.actor.as_str());
     let transaction_uuid = crate::stream::transaction_uuid(replacement_id);
     let created: Option<(String, String)> = sqlx::query_as(
         "INSERT INTO invoice (id, merchant_id, order_id, kind, replaces_invoice_id, status, issuance_mode,
@@ -783,6 +785,18 @@ pub async fn create_replacement(
                 actor: actor.to_owned(),
                 reason: Some(reason.to_owned()),
             }],
+        )
+        .await?;
+        insert_outbox(
+            conn,
+            &[event_row(
+                giver.events_topic,
+                (replacement_id, merchant_id, order_id),
+                crate::events::invoice_events::EventType::Created,
+                "QUEUED",
+                None,
+                giver.now,
+            )],
         )
         .await?;
     }

@@ -438,15 +438,22 @@ async fn a_replacement_is_issued_with_adjustment_type_3_and_the_original_becomes
             .unwrap();
     let buyer = json!({"legalName": "Công ty TNHH Mua Hàng", "taxCode": "0101243150", "address": "2 Lý Thường Kiệt, Hà Nội"});
     let replacement_id = original_id + 1;
+    let events_topic = s.topics.names.events.clone();
+    let giver = |replacement_id| invoice::storage::buyers::Giver {
+        source: "claim",
+        actor: "test".into(),
+        events_topic: &events_topic,
+        replacement_id,
+        now: chrono::Utc::now(),
+    };
     let mut tx = s.db.pool.begin().await.unwrap();
     let created = invoice::storage::issuance::create_replacement(
         &mut tx,
         original_id,
-        replacement_id,
         &buyer,
         "company",
         "buyer claimed a company invoice",
-        "test",
+        &giver(replacement_id),
     )
     .await
     .unwrap();
@@ -481,16 +488,28 @@ async fn a_replacement_is_issued_with_adjustment_type_3_and_the_original_becomes
     assert_eq!(at_sim[0]["originalInvoiceId"], original_no.as_str());
     assert_eq!(at_sim[0]["buyerTaxCode"], "0101243150");
     assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'invoice.replaced'").await, 1);
+    // The replacement is an invoice of its own: announced as created, then issued, in order.
+    let replacement = replacement_id.to_string();
+    let types = wait_until(WAIT, "the replacement's events", || async {
+        let types: Vec<String> = crate::support::kafka::read_to_end(&s.topics.names.events, WAIT)
+            .iter()
+            .filter_map(|m| serde_json::from_slice::<Value>(m.value.as_deref()?).ok())
+            .filter(|v| v["invoiceId"] == replacement.as_str())
+            .map(|v| v["type"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        types.contains(&"invoice.issued".to_owned()).then_some(types)
+    })
+    .await;
+    assert_eq!(types, ["invoice.created", "invoice.issued"]);
     // A second replacement of a REPLACED invoice is refused.
     let mut tx = s.db.pool.begin().await.unwrap();
     let again = invoice::storage::issuance::create_replacement(
         &mut tx,
         original_id,
-        replacement_id + 1,
         &buyer,
         "company",
         "again",
-        "test",
+        &giver(replacement_id + 1),
     )
     .await
     .unwrap();
