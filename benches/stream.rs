@@ -208,6 +208,18 @@ async fn print_batch_metrics(url: &str) {
     }
 }
 
+/// The worker's time per batch phase so far (cumulative: compare two prints).
+async fn print_worker_phases(url: &str) {
+    let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("invoice_worker_batch_phase_seconds_sum")
+            || l.starts_with("invoice_worker_batch_phase_seconds_count{phase=\"read\"}")
+            || l.starts_with("invoice_worker_batch_jobs_sum")
+    }) {
+        println!("  {line}");
+    }
+}
+
 /// Starts `run_stream` as production does; returns its handle, its stop token and its
 /// metrics URL.
 async fn start_stream(
@@ -500,6 +512,7 @@ async fn main() {
     let issued = Progress::Metric(&worker_metrics, ISSUED);
     let issued_slow_per_sec = drain_rate(&issued, 0, slow as i64).await;
     println!("issued {issued_slow_per_sec:.0}/s at 50 ms");
+    print_worker_phases(&worker_metrics).await;
 
     // Steady load, provider at 0 ms: payment event produced (its paidAt) → ISSUED; at the
     // SPEC's rate, then at a lower one that shows the latency floor.
@@ -512,6 +525,7 @@ async fn main() {
             steady_run(&pool, &issued, &producer, &names.payment, merchants, rate, steady_secs, next_order)
                 .await;
         println!("steady {offered:.0} events/s: payment → ISSUED p50 {p50:.1} ms, p99 {p99:.1} ms");
+        print_worker_phases(&worker_metrics).await;
         next_order += rate * steady_secs;
         steady.push((offered, p50, p99));
     }
