@@ -196,27 +196,39 @@ async fn delete_queue_keys(prefix: &str) {
 
 /// Prints the stream's batch figures (how the time was spent).
 async fn print_batch_metrics(url: &str) {
-    let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
-    for line in metrics.lines().filter(|l| {
-        l.starts_with("invoice_stream_batch_duration_seconds_sum")
-            || l.starts_with("invoice_stream_batch_duration_seconds_count")
-            || l.starts_with("invoice_stream_batch_messages_sum")
-            || l.starts_with("invoice_stream_transaction_retries_total")
-            || l.starts_with("invoice_kafka_offset_fenced_total")
-    }) {
-        println!("{line}");
-    }
+    print_metrics(
+        url,
+        "",
+        &[
+            "invoice_stream_batch_duration_seconds_sum",
+            "invoice_stream_batch_duration_seconds_count",
+            "invoice_stream_batch_messages_sum",
+            "invoice_stream_transaction_retries_total",
+            "invoice_kafka_offset_fenced_total",
+        ],
+    )
+    .await;
 }
 
 /// The worker's time per batch phase so far (cumulative: compare two prints).
 async fn print_worker_phases(url: &str) {
+    print_metrics(
+        url,
+        "  ",
+        &[
+            "invoice_worker_batch_phase_seconds_sum",
+            "invoice_worker_batch_phase_seconds_count{phase=\"read\"}",
+            "invoice_worker_batch_jobs_sum",
+        ],
+    )
+    .await;
+}
+
+/// Prints the lines of the metrics at `url` that start with one of `prefixes`.
+async fn print_metrics(url: &str, indent: &str, prefixes: &[&str]) {
     let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
-    for line in metrics.lines().filter(|l| {
-        l.starts_with("invoice_worker_batch_phase_seconds_sum")
-            || l.starts_with("invoice_worker_batch_phase_seconds_count{phase=\"read\"}")
-            || l.starts_with("invoice_worker_batch_jobs_sum")
-    }) {
-        println!("  {line}");
+    for line in metrics.lines().filter(|l| prefixes.iter().any(|p| l.starts_with(p))) {
+        println!("{indent}{line}");
     }
 }
 

@@ -832,9 +832,10 @@ async fn heartbeat(
     }
 }
 
-/// How long a shared series slot is held without renewal: what a crashed holder costs its
-/// series. Renewed at a third of it while the call runs.
-const SERIES_LEASE: Duration = Duration::from_secs(30);
+/// How long a shared series slot is held without renewal: what a crashed (kill -9) holder
+/// costs its series. Short, because a crash frees nothing else; renewed at a third of it
+/// while the call runs (one small script per held slot and second).
+const SERIES_LEASE: Duration = Duration::from_secs(3);
 /// The longest pause between two tries for a busy series slot.
 const SERIES_WAIT_MAX: Duration = Duration::from_millis(100);
 

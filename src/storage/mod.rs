@@ -41,14 +41,32 @@ pub fn connect_options(url: &str, application_name: &str) -> Result<PgConnectOpt
         .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS)]))
 }
 
+/// A pooled connection idle for less than this is handed out without a PING first.
+const ALIVE_BYPASS: Duration = Duration::from_secs(1);
+
 /// Opens a pool. Does not wait for the database to answer: start-up checks it explicitly
 /// so the error names the dependency.
+///
+/// sqlx PINGs every connection it hands out; on the hot paths, which check out a connection
+/// per transaction, that round trip cost as much as the transaction's own statements. As
+/// HikariCP does, a connection used within the last second is trusted: one that broke in
+/// that second fails its statement, which every caller already treats as transient (the
+/// stream retries its batch, the worker its job, the API answers 503).
 pub fn pool(url: &str, application_name: &str, max_connections: u32) -> Result<PgPool, StorageError> {
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(5))
         .idle_timeout(Some(Duration::from_secs(300)))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= ALIVE_BYPASS {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(connect_options(url, application_name)?))
 }
 
