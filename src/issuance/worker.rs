@@ -34,7 +34,6 @@ const STORAGE_RETRY: Duration = Duration::from_secs(1);
 pub struct Worker {
     deps: Arc<Deps>,
     slots: Arc<Semaphore>,
-    series: Arc<SeriesLimiter>,
     tracker: TaskTracker,
     /// Cancelled on SIGTERM: calls not yet started are handed back instead of sent.
     stopping: CancellationToken,
@@ -44,7 +43,7 @@ impl Worker {
     /// Workers over `deps`, spawning batches on `tracker`.
     pub fn new(deps: Arc<Deps>, tracker: TaskTracker, stopping: CancellationToken) -> Worker {
         let slots = Arc::new(Semaphore::new(deps.settings.concurrency));
-        Worker { deps, slots, series: Arc::new(SeriesLimiter::default()), tracker, stopping }
+        Worker { deps, slots, tracker, stopping }
     }
 
     /// Claims and dispatches jobs of one partition until `shutdown`.
@@ -348,15 +347,36 @@ impl Worker {
             *entry = (*entry).min(at);
         }
 
-        // The provider calls.
+        // The provider calls, each series' through the slots the batch gets for it.
+        let mut wanted: HashMap<(String, String), (usize, usize)> = HashMap::new();
+        for item in &run {
+            let entry = wanted
+                .entry((item.inv.merchant_id.clone(), item.prepared.doc.series.clone()))
+                .or_insert((0, item.provider.concurrency_per_series()));
+            entry.0 += 1;
+        }
+        let shares: HashMap<(String, String), Arc<SeriesShare>> = wanted
+            .into_iter()
+            .map(|((merchant_id, series), (calls, limit))| {
+                let share = Arc::new(SeriesShare::new(&deps.queue, (&merchant_id, &series), limit, calls));
+                ((merchant_id, series), share)
+            })
+            .collect();
         let timing = Timing {
             max_attempts: settings.max_attempts,
             safe_wait: settings.provider_safe_wait,
             lookup_interval: settings.lookup_interval,
         };
-        let results = futures::future::join_all(
-            run.into_iter().map(|item| self.call(item, owner.clone(), timing, lease_until, lost)),
-        )
+        let results = futures::future::join_all(run.into_iter().map(|item| {
+            let share = shares
+                .get(&(item.inv.merchant_id.clone(), item.prepared.doc.series.clone()))
+                .cloned()
+                .unwrap_or_else(|| {
+                    let series = (item.inv.merchant_id.as_str(), item.prepared.doc.series.as_str());
+                    Arc::new(SeriesShare::new(&deps.queue, series, item.provider.concurrency_per_series(), 1))
+                });
+            self.call(item, share, owner.clone(), timing, lease_until, lost)
+        }))
         .await;
 
         lap("calls");
@@ -515,6 +535,7 @@ impl Worker {
     async fn call(
         &self,
         item: Item,
+        series: Arc<SeriesShare>,
         owner: String,
         timing: Timing,
         lease_until: DateTime<Utc>,
@@ -523,11 +544,7 @@ impl Worker {
         let mut lease_until = lease_until;
         let deps = &self.deps;
         let Item { inv, step, provider, target, prepared } = item;
-        let series_key = (inv.merchant_id.clone(), prepared.doc.series.clone());
-        let _slot = self
-            .series
-            .acquire(&deps.queue, series_key, provider.concurrency_per_series(), &self.stopping)
-            .await;
+        let _slot = series.slot(&self.stopping).await;
         let attempt =
             if step == Step::Poll { inv.attempts.max(0) as u32 } else { inv.attempts.max(0) as u32 + 1 };
         let delay = backoff(
@@ -832,115 +849,137 @@ async fn heartbeat(
     }
 }
 
-/// How long a shared series slot is held without renewal: what a crashed (kill -9) holder
-/// costs its series. Short, because a crash frees nothing else; renewed at a third of it
-/// while the call runs (one small script per held slot and second).
+/// How long a series slot is held without renewal: what a crashed (kill -9) holder costs
+/// its series. Short, because a crash frees nothing else; renewed at a third of it while the
+/// batch's calls run.
 const SERIES_LEASE: Duration = Duration::from_secs(3);
-/// The longest pause between two tries for a busy series slot.
+/// The longest pause between two tries for a busy series.
 const SERIES_WAIT_MAX: Duration = Duration::from_millis(100);
 
-/// At most N calls in flight per (merchant, series), across every worker process: first a
-/// local semaphore (so a process never has more than N tasks asking Redis for one series),
-/// then a leased slot in Redis shared by all processes.
-#[derive(Default)]
-struct SeriesLimiter {
-    local: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
-}
-
-/// A held series slot; dropping it gives it back.
-struct SeriesSlot {
-    _local: Option<OwnedSemaphorePermit>,
-    _shared: Option<SharedSeriesSlot>,
-}
-
-/// The Redis half of a [`SeriesSlot`], renewed in the background while held.
-struct SharedSeriesSlot {
+/// One batch's calls to one (merchant, series). The limit of calls in flight per series holds
+/// across every worker process: slots are leased in Redis (see `crate::queue`'s series
+/// slots). The batch asks for as many as it has calls (up to the limit) in one script call,
+/// when its first call needs one, runs its calls through the slots it got, and gives them all
+/// back when it ends: two round trips per batch and series rather than per call.
+struct SeriesShare {
     queue: crate::queue::Queue,
     key: SeriesKey,
-    token: String,
-    renewal: tokio::task::JoinHandle<()>,
+    limit: usize,
+    wanted: usize,
+    permits: Arc<Semaphore>,
+    held: tokio::sync::Mutex<Option<HeldSlots>>,
 }
 
-impl Drop for SharedSeriesSlot {
-    fn drop(&mut self) {
-        self.renewal.abort();
-        let (queue, key, token) = (self.queue.clone(), self.key.clone(), std::mem::take(&mut self.token));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(error) = queue.release_series(&key, &token).await {
-                    // The lease frees it soon enough.
-                    tracing::debug!(%error, "Cannot release a series slot; its lease will");
-                }
-            });
+/// The slots a [`SeriesShare`] got, with their renewal.
+struct HeldSlots {
+    tokens: Vec<String>,
+    renewal: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SeriesShare {
+    fn new(
+        queue: &crate::queue::Queue,
+        (merchant_id, series): (&str, &str),
+        limit: usize,
+        wanted: usize,
+    ) -> Self {
+        SeriesShare {
+            queue: queue.clone(),
+            key: queue.series_key(merchant_id, series),
+            limit: limit.max(1),
+            wanted: wanted.clamp(1, limit.max(1)),
+            permits: Arc::new(Semaphore::new(0)),
+            held: tokio::sync::Mutex::new(None),
         }
     }
-}
 
-impl SeriesLimiter {
-    /// Waits for a slot of the series. When Redis cannot be asked, the local limit alone
-    /// applies (a limiter must not stop issuance; the claim loop stops on its own when Redis
-    /// is gone). Stopping gives up the wait: the caller hands its work back.
-    async fn acquire(
-        &self,
-        queue: &crate::queue::Queue,
-        (merchant_id, series): (String, String),
-        limit: usize,
-        stopping: &CancellationToken,
-    ) -> SeriesSlot {
-        let semaphore = match self.local.lock() {
-            Ok(mut local) => Some(
-                local
-                    .entry((merchant_id.clone(), series.clone()))
-                    .or_insert_with(|| Arc::new(Semaphore::new(limit.max(1))))
-                    .clone(),
-            ),
-            Err(_) => None,
-        };
-        let local = match semaphore {
-            Some(semaphore) => tokio::select! {
-                permit = semaphore.acquire_owned() => permit.ok(),
-                _ = stopping.cancelled() => return SeriesSlot { _local: None, _shared: None },
-            },
-            None => None,
-        };
-        let key = queue.series_key(&merchant_id, &series);
-        let token = uuid::Uuid::new_v4().simple().to_string();
+    /// Waits for one of the batch's slots. `None` when stopping (the caller hands its work
+    /// back rather than sending).
+    async fn slot(&self, stopping: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        {
+            let mut held = tokio::select! {
+                held = self.held.lock() => held,
+                _ = stopping.cancelled() => return None,
+            };
+            if held.is_none() {
+                let got = self.take(stopping).await?;
+                // Without Redis (no renewal), the batch's own share of the limit.
+                let slots = if got.renewal.is_some() { got.tokens.len() } else { self.wanted };
+                self.permits.add_permits(slots);
+                *held = Some(got);
+            }
+        }
+        tokio::select! {
+            permit = self.permits.clone().acquire_owned() => permit.ok(),
+            _ = stopping.cancelled() => None,
+        }
+    }
+
+    /// Takes slots from Redis, waiting until at least one is free. When Redis cannot be asked
+    /// the batch goes ahead with its share of the limit unchecked (a limiter must not stop
+    /// issuance; the claim loop stops on its own when Redis is gone): no tokens, no renewal.
+    async fn take(&self, stopping: &CancellationToken) -> Option<HeldSlots> {
+        let tokens: Vec<String> =
+            (0..self.wanted).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
         let mut pause = Duration::from_millis(2);
-        loop {
-            match queue.try_acquire_series(&key, &token, limit, SERIES_LEASE).await {
-                Ok(true) => break,
-                Ok(false) => {
+        let granted = loop {
+            match self.queue.try_acquire_series(&self.key, &tokens, self.limit, SERIES_LEASE).await {
+                Ok(0) => {
                     let jittered = pause.mul_f64(0.5 + rand::random::<f64>());
                     tokio::select! {
                         _ = tokio::time::sleep(jittered) => {},
-                        _ = stopping.cancelled() => return SeriesSlot { _local: local, _shared: None },
+                        _ = stopping.cancelled() => return None,
                     }
                     pause = (pause * 2).min(SERIES_WAIT_MAX);
                 }
+                Ok(granted) => break granted,
                 Err(error) => {
-                    tracing::warn!(merchantId = merchant_id, series, %error, "Cannot take a shared series slot; local limit only");
-                    return SeriesSlot { _local: local, _shared: None };
+                    tracing::warn!(%error, "Cannot take series slots in Redis; this batch counts only its own calls");
+                    return Some(HeldSlots { tokens: Vec::new(), renewal: None });
                 }
             }
-        }
+        };
+        let mut tokens = tokens;
+        tokens.truncate(granted);
         let renewal = tokio::spawn({
-            let (queue, key, token) = (queue.clone(), key.clone(), token.clone());
+            let (queue, key, tokens) = (self.queue.clone(), self.key.clone(), tokens.clone());
             async move {
                 loop {
                     tokio::time::sleep(SERIES_LEASE / 3).await;
-                    match queue.renew_series(&key, &token, SERIES_LEASE).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!("A series slot's lease ran out during a call; held again")
+                    match queue.renew_series(&key, &tokens, SERIES_LEASE).await {
+                        Ok(live) if live < tokens.len() => {
+                            tracing::warn!("Series slots' lease ran out during calls; held again")
                         }
-                        Err(error) => tracing::warn!(%error, "Cannot renew a series slot"),
+                        Ok(_) => {}
+                        Err(error) => tracing::warn!(%error, "Cannot renew series slots"),
                     }
                 }
             }
         });
-        SeriesSlot {
-            _local: local,
-            _shared: Some(SharedSeriesSlot { queue: queue.clone(), key, token, renewal }),
+        Some(HeldSlots { tokens, renewal: Some(renewal) })
+    }
+}
+
+impl Drop for SeriesShare {
+    fn drop(&mut self) {
+        let Some(held) = self.held.get_mut().take() else { return };
+        if let Some(renewal) = held.renewal {
+            renewal.abort();
+        }
+        if held.tokens.is_empty() {
+            return;
+        }
+        let (queue, key, tokens) = (self.queue.clone(), self.key.clone(), held.tokens);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = queue.release_series(&key, &tokens).await {
+                    // Their lease frees them soon enough.
+                    tracing::debug!(%error, "Cannot release series slots; their lease will");
+                }
+            });
         }
     }
 }

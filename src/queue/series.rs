@@ -14,44 +14,58 @@ use deadpool_redis::redis::Script;
 
 use super::{ms, Queue, QueueError};
 
-/// `KEYS: slots ; ARGV: token limit lease_ms` → 1 when the caller holds a slot, else 0.
+/// `KEYS: slots ; ARGV: limit lease_ms token...` → how many of the tokens now hold a slot
+/// (the first ones, as many as are free; a token that already held one keeps it).
 pub(super) const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[3])
+local limit = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
-  -- the key lives as long as its longest lease, never shorter
-  if redis.call('PTTL', KEYS[1]) < lease then
-    redis.call('PEXPIRE', KEYS[1], lease)
+local held = redis.call('ZCARD', KEYS[1])
+local granted = 0
+for i = 3, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
+  elseif held < limit then
+    redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
+    held = held + 1
+  else
+    break
   end
-  return 1
+  granted = granted + 1
 end
-return 0
+if granted > 0 and redis.call('PTTL', KEYS[1]) < lease then
+  -- the key lives as long as its longest lease, never shorter
+  redis.call('PEXPIRE', KEYS[1], lease)
+end
+return granted
 "#;
 
-/// `KEYS: slots ; ARGV: token lease_ms` → 1 when the slot was still held, 0 when it had
-/// expired. Either way the caller holds it afterwards: its call is running, so counting it is
-/// the truth even if that briefly puts the series over its limit.
+/// `KEYS: slots ; ARGV: lease_ms token...` → how many were still held. Afterwards every
+/// token holds a slot: its calls are running, so counting them is the truth even if that
+/// briefly puts the series over its limit.
 pub(super) const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[2])
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+local lease = tonumber(ARGV[1])
+local live = 0
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) > now then
+    live = live + 1
+  end
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
+end
 if redis.call('PTTL', KEYS[1]) < lease then
   redis.call('PEXPIRE', KEYS[1], lease)
 end
-if score and tonumber(score) > now then
-  return 1
-end
-return 0
+return live
 "#;
 
-/// `KEYS: slots ; ARGV: token`.
+/// `KEYS: slots ; ARGV: token...`.
 pub(super) const RELEASE: &str = r#"
-return redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('ZREM', KEYS[1], unpack(ARGV))
 "#;
 
 /// The scripts of this module, loaded with the queue's.
@@ -82,47 +96,61 @@ impl Queue {
         SeriesKey(format!("{}:series:{{{merchant_id}:{series}}}", self.prefix))
     }
 
-    /// Takes one of `limit` slots of the series for `lease` if one is free. `token` names the
-    /// holder (random, one per call).
+    /// Takes slots of the series (at most `limit` held at once, whoever holds them) for as
+    /// many of `tokens` as are free, for `lease`; returns how many, the first tokens being the
+    /// holders. Each token names one holder (random, never reused).
     pub async fn try_acquire_series(
         &self,
         key: &SeriesKey,
-        token: &str,
+        tokens: &[String],
         limit: usize,
         lease: Duration,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<usize, QueueError> {
+        if tokens.is_empty() {
+            return Ok(0);
+        }
+        let mut call = self.scripts.series.acquire.prepare_invoke();
+        call.key(&key.0).arg(limit.max(1)).arg(ms(lease));
+        for token in tokens {
+            call.arg(token);
+        }
         let mut conn = self.conn().await?;
-        let held: i64 = self
-            .scripts
-            .series
-            .acquire
-            .key(&key.0)
-            .arg(token)
-            .arg(limit.max(1))
-            .arg(ms(lease))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(held == 1)
+        let granted: i64 = call.invoke_async(&mut conn).await?;
+        Ok(usize::try_from(granted).unwrap_or(0).min(tokens.len()))
     }
 
-    /// Extends a held slot's lease; `false` when it had already expired (it is held again
-    /// now).
+    /// Extends held slots' lease; returns how many had not expired (all are held now).
     pub async fn renew_series(
         &self,
         key: &SeriesKey,
-        token: &str,
+        tokens: &[String],
         lease: Duration,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<usize, QueueError> {
+        if tokens.is_empty() {
+            return Ok(0);
+        }
+        let mut call = self.scripts.series.renew.prepare_invoke();
+        call.key(&key.0).arg(ms(lease));
+        for token in tokens {
+            call.arg(token);
+        }
         let mut conn = self.conn().await?;
-        let held: i64 =
-            self.scripts.series.renew.key(&key.0).arg(token).arg(ms(lease)).invoke_async(&mut conn).await?;
-        Ok(held == 1)
+        let live: i64 = call.invoke_async(&mut conn).await?;
+        Ok(usize::try_from(live).unwrap_or(0))
     }
 
-    /// Gives a slot back.
-    pub async fn release_series(&self, key: &SeriesKey, token: &str) -> Result<(), QueueError> {
+    /// Gives slots back.
+    pub async fn release_series(&self, key: &SeriesKey, tokens: &[String]) -> Result<(), QueueError> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let mut call = self.scripts.series.release.prepare_invoke();
+        call.key(&key.0);
+        for token in tokens {
+            call.arg(token);
+        }
         let mut conn = self.conn().await?;
-        let _: i64 = self.scripts.series.release.key(&key.0).arg(token).invoke_async(&mut conn).await?;
+        let _: i64 = call.invoke_async(&mut conn).await?;
         Ok(())
     }
 

@@ -183,41 +183,38 @@ async fn series_slots_are_limited_released_renewed_and_freed_by_their_lease() {
     let key = q.series_key("M-S", "C26TAA");
     let other = q.series_key("M-S", "C26TAB");
     let long = Duration::from_secs(30);
-    assert!(q.try_acquire_series(&key, "a", 2, long).await.unwrap());
-    assert!(q.try_acquire_series(&key, "b", 2, long).await.unwrap());
-    assert!(!q.try_acquire_series(&key, "c", 2, long).await.unwrap(), "a third holder over a limit of 2");
+    let t = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    // Three asked for at once over a limit of 2: the first two get one.
+    assert_eq!(q.try_acquire_series(&key, &t(&["a", "b", "c"]), 2, long).await.unwrap(), 2);
+    assert_eq!(q.try_acquire_series(&key, &t(&["c"]), 2, long).await.unwrap(), 0, "over the limit");
     // A holder asking again keeps its one slot.
-    assert!(q.try_acquire_series(&key, "a", 2, long).await.unwrap());
+    assert_eq!(q.try_acquire_series(&key, &t(&["a"]), 2, long).await.unwrap(), 1);
     assert_eq!(q.series_holders(&key).await.unwrap(), 2);
     // Another series of the same merchant has its own slots.
-    assert!(q.try_acquire_series(&other, "c", 2, long).await.unwrap());
+    assert_eq!(q.try_acquire_series(&other, &t(&["c"]), 2, long).await.unwrap(), 1);
 
-    q.release_series(&key, "a").await.unwrap();
-    assert!(q.try_acquire_series(&key, "c", 2, long).await.unwrap());
+    q.release_series(&key, &t(&["a"])).await.unwrap();
+    assert_eq!(q.try_acquire_series(&key, &t(&["c", "d"]), 2, long).await.unwrap(), 1);
     assert_eq!(q.series_holders(&key).await.unwrap(), 2);
 
     // A holder that died frees its slot when its lease runs out; a renewed one does not.
-    q.release_series(&key, "b").await.unwrap();
-    q.release_series(&key, "c").await.unwrap();
-    assert!(q.try_acquire_series(&key, "dead", 2, Duration::from_millis(300)).await.unwrap());
-    assert!(q.try_acquire_series(&key, "alive", 2, Duration::from_millis(300)).await.unwrap());
-    assert!(!q.try_acquire_series(&key, "new", 2, long).await.unwrap());
+    q.release_series(&key, &t(&["b", "c"])).await.unwrap();
+    let short = Duration::from_millis(300);
+    assert_eq!(q.try_acquire_series(&key, &t(&["dead", "alive"]), 2, short).await.unwrap(), 2);
+    assert_eq!(q.try_acquire_series(&key, &t(&["new"]), 2, long).await.unwrap(), 0);
     wait_until(Duration::from_secs(10), "the dead holder's lease to run out", || async {
-        assert!(
-            q.renew_series(&key, "alive", Duration::from_millis(300)).await.unwrap(),
-            "alive lost its slot"
-        );
-        q.try_acquire_series(&key, "new", 2, long).await.unwrap().then_some(())
+        assert_eq!(q.renew_series(&key, &t(&["alive"]), short).await.unwrap(), 1, "alive lost its slot");
+        (q.try_acquire_series(&key, &t(&["new"]), 2, long).await.unwrap() == 1).then_some(())
     })
     .await;
     assert_eq!(q.series_holders(&key).await.unwrap(), 2, "alive and new");
     // Renewing an expired slot takes it again and says so.
-    assert!(q.try_acquire_series(&other, "short", 5, Duration::from_millis(1)).await.unwrap());
+    assert_eq!(q.try_acquire_series(&other, &t(&["short"]), 5, Duration::from_millis(1)).await.unwrap(), 1);
     wait_until(Duration::from_secs(10), "the short lease to run out", || async {
         (q.series_holders(&other).await.unwrap() == 1).then_some(())
     })
     .await;
-    assert!(!q.renew_series(&other, "short", long).await.unwrap());
+    assert_eq!(q.renew_series(&other, &t(&["short", "c"]), long).await.unwrap(), 1, "c was live, short not");
     assert_eq!(q.series_holders(&other).await.unwrap(), 2);
 }
 
