@@ -34,6 +34,8 @@ const STORAGE_RETRY: Duration = Duration::from_secs(1);
 pub struct Worker {
     deps: Arc<Deps>,
     slots: Arc<Semaphore>,
+    /// The per-series limit of this process alone, for batches that cannot reach Redis.
+    fallback: Arc<LocalSeriesLimits>,
     tracker: TaskTracker,
     /// Cancelled on SIGTERM: calls not yet started are handed back instead of sent.
     stopping: CancellationToken,
@@ -43,7 +45,7 @@ impl Worker {
     /// Workers over `deps`, spawning batches on `tracker`.
     pub fn new(deps: Arc<Deps>, tracker: TaskTracker, stopping: CancellationToken) -> Worker {
         let slots = Arc::new(Semaphore::new(deps.settings.concurrency));
-        Worker { deps, slots, tracker, stopping }
+        Worker { deps, slots, fallback: Arc::default(), tracker, stopping }
     }
 
     /// Claims and dispatches jobs of one partition until `shutdown`.
@@ -358,7 +360,9 @@ impl Worker {
         let shares: HashMap<(String, String), Arc<SeriesShare>> = wanted
             .into_iter()
             .map(|((merchant_id, series), (calls, limit))| {
-                let share = Arc::new(SeriesShare::new(&deps.queue, (&merchant_id, &series), limit, calls));
+                let fallback = self.fallback.semaphore((&merchant_id, &series), limit);
+                let share =
+                    Arc::new(SeriesShare::new(&deps.queue, (&merchant_id, &series), limit, calls, fallback));
                 ((merchant_id, series), share)
             })
             .collect();
@@ -367,17 +371,20 @@ impl Worker {
             safe_wait: settings.provider_safe_wait,
             lookup_interval: settings.lookup_interval,
         };
-        let results = futures::future::join_all(run.into_iter().map(|item| {
-            let share = shares
-                .get(&(item.inv.merchant_id.clone(), item.prepared.doc.series.clone()))
-                .cloned()
-                .unwrap_or_else(|| {
-                    let series = (item.inv.merchant_id.as_str(), item.prepared.doc.series.as_str());
-                    Arc::new(SeriesShare::new(&deps.queue, series, item.provider.concurrency_per_series(), 1))
-                });
-            self.call(item, share, owner.clone(), timing, lease_until, lost)
-        }))
-        .await;
+        let calls: Vec<_> = run
+            .into_iter()
+            .filter_map(|item| {
+                let share =
+                    shares.get(&(item.inv.merchant_id.clone(), item.prepared.doc.series.clone()))?.clone();
+                Some(self.call(item, share, owner.clone(), timing, lease_until, lost))
+            })
+            .collect();
+        // Only the calls hold the shares now: a series' slots go back as soon as its last call
+        // of this batch ends, not when the batch does. (Held until the batch's end, a batch
+        // holding series A while waiting for B could wait forever on a batch holding B while
+        // waiting for A.)
+        drop(shares);
+        let results = futures::future::join_all(calls).await;
 
         lap("calls");
         // Transaction 2: every call recorded, every invoice settled.
@@ -579,6 +586,10 @@ impl Worker {
             // Stopping, and an earlier call may exist: released for an immediate lookup elsewhere.
             Step::LookupThenCreate | Step::LookupOnly if self.stopping.is_cancelled() => {
                 Some(Transition::Ambiguous { until: Utc::now(), error: "handed back on shutdown".into() })
+            }
+            // Stopping: the lookup of a SUBMITTED invoice is left to the next worker.
+            Step::Poll if self.stopping.is_cancelled() => {
+                Some(Transition::StillSubmitted { next: Utc::now() })
             }
             Step::Create => None,
             Step::LookupThenCreate | Step::LookupOnly | Step::Poll => {
@@ -860,20 +871,42 @@ const SERIES_WAIT_MAX: Duration = Duration::from_millis(100);
 /// across every worker process: slots are leased in Redis (see `crate::queue`'s series
 /// slots). The batch asks for as many as it has calls (up to the limit) in one script call,
 /// when its first call needs one, runs its calls through the slots it got, and gives them all
-/// back when it ends: two round trips per batch and series rather than per call.
+/// back when its last call for the series ends: two round trips per batch and series rather
+/// than per call.
 struct SeriesShare {
     queue: crate::queue::Queue,
     key: SeriesKey,
     limit: usize,
     wanted: usize,
     permits: Arc<Semaphore>,
-    held: tokio::sync::Mutex<Option<HeldSlots>>,
+    /// This process's own limit for the series, used when Redis cannot be asked.
+    fallback: Arc<Semaphore>,
+    /// `None` until the first call asks; then `Some(None)` if Redis could not be asked.
+    held: tokio::sync::Mutex<Option<Option<HeldSlots>>>,
 }
 
 /// The slots a [`SeriesShare`] got, with their renewal.
 struct HeldSlots {
     tokens: Vec<String>,
-    renewal: Option<tokio::task::JoinHandle<()>>,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+/// Per-process semaphores per (merchant, series).
+#[derive(Default)]
+struct LocalSeriesLimits {
+    semaphores: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
+}
+
+impl LocalSeriesLimits {
+    fn semaphore(&self, (merchant_id, series): (&str, &str), limit: usize) -> Arc<Semaphore> {
+        let key = (merchant_id.to_owned(), series.to_owned());
+        match self.semaphores.lock() {
+            Ok(mut semaphores) => {
+                semaphores.entry(key).or_insert_with(|| Arc::new(Semaphore::new(limit.max(1)))).clone()
+            }
+            Err(_) => Arc::new(Semaphore::new(limit.max(1))),
+        }
+    }
 }
 
 impl SeriesShare {
@@ -882,6 +915,7 @@ impl SeriesShare {
         (merchant_id, series): (&str, &str),
         limit: usize,
         wanted: usize,
+        fallback: Arc<Semaphore>,
     ) -> Self {
         SeriesShare {
             queue: queue.clone(),
@@ -889,6 +923,7 @@ impl SeriesShare {
             limit: limit.max(1),
             wanted: wanted.clamp(1, limit.max(1)),
             permits: Arc::new(Semaphore::new(0)),
+            fallback,
             held: tokio::sync::Mutex::new(None),
         }
     }
@@ -899,30 +934,38 @@ impl SeriesShare {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return Some(permit);
         }
-        {
+        let from = {
             let mut held = tokio::select! {
                 held = self.held.lock() => held,
                 _ = stopping.cancelled() => return None,
             };
             if held.is_none() {
-                let got = self.take(stopping).await?;
-                // Without Redis (no renewal), the batch's own share of the limit.
-                let slots = if got.renewal.is_some() { got.tokens.len() } else { self.wanted };
-                self.permits.add_permits(slots);
-                *held = Some(got);
+                match self.take(stopping).await? {
+                    Some(got) => {
+                        self.permits.add_permits(got.tokens.len());
+                        *held = Some(Some(got));
+                    }
+                    // Redis unreachable: this process's own limit for the series, which at
+                    // least caps it per process as before the shared slots.
+                    None => *held = Some(None),
+                }
             }
-        }
+            match &*held {
+                Some(None) => self.fallback.clone(),
+                _ => self.permits.clone(),
+            }
+        };
         tokio::select! {
-            permit = self.permits.clone().acquire_owned() => permit.ok(),
+            permit = from.acquire_owned() => permit.ok(),
             _ = stopping.cancelled() => None,
         }
     }
 
-    /// Takes slots from Redis, waiting until at least one is free. When Redis cannot be asked
-    /// the batch goes ahead with its share of the limit unchecked (a limiter must not stop
-    /// issuance; the claim loop stops on its own when Redis is gone): no tokens, no renewal.
-    async fn take(&self, stopping: &CancellationToken) -> Option<HeldSlots> {
-        let tokens: Vec<String> =
+    /// Takes slots from Redis, waiting until at least one is free; `Some(None)` when Redis
+    /// cannot be asked (a limiter must not stop issuance; the claim loop stops on its own when
+    /// Redis is gone), `None` when stopping.
+    async fn take(&self, stopping: &CancellationToken) -> Option<Option<HeldSlots>> {
+        let mut tokens: Vec<String> =
             (0..self.wanted).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
         let mut pause = Duration::from_millis(2);
         let granted = loop {
@@ -937,41 +980,47 @@ impl SeriesShare {
                 }
                 Ok(granted) => break granted,
                 Err(error) => {
-                    tracing::warn!(%error, "Cannot take series slots in Redis; this batch counts only its own calls");
-                    return Some(HeldSlots { tokens: Vec::new(), renewal: None });
+                    tracing::warn!(%error, "Cannot take series slots in Redis; this process's own limit applies");
+                    return Some(None);
                 }
             }
         };
-        let mut tokens = tokens;
         tokens.truncate(granted);
         let renewal = tokio::spawn({
             let (queue, key, tokens) = (self.queue.clone(), self.key.clone(), tokens.clone());
             async move {
+                // A tick every third of the lease, each renewal bounded by a tick: one slow
+                // answer must not let the lease lapse unnoticed.
+                let mut ticks = tokio::time::interval(SERIES_LEASE / 3);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ticks.tick().await;
                 loop {
-                    tokio::time::sleep(SERIES_LEASE / 3).await;
-                    match queue.renew_series(&key, &tokens, SERIES_LEASE).await {
-                        Ok(live) if live < tokens.len() => {
-                            tracing::warn!("Series slots' lease ran out during calls; held again")
+                    ticks.tick().await;
+                    let renewed = tokio::time::timeout(
+                        SERIES_LEASE / 3,
+                        queue.renew_series(&key, &tokens, SERIES_LEASE),
+                    );
+                    match renewed.await {
+                        Ok(Ok(live)) if live < tokens.len() => {
+                            tracing::warn!(
+                                "Series slots' lease ran out during calls; the limit may be passed briefly"
+                            )
                         }
-                        Ok(_) => {}
-                        Err(error) => tracing::warn!(%error, "Cannot renew series slots"),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => tracing::warn!(%error, "Cannot renew series slots"),
+                        Err(_) => tracing::warn!("Renewing series slots timed out"),
                     }
                 }
             }
         });
-        Some(HeldSlots { tokens, renewal: Some(renewal) })
+        Some(Some(HeldSlots { tokens, renewal }))
     }
 }
 
 impl Drop for SeriesShare {
     fn drop(&mut self) {
-        let Some(held) = self.held.get_mut().take() else { return };
-        if let Some(renewal) = held.renewal {
-            renewal.abort();
-        }
-        if held.tokens.is_empty() {
-            return;
-        }
+        let Some(Some(held)) = self.held.get_mut().take() else { return };
+        held.renewal.abort();
         let (queue, key, tokens) = (self.queue.clone(), self.key.clone(), held.tokens);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {

@@ -341,7 +341,7 @@ pub struct Queue {
     /// the operation itself; a multiplexed connection pipelines concurrent operations on one
     /// socket anyway. Forgotten on a connection error, so the next operation gets a fresh
     /// one through the pool.
-    shared: std::sync::Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
+    shared: std::sync::Arc<std::sync::Mutex<Shared>>,
     partitions: u32,
     prefix: String,
     scripts: std::sync::Arc<Scripts>,
@@ -353,10 +353,20 @@ pub struct Queue {
 /// repair whatever the lost answer concerned.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A queue operation's connection: the shared one, which it forgets on a connection error.
+/// The shared connection and its generation (bumped at each replacement).
+#[derive(Default)]
+struct Shared {
+    connection: Option<MultiplexedConnection>,
+    generation: u64,
+}
+
+/// A queue operation's connection: the shared one, which it forgets on a connection error
+/// (only if it is still the shared one: a late error of a replaced connection must not throw
+/// away its healthy successor).
 struct Conn {
     inner: MultiplexedConnection,
-    shared: std::sync::Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
+    generation: u64,
+    shared: std::sync::Arc<std::sync::Mutex<Shared>>,
 }
 
 impl Conn {
@@ -368,7 +378,9 @@ impl Conn {
                 || error.is_timeout()
             {
                 if let Ok(mut shared) = self.shared.lock() {
-                    *shared = None;
+                    if shared.generation == self.generation {
+                        shared.connection = None;
+                    }
                 }
             }
         }
@@ -478,9 +490,13 @@ impl Queue {
     }
 
     async fn conn(&self) -> Result<Conn, QueueError> {
-        let cached = self.shared.lock().ok().and_then(|shared| shared.clone());
-        let inner = match cached {
-            Some(inner) => inner,
+        let cached = self
+            .shared
+            .lock()
+            .ok()
+            .and_then(|shared| shared.connection.clone().map(|c| (c, shared.generation)));
+        let (inner, generation) = match cached {
+            Some(cached) => cached,
             None => {
                 // Bounded whatever the pool's own settings: a new connection's handshake is
                 // a round trip too.
@@ -490,13 +506,16 @@ impl Queue {
                     })??;
                 let mut inner = MultiplexedConnection::clone(&pooled);
                 inner.set_response_timeout(RESPONSE_TIMEOUT);
+                let mut generation = 0;
                 if let Ok(mut shared) = self.shared.lock() {
-                    *shared = Some(inner.clone());
+                    shared.generation += 1;
+                    generation = shared.generation;
+                    shared.connection = Some(inner.clone());
                 }
-                inner
+                (inner, generation)
             }
         };
-        Ok(Conn { inner, shared: self.shared.clone() })
+        Ok(Conn { inner, generation, shared: self.shared.clone() })
     }
 
     /// Enqueues jobs (order id, payload); an order that already has a job is left as it is.

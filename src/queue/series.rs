@@ -3,10 +3,10 @@
 //!
 //! A semaphore per series is one sorted set, `<prefix>:series:{<merchant>:<series>}`: member =
 //! a holder's random token, score = its lease deadline in Redis `TIME` ms. A holder renews its
-//! lease while its call runs and removes itself when done; a holder that died (kill -9, lost
+//! lease while its calls run and removes itself when done; a holder that died (kill -9, lost
 //! network) frees its slot when the lease runs out, so a crash costs one slot for at most
-//! one lease and never blocks a series for good. One key per script: it runs on Redis
-//! Cluster as it is.
+//! one lease and never blocks a series for good. One key per script, so the scripts are
+//! ready for Redis Cluster (the client here is a single-node connection).
 
 use std::time::Duration;
 
@@ -42,22 +42,27 @@ end
 return granted
 "#;
 
-/// `KEYS: slots ; ARGV: lease_ms token...` → how many were still held. Afterwards every
-/// token holds a slot: its calls are running, so counting them is the truth even if that
-/// briefly puts the series over its limit.
+/// `KEYS: slots ; ARGV: lease_ms token...` → how many were still held. Only tokens still in
+/// the set are extended: one reaped after its lease ran out is not taken back (its slot may
+/// be someone else's now), and a renewal that reaches Redis after the release cannot bring
+/// released tokens back.
 pub(super) const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
 local live = 0
+local extended = 0
 for i = 2, #ARGV do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) > now then
-    live = live + 1
+  if score then
+    if tonumber(score) > now then
+      live = live + 1
+    end
+    redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
+    extended = extended + 1
   end
-  redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
 end
-if redis.call('PTTL', KEYS[1]) < lease then
+if extended > 0 and redis.call('PTTL', KEYS[1]) < lease then
   redis.call('PEXPIRE', KEYS[1], lease)
 end
 return live
@@ -119,7 +124,7 @@ impl Queue {
         Ok(usize::try_from(granted).unwrap_or(0).min(tokens.len()))
     }
 
-    /// Extends held slots' lease; returns how many had not expired (all are held now).
+    /// Extends held slots' lease; returns how many were still held (only those are extended).
     pub async fn renew_series(
         &self,
         key: &SeriesKey,

@@ -401,6 +401,39 @@ async fn two_workers_share_the_queue_without_running_one_key_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_mixing_two_series_with_one_slot_each_never_wait_on_each_other() {
+    // One call at a time per series, two series, two workers whose batches mix both: a batch
+    // holding one series' slot while it waits for the other's must not stall the run.
+    let s = setup_with(Knobs { latency_ms: 20, ..Knobs::default() }, "immediate", |env| {
+        env.insert("APP_ENV_INVOICE_WORKER_CONCURRENCY".into(), "16".into());
+        env.insert("APP_ENV_INVOICE_WORKER_BATCH_MAX".into(), "8".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_SERIES_CONCURRENCY".into(), "1".into());
+    })
+    .await;
+    // A second merchant (its own seller tax code, so the simulator counts its series apart).
+    let mut second = tax("immediate");
+    second["taxCode"] = json!("0101243150");
+    let p = producer();
+    let cdc_value = cdc("c", "M-2", second, 11).to_string();
+    produce(&p, &s.topics.names.merchant_cdc, "M-2", Some(cdc_value.as_bytes()), &[]).await;
+    insert_provider_config_at(&s.db, "M-2", 2, &s.sim.endpoint()).await;
+    s.wait_count("SELECT count(*) FROM merchant_tax_info", 2).await;
+    let a = TestWorker::spawn(&s.env).await;
+    let b = TestWorker::spawn(&s.env).await;
+    for i in 0..60 {
+        let (order, merchant) = (format!("ORD-S-{i}"), if i % 2 == 0 { "M-1" } else { "M-2" });
+        let value = payment(&uuid::Uuid::new_v4().to_string(), &order, merchant).to_string();
+        produce(&p, &s.topics.names.payment, &order, Some(value.as_bytes()), &[]).await;
+    }
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 60).await;
+    s.assert_one_provider_invoice_each().await;
+    assert_eq!(s.sim.stats().peak_series_in_flight, 1, "{:?}", s.sim.stats());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_claims_queue_the_invoice_exactly_once_with_several_workers() {
     // claim_window with a window of 0 minutes: every claim is past its deadline at once.
     let s = setup(Knobs::default(), "claim_window").await;

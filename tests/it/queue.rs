@@ -208,7 +208,7 @@ async fn series_slots_are_limited_released_renewed_and_freed_by_their_lease() {
     })
     .await;
     assert_eq!(q.series_holders(&key).await.unwrap(), 2, "alive and new");
-    // Renewing an expired slot takes it again and says so.
+    // Renewing a slot whose lease ran out but that nobody took yet extends it and says so.
     assert_eq!(q.try_acquire_series(&other, &t(&["short"]), 5, Duration::from_millis(1)).await.unwrap(), 1);
     wait_until(Duration::from_secs(10), "the short lease to run out", || async {
         (q.series_holders(&other).await.unwrap() == 1).then_some(())
@@ -216,28 +216,126 @@ async fn series_slots_are_limited_released_renewed_and_freed_by_their_lease() {
     .await;
     assert_eq!(q.renew_series(&other, &t(&["short", "c"]), long).await.unwrap(), 1, "c was live, short not");
     assert_eq!(q.series_holders(&other).await.unwrap(), 2);
+    // A renewal that arrives after the release brings nothing back.
+    q.release_series(&other, &t(&["short", "c"])).await.unwrap();
+    assert_eq!(q.renew_series(&other, &t(&["short", "c"]), long).await.unwrap(), 0);
+    assert_eq!(q.series_holders(&other).await.unwrap(), 0);
+    // Reaped after its lease ran out (someone else asked meanwhile): not taken back either.
+    assert_eq!(q.try_acquire_series(&other, &t(&["gone"]), 1, Duration::from_millis(1)).await.unwrap(), 1);
+    wait_until(Duration::from_secs(10), "the gone lease to run out", || async {
+        (q.try_acquire_series(&other, &t(&["taker"]), 1, long).await.unwrap() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(q.renew_series(&other, &t(&["gone"]), long).await.unwrap(), 0);
+    assert_eq!(q.series_holders(&other).await.unwrap(), 1, "only the taker, within the limit of 1");
+}
+
+/// A TCP relay to the test Redis that can stop relaying without closing anything (what a
+/// paused Redis, or a network that drops packets, looks like to the client) and can cut
+/// every connection it relays. A fault injector between the client and the real Redis.
+struct Relay {
+    addr: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        // `redis://[user:password@]host:port[/db]` → `host:port`
+        let url = redis_url();
+        let authority = url.split("://").nth(1).unwrap().split('/').next().unwrap();
+        let upstream = authority.rsplit('@').next().unwrap().to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Default::default();
+        let accept = tokio::spawn({
+            let (frozen, links) = (frozen.clone(), links.clone());
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let frozen = frozen.clone();
+                    links.lock().unwrap().push(tokio::spawn(async move {
+                        tokio::join!(
+                            pump(client_read, server_write, frozen.clone()),
+                            pump(server_read, client_write, frozen.clone())
+                        );
+                    }));
+                }
+            }
+        });
+        Relay { addr, frozen, links, accept }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.store(frozen, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Closes every relayed connection (both ends).
+    fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while `frozen`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_stops_answering_fails_operations_instead_of_hanging_them() {
-    // A listener that accepts connections and never answers: a paused Redis, or a network
-    // that drops its packets.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            open.push(socket);
-        }
-    });
-    let pool = deadpool_redis::Config::from_url(format!("redis://{addr}"))
+    let relay = Relay::start().await;
+    let pool = deadpool_redis::Config::from_url(format!("redis://{}", relay.addr))
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
         .unwrap();
     let q = Queue::new(pool, 3, &unique("iq-hang-"));
-    let answer = tokio::time::timeout(Duration::from_secs(60), q.enqueue(&[("ORD-HANG".into(), payload())]))
-        .await
-        .expect("the enqueue came back within a minute");
+    assert_eq!(q.enqueue(&[("ORD-HANG-1".into(), payload())]).await.unwrap(), vec![Enqueued::New]);
+
+    // Redis stops answering on the connection the queue holds: the operation fails on the
+    // response timeout instead of hanging.
+    relay.freeze(true);
+    let started = std::time::Instant::now();
+    let answer =
+        tokio::time::timeout(Duration::from_secs(60), q.enqueue(&[("ORD-HANG-2".into(), payload())]))
+            .await
+            .expect("the enqueue came back within a minute");
     let error = answer.expect_err("nothing answered, so the enqueue cannot have succeeded");
     assert!(error.to_string().contains("Redis"), "{error}");
-    held.abort();
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+
+    // The stalled connection was forgotten: once the network is back (the stalled
+    // connections are gone), the very next operation succeeds on a new one.
+    relay.cut();
+    relay.freeze(false);
+    let answer = q.enqueue(&[("ORD-HANG-3".into(), payload())]).await;
+    assert_eq!(answer.unwrap(), vec![Enqueued::New]);
 }
