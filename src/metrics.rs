@@ -556,6 +556,7 @@ pub struct IssuanceMetrics {
     batch_phase: HistogramVec,
     batch_size: prometheus::Histogram,
     tax_authority_rejections: IntCounterVec,
+    series_wait: prometheus::Histogram,
 }
 
 impl IssuanceMetrics {
@@ -645,6 +646,14 @@ impl IssuanceMetrics {
                 &["provider"],
             )
             .expect("valid metric"),
+            series_wait: prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "provider_series_wait_seconds",
+                    "Time a batch waited for the call slots of a (merchant, series): the per-series limit at work",
+                )
+                .buckets(vec![0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0]),
+            )
+            .expect("valid metric"),
             batch_size: prometheus::Histogram::with_opts(
                 HistogramOpts::new("worker_batch_jobs", "Jobs per worker batch")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
@@ -654,6 +663,7 @@ impl IssuanceMetrics {
         for collector in [
             Box::new(m.batch_phase.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.batch_size.clone()),
+            Box::new(m.series_wait.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.dlq_depth.clone()),
             Box::new(m.queue_oldest_age.clone()),
@@ -749,6 +759,11 @@ impl IssuanceMetrics {
     /// One phase of a worker batch.
     pub fn batch_phase(&self, phase: &'static str, elapsed: Duration) {
         self.batch_phase.with_label_values(&[phase]).observe(elapsed.as_secs_f64());
+    }
+
+    /// How long a batch waited for a series' call slots.
+    pub fn series_wait(&self, waited: Duration) {
+        self.series_wait.observe(waited.as_secs_f64());
     }
 
     /// Jobs in a worker batch.

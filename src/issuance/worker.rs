@@ -361,8 +361,14 @@ impl Worker {
             .into_iter()
             .map(|((merchant_id, series), (calls, limit))| {
                 let fallback = self.fallback.semaphore((&merchant_id, &series), limit);
-                let share =
-                    Arc::new(SeriesShare::new(&deps.queue, (&merchant_id, &series), limit, calls, fallback));
+                let share = Arc::new(SeriesShare::new(
+                    &deps.queue,
+                    (&merchant_id, &series),
+                    limit,
+                    calls,
+                    fallback,
+                    m,
+                ));
                 ((merchant_id, series), share)
             })
             .collect();
@@ -881,6 +887,7 @@ struct SeriesShare {
     permits: Arc<Semaphore>,
     /// This process's own limit for the series, used when Redis cannot be asked.
     fallback: Arc<Semaphore>,
+    metrics: crate::metrics::IssuanceMetrics,
     /// `None` until the first call asks; then `Some(None)` if Redis could not be asked.
     held: tokio::sync::Mutex<Option<Option<HeldSlots>>>,
 }
@@ -916,6 +923,7 @@ impl SeriesShare {
         limit: usize,
         wanted: usize,
         fallback: Arc<Semaphore>,
+        metrics: &crate::metrics::IssuanceMetrics,
     ) -> Self {
         SeriesShare {
             queue: queue.clone(),
@@ -924,6 +932,7 @@ impl SeriesShare {
             wanted: wanted.clamp(1, limit.max(1)),
             permits: Arc::new(Semaphore::new(0)),
             fallback,
+            metrics: metrics.clone(),
             held: tokio::sync::Mutex::new(None),
         }
     }
@@ -968,6 +977,7 @@ impl SeriesShare {
         let mut tokens: Vec<String> =
             (0..self.wanted).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
         let mut pause = Duration::from_millis(2);
+        let asked = std::time::Instant::now();
         let granted = loop {
             match self.queue.try_acquire_series(&self.key, &tokens, self.limit, SERIES_LEASE).await {
                 Ok(0) => {
@@ -985,6 +995,7 @@ impl SeriesShare {
                 }
             }
         };
+        self.metrics.series_wait(asked.elapsed());
         tokens.truncate(granted);
         let renewal = tokio::spawn({
             let (queue, key, tokens) = (self.queue.clone(), self.key.clone(), tokens.clone());

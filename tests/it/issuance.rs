@@ -428,6 +428,10 @@ async fn batches_mixing_two_series_with_one_slot_each_never_wait_on_each_other()
     s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 60).await;
     s.assert_one_provider_invoice_each().await;
     assert_eq!(s.sim.stats().peak_series_in_flight, 1, "{:?}", s.sim.stats());
+    // Every batch's first call for a series asked for slots; the waits are on the dashboard.
+    let waits = |text: &str| metric_value(text, "invoice_provider_series_wait_seconds_count", &[]);
+    let (ta, tb) = (a.metrics().await, b.metrics().await);
+    assert!(waits(&ta) + waits(&tb) >= 2.0, "{} + {}", waits(&ta), waits(&tb));
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     s.stream.stop().await.unwrap();
