@@ -350,39 +350,33 @@ impl Worker {
         }
 
         // The provider calls, each series' through the slots the batch gets for it.
-        let mut wanted: HashMap<(String, String), (usize, usize)> = HashMap::new();
+        let mut calls_per_series: HashMap<(String, String), usize> = HashMap::new();
         for item in &run {
-            let entry = wanted
+            *calls_per_series
                 .entry((item.inv.merchant_id.clone(), item.prepared.doc.series.clone()))
-                .or_insert((0, item.provider.concurrency_per_series()));
-            entry.0 += 1;
+                .or_default() += 1;
         }
-        let shares: HashMap<(String, String), Arc<SeriesShare>> = wanted
-            .into_iter()
-            .map(|((merchant_id, series), (calls, limit))| {
-                let fallback = self.fallback.semaphore((&merchant_id, &series), limit);
-                let share = Arc::new(SeriesShare::new(
-                    &deps.queue,
-                    (&merchant_id, &series),
-                    limit,
-                    calls,
-                    fallback,
-                    m,
-                ));
-                ((merchant_id, series), share)
-            })
-            .collect();
         let timing = Timing {
             max_attempts: settings.max_attempts,
             safe_wait: settings.provider_safe_wait,
             lookup_interval: settings.lookup_interval,
         };
+        let mut shares: HashMap<(String, String), Arc<SeriesShare>> = HashMap::new();
         let calls: Vec<_> = run
             .into_iter()
-            .filter_map(|item| {
-                let share =
-                    shares.get(&(item.inv.merchant_id.clone(), item.prepared.doc.series.clone()))?.clone();
-                Some(self.call(item, share, owner.clone(), timing, lease_until, lost))
+            .map(|item| {
+                let key = (item.inv.merchant_id.clone(), item.prepared.doc.series.clone());
+                let share = shares
+                    .entry(key)
+                    .or_insert_with_key(|key| {
+                        let limit = item.provider.concurrency_per_series();
+                        let calls = calls_per_series.get(key).copied().unwrap_or(1);
+                        let series = (key.0.as_str(), key.1.as_str());
+                        let fallback = self.fallback.semaphore(series, limit);
+                        Arc::new(SeriesShare::new(&deps.queue, series, limit, calls, fallback, m))
+                    })
+                    .clone();
+                self.call(item, share, owner.clone(), timing, lease_until, lost)
             })
             .collect();
         // Only the calls hold the shares now: a series' slots go back as soon as its last call
