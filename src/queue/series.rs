@@ -4,8 +4,8 @@
 //! A semaphore per series is one sorted set, `<prefix>:series:{<merchant>:<series>}`: member =
 //! a holder's random token, score = its lease deadline in Redis `TIME` ms. A holder renews its
 //! lease while its calls run and removes itself when done; a holder that died (kill -9, lost
-//! network) frees its slot when the lease runs out, so a crash costs one slot for at most
-//! one lease and never blocks a series for good. One key per script, so the scripts are
+//! network) frees its slots when their lease runs out, so a crash costs its slots for at
+//! most one lease and never blocks a series for good. One key per script, so the scripts are
 //! ready for Redis Cluster (the client here is a single-node connection).
 
 use std::time::Duration;
