@@ -528,7 +528,11 @@ async fn a_replacement_is_issued_with_adjustment_type_3_and_the_original_becomes
     // The replacement is an invoice of its own: announced as created, then issued, in order.
     let replacement = replacement_id.to_string();
     let types = wait_until(WAIT, "the replacement's events", || async {
-        let types: Vec<String> = crate::support::kafka::read_to_end(&s.topics.names.events, WAIT)
+        let topic = s.topics.names.events.clone();
+        let events = tokio::task::spawn_blocking(move || crate::support::kafka::read_to_end(&topic, WAIT));
+        let types: Vec<String> = events
+            .await
+            .unwrap()
             .iter()
             .filter_map(|m| serde_json::from_slice::<Value>(m.value.as_deref()?).ok())
             .filter(|v| v["invoiceId"] == replacement.as_str())
