@@ -372,8 +372,7 @@ impl Worker {
                         let limit = item.provider.concurrency_per_series();
                         let calls = calls_per_series.get(key).copied().unwrap_or(1);
                         let series = (key.0.as_str(), key.1.as_str());
-                        let fallback = self.fallback.semaphore(series, limit);
-                        Arc::new(SeriesShare::new(&deps.queue, series, limit, calls, fallback, m))
+                        Arc::new(SeriesShare::new(&deps.queue, series, limit, calls, &self.fallback, m))
                     })
                     .clone();
                 self.call(item, share, owner.clone(), timing, lease_until, lost)
@@ -879,8 +878,9 @@ struct SeriesShare {
     limit: usize,
     wanted: usize,
     permits: Arc<Semaphore>,
-    /// This process's own limit for the series, used when Redis cannot be asked.
-    fallback: Arc<Semaphore>,
+    /// This process's own limits, for when Redis cannot be asked.
+    fallback: Arc<LocalSeriesLimits>,
+    series: (String, String),
     metrics: crate::metrics::IssuanceMetrics,
     /// `None` until the first call asks; then `Some(None)` if Redis could not be asked.
     held: tokio::sync::Mutex<Option<Option<HeldSlots>>>,
@@ -916,7 +916,7 @@ impl SeriesShare {
         (merchant_id, series): (&str, &str),
         limit: usize,
         wanted: usize,
-        fallback: Arc<Semaphore>,
+        fallback: &Arc<LocalSeriesLimits>,
         metrics: &crate::metrics::IssuanceMetrics,
     ) -> Self {
         SeriesShare {
@@ -925,7 +925,8 @@ impl SeriesShare {
             limit: limit.max(1),
             wanted: wanted.clamp(1, limit.max(1)),
             permits: Arc::new(Semaphore::new(0)),
-            fallback,
+            fallback: fallback.clone(),
+            series: (merchant_id.to_owned(), series.to_owned()),
             metrics: metrics.clone(),
             held: tokio::sync::Mutex::new(None),
         }
@@ -954,7 +955,7 @@ impl SeriesShare {
                 }
             }
             match &*held {
-                Some(None) => self.fallback.clone(),
+                Some(None) => self.fallback.semaphore((&self.series.0, &self.series.1), self.limit),
                 _ => self.permits.clone(),
             }
         };
@@ -1035,5 +1036,38 @@ impl Drop for SeriesShare {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_redis_the_batches_of_a_process_share_its_own_limit() {
+        // Nothing listens on port 1: every ask for shared slots fails at once.
+        let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:1")
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .unwrap();
+        let queue = crate::queue::Queue::new(pool, 3, "iq-unit");
+        let limits = Arc::new(LocalSeriesLimits::default());
+        let metrics = crate::metrics::Metrics::new();
+        let stopping = CancellationToken::new();
+        // Two batches of one series, three calls each, a limit of two.
+        let a = SeriesShare::new(&queue, ("M-1", "C26TAA"), 2, 3, &limits, &metrics.issuance);
+        let b = SeriesShare::new(&queue, ("M-1", "C26TAA"), 2, 3, &limits, &metrics.issuance);
+        let first = a.slot(&stopping).await.expect("a slot");
+        let _second = b.slot(&stopping).await.expect("a slot");
+        let third = tokio::time::timeout(Duration::from_millis(200), a.slot(&stopping)).await;
+        assert!(third.is_err(), "a third call across the two batches went over the limit of 2");
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_secs(5), a.slot(&stopping)).await;
+        assert!(matches!(third, Ok(Some(_))), "the freed slot was not handed on");
+        // Another series has its own limit.
+        let other = SeriesShare::new(&queue, ("M-1", "C26TAB"), 2, 1, &limits, &metrics.issuance);
+        assert!(other.slot(&stopping).await.is_some());
+        // Stopping gives up a wait.
+        stopping.cancel();
+        assert!(b.slot(&stopping).await.is_none());
     }
 }
