@@ -111,16 +111,8 @@ impl Queue {
         limit: usize,
         lease: Duration,
     ) -> Result<usize, QueueError> {
-        if tokens.is_empty() {
-            return Ok(0);
-        }
-        let mut call = self.scripts.series.acquire.prepare_invoke();
-        call.key(&key.0).arg(limit.max(1)).arg(ms(lease));
-        for token in tokens {
-            call.arg(token);
-        }
-        let mut conn = self.conn().await?;
-        let granted: i64 = call.invoke_async(&mut conn).await?;
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let granted = self.run_series(&self.scripts.series.acquire, key, &[limit, ms(lease)], tokens).await?;
         Ok(usize::try_from(granted).unwrap_or(0).min(tokens.len()))
     }
 
@@ -131,32 +123,38 @@ impl Queue {
         tokens: &[String],
         lease: Duration,
     ) -> Result<usize, QueueError> {
-        if tokens.is_empty() {
-            return Ok(0);
-        }
-        let mut call = self.scripts.series.renew.prepare_invoke();
-        call.key(&key.0).arg(ms(lease));
-        for token in tokens {
-            call.arg(token);
-        }
-        let mut conn = self.conn().await?;
-        let live: i64 = call.invoke_async(&mut conn).await?;
+        let live = self.run_series(&self.scripts.series.renew, key, &[ms(lease)], tokens).await?;
         Ok(usize::try_from(live).unwrap_or(0))
     }
 
     /// Gives slots back.
     pub async fn release_series(&self, key: &SeriesKey, tokens: &[String]) -> Result<(), QueueError> {
+        self.run_series(&self.scripts.series.release, key, &[], tokens).await?;
+        Ok(())
+    }
+
+    /// Runs one of this module's scripts on `key` with `leading` numbers then `tokens` as
+    /// ARGV; nothing to do (0) without tokens.
+    async fn run_series(
+        &self,
+        script: &Script,
+        key: &SeriesKey,
+        leading: &[i64],
+        tokens: &[String],
+    ) -> Result<i64, QueueError> {
         if tokens.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        let mut call = self.scripts.series.release.prepare_invoke();
+        let mut call = script.prepare_invoke();
         call.key(&key.0);
+        for number in leading {
+            call.arg(*number);
+        }
         for token in tokens {
             call.arg(token);
         }
         let mut conn = self.conn().await?;
-        let _: i64 = call.invoke_async(&mut conn).await?;
-        Ok(())
+        Ok(call.invoke_async(&mut conn).await?)
     }
 
     /// How many slots of the series are held now (expired leases not counted), for tests and
