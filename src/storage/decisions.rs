@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde_json::value::RawValue;
 use serde_json::Value;
+use sqlx::types::Json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -92,8 +94,8 @@ pub struct NewInvoice {
     pub buyer: Option<Value>,
     /// Buyer kind.
     pub buyer_kind: &'static str,
-    /// Lines JSON.
-    pub lines: Value,
+    /// Lines JSON, serialised once.
+    pub lines: Box<RawValue>,
     /// Totals.
     pub total_net: Decimal,
     /// Totals.
@@ -102,8 +104,8 @@ pub struct NewInvoice {
     pub total_amount: Decimal,
     /// Provider config id.
     pub provider_config_id: i64,
-    /// Snapshot.
-    pub config_snapshot: Value,
+    /// Snapshot, serialised once per merchant and batch (a clone is a copy of its text).
+    pub config_snapshot: Box<RawValue>,
     /// Idempotency key.
     pub transaction_uuid: String,
     /// When a worker may take it (QUEUED) — `None` for PENDING_CLAIM.
@@ -232,12 +234,12 @@ impl Writes {
             .bind(v.iter().map(|i| i.currency.clone()).collect::<Vec<_>>())
             .bind(v.iter().map(|i| i.buyer.clone()).collect::<Vec<_>>())
             .bind(v.iter().map(|i| i.buyer_kind).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.lines.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| Json(i.lines.clone())).collect::<Vec<_>>())
             .bind(v.iter().map(|i| i.total_net).collect::<Vec<_>>())
             .bind(v.iter().map(|i| i.total_vat).collect::<Vec<_>>())
             .bind(v.iter().map(|i| i.total_amount).collect::<Vec<_>>())
             .bind(v.iter().map(|i| i.provider_config_id).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.config_snapshot.clone()).collect::<Vec<_>>())
+            .bind(v.iter().map(|i| Json(i.config_snapshot.clone())).collect::<Vec<_>>())
             .bind(v.iter().map(|i| i.transaction_uuid.clone()).collect::<Vec<_>>())
             .bind(v.iter().map(|i| i.next_attempt_at).collect::<Vec<_>>())
             .execute(&mut *tx)

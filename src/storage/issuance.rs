@@ -830,7 +830,10 @@ pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageErro
     let audit: Vec<Value> = sqlx::query_scalar(
         "SELECT jsonb_build_object('at', created_at, 'invoiceId', invoice_id::text, 'event', event_type,
              'outcome', outcome, 'actor', actor, 'reason', reason, 'before', before, 'after', after)
-         FROM audit_log WHERE order_id = $1 ORDER BY id",
+         FROM (SELECT a.* FROM audit_log a JOIN invoice i ON i.id = a.invoice_id WHERE i.order_id = $1
+               UNION ALL
+               SELECT a.* FROM audit_log a WHERE a.invoice_id IS NULL AND a.order_id = $1) a
+         ORDER BY id",
     )
     .bind(order_id)
     .fetch_all(pool)

@@ -1,11 +1,13 @@
 //! One batch of `payment.succeeded.v1` messages of one partition: parse, gather the facts in
 //! one query each, decide every payment in offset order, and write everything.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashSet;
 
 use base64::Engine as _;
 use chrono::Utc;
 use rdkafka::message::{Message, OwnedMessage};
+use serde_json::value::{to_raw_value, RawValue};
 use serde_json::{json, Value};
 use sqlx::PgConnection;
 
@@ -109,7 +111,7 @@ pub async fn process(
     let mut summary = Summary::default();
     let now = Utc::now();
     // The snapshot depends on the merchant and the rule set only: built once per batch.
-    let mut snapshots: std::collections::HashMap<(String, chrono::NaiveDate), Value> =
+    let mut snapshots: std::collections::HashMap<(String, chrono::NaiveDate), Box<RawValue>> =
         std::collections::HashMap::new();
     for (message, result) in &parsed {
         let payment = match result {
@@ -182,12 +184,17 @@ pub async fn process(
                 };
                 let invoice_id = deps.ids.next_id().map_err(BatchError::Ids)?;
                 let legal_day = payment.paid_at.with_timezone(&vietnam()).date_naive();
-                let snapshot = snapshots
-                    .entry((payment.merchant_id.clone(), legal_day))
-                    .or_insert_with(|| {
-                        config_snapshot(config, record.and_then(|r| r.name.as_deref()), tax, payment)
-                    })
-                    .clone();
+                let snapshot = match snapshots.entry((payment.merchant_id.clone(), legal_day)) {
+                    Entry::Occupied(e) => e.get().clone(),
+                    Entry::Vacant(e) => {
+                        let value =
+                            config_snapshot(config, record.and_then(|r| r.name.as_deref()), tax, payment);
+                        e.insert(
+                            to_raw_value(&value).map_err(|_| BatchError::Bug("unserialisable snapshot"))?,
+                        )
+                        .clone()
+                    }
+                };
                 let buyer_json = plan
                     .buyer
                     .as_ref()
@@ -203,7 +210,8 @@ pub async fn process(
                     currency: payment.currency.clone(),
                     buyer: buyer_json,
                     buyer_kind: plan.buyer_kind.as_str(),
-                    lines: serde_json::to_value(&payment.lines).unwrap_or(Value::Null),
+                    lines: to_raw_value(&payment.lines)
+                        .map_err(|_| BatchError::Bug("unserialisable lines"))?,
                     total_net: payment.totals.net,
                     total_vat: payment.totals.vat,
                     total_amount: payment.totals.gross,

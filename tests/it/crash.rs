@@ -11,7 +11,8 @@ use serde_json::Value;
 use crate::events::{cdc, payment, tax};
 use crate::support::kafka::{producer, read_to_end, TestTopics};
 use crate::support::{
-    insert_merchant, insert_provider_config, invoice_cmd, stream_env, unique, wait_until, TestDb,
+    assert_no_orphans, insert_merchant, insert_provider_config, invoice_cmd, stream_env, unique, wait_until,
+    TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -125,6 +126,7 @@ async fn assert_exact(db: &TestDb, topics: &TestTopics, total: usize, eligible: 
     assert_eq!(ids.len(), expected, "distinct events on the topic");
     assert_eq!(created_per_order.len(), eligible as usize);
     assert!(created_per_order.values().all(|ids| ids.len() == 1), "one invoice.created per order");
+    assert_no_orphans(db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

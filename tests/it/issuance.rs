@@ -602,6 +602,7 @@ async fn workers_killed_with_sigkill_during_provider_calls_issue_every_invoice_e
     s.assert_one_provider_invoice_each().await;
     assert_eq!(s.sim.stats().issued, total as u64, "{:?}", s.sim.stats());
     assert_eq!(s.scalar("SELECT count(DISTINCT transaction_uuid) FROM invoice").await, total);
+    crate::support::assert_no_orphans(&s.db).await;
     s.stream.stop().await.unwrap();
 }
 

@@ -428,6 +428,36 @@ pub async fn scalar(db: &TestDb, sql: &str) -> i64 {
     v.flatten().unwrap_or(-1)
 }
 
+/// Fails if a row points at an invoice that does not exist, or two invoices share a
+/// transaction UUID. The schema leaves these to the code (migration 0004): each such row is
+/// written in the transaction that inserts or locks its invoice, which a crash cannot split.
+pub async fn assert_no_orphans(db: &TestDb) {
+    for table in ["claim", "payment_decision", "issuance_attempt", "audit_log"] {
+        let orphans = scalar(
+            db,
+            &format!(
+                "SELECT count(*) FROM {table} t
+                 WHERE t.invoice_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM invoice i WHERE i.id = t.invoice_id)"
+            ),
+        )
+        .await;
+        assert_eq!(orphans, 0, "{table} rows pointing at no invoice");
+    }
+    let shared = scalar(
+        db,
+        "SELECT count(*) FROM (SELECT transaction_uuid FROM invoice GROUP BY 1 HAVING count(*) > 1) d",
+    )
+    .await;
+    assert_eq!(shared, 0, "transaction UUIDs shared by two invoices");
+    let unconfigured = scalar(
+        db,
+        "SELECT count(*) FROM invoice i WHERE i.provider_config_id IS NOT NULL
+         AND NOT EXISTS (SELECT 1 FROM provider_config c WHERE c.id = i.provider_config_id)",
+    )
+    .await;
+    assert_eq!(unconfigured, 0, "invoices copied from no provider configuration");
+}
+
 /// The `invoice` binary with a clean environment (only `env`), run in an empty directory so
 /// no `.env` file is picked up.
 pub fn invoice_cmd(env: &HashMap<String, String>) -> std::process::Command {
