@@ -168,6 +168,92 @@ async fn drain_rate(progress: &Progress<'_>, baseline: i64, target: i64) -> f64 
     }
 }
 
+/// The database's own ceiling for the stream stage: Postgres alone inserting the rows the
+/// stream writes for a consumer payment (invoice, claim, decision, audit row and two outbox
+/// rows, their JSON sent as text and parsed per row as the stream's is), 1,000 payments per
+/// transaction from `sessions` connections, in a scratch database, with no Kafka, no lookups
+/// and no service on the CPU. Payments decided per second can at best approach it.
+async fn write_ceiling(sample: &PgPool, sessions: usize, secs: u64) -> f64 {
+    let (snapshot, lines): (String, String) =
+        sqlx::query_as("SELECT config_snapshot::text, lines::text FROM invoice LIMIT 1").fetch_one(sample).await.unwrap();
+    let after: String = sqlx::query_scalar("SELECT after::text FROM audit_log WHERE entity = 'invoice' LIMIT 1")
+        .fetch_one(sample)
+        .await
+        .unwrap();
+    let mut admin = PgConnection::connect(&format!("{PG}/postgres")).await.unwrap();
+    sqlx::query("DROP DATABASE IF EXISTS invoice_ceiling WITH (FORCE)").execute(&mut admin).await.unwrap();
+    sqlx::query("CREATE DATABASE invoice_ceiling").execute(&mut admin).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(sessions as u32)
+        .connect(&format!("{PG}/invoice_ceiling"))
+        .await
+        .unwrap();
+    invoice::storage::migrate(&pool).await.unwrap();
+    // `CASE WHEN g > 0` keeps Postgres from parsing a parameter's JSON once for all rows.
+    const STATEMENTS: [&str; 5] = [
+        "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at, currency,
+             buyer_kind, lines, total_net, total_vat, total_amount, provider_config_id, config_snapshot,
+             transaction_uuid, next_attempt_at)
+         SELECT $1 + g, 'M-' || g % 100, 'ORD-' || ($1 + g), 'QUEUED', 'immediate', 'ev-' || ($1 + g), now(), 'VND',
+             'consumer', (CASE WHEN g > 0 THEN $2 END)::jsonb, 1000000, 100000, 1100000, 1 + g % 100,
+             (CASE WHEN g > 0 THEN $3 END)::jsonb, gen_random_uuid()::text, now()
+         FROM generate_series(1, 1000) g",
+        "INSERT INTO claim (id, invoice_id, merchant_id, order_id, token_hash, deadline, status)
+         SELECT $1 + g, $1 + g, 'M-' || g % 100, 'ORD-' || ($1 + g), sha256(int8send($1 + g)),
+             now() + interval '1 day', 'OPEN'
+         FROM generate_series(1, 1000) g",
+        "INSERT INTO payment_decision (event_id, merchant_id, order_id, outcome, invoice_id, topic, partition, \"offset\")
+         SELECT 'ev-' || ($1 + g), 'M-' || g % 100, 'ORD-' || ($1 + g), 'created', $1 + g, 'payments', 0, $1 + g
+         FROM generate_series(1, 1000) g ON CONFLICT (event_id) DO NOTHING",
+        "INSERT INTO audit_log (entity, entity_id, invoice_id, merchant_id, order_id, event_type, outcome, after, actor,
+             reason)
+         SELECT 'invoice', ($1 + g)::text, $1 + g, 'M-' || g % 100, 'ORD-' || ($1 + g), 'invoice.created', 'QUEUED',
+             (CASE WHEN g > 0 THEN $2 END)::jsonb, 'stream', 'consumer buyer'
+         FROM generate_series(1, 1000) g",
+        "INSERT INTO outbox (event_id, topic, message_key, payload, headers, has_secret)
+         SELECT gen_random_uuid(), 'events', convert_to('ORD-' || ($1 + g / 2), 'UTF8'), convert_to(repeat('x', 210), 'UTF8'),
+             (CASE WHEN g > 0 THEN '{\"type\": \"invoice.created\"}' END)::jsonb, g % 2 = 0
+         FROM generate_series(1, 2000) g",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let tasks = (0..sessions as i64).map(|session| {
+        let (pool, snapshot, lines, after) = (pool.clone(), snapshot.clone(), lines.clone(), after.clone());
+        tokio::spawn(async move {
+            let mut payments = 0i64;
+            while Instant::now() < deadline {
+                let base = session * 1_000_000_000 + payments;
+                let mut tx = pool.begin().await.unwrap();
+                for (n, sql) in STATEMENTS.iter().enumerate() {
+                    let (a, b) = match n {
+                        0 => (lines.as_str(), snapshot.as_str()),
+                        3 => (after.as_str(), ""),
+                        _ => ("", ""),
+                    };
+                    let mut q = sqlx::query(sql).bind(base);
+                    if n == 0 || n == 3 {
+                        q = q.bind(a);
+                    }
+                    if n == 0 {
+                        q = q.bind(b);
+                    }
+                    q.execute(&mut *tx).await.unwrap();
+                }
+                tx.commit().await.unwrap();
+                payments += 1000;
+            }
+            payments
+        })
+    });
+    let written: i64 = join_all(tasks).await.into_iter().map(|r| r.unwrap()).sum();
+    let rate = written as f64 / started.elapsed().as_secs_f64();
+    pool.close().await;
+    sqlx::query("DROP DATABASE invoice_ceiling WITH (FORCE)").execute(&mut admin).await.unwrap();
+    // The next stage should not pay for this one's dirty pages.
+    sqlx::query("CHECKPOINT").execute(&mut admin).await.unwrap();
+    rate
+}
+
 /// Deletes the run's queue keys: each run has its own prefix, and 50,000 leftover jobs per
 /// run would make every later AOF rewrite of the shared Redis slower.
 async fn delete_queue_keys(prefix: &str) {
@@ -435,6 +521,8 @@ async fn main() {
     assert_eq!(invoices, events as i64, "every payment became an invoice");
     shutdown.cancel();
     stream.await.unwrap().unwrap();
+    let write_ceiling_per_sec = write_ceiling(&pool, partitions as usize, 10).await;
+    println!("Postgres alone writing the same rows: {write_ceiling_per_sec:.0} payments/s");
 
     // CDC skip path: updates whose tax equals the stored one.
     let skip: Vec<(String, String)> = (0..cdc_events)
@@ -556,6 +644,7 @@ async fn main() {
         "partitions": partitions,
         "decided_per_sec": decided_per_sec.round(),
         "bare_consumer_per_sec": (events as f64 / ceiling_secs).round(),
+        "pg_write_ceiling_per_sec": write_ceiling_per_sec.round(),
         "cdc_events": cdc_events,
         "cdc_per_sec": skip_per_sec.round(),
         "cdc_skip_per_sec": skip_per_sec.round(),
