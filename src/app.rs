@@ -95,6 +95,7 @@ pub fn providers(cfg: &Config) -> anyhow::Result<crate::providers::Registry> {
     Ok(crate::providers::Registry::new(&crate::providers::viettel::Settings {
         timeout: cfg.issuance.provider_timeout,
         concurrency_per_series: cfg.issuance.series_concurrency,
+        max_idle_per_host: cfg.issuance.concurrency,
     })?)
 }
 
