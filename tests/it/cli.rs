@@ -285,3 +285,30 @@ async fn rewrap_credentials_moves_every_sealed_credential_to_the_new_key() {
     assert_eq!(code, 0);
     assert!(stdout.contains("0 provider configuration(s), 0 invoice snapshot(s)"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_shows_the_audit_rows_of_the_order_with_and_without_an_invoice() {
+    use crate::support::seed_invoice;
+    let db = TestDb::create().await;
+    let (invoice_id, _) = seed_invoice(&db, "M-1", "ORD-I-1", "QUEUED", chrono::Utc::now()).await;
+    seed_invoice(&db, "M-1", "ORD-I-2", "QUEUED", chrono::Utc::now()).await;
+    // A row about the invoice, one about the order alone (a refused request has no invoice),
+    // and one of another order.
+    sqlx::query(
+        "INSERT INTO audit_log (entity, entity_id, invoice_id, merchant_id, order_id, event_type, outcome, actor)
+         VALUES ('invoice', $2, $1, 'M-1', 'ORD-I-1', 'invoice.created', 'QUEUED', 'stream'),
+                ('invoice', '42', NULL, 'M-1', 'ORD-I-1', 'request_refused', 'REFUSED', 'operator'),
+                ('invoice', '43', NULL, 'M-1', 'ORD-I-2', 'request_refused', 'REFUSED', 'operator')",
+    )
+    .bind(invoice_id)
+    .bind(invoice_id.to_string())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (code, stdout, stderr) = run(&base_env(&db.url), &["inspect", "ORD-I-1"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let events: Vec<&str> =
+        report["audit"].as_array().unwrap().iter().map(|a| a["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["invoice.created", "request_refused"], "{report}");
+}
