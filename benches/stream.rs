@@ -222,27 +222,22 @@ async fn write_ceiling(sample: &PgPool, sessions: usize, secs: u64) -> f64 {
     ];
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
+    // The JSON texts each statement takes after the base id, in order.
+    let texts: std::sync::Arc<[Vec<String>; 5]> =
+        std::sync::Arc::new([vec![lines, snapshot], vec![], vec![], vec![after], vec![]]);
     let tasks = (0..sessions as i64).map(|session| {
-        let (pool, snapshot, lines, after) = (pool.clone(), snapshot.clone(), lines.clone(), after.clone());
+        let (pool, texts) = (pool.clone(), texts.clone());
         tokio::spawn(async move {
             let mut payments = 0i64;
             while Instant::now() < deadline {
                 let base = session * 1_000_000_000 + payments;
                 let mut tx = pool.begin().await.unwrap();
-                for (n, sql) in STATEMENTS.iter().enumerate() {
-                    let (a, b) = match n {
-                        0 => (lines.as_str(), snapshot.as_str()),
-                        3 => (after.as_str(), ""),
-                        _ => ("", ""),
-                    };
-                    let mut q = sqlx::query(sql).bind(base);
-                    if n == 0 || n == 3 {
-                        q = q.bind(a);
+                for (sql, texts) in STATEMENTS.iter().zip(texts.iter()) {
+                    let mut query = sqlx::query(sql).bind(base);
+                    for text in texts {
+                        query = query.bind(text.as_str());
                     }
-                    if n == 0 {
-                        q = q.bind(b);
-                    }
-                    q.execute(&mut *tx).await.unwrap();
+                    query.execute(&mut *tx).await.unwrap();
                 }
                 tx.commit().await.unwrap();
                 payments += 1000;
