@@ -100,12 +100,14 @@ EOF
 # Settings kept in a file of their own (included from postgresql.conf) so that later changes
 # reach clusters initialised earlier. Durability stays on (fsync, synchronous_commit): the
 # benchmarks measure what production would see. WAL compression and fewer checkpoints cut
-# the write volume of the stream's batch transactions; lz4 where the server has it, as pglz
-# compressing full-page images took 5% of Postgres' CPU while issuing. Returns 0 if the file
-# changed.
+# the write volume of the stream's batch transactions; lz4 where the server takes it (built
+# with lz4, version 15 or later), as pglz compressing full-page images took 5% of Postgres'
+# CPU while issuing. Returns 0 if the file changed.
 pg_tuning() {
-  local data=$1 method=on
-  "$(pg_bin)/pg_config" --configure 2>/dev/null | grep -q -- --with-lz4 && method=lz4
+  local data=$1 method=on configure version
+  configure="$("$(pg_bin)/pg_config" --configure 2>/dev/null || true)"
+  version="$("$(pg_bin)/pg_config" --version 2>/dev/null | grep -oE '[0-9]+' | head -n 1 || true)"
+  [[ $configure == *--with-lz4* && ${version:-0} -ge 15 ]] && method=lz4
   local want="wal_compression = $method"$'\nmax_wal_size = 4GB\ncheckpoint_timeout = 15min\nwal_buffers = 16MB'
   grep -q "include_if_exists = 'invoice.conf'" "$data/postgresql.conf" 2>/dev/null \
     || echo "include_if_exists = 'invoice.conf'" >>"$data/postgresql.conf"

@@ -134,6 +134,10 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<MerchantEvent, 
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
     };
+    // Borrowed where the message already holds an object; only a string is parsed into a value
+    // of its own.
+    let empty = Value::Object(Map::new());
+    let from_string: Value;
     let metadata = match row.get("metadata") {
         // The column did not change and Debezium did not send it: neither did the tax.
         Some(Value::String(text)) if text == UNAVAILABLE_VALUE => {
@@ -145,10 +149,13 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<MerchantEvent, 
                 position,
             })))
         }
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(Value::String(text)) => serde_json::from_str(text)
-            .map_err(|e| Invalid::field("after.metadata", format!("a string that is not JSON ({e})")))?,
-        Some(obj @ Value::Object(_)) => obj.clone(),
+        None | Some(Value::Null) => &empty,
+        Some(Value::String(text)) => {
+            from_string = serde_json::from_str(text)
+                .map_err(|e| Invalid::field("after.metadata", format!("a string that is not JSON ({e})")))?;
+            &from_string
+        }
+        Some(obj @ Value::Object(_)) => obj,
         Some(other) => {
             return Err(Invalid::field(
                 "after.metadata",
@@ -156,8 +163,11 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<MerchantEvent, 
             ))
         }
     };
-    let tax = match &metadata {
-        Value::Object(m) => m.get("tax").cloned().unwrap_or(Value::Object(Map::new())),
+    let tax = match metadata {
+        Value::Object(m) => match m.get("tax") {
+            None | Some(Value::Null) => &empty,
+            Some(tax) => tax,
+        },
         other => {
             return Err(Invalid::field(
                 "after.metadata",
@@ -165,15 +175,11 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<MerchantEvent, 
             ))
         }
     };
-    let tax = match tax {
-        Value::Null => Value::Object(Map::new()),
-        other => other,
-    };
-    let tax_info = tax_info::parse(&tax).map_err(|e| Invalid(format!("after.{e}")))?;
+    let tax_info = tax_info::parse(tax).map_err(|e| Invalid(format!("after.{e}")))?;
     Ok(MerchantEvent::Change(Box::new(MerchantChange {
         merchant_id,
         merchant_name,
-        change: CdcChange::Upsert { op, tax: tax_info::canonicalize(&tax) },
+        change: CdcChange::Upsert { op, tax: tax_info::canonicalize(tax) },
         tax_info: Some(tax_info),
         position,
     })))

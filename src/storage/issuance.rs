@@ -803,7 +803,7 @@ pub async fn create_replacement(
     Ok(created)
 }
 
-/// Everything about an order for `invoice inspect`: invoices, attempts, audit trail.
+/// Everything about an order for `invoice inspect`: decisions, invoices, attempts, audit trail.
 pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageError> {
     let invoices: Vec<Value> = sqlx::query_scalar(
         "SELECT jsonb_build_object('id', id::text, 'merchantId', merchant_id, 'orderId', order_id, 'kind', kind,
@@ -838,7 +838,20 @@ pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageErro
     .bind(order_id)
     .fetch_all(pool)
     .await?;
-    Ok(json!({"orderId": order_id, "invoices": invoices, "attempts": attempts, "audit": audit}))
+    // What the stream decided for the order's payment events: the answer to "why has this
+    // order no invoice?" (a skip reason), which no other table holds.
+    let decisions: Vec<Value> = sqlx::query_scalar(
+        "SELECT jsonb_build_object('eventId', event_id, 'merchantId', merchant_id, 'outcome', outcome,
+             'skipReason', skip_reason, 'invoiceId', invoice_id::text, 'topic', topic, 'partition', partition,
+             'offset', \"offset\", 'decidedAt', decided_at)
+         FROM payment_decision WHERE order_id = $1 ORDER BY decided_at, event_id",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(
+        json!({"orderId": order_id, "decisions": decisions, "invoices": invoices, "attempts": attempts, "audit": audit}),
+    )
 }
 
 /// FAILED invoices, newest first: the authority behind `dlq list` (Redis may have lost its DLQ).

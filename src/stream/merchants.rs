@@ -69,6 +69,19 @@ fn tax_audit(
     }
 }
 
+/// The stored TaxInfo of `merchant_id` as of this point of the batch: its changes so far
+/// (`view`), else the task's cache.
+fn known<'a>(
+    view: &'a HashMap<String, Option<StoredTax>>,
+    cache: &'a Cache,
+    merchant_id: &str,
+) -> Option<&'a StoredTax> {
+    match view.get(merchant_id) {
+        Some(stored) => stored.as_ref(),
+        None => cache.get(merchant_id).and_then(Option::as_ref),
+    }
+}
+
 /// Decides and writes one batch inside `tx`.
 pub async fn process(
     deps: &Deps,
@@ -125,11 +138,13 @@ pub async fn process(
             }
         };
         let merchant_id = change.merchant_id.as_str();
-        let stored = match view.get(merchant_id) {
-            Some(s) => s.clone(),
-            None => cache.get(merchant_id).cloned().flatten(),
+        let outcome = decide_cdc(&change.change, &change.position, known(&view, cache, merchant_id));
+        // A copy only for the outcomes that change something (a skip, the common case, reads
+        // the cache in place).
+        let stored = match outcome {
+            CdcOutcome::SkipUnchanged | CdcOutcome::Stale => None,
+            _ => known(&view, cache, merchant_id).cloned(),
         };
-        let outcome = decide_cdc(&change.change, &change.position, stored.as_ref());
         let op = match &change.change {
             CdcChange::Upsert { op, .. } | CdcChange::Unchanged { op } => *op,
             CdcChange::Delete => 'd',

@@ -287,6 +287,25 @@ async fn rewrap_credentials_moves_every_sealed_credential_to_the_new_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_says_why_an_order_has_no_invoice() {
+    let db = TestDb::create().await;
+    sqlx::query(
+        "INSERT INTO payment_decision (event_id, merchant_id, order_id, outcome, skip_reason, topic, partition, \"offset\")
+         VALUES ('ev-S-1', 'M-9', 'ORD-S-1', 'skipped', 'no_provider_config', 'payment.succeeded.v1', 2, 41)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (code, stdout, _) = run(&base_env(&db.url), &["inspect", "ORD-S-1"]);
+    // No invoice: exit 3, and the report carries the decision that made none.
+    assert_eq!(code, 3, "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["invoices"], serde_json::json!([]));
+    assert_eq!(report["decisions"][0]["skipReason"], "no_provider_config", "{report}");
+    assert_eq!(report["decisions"][0]["offset"], 41);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_shows_the_audit_rows_of_the_order_with_and_without_an_invoice() {
     use crate::support::seed_invoice;
     let db = TestDb::create().await;

@@ -264,10 +264,13 @@ async fn transient_errors_are_retried_with_backoff_and_permanent_ones_fail_to_th
     })
     .await;
 
-    // `inspect` shows the invoice, the refused call and the audit trail, and the queue state.
+    // `inspect` shows the decision, the invoice, the refused call and the audit trail, and the
+    // queue state.
     let inspect = invoice_cmd(&s.env).args(["inspect", "ORD-P-1"]).output().unwrap();
     assert!(inspect.status.success());
     let report: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(report["decisions"][0]["outcome"], "created");
+    assert_eq!(report["decisions"][0]["invoiceId"], report["invoices"][0]["id"]);
     assert_eq!(report["invoices"][0]["status"], "FAILED");
     assert_eq!(report["attempts"][0]["outcome"], "permanent");
     assert_eq!(report["attempts"][0]["errorCode"], "INVOICE_SERIAL_NOT_FOUND");

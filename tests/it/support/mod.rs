@@ -428,9 +428,10 @@ pub async fn scalar(db: &TestDb, sql: &str) -> i64 {
     v.flatten().unwrap_or(-1)
 }
 
-/// Fails if a row points at an invoice that does not exist, or two invoices share a
-/// transaction UUID. The schema leaves these to the code (migration 0004): each such row is
-/// written in the transaction that inserts or locks its invoice, which a crash cannot split.
+/// Fails if a row points at an invoice or provider configuration that does not exist, or two
+/// invoices share a transaction UUID. The schema leaves these to the code (migration 0004):
+/// such rows are written with their invoice or after it committed, and neither invoices nor
+/// configurations are ever deleted.
 pub async fn assert_no_orphans(db: &TestDb) {
     for table in ["claim", "payment_decision", "issuance_attempt", "audit_log"] {
         let orphans = scalar(
