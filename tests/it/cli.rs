@@ -286,6 +286,13 @@ async fn rewrap_credentials_moves_every_sealed_credential_to_the_new_key() {
     assert!(stdout.contains("0 provider configuration(s), 0 invoice snapshot(s)"), "{stdout}");
 }
 
+/// `invoice inspect <order>`: its exit code and its report.
+fn inspect(db: &TestDb, order: &str) -> (i32, serde_json::Value) {
+    let (code, stdout, stderr) = run(&base_env(&db.url), &["inspect", order]);
+    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}"));
+    (code, report)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_says_why_an_order_has_no_invoice() {
     let db = TestDb::create().await;
@@ -296,10 +303,9 @@ async fn inspect_says_why_an_order_has_no_invoice() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let (code, stdout, _) = run(&base_env(&db.url), &["inspect", "ORD-S-1"]);
+    let (code, report) = inspect(&db, "ORD-S-1");
     // No invoice: exit 3, and the report carries the decision that made none.
-    assert_eq!(code, 3, "{stdout}");
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(code, 3, "{report}");
     assert_eq!(report["invoices"], serde_json::json!([]));
     assert_eq!(report["decisions"][0]["skipReason"], "no_provider_config", "{report}");
     assert_eq!(report["decisions"][0]["offset"], 41);
@@ -324,9 +330,8 @@ async fn inspect_shows_the_audit_rows_of_the_order_with_and_without_an_invoice()
     .execute(&db.pool)
     .await
     .unwrap();
-    let (code, stdout, stderr) = run(&base_env(&db.url), &["inspect", "ORD-I-1"]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let (code, report) = inspect(&db, "ORD-I-1");
+    assert_eq!(code, 0, "{report}");
     let events: Vec<&str> =
         report["audit"].as_array().unwrap().iter().map(|a| a["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["invoice.created", "request_refused"], "{report}");
