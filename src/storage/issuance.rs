@@ -48,7 +48,8 @@ pub struct WorkInvoice {
     pub transaction_uuid: String,
     /// Deliveries that could call `create`.
     pub attempts: i32,
-    /// When it is due.
+    /// When it is due (while ISSUING: when it was due before it was taken; the lease says
+    /// when it is due again). Set exactly while the invoice is QUEUED, ISSUING or SUBMITTED.
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// ISSUING lease end.
     pub lease_until: Option<DateTime<Utc>>,
@@ -111,7 +112,7 @@ pub async fn acquire(
              WHERE (i.status = 'QUEUED' OR (i.status = 'ISSUING' AND i.lease_until < now()))
              FOR UPDATE OF i SKIP LOCKED)
          UPDATE invoice i SET status = 'ISSUING', attempts = i.attempts + 1, lease_owner = $2,
-                lease_until = $3, next_attempt_at = $3, updated_at = now()
+                lease_until = $3, updated_at = now()
          FROM old WHERE i.id = old.id
          RETURNING i.id, old.status, i.merchant_id, i.order_id, i.attempts",
     )
@@ -150,7 +151,7 @@ pub async fn renew_lease(
     until: DateTime<Utc>,
 ) -> Result<bool, StorageError> {
     let rows = sqlx::query(
-        "UPDATE invoice SET lease_until = $3, next_attempt_at = $3
+        "UPDATE invoice SET lease_until = $3
          WHERE id = $1 AND status = 'ISSUING' AND lease_owner = $2 AND lease_until > now()",
     )
     .bind(id)
@@ -634,7 +635,9 @@ fn status_static(status: &str) -> &'static str {
 }
 
 /// One page of due, unfinished invoices for the sweeper: `(id, order id, merchant id)` with
-/// id greater than `after`.
+/// id greater than `after`. An ISSUING invoice is due once its call lease has ended: taking
+/// it left `next_attempt_at` at the time it was queued for, so that the update stays HOT
+/// (migration 0007).
 pub async fn due_page(
     pool: &PgPool,
     after: i64,
@@ -642,8 +645,8 @@ pub async fn due_page(
 ) -> Result<Vec<(i64, String, String)>, StorageError> {
     Ok(sqlx::query_as(
         "SELECT id, order_id, merchant_id FROM invoice
-         WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now() AND id > $1
-           AND deleted_at IS NULL
+         WHERE next_attempt_at <= now() AND status IN ('QUEUED', 'ISSUING', 'SUBMITTED')
+           AND (status <> 'ISSUING' OR lease_until <= now()) AND id > $1 AND deleted_at IS NULL
          ORDER BY id LIMIT $2",
     )
     .bind(after)
@@ -656,8 +659,10 @@ pub async fn due_page(
 /// "stuck" signal, independent of Redis.
 pub async fn oldest_due_seconds(pool: &PgPool) -> Result<f64, StorageError> {
     let age: Option<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM now() - min(next_attempt_at))::float8 FROM invoice
-         WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now()",
+        "SELECT EXTRACT(EPOCH FROM now() - min(CASE WHEN status = 'ISSUING' THEN lease_until ELSE next_attempt_at END))::float8
+         FROM invoice
+         WHERE next_attempt_at <= now() AND status IN ('QUEUED', 'ISSUING', 'SUBMITTED')
+           AND (status <> 'ISSUING' OR lease_until <= now())",
     )
     .fetch_one(pool)
     .await?;

@@ -18,6 +18,7 @@ mod offsets;
 mod operations;
 mod queue;
 mod runbook;
+mod schema;
 mod stream;
 mod support;
 mod topics;
