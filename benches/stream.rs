@@ -3,7 +3,9 @@
 //! events applied or skipped, next to the ceiling of a bare rdkafka consumer reading the
 //! same topic; then runs the production `run_worker` against the provider simulator and
 //! measures invoices issued per second at 0 ms and 50 ms provider latency, and the latency
-//! from payment to ISSUED at a steady event rate. Writes `target/bench/e2e.json`.
+//! from payment to ISSUED at a steady event rate. For the decide and issue stages it also
+//! gives the CPU time each payment or invoice cost, per process (service, Postgres, Redis,
+//! Kafka): steadier than the rates on a shared machine. Writes `target/bench/e2e.json`.
 //!
 //! Needs the local stack (`make deps`). Sizes: `BENCH_EVENTS` (default 50 000 payments),
 //! `BENCH_CDC` (default 50 000 CDC events per path), `BENCH_PARTITIONS` (default 6),
@@ -49,6 +51,69 @@ fn peak_rss_mb() -> f64 {
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// CPU time (ms) used so far by each part of the machine, from `/proc` (Linux, like the
+/// rest of the bench): this process (the services, the simulator and the load generator),
+/// Postgres (its processes, and the children its postmaster reaped: backends and
+/// autovacuum workers that exited), Redis and Kafka. A stage's difference divided by its
+/// work is what the work costs, which the machine's noise moves far less than a rate.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    service: f64,
+    postgres: f64,
+    redis: f64,
+    kafka: f64,
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        // USER_HZ: 100 ticks a second on Linux.
+        const MS_PER_TICK: f64 = 10.0;
+        let me = std::process::id().to_string();
+        let mut cpu = Cpu::default();
+        let Ok(dir) = std::fs::read_dir("/proc") else { return cpu };
+        for entry in dir.flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+            let fields: Vec<f64> =
+                stat[close + 1..].split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+            // After the name: state, ppid, …; utime, stime, cutime, cstime are fields 14–17.
+            let ticks =
+                |from: usize, to: usize| fields.get(from - 3..=to - 3).map_or(0.0, |f| f.iter().sum());
+            let ms = MS_PER_TICK * ticks(14, 15);
+            match &stat[open + 1..close] {
+                _ if pid == me => cpu.service += ms,
+                "postgres" => cpu.postgres += MS_PER_TICK * ticks(14, 17),
+                "redis-server" => cpu.redis += ms,
+                "java" => cpu.kafka += ms,
+                _ => {}
+            }
+        }
+        cpu
+    }
+
+    /// Milliseconds per unit of work since `before`, as a JSON object.
+    fn per_unit_since(&self, before: Cpu, units: usize) -> serde_json::Value {
+        let per = |now: f64, then: f64| ((now - then) / units.max(1) as f64 * 1000.0).round() / 1000.0;
+        let parts = [
+            ("service", per(self.service, before.service)),
+            ("postgres", per(self.postgres, before.postgres)),
+            ("redis", per(self.redis, before.redis)),
+            ("kafka", per(self.kafka, before.kafka)),
+        ];
+        let total = (parts.iter().map(|(_, v)| v).sum::<f64>() * 1000.0).round() / 1000.0;
+        let mut out = serde_json::Map::new();
+        for (name, v) in parts {
+            out.insert(name.to_owned(), json!(v));
+        }
+        out.insert("total".to_owned(), json!(total));
+        serde_json::Value::Object(out)
+    }
 }
 
 async fn produce_all(producer: &FutureProducer, topic: &str, messages: Vec<(String, String)>) {
@@ -543,8 +608,10 @@ async fn main() {
     );
     // Each stage drains a backlog produced while no stream runs, as after an outage or a
     // deployment: the rate is the consumer's, not the producer's.
+    let cpu_before = Cpu::now();
     let (stream, shutdown, payment_metrics) = start_stream(&env).await;
     let decided_per_sec = drain_rate(&Progress::Sql(&pool, payment_offsets.clone()), 0, events as i64).await;
+    let decide_cpu_ms = Cpu::now().per_unit_since(cpu_before, events);
     print_batch_metrics(&payment_metrics).await;
     let invoices = count(&pool, "SELECT count(*) FROM invoice").await;
     assert_eq!(invoices, events as i64, "every payment became an invoice");
@@ -579,6 +646,7 @@ async fn main() {
         "decided {decided_per_sec:.0}/s (bare consumer {:.0}/s), CDC skip {skip_per_sec:.0}/s, CDC apply {apply_per_sec:.0}/s",
         events as f64 / ceiling_secs,
     );
+    println!("CPU ms per payment decided: {decide_cpu_ms}");
     print_batch_metrics(&metrics_url).await;
 
     if std::env::var("BENCH_STOP_AFTER").as_deref() == Ok("stream") {
@@ -598,9 +666,12 @@ async fn main() {
     let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let worker_metrics = format!("http://{}/metrics", worker_listener.local_addr().unwrap());
     let worker_stop = CancellationToken::new();
+    let cpu_before = Cpu::now();
     let worker = tokio::spawn(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone()));
     let issued_fast_per_sec = drain_rate(&Progress::Metric(&worker_metrics, ISSUED), 0, events as i64).await;
+    let issue_cpu_ms = Cpu::now().per_unit_since(cpu_before, events);
     println!("issued {issued_fast_per_sec:.0}/s at 0 ms");
+    println!("CPU ms per invoice issued: {issue_cpu_ms}");
     let text = reqwest::get(&worker_metrics).await.unwrap().text().await.unwrap();
     for line in text.lines().filter(|l| {
         (l.starts_with("invoice_worker_batch_phase_seconds_sum")
@@ -681,7 +752,9 @@ async fn main() {
         "cdc_per_sec": skip_per_sec.round(),
         "cdc_skip_per_sec": skip_per_sec.round(),
         "cdc_apply_per_sec": apply_per_sec.round(),
+        "decide_cpu_ms_per_payment": decide_cpu_ms,
         "issued_per_sec": issued_fast_per_sec.round(),
+        "issue_cpu_ms_per_invoice": issue_cpu_ms,
         "issued_per_sec_provider_50ms": issued_slow_per_sec.round(),
         "e2e_events_per_sec": offered.round(),
         "e2e_p50_ms": (p50 * 10.0).round() / 10.0,

@@ -48,8 +48,7 @@ pub struct WorkInvoice {
     pub transaction_uuid: String,
     /// Deliveries that could call `create`.
     pub attempts: i32,
-    /// When it is due (while ISSUING: when it was due before it was taken; the lease says
-    /// when it is due again). Set exactly while the invoice is QUEUED, ISSUING or SUBMITTED.
+    /// When it is due.
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// ISSUING lease end.
     pub lease_until: Option<DateTime<Utc>>,
@@ -112,7 +111,7 @@ pub async fn acquire(
              WHERE (i.status = 'QUEUED' OR (i.status = 'ISSUING' AND i.lease_until < now()))
              FOR UPDATE OF i SKIP LOCKED)
          UPDATE invoice i SET status = 'ISSUING', attempts = i.attempts + 1, lease_owner = $2,
-                lease_until = $3, updated_at = now()
+                lease_until = $3, next_attempt_at = $3, updated_at = now()
          FROM old WHERE i.id = old.id
          RETURNING i.id, old.status, i.merchant_id, i.order_id, i.attempts",
     )
@@ -151,7 +150,7 @@ pub async fn renew_lease(
     until: DateTime<Utc>,
 ) -> Result<bool, StorageError> {
     let rows = sqlx::query(
-        "UPDATE invoice SET lease_until = $3
+        "UPDATE invoice SET lease_until = $3, next_attempt_at = $3
          WHERE id = $1 AND status = 'ISSUING' AND lease_owner = $2 AND lease_until > now()",
     )
     .bind(id)
@@ -635,9 +634,7 @@ fn status_static(status: &str) -> &'static str {
 }
 
 /// One page of due, unfinished invoices for the sweeper: `(id, order id, merchant id)` with
-/// id greater than `after`. An ISSUING invoice is due once its call lease has ended: taking
-/// it left `next_attempt_at` at the time it was queued for, so that the update stays HOT
-/// (migration 0007).
+/// id greater than `after`.
 pub async fn due_page(
     pool: &PgPool,
     after: i64,
@@ -645,8 +642,8 @@ pub async fn due_page(
 ) -> Result<Vec<(i64, String, String)>, StorageError> {
     Ok(sqlx::query_as(
         "SELECT id, order_id, merchant_id FROM invoice
-         WHERE next_attempt_at <= now() AND status IN ('QUEUED', 'ISSUING', 'SUBMITTED')
-           AND (status <> 'ISSUING' OR lease_until <= now()) AND id > $1 AND deleted_at IS NULL
+         WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now() AND id > $1
+           AND deleted_at IS NULL
          ORDER BY id LIMIT $2",
     )
     .bind(after)
@@ -659,10 +656,8 @@ pub async fn due_page(
 /// "stuck" signal, independent of Redis.
 pub async fn oldest_due_seconds(pool: &PgPool) -> Result<f64, StorageError> {
     let age: Option<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM now() - min(CASE WHEN status = 'ISSUING' THEN lease_until ELSE next_attempt_at END))::float8
-         FROM invoice
-         WHERE next_attempt_at <= now() AND status IN ('QUEUED', 'ISSUING', 'SUBMITTED')
-           AND (status <> 'ISSUING' OR lease_until <= now())",
+        "SELECT EXTRACT(EPOCH FROM now() - min(next_attempt_at))::float8 FROM invoice
+         WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now()",
     )
     .fetch_one(pool)
     .await?;

@@ -18,7 +18,6 @@ mod offsets;
 mod operations;
 mod queue;
 mod runbook;
-mod schema;
 mod stream;
 mod support;
 mod topics;

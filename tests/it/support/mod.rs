@@ -387,8 +387,7 @@ pub async fn seed_invoice(
         "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, paid_at, currency, lines,
              total_net, total_vat, total_amount, config_snapshot, transaction_uuid, next_attempt_at,
              provider_invoice_no, issued_at)
-         VALUES ($1, $2, $3, $4, 'immediate', now(), 'VND', $5, 100000, 8000, 108000, $6, $7,
-             CASE WHEN $4 IN ('QUEUED', 'ISSUING', 'SUBMITTED') THEN now() END,
+         VALUES ($1, $2, $3, $4, 'immediate', now(), 'VND', $5, 100000, 8000, 108000, $6, $7, now(),
              CASE WHEN $8 THEN '0000001' END, CASE WHEN $8 THEN now() END)",
     )
     .bind(id)
