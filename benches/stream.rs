@@ -408,6 +408,16 @@ async fn print_metrics(url: &str, indent: &str, prefixes: &[&str]) {
     }
 }
 
+/// A service run that says on stderr why it ended early: the stage waiting on it only sees
+/// its progress stop.
+async fn said(run: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let result = run.await;
+    if let Err(error) = &result {
+        eprintln!("a service of the benchmark ended: {error:#}");
+    }
+    result
+}
+
 /// Starts `run_stream` as production does; returns its handle, its stop token and its
 /// metrics URL.
 async fn start_stream(
@@ -417,7 +427,7 @@ async fn start_stream(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(invoice::app::run_stream(cfg, listener, shutdown.clone()));
+    let handle = tokio::spawn(said(invoice::app::run_stream(cfg, listener, shutdown.clone())));
     (handle, shutdown, metrics_url)
 }
 
@@ -667,7 +677,8 @@ async fn main() {
     let worker_metrics = format!("http://{}/metrics", worker_listener.local_addr().unwrap());
     let worker_stop = CancellationToken::new();
     let cpu_before = Cpu::now();
-    let worker = tokio::spawn(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone()));
+    let worker =
+        tokio::spawn(said(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone())));
     let issued_fast_per_sec = drain_rate(&Progress::Metric(&worker_metrics, ISSUED), 0, events as i64).await;
     let issue_cpu_ms = Cpu::now().per_unit_since(cpu_before, events);
     println!("issued {issued_fast_per_sec:.0}/s at 0 ms");
@@ -708,7 +719,8 @@ async fn main() {
     let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let worker_metrics = format!("http://{}/metrics", worker_listener.local_addr().unwrap());
     let worker_stop = CancellationToken::new();
-    let worker = tokio::spawn(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone()));
+    let worker =
+        tokio::spawn(said(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone())));
     let issued = Progress::Metric(&worker_metrics, ISSUED);
     let issued_slow_per_sec = drain_rate(&issued, 0, slow as i64).await;
     println!("issued {issued_slow_per_sec:.0}/s at 50 ms");
