@@ -56,14 +56,14 @@ const REDACTED: &[&str] = &[
 ];
 
 /// The request as it is stored in the attempt row: credentials and personal data redacted
-/// (for an individual buyer, the name and personal id number too).
-pub fn recorded_request(body: &Value, buyer_kind: BuyerKind) -> Value {
-    let mut recorded = body.clone();
-    redact(&mut recorded, REDACTED);
+/// (for an individual buyer, the name and personal id number too). Takes the sent body
+/// itself, once no resend can need it, rather than copying every request.
+pub fn recorded_request(mut body: Value, buyer_kind: BuyerKind) -> Value {
+    redact(&mut body, REDACTED);
     if buyer_kind == BuyerKind::Individual {
-        redact(&mut recorded, &["buyerLegalName", "buyerTaxCode"]);
+        redact(&mut body, &["buyerLegalName", "buyerTaxCode"]);
     }
-    recorded
+    body
 }
 
 /// The Viettel adapter.
@@ -164,19 +164,18 @@ impl Viettel {
     async fn create_call(&self, target: &Target, doc: &Document, prepared: &Prepared) -> Call {
         let started = Instant::now();
         let body = create_body(doc, prepared);
-        let recorded = recorded_request(&body, prepared.buyer_kind);
         let url = format!(
             "{}/InvoiceAPI/InvoiceWS/createInvoice/{}",
             target.endpoint.trim_end_matches('/'),
             target.supplier_tax_code
         );
-        let (client, url, body) = (&self.client, &url, &body);
+        let (client, url, sent_body) = (&self.client, &url, &body);
         let (outcome, response) = match self
             .authorized(target, |token| async move {
                 let sent = client
                     .post(url)
                     .header(reqwest::header::COOKIE, format!("access_token={token}"))
-                    .json(body)
+                    .json(sent_body)
                     .send()
                     .await;
                 match sent {
@@ -203,6 +202,7 @@ impl Viettel {
             redact(&mut v, REDACTED);
             v
         });
+        let recorded = recorded_request(body, prepared.buyer_kind);
         Call { outcome, request: Some(recorded), response, duration: started.elapsed() }
     }
 
@@ -671,11 +671,11 @@ mod tests {
         assert_eq!(body["buyerInfo"]["buyerNotGetInvoice"], 0);
         assert_eq!(body["generalInvoiceInfo"]["adjustmentType"], "3");
         assert_eq!(body["generalInvoiceInfo"]["originalInvoiceId"], "C26TAA12");
-        let recorded = recorded_request(&body, p.buyer_kind);
+        let recorded = recorded_request(body.clone(), p.buyer_kind);
         assert_eq!(recorded["buyerInfo"]["buyerEmail"], "***");
         assert_eq!(recorded["buyerInfo"]["buyerTaxCode"], "0101243150");
         // An individual's name and personal id are personal data: redacted too.
-        let recorded = recorded_request(&body, BuyerKind::Individual);
+        let recorded = recorded_request(body, BuyerKind::Individual);
         assert_eq!(recorded["buyerInfo"]["buyerTaxCode"], "***");
         assert_eq!(recorded["buyerInfo"]["buyerLegalName"], "***");
     }
