@@ -89,7 +89,8 @@ impl Cpu {
             match &stat[open + 1..close] {
                 _ if pid == me => cpu.service += ms,
                 "postgres" => cpu.postgres += MS_PER_TICK * ticks(14, 17),
-                "redis-server" => cpu.redis += ms,
+                // With its children: an AOF rewrite or snapshot forks one.
+                "redis-server" => cpu.redis += MS_PER_TICK * ticks(14, 17),
                 "java" => cpu.kafka += ms,
                 _ => {}
             }
@@ -183,7 +184,12 @@ impl Progress<'_> {
         match self {
             Progress::Sql(pool, sql) => count(pool, sql).await,
             Progress::Metric(url, series) => {
-                let text = reqwest::get(*url).await.unwrap().text().await.unwrap();
+                // Bounded: a worker that holds its port but never answers must fail the run.
+                let scrape = async { reqwest::get(*url).await?.text().await };
+                let text = tokio::time::timeout(Duration::from_secs(30), scrape)
+                    .await
+                    .expect("the service's metrics did not answer within 30 s")
+                    .expect("the service's metrics");
                 text.lines()
                     .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok()))
                     .map(|v| v as i64)
@@ -236,29 +242,57 @@ async fn measure(progress: &Progress<'_>, baseline: i64, target: i64) -> f64 {
     }
 }
 
+/// A drained backlog: its rate and what it cost.
+struct Drained {
+    per_sec: f64,
+    /// CPU ms per unit of work by process (see [`Cpu`]), over the same window as the rate.
+    cpu_ms: serde_json::Value,
+}
+
 /// Events per second while a pre-filled backlog drains: the progress made between the first
 /// poll that sees any (so start-up and the group join are not counted) and the poll that sees
-/// `target`, polling every 5 ms.
-async fn drain_rate(progress: &Progress<'_>, baseline: i64, target: i64) -> f64 {
-    let mut first: Option<(Instant, i64)> = None;
+/// `target`, with the CPU used between the same two polls. Polls every 5 ms until the first
+/// progress, then every 50 ms (each scrape of the service's metrics costs the service CPU).
+async fn drain_rate(progress: &Progress<'_>, baseline: i64, target: i64) -> Drained {
+    let mut first: Option<(Instant, i64, Cpu)> = None;
     let mut stall = Stall::default();
     loop {
         let c = progress.read().await - baseline;
         if c > 0 && first.is_none() {
-            first = Some((Instant::now(), c));
+            first = Some((Instant::now(), c, Cpu::now()));
         }
         if c >= target {
-            let (at, seen) = first.unwrap_or((Instant::now(), 0));
+            let (at, seen, cpu_before) = first.unwrap_or((Instant::now(), 0, Cpu::now()));
             let secs = at.elapsed().as_secs_f64();
             assert!(
                 secs > 0.05 && seen < target / 2,
                 "the backlog drained within two polls ({seen} of {target} at the first): raise its size"
             );
-            return (target - seen) as f64 / secs;
+            let units = (target - seen).max(1) as usize;
+            let cpu_ms = Cpu::now().per_unit_since(cpu_before, units);
+            return Drained { per_sec: units as f64 / secs, cpu_ms };
         }
         stall.check(c, target);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let pause = if first.is_some() { 50 } else { 5 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
+}
+
+/// Waits (at most two minutes) until no autovacuum worker runs, so that a stage neither
+/// shares the machine with the previous stage's vacuum and analyze nor has its CPU charged
+/// with them. (A stage's own vacuum debt is paid after its window.)
+async fn autovacuum_quiet(pool: &PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let busy =
+            count(pool, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+                .await;
+        if busy == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("autovacuum still running after 2 minutes; the next stage shares the machine with it");
 }
 
 /// The database's own ceiling for the stream stage: Postgres alone inserting the rows the
@@ -618,10 +652,9 @@ async fn main() {
     );
     // Each stage drains a backlog produced while no stream runs, as after an outage or a
     // deployment: the rate is the consumer's, not the producer's.
-    let cpu_before = Cpu::now();
     let (stream, shutdown, payment_metrics) = start_stream(&env).await;
-    let decided_per_sec = drain_rate(&Progress::Sql(&pool, payment_offsets.clone()), 0, events as i64).await;
-    let decide_cpu_ms = Cpu::now().per_unit_since(cpu_before, events);
+    let decided = drain_rate(&Progress::Sql(&pool, payment_offsets.clone()), 0, events as i64).await;
+    let (decided_per_sec, decide_cpu_ms) = (decided.per_sec, decided.cpu_ms);
     print_batch_metrics(&payment_metrics).await;
     let invoices = count(&pool, "SELECT count(*) FROM invoice").await;
     assert_eq!(invoices, events as i64, "every payment became an invoice");
@@ -636,8 +669,10 @@ async fn main() {
         })
         .collect();
     produce_all(&producer, &names.merchant_cdc, skip).await;
+    autovacuum_quiet(&pool).await;
     let (stream, shutdown, _) = start_stream(&env).await;
-    let skip_per_sec = drain_rate(&Progress::Sql(&pool, cdc_offsets.clone()), 0, cdc_events as i64).await;
+    let skipped = drain_rate(&Progress::Sql(&pool, cdc_offsets.clone()), 0, cdc_events as i64).await;
+    let skip_per_sec = skipped.per_sec;
     shutdown.cancel();
     stream.await.unwrap().unwrap();
     // CDC apply path: every update changes the tax.
@@ -648,15 +683,18 @@ async fn main() {
         })
         .collect();
     produce_all(&producer, &names.merchant_cdc, apply).await;
+    autovacuum_quiet(&pool).await;
     let (stream, shutdown, metrics_url) = start_stream(&env).await;
-    let apply_per_sec =
+    let applied =
         drain_rate(&Progress::Sql(&pool, cdc_offsets.clone()), cdc_events as i64, cdc_events as i64).await;
+    let apply_per_sec = applied.per_sec;
 
     println!(
         "decided {decided_per_sec:.0}/s (bare consumer {:.0}/s), CDC skip {skip_per_sec:.0}/s, CDC apply {apply_per_sec:.0}/s",
         events as f64 / ceiling_secs,
     );
     println!("CPU ms per payment decided: {decide_cpu_ms}");
+    println!("CPU ms per CDC event skipped: {}, applied: {}", skipped.cpu_ms, applied.cpu_ms);
     print_batch_metrics(&metrics_url).await;
 
     if std::env::var("BENCH_STOP_AFTER").as_deref() == Ok("stream") {
@@ -676,11 +714,11 @@ async fn main() {
     let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let worker_metrics = format!("http://{}/metrics", worker_listener.local_addr().unwrap());
     let worker_stop = CancellationToken::new();
-    let cpu_before = Cpu::now();
+    autovacuum_quiet(&pool).await;
     let worker =
         tokio::spawn(said(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone())));
-    let issued_fast_per_sec = drain_rate(&Progress::Metric(&worker_metrics, ISSUED), 0, events as i64).await;
-    let issue_cpu_ms = Cpu::now().per_unit_since(cpu_before, events);
+    let issued = drain_rate(&Progress::Metric(&worker_metrics, ISSUED), 0, events as i64).await;
+    let (issued_fast_per_sec, issue_cpu_ms) = (issued.per_sec, issued.cpu_ms);
     println!("issued {issued_fast_per_sec:.0}/s at 0 ms");
     println!("CPU ms per invoice issued: {issue_cpu_ms}");
     let text = reqwest::get(&worker_metrics).await.unwrap().text().await.unwrap();
@@ -722,7 +760,7 @@ async fn main() {
     let worker =
         tokio::spawn(said(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone())));
     let issued = Progress::Metric(&worker_metrics, ISSUED);
-    let issued_slow_per_sec = drain_rate(&issued, 0, slow as i64).await;
+    let issued_slow_per_sec = drain_rate(&issued, 0, slow as i64).await.per_sec;
     println!("issued {issued_slow_per_sec:.0}/s at 50 ms");
     print_worker_phases(&worker_metrics).await;
 
