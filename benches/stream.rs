@@ -278,10 +278,12 @@ async fn drain_rate(progress: &Progress<'_>, baseline: i64, target: i64) -> Drai
     }
 }
 
-/// Waits (at most two minutes) until no autovacuum worker runs, so that a stage neither
-/// shares the machine with the previous stage's vacuum and analyze nor has its CPU charged
-/// with them. (A stage's own vacuum debt is paid after its window.)
-async fn autovacuum_quiet(pool: &PgPool) {
+/// Pays the previous stage's vacuum and analyze debt before the next stage starts (a manual
+/// `VACUUM (ANALYZE)`, then waits, at most two minutes, until no autovacuum worker runs), so
+/// that a stage neither shares the machine with it nor has its CPU charged with it. A
+/// stage's own debt is paid after its window, as production pays it in the background.
+async fn vacuum_before_stage(pool: &PgPool) {
+    sqlx::query("VACUUM (ANALYZE)").execute(pool).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         let busy =
@@ -669,7 +671,7 @@ async fn main() {
         })
         .collect();
     produce_all(&producer, &names.merchant_cdc, skip).await;
-    autovacuum_quiet(&pool).await;
+    vacuum_before_stage(&pool).await;
     let (stream, shutdown, _) = start_stream(&env).await;
     let skipped = drain_rate(&Progress::Sql(&pool, cdc_offsets.clone()), 0, cdc_events as i64).await;
     let skip_per_sec = skipped.per_sec;
@@ -683,7 +685,7 @@ async fn main() {
         })
         .collect();
     produce_all(&producer, &names.merchant_cdc, apply).await;
-    autovacuum_quiet(&pool).await;
+    vacuum_before_stage(&pool).await;
     let (stream, shutdown, metrics_url) = start_stream(&env).await;
     let applied =
         drain_rate(&Progress::Sql(&pool, cdc_offsets.clone()), cdc_events as i64, cdc_events as i64).await;
@@ -714,7 +716,7 @@ async fn main() {
     let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let worker_metrics = format!("http://{}/metrics", worker_listener.local_addr().unwrap());
     let worker_stop = CancellationToken::new();
-    autovacuum_quiet(&pool).await;
+    vacuum_before_stage(&pool).await;
     let worker =
         tokio::spawn(said(invoice::app::run_worker(worker_cfg, worker_listener, worker_stop.clone())));
     let issued = drain_rate(&Progress::Metric(&worker_metrics, ISSUED), 0, events as i64).await;
