@@ -278,6 +278,20 @@ async fn drain_rate(progress: &Progress<'_>, baseline: i64, target: i64) -> Drai
     }
 }
 
+/// Waits (at most two minutes) until the outbox relay has published every event.
+async fn outbox_drained(pool: &PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if count(pool, "SELECT count(*) FROM outbox").await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the outbox still holds events after 2 minutes; the next stage shares the machine with its relay"
+    );
+}
+
 /// Pays the previous stage's vacuum and analyze debt before the next stage starts (a manual
 /// `VACUUM (ANALYZE)`, then waits, at most two minutes, until no autovacuum worker runs), so
 /// that a stage neither shares the machine with it nor has its CPU charged with it. A
@@ -773,6 +787,10 @@ async fn main() {
     let mut next_order = events + slow;
     let mut steady = Vec::new();
     for rate in [env_usize("BENCH_RATE", 2_000), env_usize("BENCH_RATE_LOW", 500)] {
+        // Steady means steady: not while the relay still publishes the previous stage's
+        // events and the database still vacuums after it.
+        outbox_drained(&pool).await;
+        vacuum_before_stage(&pool).await;
         let (offered, p50, p99) =
             steady_run(&pool, &issued, &producer, &names.payment, merchants, rate, steady_secs, next_order)
                 .await;
