@@ -56,8 +56,9 @@ fn peak_rss_mb() -> f64 {
 /// CPU time (ms) used so far by each part of the machine, from `/proc` (Linux, like the
 /// rest of the bench): this process (the services, the simulator and the load generator),
 /// Postgres (its processes, and the children its postmaster reaped: backends and
-/// autovacuum workers that exited), Redis and Kafka. A stage's difference divided by its
-/// work is what the work costs, which the machine's noise moves far less than a rate.
+/// autovacuum workers that exited), Redis (with its reaped children: AOF rewrites and
+/// snapshots) and Kafka. A stage's difference divided by its work is what the work costs,
+/// which the machine's noise moves less than a rate.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cpu {
     service: f64,
