@@ -491,7 +491,8 @@ fn payment(i: usize, merchants: usize, paid_at: &str) -> (String, String) {
 }
 
 /// Produces `rate` payments per second for `secs` seconds (paidAt = the time of producing)
-/// and waits until all are ISSUED; returns the offered rate and p50/p99 of paidAt → issued_at.
+/// and waits until all are ISSUED; returns the offered rate, p50/p99 of paidAt → issued_at,
+/// and the CPU per payment (see [`Cpu`]) from the first produced to the last issued.
 #[allow(clippy::too_many_arguments)]
 async fn steady_run(
     pool: &PgPool,
@@ -502,10 +503,11 @@ async fn steady_run(
     rate: usize,
     secs: usize,
     first: usize,
-) -> (f64, f64, f64) {
+) -> (f64, f64, f64, serde_json::Value) {
     let total = rate * secs;
     let issued_before = issued.read().await;
     let from = chrono::Utc::now();
+    let cpu_before = Cpu::now();
     let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(10));
     let mut sent = 0;
@@ -523,6 +525,7 @@ async fn steady_run(
     }
     let offered = total as f64 / started.elapsed().as_secs_f64();
     measure(issued, issued_before, total as i64).await;
+    let cpu_ms = Cpu::now().per_unit_since(cpu_before, total);
     let (p50, p99): (f64, f64) = sqlx::query_as(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
          FROM (SELECT EXTRACT(EPOCH FROM issued_at - paid_at) * 1000 AS ms FROM invoice WHERE created_at >= $1) t",
@@ -531,7 +534,7 @@ async fn steady_run(
     .fetch_one(pool)
     .await
     .unwrap();
-    (offered, p50, p99)
+    (offered, p50, p99, cpu_ms)
 }
 
 fn with(env: &HashMap<String, String>, key: &str, value: &str) -> HashMap<String, String> {
@@ -792,16 +795,17 @@ async fn main() {
         // events and the database still vacuums after it.
         outbox_drained(&pool).await;
         vacuum_before_stage(&pool).await;
-        let (offered, p50, p99) =
+        let (offered, p50, p99, cpu_ms) =
             steady_run(&pool, &issued, &producer, &names.payment, merchants, rate, steady_secs, next_order)
                 .await;
         println!("steady {offered:.0} events/s: payment → ISSUED p50 {p50:.1} ms, p99 {p99:.1} ms");
+        println!("CPU ms per payment at that rate, decided and issued: {cpu_ms}");
         print_worker_phases(&worker_metrics).await;
         next_order += rate * steady_secs;
-        steady.push((offered, p50, p99));
+        steady.push((offered, p50, p99, cpu_ms));
     }
-    let (offered, p50, p99) = steady[0];
-    let (offered_low, p50_low, p99_low) = steady[1];
+    let (offered, p50, p99, e2e_cpu_ms) = steady[0].clone();
+    let (offered_low, p50_low, p99_low, e2e_low_cpu_ms) = steady[1].clone();
     let stats = sim.stats();
     assert_eq!(stats.duplicates, 0, "no duplicate at the provider: {stats:?}");
     worker_stop.cancel();
@@ -830,9 +834,11 @@ async fn main() {
         "e2e_events_per_sec": offered.round(),
         "e2e_p50_ms": (p50 * 10.0).round() / 10.0,
         "e2e_p99_ms": (p99 * 10.0).round() / 10.0,
+        "e2e_cpu_ms_per_payment": e2e_cpu_ms,
         "e2e_low_events_per_sec": offered_low.round(),
         "e2e_low_p50_ms": (p50_low * 10.0).round() / 10.0,
         "e2e_low_p99_ms": (p99_low * 10.0).round() / 10.0,
+        "e2e_low_cpu_ms_per_payment": e2e_low_cpu_ms,
         "provider_calls": stats.creates,
         "provider_duplicates": stats.duplicates,
         "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
