@@ -279,37 +279,32 @@ async fn drain_rate(progress: &Progress<'_>, baseline: i64, target: i64) -> Drai
     }
 }
 
-/// Waits (at most two minutes) until the outbox relay has published every event.
-async fn outbox_drained(pool: &PgPool) {
+/// Waits, at most two minutes, until `count_sql` counts nothing; otherwise says on stderr
+/// that the next stage shares the machine with `what`.
+async fn until_none(pool: &PgPool, count_sql: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
-        if count(pool, "SELECT count(*) FROM outbox").await == 0 {
+        if count(pool, count_sql).await == 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!(
-        "the outbox still holds events after 2 minutes; the next stage shares the machine with its relay"
-    );
+    eprintln!("still busy after 2 minutes; the next stage shares the machine with {what}");
+}
+
+/// Waits until the outbox relay has published every event.
+async fn outbox_drained(pool: &PgPool) {
+    until_none(pool, "SELECT count(*) FROM outbox", "the outbox relay").await;
 }
 
 /// Pays the previous stage's vacuum and analyze debt before the next stage starts (a manual
-/// `VACUUM (ANALYZE)`, then waits, at most two minutes, until no autovacuum worker runs), so
-/// that a stage neither shares the machine with it nor has its CPU charged with it. A
-/// stage's own debt is paid after its window, as production pays it in the background.
+/// `VACUUM (ANALYZE)`, then waits until no autovacuum worker runs), so that a stage neither
+/// shares the machine with it nor has its CPU charged with it. A stage's own debt is paid
+/// after its window, as production pays it in the background.
 async fn vacuum_before_stage(pool: &PgPool) {
     sqlx::query("VACUUM (ANALYZE)").execute(pool).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let busy =
-            count(pool, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
-                .await;
-        if busy == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    eprintln!("autovacuum still running after 2 minutes; the next stage shares the machine with it");
+    let workers = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'";
+    until_none(pool, workers, "autovacuum").await;
 }
 
 /// The database's own ceiling for the stream stage: Postgres alone inserting the rows the
