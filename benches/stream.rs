@@ -13,6 +13,8 @@
 //! events/s) for `BENCH_STEADY_SECS` (default 15 s). `BENCH_STOP_AFTER=stream` (or `issue`) ends after
 //! that stage (for profiling it), writing nothing. Last, Postgres' own ceiling for the stream's
 //! writes: the same rows inserted by SQL alone, with nothing else running.
+//! `BENCH_PG_STATEMENTS=1` prints, after each steady run, what each statement cost in it
+//! (needs `pg_stat_statements` in the server's `shared_preload_libraries`).
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -295,6 +297,42 @@ async fn until_none(pool: &PgPool, count_sql: &str, what: &str) {
 /// Waits until the outbox relay has published every event.
 async fn outbox_drained(pool: &PgPool) {
     until_none(pool, "SELECT count(*) FROM outbox", "the outbox relay").await;
+}
+
+/// Whether to report per-statement costs of the steady runs (`BENCH_PG_STATEMENTS=1`).
+fn statements_wanted() -> bool {
+    std::env::var("BENCH_PG_STATEMENTS").as_deref() == Ok("1")
+}
+
+/// Forgets the statement statistics gathered so far (see [`print_statements`]).
+async fn reset_statements(pool: &PgPool) {
+    if statements_wanted() {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(pool).await.unwrap();
+        sqlx::query("SELECT pg_stat_statements_reset()").execute(pool).await.unwrap();
+    }
+}
+
+/// Prints the statements that took the most execution time since [`reset_statements`], per
+/// `payments` (the steady run's): calls and rows per payment show the batch sizes, and time
+/// per payment where Postgres spends it.
+async fn print_statements(pool: &PgPool, payments: usize) {
+    if !statements_wanted() {
+        return;
+    }
+    let rows: Vec<(String, i64, i64, f64)> = sqlx::query_as(
+        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls, rows, total_exec_time
+         FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+         ORDER BY total_exec_time DESC LIMIT 20",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let n = payments.max(1) as f64;
+    println!("{:>10} {:>8} {:>10}  statement", "ms/paymt", "calls/p", "rows/call");
+    for (query, calls, rows, ms) in rows {
+        let per_call = if calls > 0 { rows as f64 / calls as f64 } else { 0.0 };
+        println!("{:>10.4} {:>8.3} {per_call:>10.1}  {query}", ms / n, calls as f64 / n);
+    }
 }
 
 /// Pays the previous stage's vacuum and analyze debt before the next stage starts (a manual
@@ -790,9 +828,11 @@ async fn main() {
         // events and the database still vacuums after it.
         outbox_drained(&pool).await;
         vacuum_before_stage(&pool).await;
+        reset_statements(&pool).await;
         let (offered, p50, p99, cpu_ms) =
             steady_run(&pool, &issued, &producer, &names.payment, merchants, rate, steady_secs, next_order)
                 .await;
+        print_statements(&pool, rate * steady_secs).await;
         println!("steady {offered:.0} events/s: payment → ISSUED p50 {p50:.1} ms, p99 {p99:.1} ms");
         println!("CPU ms per payment at that rate, decided and issued: {cpu_ms}");
         print_worker_phases(&worker_metrics).await;

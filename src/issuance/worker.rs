@@ -281,7 +281,7 @@ impl Worker {
             }
         }
 
-        // Transaction 1: take the invoices to call; permanent failures found before any call.
+        // First, take the invoices to call; permanent failures found before any call.
         // The lease covers a wait for a send slot and one whole call; a call that would start
         // later renews it first (see `call`).
         let lease_until = plan::at(now, self.call_lease() * 2);
@@ -292,15 +292,23 @@ impl Worker {
         // fenced out of every write by the owner changing.
         let owner = format!("{}#{}", deps.identity, uuid::Uuid::new_v4().simple());
         let first = async {
+            // Usually the take alone: one statement, atomic by itself, needs no transaction.
+            if prefails.is_empty() {
+                let mut conn = deps.db.acquire().await?;
+                let got =
+                    issuance::acquire(&mut conn, &acquire_ids, &owner, lease_until, &deps.identity).await?;
+                return Ok::<_, crate::storage::StorageError>((got.into_iter().collect(), Vec::new()));
+            }
             let mut tx = deps.db.begin().await?;
             let got: HashMap<i64, String> =
                 issuance::acquire(&mut tx, &acquire_ids, &owner, lease_until, &deps.identity)
                     .await?
                     .into_iter()
                     .collect();
-            let applied = issuance::settle(&mut tx, &prefails, &deps.events_topic, &deps.identity).await?;
+            let applied =
+                issuance::settle(&mut tx, &prefails, Vec::new(), &deps.events_topic, &deps.identity).await?;
             tx.commit().await?;
-            Ok::<_, crate::storage::StorageError>((got, applied))
+            Ok((got, applied))
         };
         match first.await {
             Ok((got, applied)) => {
@@ -386,19 +394,17 @@ impl Worker {
         let results = futures::future::join_all(calls).await;
 
         lap("calls");
-        // Transaction 2: every call recorded, every invoice settled.
+        // Then every call recorded, every invoice settled.
         let mut attempts: Vec<NewAttempt> = Vec::with_capacity(results.len());
         let mut settles: Vec<Settle> = Vec::with_capacity(results.len());
         for result in results {
             attempts.extend(result.attempts);
             settles.push(result.settle);
         }
+        // One statement, atomic by itself (see `issuance::settle`).
         let second = async {
-            let mut tx = deps.db.begin().await?;
-            issuance::insert_attempts(&mut tx, attempts).await?;
-            let applied = issuance::settle(&mut tx, &settles, &deps.events_topic, &deps.identity).await?;
-            tx.commit().await?;
-            Ok::<_, crate::storage::StorageError>(applied)
+            let mut conn = deps.db.acquire().await?;
+            issuance::settle(&mut conn, &settles, attempts, &deps.events_topic, &deps.identity).await
         };
         let applied = match second.await {
             Ok(applied) => applied,

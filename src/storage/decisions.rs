@@ -3,6 +3,7 @@
 //! decisions, each one query per batch.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -301,52 +302,79 @@ impl Writes {
     }
 }
 
+/// A query whose arguments are still being bound.
+pub(crate) type Bound<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// `UNNEST` over arrays of the given element types, bound from parameter `$first` on.
+pub(crate) fn unnest(first: usize, types: &[&str]) -> String {
+    let arrays: Vec<String> =
+        types.iter().enumerate().map(|(i, t)| format!("${}::{t}[]", first + i)).collect();
+    format!("UNNEST({})", arrays.join(", "))
+}
+
+/// The columns of an audit row, in the order [`bind_audits`] binds them.
+pub(crate) const AUDIT_COLUMNS: &str =
+    "entity, entity_id, invoice_id, merchant_id, order_id, event_type, outcome, before, after, actor, reason";
+/// The element types of [`AUDIT_COLUMNS`].
+pub(crate) const AUDIT_TYPES: [&str; 11] =
+    ["text", "text", "bigint", "text", "text", "text", "text", "jsonb", "jsonb", "text", "text"];
+
+/// Binds audit rows as one array per column of [`AUDIT_COLUMNS`].
+pub(crate) fn bind_audits<'q>(q: Bound<'q>, v: &[NewAudit]) -> Bound<'q> {
+    q.bind(v.iter().map(|a| a.entity).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.entity_id.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.invoice_id).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.merchant_id.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.order_id.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.event_type).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.outcome.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.before.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.after.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.actor.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.reason.clone()).collect::<Vec<_>>())
+}
+
+/// The columns of an outbox row, in the order [`bind_outbox`] binds them.
+pub(crate) const OUTBOX_COLUMNS: &str = "event_id, topic, message_key, payload, headers, has_secret";
+/// The element types of [`OUTBOX_COLUMNS`].
+pub(crate) const OUTBOX_TYPES: [&str; 6] = ["uuid", "text", "bytea", "bytea", "jsonb", "bool"];
+
+/// Binds outbox rows as one array per column of [`OUTBOX_COLUMNS`].
+pub(crate) fn bind_outbox<'q>(q: Bound<'q>, v: &[NewOutbox]) -> Bound<'q> {
+    q.bind(v.iter().map(|o| o.event_id).collect::<Vec<_>>())
+        .bind(v.iter().map(|o| o.topic.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|o| o.key.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|o| o.payload.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|o| o.headers.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|o| o.has_secret).collect::<Vec<_>>())
+}
+
+static INSERT_AUDITS: LazyLock<String> = LazyLock::new(|| {
+    format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) SELECT * FROM {}", unnest(1, &AUDIT_TYPES))
+});
+
 /// Inserts audit rows.
 pub async fn insert_audits(tx: &mut PgConnection, v: &[NewAudit]) -> Result<(), StorageError> {
     if v.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO audit_log (entity, entity_id, invoice_id, merchant_id, order_id, event_type, outcome, before,
-             after, actor, reason)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
-             $8::jsonb[], $9::jsonb[], $10::text[], $11::text[])",
-    )
-    .bind(v.iter().map(|a| a.entity).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.entity_id.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.invoice_id).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.merchant_id.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.order_id.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.event_type).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.outcome.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.before.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.after.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.actor.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.reason.clone()).collect::<Vec<_>>())
-    .execute(tx)
-    .await?;
+    bind_audits(sqlx::query(INSERT_AUDITS.as_str()), v).execute(tx).await?;
     Ok(())
 }
+
+static INSERT_OUTBOX: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO outbox ({OUTBOX_COLUMNS}) SELECT {OUTBOX_COLUMNS}
+         FROM {} WITH ORDINALITY AS t({OUTBOX_COLUMNS}, n) ORDER BY n",
+        unnest(1, &OUTBOX_TYPES)
+    )
+});
 
 /// Inserts outbox rows (in the order given: ids follow it, and so does publication).
 pub async fn insert_outbox(tx: &mut PgConnection, v: &[NewOutbox]) -> Result<(), StorageError> {
     if v.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO outbox (event_id, topic, message_key, payload, headers, has_secret)
-         SELECT event_id, topic, message_key, payload, headers, has_secret
-         FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::bool[]) WITH ORDINALITY
-           AS t(event_id, topic, message_key, payload, headers, has_secret, n)
-         ORDER BY n",
-    )
-    .bind(v.iter().map(|o| o.event_id).collect::<Vec<_>>())
-    .bind(v.iter().map(|o| o.topic.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|o| o.key.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|o| o.payload.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|o| o.headers.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|o| o.has_secret).collect::<Vec<_>>())
-    .execute(tx)
-    .await?;
+    bind_outbox(sqlx::query(INSERT_OUTBOX.as_str()), v).execute(tx).await?;
     Ok(())
 }

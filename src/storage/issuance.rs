@@ -8,7 +8,9 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 
-use super::decisions::{insert_audits, insert_outbox, NewAudit, NewOutbox};
+use std::sync::LazyLock;
+
+use super::decisions::{bind_audits, bind_outbox, insert_audits, insert_outbox, NewAudit, NewOutbox};
 use super::StorageError;
 
 /// An invoice as a worker needs it.
@@ -67,31 +69,59 @@ pub struct WorkInvoice {
     pub replacement_reason: Option<String>,
 }
 
+/// The worker's read: the unfinished invoices (QUEUED, ISSUING, SUBMITTED) of orders `$1`,
+/// originals first. Public, like the other statements whose plans matter, so that tests can
+/// check those plans.
+pub const UNFINISHED_FOR_ORDERS: &str =
+    "SELECT i.id, i.merchant_id, i.order_id, i.kind, i.replaces_invoice_id, i.status, i.paid_at, i.currency,
+            i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount, i.config_snapshot,
+            i.provider_config_id, i.transaction_uuid, i.attempts, i.next_attempt_at, i.lease_until, i.updated_at,
+            o.status AS original_status, o.provider_invoice_no AS original_invoice_no,
+            o.issued_at AS original_issued_at, o.config_snapshot AS original_snapshot,
+            i.replacement_reason
+     FROM invoice i LEFT JOIN invoice o ON o.id = i.replaces_invoice_id
+     WHERE i.order_id = ANY($1) AND i.status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND i.deleted_at IS NULL
+     ORDER BY i.order_id, i.kind, i.id";
+
 /// The unfinished invoices (QUEUED, ISSUING, SUBMITTED) of the given orders, originals first.
 pub async fn unfinished_for_orders(
     pool: &PgPool,
     order_ids: &[String],
 ) -> Result<Vec<WorkInvoice>, StorageError> {
-    Ok(sqlx::query_as(
-        "SELECT i.id, i.merchant_id, i.order_id, i.kind, i.replaces_invoice_id, i.status, i.paid_at, i.currency,
-                i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount, i.config_snapshot,
-                i.provider_config_id, i.transaction_uuid, i.attempts, i.next_attempt_at, i.lease_until, i.updated_at,
-                o.status AS original_status, o.provider_invoice_no AS original_invoice_no,
-                o.issued_at AS original_issued_at, o.config_snapshot AS original_snapshot,
-                i.replacement_reason
-         FROM invoice i LEFT JOIN invoice o ON o.id = i.replaces_invoice_id
-         WHERE i.order_id = ANY($1) AND i.status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND i.deleted_at IS NULL
-         ORDER BY i.order_id, i.kind, i.id",
-    )
-    .bind(order_ids)
-    .fetch_all(pool)
-    .await?)
+    Ok(sqlx::query_as(UNFINISHED_FOR_ORDERS).bind(order_ids).fetch_all(pool).await?)
 }
+
+/// The worker's take (see [`acquire`]): invoices `$1` still at versions `$4` become ISSUING
+/// for owner `$2` until `$3`, with their `issuance_started` audit rows by actor `$5`; returns
+/// each taken id with its status before.
+pub const ACQUIRE: &str = "WITH old AS (
+         SELECT i.id, i.status FROM invoice i JOIN unnest($1::bigint[], $4::timestamptz[]) AS r(id, seen)
+              ON r.id = i.id AND i.updated_at = r.seen
+         WHERE (i.status = 'QUEUED' OR (i.status = 'ISSUING' AND i.lease_until < now()))
+         FOR UPDATE OF i SKIP LOCKED),
+     taken AS (
+         UPDATE invoice i SET status = 'ISSUING', attempts = i.attempts + 1, lease_owner = $2,
+                lease_until = $3, next_attempt_at = $3, updated_at = now()
+         FROM old WHERE i.id = old.id
+         RETURNING i.id, old.status AS before, i.merchant_id, i.order_id, i.attempts),
+     audited AS (
+         INSERT INTO audit_log (entity, entity_id, invoice_id, merchant_id, order_id, event_type, outcome, before,
+                                after, actor, reason)
+         SELECT 'invoice', id::text, id, merchant_id, order_id, 'issuance_started', 'ISSUING',
+                jsonb_build_object('status', before), jsonb_build_object('status', 'ISSUING', 'attempt', attempts),
+                $5::text, CASE WHEN before = 'ISSUING' THEN 'previous call''s lease expired: look up first' END
+         FROM taken ORDER BY taken.id)
+     SELECT id, before FROM taken";
+
+/// Renews a call lease (see [`renew_lease`]): invoice `$1`, owner `$2`, until `$3`.
+pub const RENEW_LEASE: &str = "UPDATE invoice SET lease_until = $3, next_attempt_at = $3
+     WHERE id = $1 AND status = 'ISSUING' AND lease_owner = $2 AND lease_until > now()";
 
 /// Takes invoices for provider calls: QUEUED ones, and ISSUING ones whose lease expired
 /// (their previous call surely ended), become ISSUING for `owner` until `lease_until`, and
-/// count an attempt. Returns the ids taken with the status they had; an id not returned was
-/// changed by someone else meanwhile and must not be called.
+/// count an attempt, with their audit rows, in one statement ([`ACQUIRE`]). Returns the ids
+/// taken with the status they had; an id not returned was changed by someone else meanwhile
+/// and must not be called.
 pub async fn acquire(
     conn: &mut PgConnection,
     ids: &[(i64, DateTime<Utc>)],
@@ -104,41 +134,14 @@ pub async fn acquire(
     }
     let versions: Vec<DateTime<Utc>> = ids.iter().map(|(_, v)| *v).collect();
     let ids: Vec<i64> = ids.iter().map(|(id, _)| *id).collect();
-    let taken: Vec<(i64, String, String, String, i32)> = sqlx::query_as(
-        "WITH old AS (
-             SELECT i.id, i.status FROM invoice i JOIN unnest($1::bigint[], $4::timestamptz[]) AS r(id, seen)
-                  ON r.id = i.id AND i.updated_at = r.seen
-             WHERE (i.status = 'QUEUED' OR (i.status = 'ISSUING' AND i.lease_until < now()))
-             FOR UPDATE OF i SKIP LOCKED)
-         UPDATE invoice i SET status = 'ISSUING', attempts = i.attempts + 1, lease_owner = $2,
-                lease_until = $3, next_attempt_at = $3, updated_at = now()
-         FROM old WHERE i.id = old.id
-         RETURNING i.id, old.status, i.merchant_id, i.order_id, i.attempts",
-    )
-    .bind(&ids)
-    .bind(owner)
-    .bind(lease_until)
-    .bind(&versions)
-    .fetch_all(&mut *conn)
-    .await?;
-    let audits: Vec<NewAudit> = taken
-        .iter()
-        .map(|(id, before, merchant, order, attempts)| NewAudit {
-            entity: "invoice",
-            entity_id: id.to_string(),
-            invoice_id: Some(*id),
-            merchant_id: Some(merchant.clone()),
-            order_id: Some(order.clone()),
-            event_type: "issuance_started",
-            outcome: "ISSUING".into(),
-            before: Some(json!({"status": before})),
-            after: Some(json!({"status": "ISSUING", "attempt": attempts})),
-            actor: actor.to_owned(),
-            reason: (before == "ISSUING").then(|| "previous call's lease expired: look up first".into()),
-        })
-        .collect();
-    insert_audits(conn, &audits).await?;
-    Ok(taken.into_iter().map(|(id, before, ..)| (id, before)).collect())
+    Ok(sqlx::query_as(ACQUIRE)
+        .bind(&ids)
+        .bind(owner)
+        .bind(lease_until)
+        .bind(&versions)
+        .bind(actor)
+        .fetch_all(&mut *conn)
+        .await?)
 }
 
 /// Extends an ISSUING invoice's call lease for `owner` before a send; `false` if the invoice
@@ -149,16 +152,7 @@ pub async fn renew_lease(
     owner: &str,
     until: DateTime<Utc>,
 ) -> Result<bool, StorageError> {
-    let rows = sqlx::query(
-        "UPDATE invoice SET lease_until = $3, next_attempt_at = $3
-         WHERE id = $1 AND status = 'ISSUING' AND lease_owner = $2 AND lease_until > now()",
-    )
-    .bind(id)
-    .bind(owner)
-    .bind(until)
-    .execute(pool)
-    .await?
-    .rows_affected();
+    let rows = sqlx::query(RENEW_LEASE).bind(id).bind(owner).bind(until).execute(pool).await?.rows_affected();
     Ok(rows == 1)
 }
 
@@ -189,42 +183,6 @@ pub struct NewAttempt {
     pub worker: String,
     /// When the call started.
     pub started_at: DateTime<Utc>,
-}
-
-/// Inserts attempt rows.
-pub async fn insert_attempts(conn: &mut PgConnection, v: Vec<NewAttempt>) -> Result<(), StorageError> {
-    if v.is_empty() {
-        return Ok(());
-    }
-    // Moved, not cloned, into the columns: requests and responses are the bulk of the bytes.
-    let mut requests = Vec::with_capacity(v.len());
-    let mut responses = Vec::with_capacity(v.len());
-    let mut v = v;
-    for a in &mut v {
-        requests.push(a.request.take());
-        responses.push(a.response.take());
-    }
-    sqlx::query(
-        "INSERT INTO issuance_attempt (invoice_id, attempt_no, operation, transaction_uuid, provider, outcome,
-             error_code, request, response, duration_ms, worker, started_at)
-         SELECT * FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-             $8::jsonb[], $9::jsonb[], $10::int[], $11::text[], $12::timestamptz[])",
-    )
-    .bind(v.iter().map(|a| a.invoice_id).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.attempt_no).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.operation).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.transaction_uuid.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.provider.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.outcome).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.error_code.clone()).collect::<Vec<_>>())
-    .bind(requests)
-    .bind(responses)
-    .bind(v.iter().map(|a| a.duration_ms).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.worker.clone()).collect::<Vec<_>>())
-    .bind(v.iter().map(|a| a.started_at).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// The state an invoice moves to after its calls.
@@ -352,74 +310,172 @@ fn row(t: &Transition) -> Row<'_> {
     }
 }
 
-/// Writes settlements in one statement, fenced on status (and lease owner), with their audit
-/// rows and events. Returns, per settlement, whether it applied (false: fenced out, someone
-/// else moved the invoice).
+/// The columns of an attempt row, in the order [`settle`] binds them.
+const ATTEMPT_COLUMNS: &str =
+    "invoice_id, attempt_no, operation, transaction_uuid, provider, outcome, error_code,
+     request, response, duration_ms, worker, started_at";
+const ATTEMPT_TYPES: [&str; 12] =
+    ["bigint", "int", "text", "text", "text", "text", "text", "jsonb", "jsonb", "int", "text", "timestamptz"];
+
+/// The batch's settlement, one statement (see [`settle`]): `$1`-`$13` the invoices' new
+/// state, then the attempts, the audit rows and outbox rows of every settlement (each kept
+/// only if its invoice was updated), the originals that issued replacements replace, and the
+/// actor of their audit rows. Returns the ids updated.
+static SETTLE: LazyLock<String> = LazyLock::new(|| {
+    use super::decisions::{unnest, AUDIT_COLUMNS, AUDIT_TYPES, OUTBOX_COLUMNS, OUTBOX_TYPES};
+    let attempts = 14;
+    let audits = attempts + ATTEMPT_TYPES.len();
+    let outbox = audits + AUDIT_TYPES.len();
+    let replaced = outbox + 1 + OUTBOX_TYPES.len();
+    let actor = replaced + 5;
+    format!(
+        "WITH updated AS (
+             UPDATE invoice i SET
+                 status = u.status,
+                 provider_invoice_no = COALESCE(u.invoice_no, i.provider_invoice_no),
+                 provider_series = COALESCE(u.series, i.provider_series),
+                 reservation_code = COALESCE(u.reservation, i.reservation_code),
+                 tax_authority_code = COALESCE(u.tax_code, i.tax_authority_code),
+                 provider_status = CASE WHEN u.provider_status IS NULL THEN i.provider_status
+                                        -- merged: what a provider.status webhook stored stays
+                                        ELSE (CASE WHEN jsonb_typeof(i.provider_status) = 'object'
+                                                   THEN i.provider_status ELSE '{{}}'::jsonb END)
+                                             || jsonb_build_object('status', u.provider_status) END,
+                 issued_at = CASE WHEN u.status = 'ISSUED' THEN now() ELSE i.issued_at END,
+                 submitted_at = CASE WHEN u.status = 'SUBMITTED' THEN COALESCE(i.submitted_at, now())
+                                     ELSE i.submitted_at END,
+                 lease_owner = NULL,
+                 lease_until = u.lease_until,
+                 next_attempt_at = u.next_at,
+                 last_error = CASE WHEN u.status = 'ISSUED' THEN NULL ELSE COALESCE(u.error, i.last_error) END,
+                 attempts = greatest(i.attempts + u.attempts_delta, 0),
+                 updated_at = now()
+             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[], $13::int[])
+                  AS u(id, expected, owner, status, invoice_no, series, reservation, tax_code, provider_status,
+                       next_at, lease_until, error, attempts_delta)
+             WHERE i.id = u.id AND i.status = u.expected AND (u.owner IS NULL OR i.lease_owner = u.owner)
+             RETURNING i.id),
+         attempted AS (
+             INSERT INTO issuance_attempt ({ATTEMPT_COLUMNS}) SELECT * FROM {attempt_rows}),
+         audited AS (
+             INSERT INTO audit_log ({AUDIT_COLUMNS})
+             SELECT * FROM {audit_rows} AS a({AUDIT_COLUMNS})
+             WHERE a.invoice_id IN (SELECT id FROM updated)),
+         published AS (
+             INSERT INTO outbox ({OUTBOX_COLUMNS})
+             SELECT {OUTBOX_COLUMNS}
+             FROM {outbox_rows} WITH ORDINALITY AS t(invoice_id, {OUTBOX_COLUMNS}, n)
+             WHERE t.invoice_id IN (SELECT id FROM updated)
+             ORDER BY n),
+         replaced AS (
+             UPDATE invoice o SET status = 'REPLACED', updated_at = now()
+             FROM {replaced_rows} AS r(replacement_id, original_id, merchant_id, order_id, reason)
+             WHERE o.id = r.original_id AND o.status = 'ISSUED' AND r.replacement_id IN (SELECT id FROM updated)
+             RETURNING o.id, r.replacement_id, r.merchant_id, r.order_id, r.reason),
+         replaced_audited AS (
+             INSERT INTO audit_log ({AUDIT_COLUMNS})
+             SELECT 'invoice', id::text, id, merchant_id, order_id, 'invoice.replaced', 'REPLACED',
+                    '{{\"status\": \"ISSUED\"}}'::jsonb,
+                    jsonb_build_object('status', 'REPLACED', 'replacedBy', replacement_id::text), ${actor}::text, reason
+             FROM replaced)
+         SELECT id FROM updated",
+        attempt_rows = unnest(attempts, &ATTEMPT_TYPES),
+        audit_rows = unnest(audits, &AUDIT_TYPES),
+        outbox_rows = unnest(outbox, &[&["bigint"][..], &OUTBOX_TYPES[..]].concat()),
+        replaced_rows = unnest(replaced, &["bigint", "bigint", "text", "text", "text"]),
+    )
+});
+
+/// Writes the batch's results in one statement ([`SETTLE`]): every provider call's attempt
+/// row, and every settlement, fenced on status (and lease owner), with its audit row and
+/// event; an issued replacement's original becomes REPLACED with it. Returns, per
+/// settlement, whether it applied (false: fenced out, someone else moved the invoice).
 pub async fn settle(
     conn: &mut PgConnection,
     settles: &[Settle],
+    attempts: Vec<NewAttempt>,
     events_topic: &str,
     actor: &str,
 ) -> Result<Vec<bool>, StorageError> {
-    if settles.is_empty() {
+    if settles.is_empty() && attempts.is_empty() {
         return Ok(Vec::new());
     }
     let rows: Vec<Row<'_>> = settles.iter().map(|s| row(&s.transition)).collect();
-    let updated: Vec<i64> = sqlx::query_scalar(
-        "UPDATE invoice i SET
-             status = u.status,
-             provider_invoice_no = COALESCE(u.invoice_no, i.provider_invoice_no),
-             provider_series = COALESCE(u.series, i.provider_series),
-             reservation_code = COALESCE(u.reservation, i.reservation_code),
-             tax_authority_code = COALESCE(u.tax_code, i.tax_authority_code),
-             provider_status = CASE WHEN u.provider_status IS NULL THEN i.provider_status
-                                    -- merged: what a provider.status webhook stored stays
-                                    ELSE (CASE WHEN jsonb_typeof(i.provider_status) = 'object'
-                                               THEN i.provider_status ELSE '{}'::jsonb END)
-                                         || jsonb_build_object('status', u.provider_status) END,
-             issued_at = CASE WHEN u.status = 'ISSUED' THEN now() ELSE i.issued_at END,
-             submitted_at = CASE WHEN u.status = 'SUBMITTED' THEN COALESCE(i.submitted_at, now()) ELSE i.submitted_at END,
-             lease_owner = NULL,
-             lease_until = u.lease_until,
-             next_attempt_at = u.next_at,
-             last_error = CASE WHEN u.status = 'ISSUED' THEN NULL ELSE COALESCE(u.error, i.last_error) END,
-             attempts = greatest(i.attempts + u.attempts_delta, 0),
-             updated_at = now()
-         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                     $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[], $13::int[])
-              AS u(id, expected, owner, status, invoice_no, series, reservation, tax_code, provider_status,
-                   next_at, lease_until, error, attempts_delta)
-         WHERE i.id = u.id AND i.status = u.expected AND (u.owner IS NULL OR i.lease_owner = u.owner)
-         RETURNING i.id",
-    )
-    .bind(settles.iter().map(|s| s.invoice.id).collect::<Vec<_>>())
-    .bind(settles.iter().map(|s| s.expected_status).collect::<Vec<_>>())
-    .bind(settles.iter().map(|s| s.owner.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.invoice_no).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.series).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.reservation).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.tax_code).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.provider_status).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.next_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.lease_until).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.error).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.attempts_delta).collect::<Vec<_>>())
-    .fetch_all(&mut *conn)
-    .await?;
-    let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
-    let applied: Vec<bool> = settles.iter().map(|s| updated.contains(&s.invoice.id)).collect();
+    let (audits, events, replaced) = records(settles, events_topic, actor);
+    // Moved, not cloned, into the columns: requests and responses are the bulk of the bytes.
+    let mut attempts = attempts;
+    let requests: Vec<Option<Value>> = attempts.iter_mut().map(|a| a.request.take()).collect();
+    let responses: Vec<Option<Value>> = attempts.iter_mut().map(|a| a.response.take()).collect();
+    let q = sqlx::query(SETTLE.as_str())
+        .bind(settles.iter().map(|s| s.invoice.id).collect::<Vec<_>>())
+        .bind(settles.iter().map(|s| s.expected_status).collect::<Vec<_>>())
+        .bind(settles.iter().map(|s| s.owner.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.invoice_no).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.series).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.reservation).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tax_code).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.provider_status).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.next_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.lease_until).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.error).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.attempts_delta).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|a| a.invoice_id).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|a| a.attempt_no).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|a| a.operation).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|a| a.transaction_uuid.as_str()).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|a| a.provider.as_str()).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|a| a.outcome).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|a| a.error_code.as_deref()).collect::<Vec<_>>())
+        .bind(requests)
+        .bind(responses)
+        .bind(attempts.iter().map(|a| a.duration_ms).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|a| a.worker.as_str()).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|a| a.started_at).collect::<Vec<_>>());
+    let q = bind_audits(q, &audits);
+    let q = q.bind(events.iter().map(|(invoice_id, _)| *invoice_id).collect::<Vec<_>>());
+    let events: Vec<NewOutbox> = events.into_iter().map(|(_, event)| event).collect();
+    let q = bind_outbox(q, &events)
+        .bind(replaced.iter().map(|r| r.replacement_id).collect::<Vec<_>>())
+        .bind(replaced.iter().map(|r| r.original_id).collect::<Vec<_>>())
+        .bind(replaced.iter().map(|r| r.merchant_id).collect::<Vec<_>>())
+        .bind(replaced.iter().map(|r| r.order_id).collect::<Vec<_>>())
+        .bind(replaced.iter().map(|r| r.reason).collect::<Vec<_>>())
+        .bind(actor);
+    let updated: std::collections::HashSet<i64> = q
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| sqlx::Row::try_get::<i64, _>(row, 0))
+        .collect::<Result<_, _>>()?;
+    Ok(settles.iter().map(|s| updated.contains(&s.invoice.id)).collect())
+}
 
+/// An issued replacement's original, to become REPLACED with it.
+struct Replaced<'a> {
+    replacement_id: i64,
+    original_id: i64,
+    merchant_id: &'a str,
+    order_id: &'a str,
+    reason: Option<&'a str>,
+}
+
+/// The audit rows, the events (with their invoice) and the replaced originals that the
+/// settlements write if they apply.
+fn records<'a>(
+    settles: &'a [Settle],
+    events_topic: &str,
+    actor: &str,
+) -> (Vec<NewAudit>, Vec<(i64, NewOutbox)>, Vec<Replaced<'a>>) {
+    use crate::events::invoice_events::{EventType, ProviderMember};
     let now = Utc::now();
-    let mut audits = Vec::new();
-    let mut outbox = Vec::new();
-    for (s, ok) in settles.iter().zip(&applied) {
-        if !ok {
-            continue;
-        }
+    let mut audits = Vec::with_capacity(settles.len());
+    let mut events = Vec::new();
+    let mut replaced = Vec::new();
+    for s in settles {
         let inv = &s.invoice;
         let status = row(&s.transition).status;
-        use crate::events::invoice_events::EventType;
         // Quiet transitions (a SUBMITTED invoice still without a number) leave no audit row:
         // nothing changed but the next lookup time.
         let (event_type, event, reason) = match &s.transition {
@@ -458,54 +514,35 @@ pub async fn settle(
         });
         if let Some(event_type) = event {
             let provider = match &s.transition {
-                Transition::Issued { invoice_no, series, reservation_code, .. } => {
-                    Some(crate::events::invoice_events::ProviderMember {
-                        name: s.provider.clone(),
-                        invoice_no: invoice_no.clone(),
-                        series: series.clone(),
-                        lookup_code: reservation_code.clone().unwrap_or_default(),
-                    })
-                }
+                Transition::Issued { invoice_no, series, reservation_code, .. } => Some(ProviderMember {
+                    name: s.provider.clone(),
+                    invoice_no: invoice_no.clone(),
+                    series: series.clone(),
+                    lookup_code: reservation_code.clone().unwrap_or_default(),
+                }),
                 _ => None,
             };
-            outbox.push(event_row(
+            let event = event_row(
                 events_topic,
                 (inv.id, &inv.merchant_id, &inv.order_id),
                 event_type,
                 status,
                 provider,
                 now,
-            ));
+            );
+            events.push((inv.id, event));
         }
-        // A replacement issued: its original becomes REPLACED, in the same transaction.
-        if let (Transition::Issued { .. }, Some(original)) = (&s.transition, inv.replaces_invoice_id) {
-            let replaced = sqlx::query(
-                "UPDATE invoice SET status = 'REPLACED', updated_at = now() WHERE id = $1 AND status = 'ISSUED'",
-            )
-            .bind(original)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if replaced == 1 {
-                audits.push(NewAudit {
-                    entity: "invoice",
-                    entity_id: original.to_string(),
-                    invoice_id: Some(original),
-                    merchant_id: Some(inv.merchant_id.clone()),
-                    order_id: Some(inv.order_id.clone()),
-                    event_type: "invoice.replaced",
-                    outcome: "REPLACED".into(),
-                    before: Some(json!({"status": "ISSUED"})),
-                    after: Some(json!({"status": "REPLACED", "replacedBy": inv.id.to_string()})),
-                    actor: actor.to_owned(),
-                    reason: inv.replacement_reason.clone(),
-                });
-            }
+        if let (Transition::Issued { .. }, Some(original_id)) = (&s.transition, inv.replaces_invoice_id) {
+            replaced.push(Replaced {
+                replacement_id: inv.id,
+                original_id,
+                merchant_id: &inv.merchant_id,
+                order_id: &inv.order_id,
+                reason: inv.replacement_reason.as_deref(),
+            });
         }
     }
-    insert_audits(conn, &audits).await?;
-    insert_outbox(conn, &outbox).await?;
-    Ok(applied)
+    (audits, events, replaced)
 }
 
 /// The outbox row of a lifecycle event of invoice `(id, merchant, order)`.

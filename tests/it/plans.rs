@@ -1,0 +1,104 @@
+//! Query plans under stale statistics. Postgres plans from the statistics of its last
+//! analyze; the statements that run per job must stay on a key lookup when those statistics
+//! say no invoice is unfinished (an analyze in a quiet hour) and a burst has since queued
+//! thousands: a plan through an index of unfinished invoices then reads all of them for each
+//! lookup, and the slower the lookups get, the longer the backlog they read.
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::support::TestDb;
+
+const BACKLOG: i64 = 20_000;
+
+/// A database whose statistics saw only issued invoices, and which now holds `BACKLOG`
+/// queued ones (autovacuum off for the table, so nothing analyzes it meanwhile).
+async fn stale_statistics() -> TestDb {
+    let db = TestDb::create().await;
+    let pool = &db.pool;
+    sqlx::query("ALTER TABLE invoice SET (autovacuum_enabled = false)").execute(pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, paid_at, currency, lines,
+             total_net, total_vat, total_amount, config_snapshot, transaction_uuid, next_attempt_at)
+         SELECT n, 'M-' || (n % 100), 'O-' || n, 'ISSUED', 'immediate', now(), 'VND', '[]', 100000, 8000, 108000,
+             '{}', 'tx-uuid-' || lpad(n::text, 8, '0'), NULL
+         FROM generate_series(1, $1) AS n",
+    )
+    .bind(BACKLOG)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE invoice").execute(pool).await.unwrap();
+    sqlx::query("UPDATE invoice SET status = 'QUEUED', next_attempt_at = now()").execute(pool).await.unwrap();
+    db
+}
+
+/// How `plan` (EXPLAIN's JSON) reads the invoice table: the node types of its scans, and
+/// the indexes those scans use.
+fn invoice_access(plan: &Value, nodes: &mut Vec<String>, indexes: &mut Vec<String>) {
+    if plan.get("Relation Name").and_then(Value::as_str) == Some("invoice") {
+        nodes.push(plan["Node Type"].as_str().unwrap_or_default().to_owned());
+    }
+    if let Some(index) = plan.get("Index Name").and_then(Value::as_str) {
+        if index.starts_with("invoice_") {
+            indexes.push(index.to_owned());
+        }
+    }
+    for child in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
+        invoice_access(child, nodes, indexes);
+    }
+}
+
+type Bound<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// The plan of `explain` (an `EXPLAIN (FORMAT JSON)` with its arguments) as `(scan node
+/// types, indexes)` on the invoice table.
+async fn invoice_plan(pool: &PgPool, explain: Bound<'_>) -> (Vec<String>, Vec<String>, Value) {
+    let row = explain.fetch_one(pool).await.unwrap();
+    let plan = sqlx::Row::get::<sqlx::types::Json<Value>, _>(&row, 0).0;
+    let (mut nodes, mut indexes) = (Vec::new(), Vec::new());
+    invoice_access(&plan[0]["Plan"], &mut nodes, &mut indexes);
+    (nodes, indexes, plan)
+}
+
+/// Asserts that `explain` reads invoices by primary key or order only.
+async fn assert_key_lookups(pool: &PgPool, what: &str, explain: Bound<'_>) {
+    let (nodes, indexes, plan) = invoice_plan(pool, explain).await;
+    assert!(!nodes.is_empty(), "{what}: no scan of invoice in {plan}");
+    assert!(!nodes.iter().any(|n| n == "Seq Scan"), "{what} reads the whole invoice table: {plan}");
+    assert!(
+        indexes.iter().all(|i| i == "invoice_pkey" || i == "invoice_order"),
+        "{what} reads invoices through {indexes:?}, not by key: {plan}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_queued() {
+    let db = stale_statistics().await;
+    let pool = &db.pool;
+    let orders: Vec<String> = (1..=137).map(|n| format!("O-{n}")).collect();
+    let ids: Vec<i64> = (1..=137).collect();
+    let seen: Vec<chrono::DateTime<chrono::Utc>> = vec![chrono::Utc::now(); ids.len()];
+
+    let read = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::UNFINISHED_FOR_ORDERS);
+    assert_key_lookups(pool, "the worker's read", sqlx::query(&read).bind(&orders)).await;
+
+    let take = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::ACQUIRE);
+    let until = chrono::Utc::now() + chrono::Duration::seconds(60);
+    assert_key_lookups(
+        pool,
+        "the worker's take",
+        sqlx::query(&take).bind(&ids).bind("owner").bind(until).bind(&seen).bind("worker"),
+    )
+    .await;
+
+    let renew = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::RENEW_LEASE);
+    assert_key_lookups(pool, "the lease renewal", sqlx::query(&renew).bind(7_i64).bind("owner").bind(until))
+        .await;
+
+    // The queries that do want the backlog still get an index of it, not the whole table.
+    let due = "EXPLAIN (FORMAT JSON) SELECT id FROM invoice
+               WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now()";
+    let (_, indexes, plan) = invoice_plan(pool, sqlx::query(due)).await;
+    assert_eq!(indexes, ["invoice_due"], "the due scan: {plan}");
+}
