@@ -212,92 +212,86 @@ pub struct Writes {
     pub request_joins: Vec<(i64, i64)>,
 }
 
+/// Everything a batch writes, one statement (see [`Writes::write`]): `$1`-`$18` the invoices,
+/// then the claims, the decisions, the request joins, the audit rows, the outbox rows and,
+/// last (`$52`), the decisions' topic. A statement of empty arrays writes nothing.
+static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH invoices AS (
+             INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at,
+                 currency, buyer, buyer_kind, lines, total_net, total_vat, total_amount, provider_config_id,
+                 config_snapshot, transaction_uuid, next_attempt_at)
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::timestamptz[], $8::text[], $9::jsonb[], $10::text[], $11::jsonb[], $12::numeric[],
+                 $13::numeric[], $14::numeric[], $15::bigint[], $16::jsonb[], $17::text[], $18::timestamptz[])),
+         claims AS (
+             INSERT INTO claim (id, invoice_id, merchant_id, order_id, token_hash, deadline, status)
+             SELECT id, invoice_id, merchant_id, order_id, token_hash, deadline, 'OPEN'
+             FROM UNNEST($19::bigint[], $20::bigint[], $21::text[], $22::text[], $23::bytea[], $24::timestamptz[])
+               AS t(id, invoice_id, merchant_id, order_id, token_hash, deadline)),
+         -- ON CONFLICT: a replay of an event decided before records nothing new.
+         decisions AS (
+             INSERT INTO payment_decision (event_id, merchant_id, order_id, outcome, skip_reason, invoice_id,
+                 topic, partition, \"offset\")
+             SELECT event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, $52, partition, off
+             FROM UNNEST($25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::bigint[], $31::int[],
+                 $32::bigint[]) AS t(event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, partition, off)
+             ON CONFLICT (event_id) DO NOTHING),
+         joins AS (
+             UPDATE invoice_request r SET invoice_id = j.invoice_id, joined_at = now()
+             FROM UNNEST($33::bigint[], $34::bigint[]) AS j(id, invoice_id) WHERE r.id = j.id),
+         audits AS (
+             INSERT INTO audit_log ({AUDIT_COLUMNS}) SELECT * FROM {audit_rows})
+         INSERT INTO outbox ({OUTBOX_COLUMNS}) SELECT {OUTBOX_COLUMNS}
+         FROM {outbox_rows} WITH ORDINALITY AS t({OUTBOX_COLUMNS}, n) ORDER BY n",
+        audit_rows = unnest(35, &AUDIT_TYPES),
+        outbox_rows = unnest(35 + AUDIT_TYPES.len(), &OUTBOX_TYPES),
+    )
+});
+
 impl Writes {
-    /// Writes everything, one statement per table (none when a list is empty).
+    /// Writes everything in one statement ([`WRITE_BATCH`]): one round trip per batch,
+    /// however few payments it carries.
     pub async fn write(&self, tx: &mut PgConnection, decision_topic: &str) -> Result<(), StorageError> {
-        if !self.invoices.is_empty() {
-            let v = &self.invoices;
-            sqlx::query(
-                "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at,
-                     currency, buyer, buyer_kind, lines, total_net, total_vat, total_amount, provider_config_id,
-                     config_snapshot, transaction_uuid, next_attempt_at)
-                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::timestamptz[], $8::text[], $9::jsonb[], $10::text[], $11::jsonb[], $12::numeric[],
-                     $13::numeric[], $14::numeric[], $15::bigint[], $16::jsonb[], $17::text[], $18::timestamptz[])",
-            )
-            .bind(v.iter().map(|i| i.id).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.merchant_id.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.order_id.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.status).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.issuance_mode).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.payment_event_id.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.paid_at).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.currency.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.buyer.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.buyer_kind).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| Json(i.lines.clone())).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.total_net).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.total_vat).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.total_amount).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.provider_config_id).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| Json(i.config_snapshot.clone())).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.transaction_uuid.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|i| i.next_attempt_at).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !self.claims.is_empty() {
-            let v = &self.claims;
-            sqlx::query(
-                "INSERT INTO claim (id, invoice_id, merchant_id, order_id, token_hash, deadline, status)
-                 SELECT id, invoice_id, merchant_id, order_id, token_hash, deadline, 'OPEN'
-                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bytea[], $6::timestamptz[])
-                   AS t(id, invoice_id, merchant_id, order_id, token_hash, deadline)",
-            )
-            .bind(v.iter().map(|c| c.id).collect::<Vec<_>>())
-            .bind(v.iter().map(|c| c.invoice_id).collect::<Vec<_>>())
-            .bind(v.iter().map(|c| c.merchant_id.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|c| c.order_id.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|c| c.token_hash.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|c| c.deadline).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !self.decisions.is_empty() {
-            let v = &self.decisions;
-            // ON CONFLICT: a replay of an event decided before records nothing new.
-            sqlx::query(
-                "INSERT INTO payment_decision (event_id, merchant_id, order_id, outcome, skip_reason, invoice_id,
-                     topic, partition, \"offset\")
-                 SELECT event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, $9, partition, off
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::int[],
-                     $8::bigint[]) AS t(event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, partition, off)
-                 ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(v.iter().map(|d| d.event_id.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|d| d.merchant_id.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|d| d.order_id.clone()).collect::<Vec<_>>())
-            .bind(v.iter().map(|d| d.outcome).collect::<Vec<_>>())
-            .bind(v.iter().map(|d| d.skip_reason).collect::<Vec<_>>())
-            .bind(v.iter().map(|d| d.invoice_id).collect::<Vec<_>>())
-            .bind(v.iter().map(|d| d.partition).collect::<Vec<_>>())
-            .bind(v.iter().map(|d| d.offset).collect::<Vec<_>>())
-            .bind(decision_topic)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !self.request_joins.is_empty() {
-            sqlx::query(
-                "UPDATE invoice_request r SET invoice_id = j.invoice_id, joined_at = now()
-                 FROM UNNEST($1::bigint[], $2::bigint[]) AS j(id, invoice_id) WHERE r.id = j.id",
-            )
+        let invoices = &self.invoices;
+        let claims = &self.claims;
+        let decisions = &self.decisions;
+        let q = sqlx::query(WRITE_BATCH.as_str())
+            .bind(invoices.iter().map(|i| i.id).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.merchant_id.as_str()).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.order_id.as_str()).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.status).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.issuance_mode).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.payment_event_id.as_str()).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.paid_at).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.currency.as_str()).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.buyer.clone()).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.buyer_kind).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| Json(i.lines.clone())).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.total_net).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.total_vat).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.total_amount).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.provider_config_id).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| Json(i.config_snapshot.clone())).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.transaction_uuid.as_str()).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.next_attempt_at).collect::<Vec<_>>())
+            .bind(claims.iter().map(|c| c.id).collect::<Vec<_>>())
+            .bind(claims.iter().map(|c| c.invoice_id).collect::<Vec<_>>())
+            .bind(claims.iter().map(|c| c.merchant_id.as_str()).collect::<Vec<_>>())
+            .bind(claims.iter().map(|c| c.order_id.as_str()).collect::<Vec<_>>())
+            .bind(claims.iter().map(|c| c.token_hash.as_slice()).collect::<Vec<_>>())
+            .bind(claims.iter().map(|c| c.deadline).collect::<Vec<_>>())
+            .bind(decisions.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>())
+            .bind(decisions.iter().map(|d| d.merchant_id.as_str()).collect::<Vec<_>>())
+            .bind(decisions.iter().map(|d| d.order_id.as_str()).collect::<Vec<_>>())
+            .bind(decisions.iter().map(|d| d.outcome).collect::<Vec<_>>())
+            .bind(decisions.iter().map(|d| d.skip_reason).collect::<Vec<_>>())
+            .bind(decisions.iter().map(|d| d.invoice_id).collect::<Vec<_>>())
+            .bind(decisions.iter().map(|d| d.partition).collect::<Vec<_>>())
+            .bind(decisions.iter().map(|d| d.offset).collect::<Vec<_>>())
             .bind(self.request_joins.iter().map(|j| j.0).collect::<Vec<_>>())
-            .bind(self.request_joins.iter().map(|j| j.1).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        insert_audits(tx, &self.audits).await?;
-        insert_outbox(tx, &self.outbox).await?;
+            .bind(self.request_joins.iter().map(|j| j.1).collect::<Vec<_>>());
+        bind_outbox(bind_audits(q, &self.audits), &self.outbox).bind(decision_topic).execute(tx).await?;
         Ok(())
     }
 }
