@@ -312,26 +312,33 @@ async fn reset_statements(pool: &PgPool) {
     }
 }
 
-/// Prints the statements that took the most execution time since [`reset_statements`], per
-/// `payments` (the steady run's): calls and rows per payment show the batch sizes, and time
-/// per payment where Postgres spends it.
+/// Prints the statements that took the most time since [`reset_statements`], per `payments`
+/// (the steady run's): calls and rows per call show the batch sizes, and time per payment
+/// where Postgres spends it (planning time only with `pg_stat_statements.track_planning`).
 async fn print_statements(pool: &PgPool, payments: usize) {
     if !statements_wanted() {
         return;
     }
-    let rows: Vec<(String, i64, i64, f64)> = sqlx::query_as(
-        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls, rows, total_exec_time
+    let rows: Vec<(String, i64, i64, f64, i64, f64)> = sqlx::query_as(
+        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 80), calls, rows, total_exec_time, plans,
+                total_plan_time
          FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-         ORDER BY total_exec_time DESC LIMIT 20",
+         ORDER BY total_exec_time + total_plan_time DESC LIMIT 20",
     )
     .fetch_all(pool)
     .await
     .unwrap();
     let n = payments.max(1) as f64;
-    println!("{:>10} {:>8} {:>10}  statement", "ms/paymt", "calls/p", "rows/call");
-    for (query, calls, rows, ms) in rows {
+    println!("{:>9} {:>9} {:>8} {:>8} {:>9}  statement", "exec ms/p", "plan ms/p", "calls/p", "plans/p", "rows/call");
+    for (query, calls, rows, exec_ms, plans, plan_ms) in rows {
         let per_call = if calls > 0 { rows as f64 / calls as f64 } else { 0.0 };
-        println!("{:>10.4} {:>8.3} {per_call:>10.1}  {query}", ms / n, calls as f64 / n);
+        println!(
+            "{:>9.4} {:>9.4} {:>8.3} {:>8.3} {per_call:>9.1}  {query}",
+            exec_ms / n,
+            plan_ms / n,
+            calls as f64 / n,
+            plans as f64 / n
+        );
     }
 }
 
