@@ -56,14 +56,15 @@ fn peak_rss_mb() -> f64 {
 }
 
 /// CPU time (ms) used so far by each part of the machine, from `/proc` (Linux, like the
-/// rest of the bench): this process (the services, the simulator and the load generator),
-/// Postgres (its processes, and the children its postmaster reaped: backends and
+/// rest of the bench): this process (the services and the load generator), the provider
+/// simulator (a process of its own: in production the provider is someone else's), Postgres (its processes, and the children its postmaster reaped: backends and
 /// autovacuum workers that exited), Redis (with its reaped children: AOF rewrites and
 /// snapshots) and Kafka. A stage's difference divided by its work is what the work costs,
 /// which the machine's noise moves less than a rate.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cpu {
     service: f64,
+    provider: f64,
     postgres: f64,
     redis: f64,
     kafka: f64,
@@ -74,6 +75,7 @@ impl Cpu {
         // USER_HZ: 100 ticks a second on Linux.
         const MS_PER_TICK: f64 = 10.0;
         let me = std::process::id().to_string();
+        let sim = SIM_PID.get().map(u32::to_string);
         let mut cpu = Cpu::default();
         let Ok(dir) = std::fs::read_dir("/proc") else { return cpu };
         for entry in dir.flatten() {
@@ -91,6 +93,7 @@ impl Cpu {
             let ms = MS_PER_TICK * ticks(14, 15);
             match &stat[open + 1..close] {
                 _ if pid == me => cpu.service += ms,
+                _ if sim.as_deref() == Some(pid.as_str()) => cpu.provider += ms,
                 "postgres" => cpu.postgres += MS_PER_TICK * ticks(14, 17),
                 // With its children: an AOF rewrite or snapshot forks one.
                 "redis-server" => cpu.redis += MS_PER_TICK * ticks(14, 17),
@@ -106,6 +109,7 @@ impl Cpu {
         let per = |now: f64, then: f64| ((now - then) / units.max(1) as f64 * 1000.0).round() / 1000.0;
         let parts = [
             ("service", per(self.service, before.service)),
+            ("provider", per(self.provider, before.provider)),
             ("postgres", per(self.postgres, before.postgres)),
             ("redis", per(self.redis, before.redis)),
             ("kafka", per(self.kafka, before.kafka)),
@@ -117,6 +121,51 @@ impl Cpu {
         }
         out.insert("total".to_owned(), json!(total));
         serde_json::Value::Object(out)
+    }
+}
+
+/// The simulator's pid, for [`Cpu`].
+static SIM_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// `invoice provider-sim` in a process of its own (killed when dropped), driven over its
+/// HTTP knobs and stats.
+struct SimProcess {
+    addr: std::net::SocketAddr,
+    _child: tokio::process::Child,
+}
+
+impl SimProcess {
+    async fn start() -> SimProcess {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_invoice"))
+            .args(["provider-sim", "--addr", &addr.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the provider simulator starts");
+        SIM_PID.set(child.id().unwrap_or(0)).ok();
+        let sim = SimProcess { addr, _child: child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(sim.url("stats")).await.is_err() {
+            assert!(Instant::now() < deadline, "the provider simulator did not answer within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sim
+    }
+
+    fn url(&self, what: &str) -> String {
+        format!("http://{}/sim/{what}", self.addr)
+    }
+
+    async fn set_knobs(&self, knobs: serde_json::Value) {
+        let status =
+            reqwest::Client::new().put(self.url("knobs")).json(&knobs).send().await.unwrap().status();
+        assert!(status.is_success(), "the simulator refused knobs {knobs}: {status}");
+    }
+
+    async fn stats(&self) -> invoice::providers::sim::Stats {
+        reqwest::get(self.url("stats")).await.unwrap().json().await.unwrap()
     }
 }
 
@@ -329,7 +378,10 @@ async fn print_statements(pool: &PgPool, payments: usize) {
     .await
     .unwrap();
     let n = payments.max(1) as f64;
-    println!("{:>9} {:>9} {:>8} {:>8} {:>9}  statement", "exec ms/p", "plan ms/p", "calls/p", "plans/p", "rows/call");
+    println!(
+        "{:>9} {:>9} {:>8} {:>8} {:>9}  statement",
+        "exec ms/p", "plan ms/p", "calls/p", "plans/p", "rows/call"
+    );
     for (query, calls, rows, exec_ms, plans, plan_ms) in rows {
         let per_call = if calls > 0 { rows as f64 / calls as f64 } else { 0.0 };
         println!(
@@ -605,12 +657,8 @@ async fn main() {
     hex::decode_to_slice(KEY, &mut key).unwrap();
     let keyring = invoice::crypto::Keyring::new(invoice::config::Secret::new(key));
     // The provider: the simulator, in this process.
-    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim_addr = sim_listener.local_addr().unwrap();
-    let sim = invoice::providers::sim::Sim::new(invoice::providers::sim::Knobs::default());
-    let sim_stop = CancellationToken::new();
-    tokio::spawn(invoice::providers::sim::serve(sim_listener, sim.clone(), sim_stop.clone()));
-    let endpoint = format!("http://{sim_addr}/services/einvoiceapplication/api");
+    let sim = SimProcess::start().await;
+    let endpoint = format!("http://{}/services/einvoiceapplication/api", sim.addr);
     for m in 0..merchants {
         let id = format!("M-{m}");
         let mut conn = pool.acquire().await.unwrap();
@@ -797,17 +845,14 @@ async fn main() {
     if std::env::var("BENCH_STOP_AFTER").as_deref() == Ok("issue") {
         shutdown.cancel();
         stream.await.unwrap().unwrap();
-        sim_stop.cancel();
+        drop(sim);
         clean_up(&names, &prefix).await;
         return;
     }
 
     // At 50 ms: new payments decided first, then workers start.
     let slow = env_usize("BENCH_ISSUE_SLOW", 20_000);
-    sim.set_knobs(invoice::providers::sim::Knobs {
-        latency_ms: 50,
-        ..invoice::providers::sim::Knobs::default()
-    });
+    sim.set_knobs(json!({"latencyMs": 50})).await;
     let batch: Vec<(String, String)> =
         (events..events + slow).map(|i| payment(i, merchants, &today)).collect();
     produce_all(&producer, &names.payment, batch).await;
@@ -826,7 +871,7 @@ async fn main() {
 
     // Steady load, provider at 0 ms: payment event produced (its paidAt) → ISSUED; at the
     // SPEC's rate, then at a lower one that shows the latency floor.
-    sim.set_knobs(invoice::providers::sim::Knobs::default());
+    sim.set_knobs(json!({"latencyMs": 0})).await;
     let steady_secs = env_usize("BENCH_STEADY_SECS", 15);
     let mut next_order = events + slow;
     let mut steady = Vec::new();
@@ -848,11 +893,11 @@ async fn main() {
     }
     let (offered, p50, p99, e2e_cpu_ms) = steady[0].clone();
     let (offered_low, p50_low, p99_low, e2e_low_cpu_ms) = steady[1].clone();
-    let stats = sim.stats();
+    let stats = sim.stats().await;
     assert_eq!(stats.duplicates, 0, "no duplicate at the provider: {stats:?}");
     worker_stop.cancel();
     worker.await.unwrap().unwrap();
-    sim_stop.cancel();
+    drop(sim);
     shutdown.cancel();
     stream.await.unwrap().unwrap();
     // Last, so that its gigabyte of WAL and its checkpoint weigh on no measured stage.
@@ -884,7 +929,7 @@ async fn main() {
         "provider_calls": stats.creates,
         "provider_duplicates": stats.duplicates,
         "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
-        "note": "one process runs stream, workers, simulator and load generator; peak_rss_mb is all of it",
+        "note": "one process runs stream, workers and load generator (peak_rss_mb is all of it); the provider simulator runs in its own process, its CPU is `provider`",
     });
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");
