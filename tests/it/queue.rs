@@ -100,6 +100,9 @@ async fn retries_wait_their_delay_dead_jobs_requeue_and_released_jobs_keep_their
         orders,
         "FIFO within a partition"
     );
+    // Each job of one claim gets a token of its own: presenting one must not move another.
+    let tokens: std::collections::HashSet<&str> = claimed.iter().map(|j| j.token.as_str()).collect();
+    assert_eq!(tokens.len(), claimed.len(), "distinct tokens in one claim: {claimed:?}");
 
     // Retry the first in 300 ms, dead-letter the second, hand back the third.
     let stale = q
