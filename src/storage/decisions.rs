@@ -1,6 +1,7 @@
 //! What the stream writes per batch: invoices, claims, decisions, audit rows, outbox rows and
-//! request joins, each as one multi-row statement (`UNNEST`), and the lookups that feed the
-//! decisions, each one query per batch.
+//! request joins, all in one statement (a multi-row `UNNEST` per table), and the lookups that
+//! feed the decisions, each one query per batch. The audit and outbox row binders are shared
+//! with the other writers of those tables.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
