@@ -22,9 +22,9 @@ const MENU: &[(&str, &str, i64)] = &[
     ("CROISSANT", "Bánh sừng bò", 27_000),
 ];
 
-/// One sample payment: a few menu lines at today's reduced or standard rate; every 10th
-/// carries a company buyer.
-pub fn payment(n: u64, merchant_id: &str) -> Value {
+/// One sample payment, number `n` of run `run`: a few menu lines at today's reduced or
+/// standard rate; every 10th carries a company buyer.
+pub fn payment(run: &str, n: u64, merchant_id: &str) -> Value {
     let today = Utc::now().with_timezone(&crate::domain::claim::vietnam()).date_naive();
     let rate = match rules::rules_for(today) {
         Ok(r) if r.eight_percent_allowed => VatRate::Eight,
@@ -44,7 +44,7 @@ pub fn payment(n: u64, merchant_id: &str) -> Value {
         })
         .collect();
     let total = money::compute("VND", &lines).map(|(_, t)| t.gross).unwrap_or_default();
-    let order_id = format!("DEMO-{}-{n:06}", Utc::now().format("%Y%m%d"));
+    let order_id = format!("DEMO-{run}-{n:06}");
     let buyer = if n % 10 == 9 {
         json!({"legalName": "Công ty TNHH Khách Hàng Mẫu", "taxCode": "0101243150",
                "address": "2 Lý Thường Kiệt, Phường Cửa Nam, Thành phố Hà Nội", "email": "ketoan@khachhang.vn"})
@@ -66,7 +66,7 @@ pub fn payment(n: u64, merchant_id: &str) -> Value {
 }
 
 /// Produces `rate` payments per second (stopping after `count` if given) to `topic` and
-/// prints invoice counts from `db` every two seconds, until `stop`.
+/// prints the counts of their invoices from `db` every two seconds, until `stop`.
 pub async fn run(
     producer: FutureProducer,
     topic: &str,
@@ -77,6 +77,9 @@ pub async fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Orders of a run of their own: a second `make run` on the same day must not send the
+    // orders of the first again (the stream would rightly skip them as already invoiced).
+    let run = Utc::now().format("%Y%m%d-%H%M%S").to_string();
     let mut sent = 0u64;
     let mut last_report = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
@@ -87,7 +90,7 @@ pub async fn run(
             _ = stop.cancelled() => break,
         }
         if count.is_none_or(|c| sent < c) {
-            let value = payment(sent, merchant_id);
+            let value = payment(&run, sent, merchant_id);
             let key = value["orderId"].as_str().unwrap_or("").to_owned();
             let body = value.to_string();
             let record = FutureRecord::to(topic).key(&key).payload(&body);
@@ -100,14 +103,16 @@ pub async fn run(
         }
         if last_report.elapsed() >= Duration::from_secs(2) {
             last_report = Instant::now();
-            let counts: Vec<(String, i64)> =
-                sqlx::query_as("SELECT status, count(*) FROM invoice GROUP BY status ORDER BY status")
-                    .fetch_all(&db)
-                    .await
-                    .unwrap_or_default();
+            let counts: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT status, count(*) FROM invoice WHERE order_id LIKE $1 GROUP BY status ORDER BY status",
+            )
+            .bind(format!("DEMO-{run}-%"))
+            .fetch_all(&db)
+            .await
+            .unwrap_or_default();
             let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{s} {n}")).collect();
             let line = format!(
-                "[{:>5.0}s] payments sent {sent} · invoices: {}",
+                "[{:>5.0}s] payments sent {sent} · their invoices: {}",
                 started.elapsed().as_secs_f64(),
                 if counts.is_empty() { "none yet".into() } else { counts.join(" · ") }
             );
@@ -128,10 +133,11 @@ mod tests {
     #[test]
     fn sample_payments_parse_and_their_totals_match() {
         for n in 0..30 {
-            let value = payment(n, "M-1001");
+            let value = payment("20261207-041200", n, "M-1001");
             let parsed = crate::events::payment::parse(value.to_string().as_bytes());
             assert!(parsed.is_ok(), "{n}: {parsed:?} {value}");
         }
-        assert!(payment(9, "M-1001")["buyer"]["taxCode"].is_string());
+        assert!(payment("20261207-041200", 9, "M-1001")["buyer"]["taxCode"].is_string());
+        assert_eq!(payment("20261207-041200", 7, "M-1001")["orderId"], "DEMO-20261207-041200-000007");
     }
 }
