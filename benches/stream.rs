@@ -57,9 +57,10 @@ fn peak_rss_mb() -> f64 {
 
 /// CPU time (ms) used so far by each part of the machine, from `/proc` (Linux, like the
 /// rest of the bench): this process (the services and the load generator), the provider
-/// simulator (a process of its own: in production the provider is someone else's), Postgres (its processes, and the children its postmaster reaped: backends and
-/// autovacuum workers that exited), Redis (with its reaped children: AOF rewrites and
-/// snapshots) and Kafka. A stage's difference divided by its work is what the work costs,
+/// simulator (a process of its own: in production the provider is someone else's),
+/// Postgres (its processes, and the children its postmaster reaped: backends and autovacuum
+/// workers that exited), Redis (with its reaped children: AOF rewrites and snapshots) and
+/// Kafka. A stage's difference divided by its work is what the work costs,
 /// which the machine's noise moves less than a rate.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cpu {
@@ -656,7 +657,7 @@ async fn main() {
     let mut key = [0u8; 32];
     hex::decode_to_slice(KEY, &mut key).unwrap();
     let keyring = invoice::crypto::Keyring::new(invoice::config::Secret::new(key));
-    // The provider: the simulator, in this process.
+    // The provider: the simulator, in a process of its own.
     let sim = SimProcess::start().await;
     let endpoint = format!("http://{}/services/einvoiceapplication/api", sim.addr);
     for m in 0..merchants {
