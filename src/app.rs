@@ -193,6 +193,12 @@ fn http_state(
 /// until `stop`) without waiting: until the first load succeeds, JWT routes answer 503.
 fn api_deps(cfg: &Config, base: &Base, stop: &CancellationToken) -> anyhow::Result<Arc<http::Api>> {
     let auth_cfg = cfg.http_auth.as_ref().context("the HTTP API needs its webhook and JWT settings")?;
+    for name in &auth_cfg.weak_webhook_secrets {
+        tracing::warn!(
+            variable = %name,
+            "Webhook secret shorter than 24 bytes; the Standard Webhooks scheme asks for 24-64 random bytes"
+        );
+    }
     let mut jwt = crate::auth::jwt::Settings::new(
         auth_cfg.jwks_url.clone(),
         auth_cfg.jwt_issuer.clone(),
@@ -231,10 +237,29 @@ fn api_deps(cfg: &Config, base: &Base, stop: &CancellationToken) -> anyhow::Resu
 }
 
 /// Binds the HTTP address of the configuration, naming the variable on failure.
-pub async fn bind(cfg: &Config) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(cfg.http_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("APP_ENV_INVOICE_HTTP_ADDR {}: cannot listen: {e}", cfg.http_addr))
+///
+/// `metrics_only` modes (`stream`, `worker`) serve only health and metrics: when the address
+/// is the default one and already taken (a `stream` and a `worker` started side by side on
+/// one machine), they take a free port on the same interface and say which, instead of
+/// exiting. An address that was configured is always kept or refused.
+pub async fn bind(cfg: &Config, metrics_only: bool) -> anyhow::Result<TcpListener> {
+    let refused = |e: std::io::Error| {
+        anyhow::anyhow!("APP_ENV_INVOICE_HTTP_ADDR {}: cannot listen: {e}", cfg.http_addr)
+    };
+    match TcpListener::bind(cfg.http_addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if metrics_only && cfg.http_addr_is_default && e.kind() == std::io::ErrorKind::AddrInUse => {
+            let listener = TcpListener::bind((cfg.http_addr.ip(), 0)).await.map_err(refused)?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::warn!(
+                    taken = %cfg.http_addr, listening = %addr,
+                    "The default HTTP address is taken; health and metrics are served on a free port (set APP_ENV_INVOICE_HTTP_ADDR to choose one)"
+                );
+            }
+            Ok(listener)
+        }
+        Err(e) => Err(refused(e)),
+    }
 }
 
 /// Runs the HTTP API on `listener` until `shutdown` is cancelled.

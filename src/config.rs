@@ -159,6 +159,9 @@ pub struct HttpAuth {
     /// `APP_ENV_INVOICE_CLAIM_FAILURE_LIMIT` (20): failed claim lookups per client per
     /// 10 minutes before 429.
     pub claim_failure_limit: u32,
+    /// Webhook secret variables whose value is shorter than the 24 random bytes the Standard
+    /// Webhooks scheme asks for: accepted (SPEC §5 takes any value), warned about at start.
+    pub weak_webhook_secrets: Vec<String>,
 }
 
 /// The whole configuration of one process.
@@ -187,6 +190,8 @@ pub struct Config {
     pub credentials_key_previous: Option<Secret<[u8; 32]>>,
     /// HTTP listen address.
     pub http_addr: SocketAddr,
+    /// Whether `http_addr` is the default (the variable unset).
+    pub http_addr_is_default: bool,
     /// Number of issuance queue partitions (SPEC §4).
     pub queue_partitions: u32,
     /// Topic names.
@@ -283,7 +288,8 @@ impl Source for HashMap<String, String> {
 
 /// Reads `.env` from the working directory if it exists; variables already set win.
 pub fn load_dotenv() -> Result<(), ConfigError> {
-    match dotenvy::dotenv() {
+    // Only the working directory's file: `dotenvy::dotenv` would also walk up the parents.
+    match dotenvy::from_path(".env") {
         Ok(_) => Ok(()),
         Err(e) if e.not_found() => Ok(()),
         Err(e) => Err(ConfigError::new(".env", e.to_string())),
@@ -345,21 +351,22 @@ impl Config {
         let key_hex = get(&key_var).ok_or_else(|| {
             ConfigError::new(&key_var, "required (64 hex characters; `invoice keygen` makes one)")
         })?;
-        let credentials_key = parse_key(key_hex.trim())
+        let credentials_key = parse_key(&key_hex)
             .ok_or_else(|| ConfigError::new(&key_var, "must be exactly 64 hex characters (32 bytes)"))?;
         let previous_key_var = var("CREDENTIALS_KEY_PREVIOUS");
         let credentials_key_previous = get(&previous_key_var)
             .map(|hex| {
-                parse_key(hex.trim()).map(Secret::new).ok_or_else(|| {
+                parse_key(&hex).map(Secret::new).ok_or_else(|| {
                     ConfigError::new(&previous_key_var, "must be exactly 64 hex characters (32 bytes)")
                 })
             })
             .transpose()?;
 
         let http_addr_var = var("HTTP_ADDR");
+        let http_addr_is_default = get(&http_addr_var).is_none();
         let http_addr = get(&http_addr_var).unwrap_or_else(|| "127.0.0.1:31140".into());
-        let http_addr = http_addr.trim().parse::<SocketAddr>().map_err(|_| {
-            ConfigError::new(&http_addr_var, format!("`{http_addr}` is not an ip:port address"))
+        let http_addr = resolve_listen_addr(http_addr.trim()).ok_or_else(|| {
+            ConfigError::new(&http_addr_var, format!("`{http_addr}` is not a host:port address"))
         })?;
 
         let partitions_var = var("QUEUE_PARTITIONS");
@@ -456,15 +463,20 @@ impl Config {
         let http_auth = if mode.serves_http() {
             let required =
                 |name: &str| get(name).ok_or_else(|| ConfigError::new(name, "required for the HTTP API"));
+            let weak = std::cell::RefCell::new(Vec::new());
             let secret = |name: &str| -> Result<Secret<String>, ConfigError> {
                 let value = required(name)?;
-                check_webhook_secret(name, &value)?;
+                if !check_webhook_secret(name, &value)? {
+                    weak.borrow_mut().push(name.to_owned());
+                }
                 Ok(Secret::new(value))
             };
             let optional_secret = |name: &str| -> Result<Option<Secret<String>>, ConfigError> {
                 get(name)
                     .map(|value| {
-                        check_webhook_secret(name, &value)?;
+                        if !check_webhook_secret(name, &value)? {
+                            weak.borrow_mut().push(name.to_owned());
+                        }
                         Ok(Secret::new(value))
                     })
                     .transpose()
@@ -494,6 +506,7 @@ impl Config {
                 },
                 jwks_refetch_cooldown: ms("JWKS_REFETCH_COOLDOWN_MS", 30_000, 0..=3_600_000)?,
                 claim_failure_limit: number("CLAIM_FAILURE_LIMIT", 20, 1..=1_000_000)? as u32,
+                weak_webhook_secrets: weak.take(),
             })
         } else {
             None
@@ -510,6 +523,7 @@ impl Config {
             credentials_key: Secret::new(credentials_key),
             credentials_key_previous,
             http_addr,
+            http_addr_is_default,
             queue_partitions,
             topics,
             log_format,
@@ -523,6 +537,15 @@ impl Config {
             issuance,
         })
     }
+}
+
+/// `ip:port`, or `host:port` resolved once at start-up (`localhost:31140`).
+fn resolve_listen_addr(value: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    use std::net::ToSocketAddrs as _;
+    value.to_socket_addrs().ok()?.next()
 }
 
 fn parse_key(hex_key: &str) -> Option<[u8; 32]> {
@@ -542,22 +565,18 @@ fn check_url(var: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError
     }
 }
 
-fn check_webhook_secret(var: &str, value: &str) -> Result<(), ConfigError> {
+/// Checks a webhook secret's form; `Ok(false)` when it is usable but shorter than the 24
+/// random bytes the Standard Webhooks scheme recommends.
+fn check_webhook_secret(var: &str, value: &str) -> Result<bool, ConfigError> {
     use base64::Engine as _;
-    if let Some(b64) = value.strip_prefix("whsec_") {
-        let bytes = base64::engine::general_purpose::STANDARD
+    let len = match value.strip_prefix("whsec_") {
+        Some(b64) => base64::engine::general_purpose::STANDARD
             .decode(b64)
-            .map_err(|_| ConfigError::new(var, "has the `whsec_` prefix but is not base64 after it"))?;
-        if bytes.len() < 24 {
-            return Err(ConfigError::new(
-                var,
-                "decodes to fewer than 24 bytes; use at least 24 random bytes",
-            ));
-        }
-    } else if value.len() < 24 {
-        return Err(ConfigError::new(var, "is shorter than 24 characters; use a long random secret"));
-    }
-    Ok(())
+            .map_err(|_| ConfigError::new(var, "has the `whsec_` prefix but is not base64 after it"))?
+            .len(),
+        None => value.len(),
+    };
+    Ok(len >= 24)
 }
 
 /// Kafka's own rule for topic names.
@@ -695,19 +714,31 @@ mod tests {
             env.insert(var.into(), value.into());
             assert_eq!(err(&env, Mode::Stream).var, var, "{var}={value}");
         }
+        let key_with_space = format!(" {KEY}");
         let api_cases = [
-            ("WEBHOOK_SECRET", "short"),
             ("WEBHOOK_SECRET", "whsec_!!!not-base64!!!"),
-            ("WEBHOOK_SECRET_PREVIOUS", "short"),
-            ("WEBHOOK_INTERNAL_SECRET", "whsec_c2hvcnQ="),
-            ("WEBHOOK_INTERNAL_SECRET_PREVIOUS", "short"),
+            ("WEBHOOK_INTERNAL_SECRET_PREVIOUS", "whsec_***"),
             ("APP_ENV_INVOICE_JWKS_URL", "ftp://x"),
+            ("APP_ENV_INVOICE_CREDENTIALS_KEY", key_with_space.as_str()),
         ];
         for (var, value) in api_cases {
             let mut env = with_api(minimal());
             env.insert(var.into(), value.into());
             assert_eq!(err(&env, Mode::Api).var, var, "{var}={value}");
         }
+    }
+
+    #[test]
+    fn short_webhook_secrets_are_accepted_and_named_for_a_warning() {
+        let mut env = with_api(minimal());
+        env.insert("WEBHOOK_SECRET".into(), "short".into());
+        env.insert("WEBHOOK_INTERNAL_SECRET_PREVIOUS".into(), "whsec_c2hvcnQ=".into());
+        env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), "localhost:31999".into());
+        let cfg = Config::from_source(&env, Mode::Api).unwrap();
+        assert_eq!(cfg.http_addr.port(), 31999);
+        assert!(cfg.http_addr.ip().is_loopback());
+        let auth = cfg.http_auth.unwrap();
+        assert_eq!(auth.weak_webhook_secrets, ["WEBHOOK_SECRET", "WEBHOOK_INTERNAL_SECRET_PREVIOUS"]);
     }
 
     #[test]

@@ -115,21 +115,21 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Api => {
-            let listener = app::bind(&cfg).await?;
+            let listener = app::bind(&cfg, false).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(app::cancel_on_signal(shutdown.clone()));
             app::run_api(cfg, listener, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Stream => {
-            let listener = app::bind(&cfg).await?;
+            let listener = app::bind(&cfg, true).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(app::cancel_on_signal(shutdown.clone()));
             app::run_stream(cfg, listener, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker | Command::All => {
-            let listener = app::bind(&cfg).await?;
+            let listener = app::bind(&cfg, matches!(command, Command::Worker)).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(app::cancel_on_signal(shutdown.clone()));
             if matches!(command, Command::Worker) {

@@ -130,7 +130,8 @@ impl AuthError {
 struct KeyCache {
     keys: HashMap<String, Arc<DecodingKey>>,
     loaded: bool,
-    last_fetch: Option<Instant>,
+    /// When an unknown `kid` last caused a fetch (the SPEC's 30 s cooldown).
+    last_kid_fetch: Option<Instant>,
 }
 
 /// Verifies bearer tokens; cheap to clone (shared cache).
@@ -274,10 +275,13 @@ impl Inner {
             if cache.keys.contains_key(kid) {
                 return true;
             }
-            if cache.last_fetch.is_some_and(|at| at.elapsed() < self.settings.refetch_cooldown) {
+            if cache.last_kid_fetch.is_some_and(|at| at.elapsed() < self.settings.refetch_cooldown) {
                 return false;
             }
         }
+        // Only these fetches count toward the cooldown: a key rotated just after start-up or a
+        // scheduled refresh must not wait 30 s to be found. Failed ones count too.
+        self.cache.write().await.last_kid_fetch = Some(Instant::now());
         self.fetch_locked("unknown_kid").await
     }
 
@@ -287,7 +291,6 @@ impl Inner {
     }
 
     async fn fetch_locked(&self, trigger: &'static str) -> bool {
-        self.cache.write().await.last_fetch = Some(Instant::now());
         match self.download().await {
             Ok(keys) => {
                 self.metrics.api.jwks_fetch(trigger, Some(keys.len()));
@@ -469,7 +472,7 @@ mod tests {
     }
 
     #[test]
-    fn admin_sees_every_merchant_and_holds_every_permission() {
+    fn admin_sees_every_merchant_but_holds_only_its_own_permissions() {
         let p = Principal {
             issuer: "i".into(),
             subject: "s".into(),

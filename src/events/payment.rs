@@ -51,15 +51,11 @@ fn decimal(map: &Map<String, Value>, path: &str, field: &str) -> Result<Decimal,
     match map.get(field) {
         None | Some(Value::Null) => Err(Invalid::field(name, "required")),
         Some(Value::String(s)) => {
-            let plain = !s.is_empty()
-                && s.trim_start_matches('-').split_once('.').map_or(
-                    s.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()),
-                    |(i, f)| {
-                        !i.is_empty()
-                            && !f.is_empty()
-                            && (i.bytes().chain(f.bytes())).all(|b| b.is_ascii_digit())
-                    },
-                );
+            let unsigned = s.strip_prefix('-').unwrap_or(s);
+            let plain = !unsigned.is_empty()
+                && unsigned.split_once('.').map_or(unsigned.bytes().all(|b| b.is_ascii_digit()), |(i, f)| {
+                    !i.is_empty() && !f.is_empty() && (i.bytes().chain(f.bytes())).all(|b| b.is_ascii_digit())
+                });
             if !plain {
                 return Err(Invalid::field(
                     name,
@@ -259,6 +255,12 @@ mod tests {
         assert!(reason(|v| v["paidAt"] = json!("yesterday"))
             .starts_with("paidAt: `yesterday` is not an RFC 3339"));
         assert!(reason(|v| v["items"][0]["unitPrice"] = json!("1e5")).contains("not a plain decimal"));
+        for sign_only in ["-", "--5", "-.5", "-5."] {
+            assert!(
+                reason(|v| v["items"][0]["unitPrice"] = json!(sign_only)).contains("not a plain decimal"),
+                "{sign_only}"
+            );
+        }
         assert!(reason(|v| v["totalAmount"] = json!("1080000.5")).contains("more decimals than VND allows"));
         assert_eq!(reason(|v| v["items"] = json!([])), "items: must not be empty");
         assert!(reason(|v| v["items"][0]["quantity"] = json!("0"))

@@ -100,7 +100,23 @@ pub async fn route(state: Arc<HttpState>, request: Request<Incoming>) -> Respons
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let (template, response) = match routes::find(method.as_str(), &path, state.api.is_some()) {
+    let matched = routes::find(method.as_str(), &path, state.api.is_some());
+    // A declared body over the limit is refused on every route, before any handler (or its
+    // authentication) runs; handlers that read a body also cap what they read. Webhook routes
+    // read theirs first thing and count the refusal among their rejections.
+    let is_webhook = matches!(&matched, Matched::Route(route, _)
+        if matches!(route.id, RouteId::WebhookMerchant | RouteId::WebhookInternal));
+    let declared_too_large =
+        !is_webhook && declared_length(request.headers()).is_some_and(|n| n > MAX_BODY as u64);
+    let (template, response) = match matched {
+        _ if declared_too_large => {
+            let template = match &matched {
+                Matched::NotFound => "unmatched",
+                Matched::MethodNotAllowed(template, _) => template,
+                Matched::Route(route, _) => route.template,
+            };
+            (template, body_too_large(MAX_BODY).into_response())
+        }
         Matched::NotFound => ("unmatched", Problem::not_found(&path).into_response()),
         Matched::MethodNotAllowed(template, allowed) => {
             let mut response = Problem::method_not_allowed(method.as_str(), &allowed).into_response();
@@ -172,19 +188,8 @@ async fn handle(
 /// Reads a whole body, refusing more than `limit` bytes with 413 (from `Content-Length`
 /// before reading anything, else while reading).
 pub async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Problem> {
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            format!("the body exceeds {limit} bytes"),
-        )
-    };
-    let declared = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    let too_large = || body_too_large(limit);
+    if declared_length(request.headers()).is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
     match http_body_util::Limited::new(request.into_body(), limit).collect().await {
@@ -196,6 +201,15 @@ pub async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes
             "the request body could not be read",
         )),
     }
+}
+
+/// The request's `Content-Length`, when it has a valid one.
+fn declared_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+}
+
+fn body_too_large(limit: usize) -> Problem {
+    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", format!("the body exceeds {limit} bytes"))
 }
 
 /// Parses a JSON body into `T`, with the parser's position and reason in the detail.

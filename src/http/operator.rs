@@ -211,8 +211,18 @@ async fn list(api: &Api, request: &Request<Incoming>) -> Result<Response<Body>, 
     let mut filter = ListFilter { limit: 50, ..ListFilter::default() };
     let mut merchant = None;
     for (key, value) in query_pairs(request)? {
+        // An empty value is an absent filter (`?orderId=&status=`, as forms and templated
+        // clients send them).
+        if value.is_empty()
+            && matches!(key.as_str(), "orderId" | "status" | "limit" | "cursor" | "merchantId")
+        {
+            continue;
+        }
         match key.as_str() {
-            "orderId" if !value.is_empty() && value.len() <= 128 => filter.order_id = Some(value),
+            "orderId" if value.len() > 128 => {
+                return Err(bad_request("orderId must be at most 128 characters"));
+            }
+            "orderId" => filter.order_id = Some(value),
             "status" => {
                 if !STATUSES.contains(&value.as_str()) {
                     return Err(bad_request(format!("status must be one of {}", STATUSES.join(", "))));
@@ -230,8 +240,8 @@ async fn list(api: &Api, request: &Request<Incoming>) -> Result<Response<Body>, 
                 filter.before_id =
                     Some(decode_cursor(&value).ok_or_else(|| bad_request("cursor is not valid"))?);
             }
-            "merchantId" if !value.is_empty() => merchant = Some(value),
-            other => return Err(bad_request(format!("unknown or empty query parameter `{other}`"))),
+            "merchantId" => merchant = Some(value),
+            other => return Err(bad_request(format!("unknown query parameter `{other}`"))),
         }
     }
     filter.merchants = match (principal.permissions.contains(ADMIN), merchant) {

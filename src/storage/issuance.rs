@@ -887,7 +887,7 @@ pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageErro
     .fetch_all(pool)
     .await?;
     Ok(
-        json!({"orderId": order_id, "decisions": decisions, "invoices": invoices, "attempts": attempts, "audit": audit}),
+        json!({"orderId": order_id, "decisions": decisions, "invoices": invoices, "issuances": attempts, "audit": audit}),
     )
 }
 

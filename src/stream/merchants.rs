@@ -171,7 +171,7 @@ pub async fn process(
                 ));
                 let new = StoredTax { tax: tax.clone(), position: change.position, deleted: false };
                 view.insert(merchant_id.to_owned(), Some(new));
-                tracing::info!(merchantId = merchant_id, partition, op = %op, "[handleMerchantCDC] TaxInfo applied");
+                tracing::info!(merchantId = %merchant_id, partition, op = %op, "[handleMerchantCDC] TaxInfo applied");
             }
             CdcOutcome::Delete => {
                 write_of_merchant(&mut writes, &mut write_of, merchant_id)
@@ -187,20 +187,20 @@ pub async fn process(
                 let new = stored.map(|s| StoredTax { position: change.position, deleted: true, ..s });
                 view.insert(merchant_id.to_owned(), new);
                 tracing::info!(
-                    merchantId = merchant_id,
+                    merchantId = %merchant_id,
                     partition,
                     "[handleMerchantCDC] op=d TaxInfo soft-deleted"
                 );
             }
             CdcOutcome::SkipUnchanged => {
                 tracing::info!(
-                    merchantId = merchant_id,
+                    merchantId = %merchant_id,
                     partition,
                     "[handleMerchantCDC] op={op} tax unchanged, SKIP"
                 );
             }
             CdcOutcome::Stale => {
-                tracing::info!(merchantId = merchant_id, partition, op = %op, lsn = ?change.position.lsn,
+                tracing::info!(merchantId = %merchant_id, partition, op = %op, lsn = ?change.position.lsn,
                     ts_ms = ?change.position.ts_ms, "[handleMerchantCDC] event older than the stored TaxInfo, SKIP");
             }
             CdcOutcome::AlreadyDeleted => {
@@ -217,7 +217,7 @@ pub async fn process(
                     view.insert(merchant_id.to_owned(), Some(marker));
                 }
                 tracing::info!(
-                    merchantId = merchant_id,
+                    merchantId = %merchant_id,
                     partition,
                     "[handleMerchantCDC] op=d for an absent TaxInfo, SKIP"
                 );

@@ -199,9 +199,10 @@ async fn the_jwks_is_refetched_once_for_unknown_kids_and_cached_keys_survive_an_
     assert_eq!(api.get_as(&token(&["invoice:read"], &["M-1"]), path).await.status(), 200);
     api.stop().await.unwrap();
 
-    // A rotation at the IdP: the new kid verifies after one fetch (cooldown shortened).
+    // A rotation at the IdP just after start-up: the new kid verifies after one fetch (the
+    // start-up fetch does not count toward the 30 s cooldown).
     let api = TestApi::spawn_with(|env| {
-        env.insert("APP_ENV_INVOICE_JWKS_REFETCH_COOLDOWN_MS".into(), "0".into());
+        env.insert("APP_ENV_INVOICE_JWKS_REFETCH_COOLDOWN_MS".into(), "30000".into());
     })
     .await;
     api.idp.publish(vec![jwk("a", KEY_A), jwk("b", KEY_B)]);
@@ -329,6 +330,20 @@ async fn invoices_list_by_cursor_show_masked_snapshots_audit_trails_and_replay()
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert_eq!(api.get_as(&reader, "/v1/api/invoices?status=NOPE").await.status(), 400);
     assert_eq!(api.get_as(&reader, "/v1/api/invoices?cursor=%%%").await.status(), 400);
+    // Empty values are absent filters.
+    let page: Value =
+        api.get_as(&reader, "/v1/api/invoices?orderId=&status=&limit=&cursor=").await.json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 6, "{page}");
+    assert_eq!(api.get_as(&reader, "/v1/api/invoices?colour=red").await.status(), 400);
+    // A declared body over 1 MiB is refused before authentication, on a route that reads none.
+    let response = reqwest::Client::new()
+        .post(api.url(&format!("/v1/api/invoices/{failed}/replay")))
+        .body(vec![b'x'; 1024 * 1024 + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
 
     let one: Value = api.get_as(&reader, &format!("/v1/api/invoices/{}", ids[0])).await.json().await.unwrap();
     assert_eq!(one["configSnapshot"]["credentials"], "***");

@@ -178,27 +178,89 @@ async fn migrate_names_postgres_when_it_cannot_connect() {
     assert!(started.elapsed() < Duration::from_secs(60));
 }
 
-#[tokio::test]
-async fn api_exits_0_on_sigterm() {
-    let db = TestDb::create().await;
-    let mut env = base_env(&db.url);
-    let port = free_port();
-    env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{port}"));
-    let mut child = invoice_cmd(&env).arg("api").stderr(std::process::Stdio::null()).spawn().unwrap();
-    let url = format!("http://127.0.0.1:{port}/health");
-    wait_until(Duration::from_secs(30), "the api process to answer", || {
-        let url = url.clone();
+/// Waits until `url` answers 2xx.
+async fn wait_healthy(url: &str, what: &str) {
+    wait_until(Duration::from_secs(60), what, || {
+        let url = url.to_owned();
         async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
     })
     .await;
+}
+
+/// Sends SIGTERM and returns the exit code.
+async fn terminate(child: &mut std::process::Child, what: &str) -> Option<i32> {
     let pid = child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = wait_until(Duration::from_secs(30), "the api process to exit", || {
+    let status = wait_until(Duration::from_secs(60), what, || {
         let status = child.try_wait().unwrap();
         async move { status }
     })
     .await;
-    assert_eq!(status.code(), Some(0));
+    status.code()
+}
+
+#[tokio::test]
+async fn every_long_running_mode_exits_0_on_sigterm() {
+    let db = TestDb::create().await;
+    let topics = crate::support::kafka::TestTopics::create(1).await;
+    let mut env = crate::support::stream_env(&db, &topics.names, &crate::support::unique("g-sigterm-"));
+    env.insert("APP_ENV_INVOICE_QUEUE_PREFIX".into(), crate::support::unique("iq-sigterm-"));
+    for mode in ["api", "stream", "worker", "all", "provider-sim"] {
+        let port = free_port();
+        env.insert("APP_ENV_INVOICE_WORKER_ID".into(), crate::support::next_worker_id().to_string());
+        env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{port}"));
+        let mut command = invoice_cmd(&env);
+        command.arg(mode);
+        if mode == "provider-sim" {
+            command.args(["--addr", &format!("127.0.0.1:{port}")]);
+        }
+        let mut child = command.stderr(std::process::Stdio::null()).spawn().unwrap();
+        let health = if mode == "provider-sim" { "/sim/stats" } else { "/health" };
+        wait_healthy(&format!("http://127.0.0.1:{port}{health}"), &format!("`{mode}` to answer")).await;
+        assert_eq!(terminate(&mut child, &format!("`{mode}` to exit")).await, Some(0), "{mode}");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_whose_default_address_is_taken_serves_metrics_on_a_free_port() {
+    use std::io::BufRead as _;
+    let db = TestDb::create().await;
+    let mut env = base_env(&db.url);
+    env.remove("APP_ENV_INVOICE_HTTP_ADDR");
+    env.insert("APP_ENV_INVOICE_QUEUE_PREFIX".into(), crate::support::unique("iq-port-"));
+    // Taken by this test, or already by something else (a `make run`): taken either way.
+    let _holder = std::net::TcpListener::bind("127.0.0.1:31140");
+    let mut child = invoice_cmd(&env)
+        .env("RUST_LOG", "warn")
+        .arg("worker")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening=").nth(1) {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .expect("the worker names the port it took");
+    assert!(addr.starts_with("127.0.0.1:") && addr != "127.0.0.1:31140", "{addr}");
+    let metrics = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.text().await.unwrap().contains("invoice_"));
+    assert_eq!(terminate(&mut child, "the worker to exit").await, Some(0));
+
+    // A configured address is kept or refused, never swapped.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), taken.local_addr().unwrap().to_string());
+    let (code, _, err) = run(&env, &["worker"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("APP_ENV_INVOICE_HTTP_ADDR"), "{err}");
 }
 
 /// A port that was free a moment ago.

@@ -272,8 +272,8 @@ async fn transient_errors_are_retried_with_backoff_and_permanent_ones_fail_to_th
     assert_eq!(report["decisions"][0]["outcome"], "created");
     assert_eq!(report["decisions"][0]["invoiceId"], report["invoices"][0]["id"]);
     assert_eq!(report["invoices"][0]["status"], "FAILED");
-    assert_eq!(report["attempts"][0]["outcome"], "permanent");
-    assert_eq!(report["attempts"][0]["errorCode"], "INVOICE_SERIAL_NOT_FOUND");
+    assert_eq!(report["issuances"][0]["outcome"], "permanent");
+    assert_eq!(report["issuances"][0]["errorCode"], "INVOICE_SERIAL_NOT_FOUND");
     assert!(report["audit"].as_array().unwrap().iter().any(|a| a["event"] == "invoice.failed"));
     assert_eq!(report["queue"]["job"], "dead");
     assert_eq!(invoice_cmd(&s.env).args(["inspect", "ORD-NOPE"]).output().unwrap().status.code(), Some(3));
