@@ -14,63 +14,149 @@ use sqlx::types::Json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::merchants::{self, MerchantRecord, ProviderConfigRow};
 use super::StorageError;
 
-/// Event ids of `event_ids` that were decided before.
-pub async fn decided_events(
+/// What the stream must know to decide a batch, read in one statement ([`FACTS`]).
+#[derive(Debug, Default)]
+pub struct BatchFacts {
+    /// Event ids of the batch that were decided before.
+    pub decided: HashSet<String>,
+    /// `(merchant, order)` pairs of the batch that have an active original invoice.
+    pub active: HashSet<(String, String)>,
+    /// Pending (not yet joined) invoice requests of the batch's pairs:
+    /// `(merchant, order) → (id, buyer)`.
+    pub requests: HashMap<(String, String), (i64, Value)>,
+    /// Stored TaxInfo of the batch's merchants (those never seen are absent).
+    pub merchants: HashMap<String, MerchantRecord>,
+    /// Live provider configurations of the batch's merchants.
+    pub configs: HashMap<String, ProviderConfigRow>,
+}
+
+/// Five lookups, one round trip: each subquery aggregates its rows into one row of arrays
+/// (the aggregates of one subquery see its rows in the same order).
+///
+/// Invoices and requests are looked up by `order_id = ANY(..)` (indexes `invoice_order` and
+/// `invoice_request_one_pending_per_order`) and filtered to the exact pairs here: a join against
+/// `UNNEST` of the pairs lets the planner, with the statistics of a table that grew since its
+/// last analyze, scan every active invoice once per pair.
+const FACTS: &str = "
+    SELECT d.event_ids,
+           a.merchant_ids AS active_merchants, a.order_ids AS active_orders,
+           r.merchant_ids AS request_merchants, r.order_ids AS request_orders, r.ids AS request_ids,
+           r.buyers AS request_buyers,
+           m.merchant_ids AS tax_merchants, m.taxes, m.lsns, m.ts_ms, m.deleted, m.names,
+           c.merchant_ids AS config_merchants, c.ids AS config_ids, c.providers, c.endpoints,
+           c.supplier_tax_codes, c.template_codes, c.series, c.ciphertexts, c.nonces, c.key_ids
+    FROM (SELECT array_agg(event_id) AS event_ids FROM payment_decision WHERE event_id = ANY($1)) d,
+         (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(order_id) AS order_ids FROM invoice
+          WHERE order_id = ANY($2) AND kind = 'original' AND status <> 'CANCELLED' AND deleted_at IS NULL) a,
+         (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(order_id) AS order_ids, array_agg(id) AS ids,
+                 array_agg(buyer) AS buyers
+          FROM invoice_request WHERE order_id = ANY($2) AND joined_at IS NULL AND deleted_at IS NULL) r,
+         (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(tax) AS taxes, array_agg(source_lsn) AS lsns,
+                 array_agg(source_ts_ms) AS ts_ms, array_agg(deleted_at IS NOT NULL) AS deleted,
+                 array_agg(merchant_name) AS names
+          FROM merchant_tax_info WHERE merchant_id = ANY($3)) m,
+         (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(id) AS ids, array_agg(provider) AS providers,
+                 array_agg(endpoint) AS endpoints, array_agg(supplier_tax_code) AS supplier_tax_codes,
+                 array_agg(template_code) AS template_codes, array_agg(series) AS series,
+                 array_agg(credentials_ciphertext) AS ciphertexts, array_agg(credentials_nonce) AS nonces,
+                 array_agg(key_id) AS key_ids
+          FROM provider_config WHERE merchant_id = ANY($3) AND deleted_at IS NULL) c";
+
+/// The row of [`FACTS`]: `NULL` (no row matched) reads as empty.
+#[derive(sqlx::FromRow)]
+struct FactsRow {
+    event_ids: Option<Vec<String>>,
+    active_merchants: Option<Vec<String>>,
+    active_orders: Option<Vec<String>>,
+    request_merchants: Option<Vec<String>>,
+    request_orders: Option<Vec<String>>,
+    request_ids: Option<Vec<i64>>,
+    request_buyers: Option<Vec<Value>>,
+    tax_merchants: Option<Vec<String>>,
+    taxes: Option<Vec<Value>>,
+    lsns: Option<Vec<Option<i64>>>,
+    ts_ms: Option<Vec<Option<i64>>>,
+    deleted: Option<Vec<bool>>,
+    names: Option<Vec<Option<String>>>,
+    config_merchants: Option<Vec<String>>,
+    config_ids: Option<Vec<i64>>,
+    providers: Option<Vec<String>>,
+    endpoints: Option<Vec<String>>,
+    supplier_tax_codes: Option<Vec<String>>,
+    template_codes: Option<Vec<String>>,
+    series: Option<Vec<String>>,
+    ciphertexts: Option<Vec<Vec<u8>>>,
+    nonces: Option<Vec<Vec<u8>>>,
+    key_ids: Option<Vec<String>>,
+}
+
+/// Reads the [`BatchFacts`] of a batch: its event ids, its `(merchant, order)` pairs (as two
+/// parallel slices) and its distinct merchants.
+pub async fn facts(
     conn: &mut PgConnection,
     event_ids: &[String],
-) -> Result<HashSet<String>, StorageError> {
-    let rows: Vec<String> =
-        sqlx::query_scalar("SELECT event_id FROM payment_decision WHERE event_id = ANY($1)")
-            .bind(event_ids)
-            .fetch_all(conn)
-            .await?;
-    Ok(rows.into_iter().collect())
-}
-
-/// `(merchant, order)` pairs among the given ones that have an active original invoice.
-///
-/// Looked up by `order_id = ANY(..)` (index `invoice_order`) and filtered to the exact pairs
-/// here: a join against `UNNEST` of the pairs lets the planner, with the statistics of a
-/// table that grew since its last analyze, scan every active invoice once per pair.
-pub async fn active_orders(
-    conn: &mut PgConnection,
-    merchants: &[String],
-    orders: &[String],
-) -> Result<HashSet<(String, String)>, StorageError> {
+    pair_merchants: &[String],
+    pair_orders: &[String],
+    merchant_ids: &[String],
+) -> Result<BatchFacts, StorageError> {
+    let row: FactsRow =
+        sqlx::query_as(FACTS).bind(event_ids).bind(pair_orders).bind(merchant_ids).fetch_one(conn).await?;
     let wanted: HashSet<(&str, &str)> =
-        merchants.iter().map(String::as_str).zip(orders.iter().map(String::as_str)).collect();
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT merchant_id, order_id FROM invoice
-         WHERE order_id = ANY($1) AND kind = 'original' AND status <> 'CANCELLED' AND deleted_at IS NULL",
-    )
-    .bind(orders)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows.into_iter().filter(|(m, o)| wanted.contains(&(m.as_str(), o.as_str()))).collect())
-}
+        pair_merchants.iter().map(String::as_str).zip(pair_orders.iter().map(String::as_str)).collect();
+    let is_wanted = |pair: &(String, String)| wanted.contains(&(pair.0.as_str(), pair.1.as_str()));
+    let list = |v: Option<Vec<String>>| v.unwrap_or_default().into_iter();
 
-/// Pending (not yet joined) invoice requests for the given pairs: `(merchant, order) → (id, buyer)`.
-pub async fn pending_requests(
-    conn: &mut PgConnection,
-    merchants: &[String],
-    orders: &[String],
-) -> Result<HashMap<(String, String), (i64, Value)>, StorageError> {
-    let wanted: HashSet<(&str, &str)> =
-        merchants.iter().map(String::as_str).zip(orders.iter().map(String::as_str)).collect();
-    let rows: Vec<(String, String, i64, Value)> = sqlx::query_as(
-        "SELECT merchant_id, order_id, id, buyer FROM invoice_request
-         WHERE order_id = ANY($1) AND joined_at IS NULL AND deleted_at IS NULL",
-    )
-    .bind(orders)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter(|(m, o, _, _)| wanted.contains(&(m.as_str(), o.as_str())))
-        .map(|(m, o, id, buyer)| ((m, o), (id, buyer)))
-        .collect())
+    let active = list(row.active_merchants).zip(list(row.active_orders)).filter(is_wanted).collect();
+    let requests = list(row.request_merchants)
+        .zip(list(row.request_orders))
+        .zip(row.request_ids.unwrap_or_default().into_iter().zip(row.request_buyers.unwrap_or_default()))
+        .filter(|(pair, _)| is_wanted(pair))
+        .collect();
+    let mut taxes = row.taxes.unwrap_or_default().into_iter();
+    let mut lsns = row.lsns.unwrap_or_default().into_iter();
+    let mut ts_ms = row.ts_ms.unwrap_or_default().into_iter();
+    let mut deleted = row.deleted.unwrap_or_default().into_iter();
+    let mut names = row.names.unwrap_or_default().into_iter();
+    let mut merchants = HashMap::new();
+    for merchant in list(row.tax_merchants) {
+        let (Some(tax), Some(lsn), Some(ts), Some(gone), Some(name)) =
+            (taxes.next(), lsns.next(), ts_ms.next(), deleted.next(), names.next())
+        else {
+            return Err(StorageError::Other("merchant facts arrays of unequal lengths".into()));
+        };
+        merchants.insert(merchant, merchants::record(tax, lsn, ts, gone, name));
+    }
+    let mut ids = row.config_ids.unwrap_or_default().into_iter();
+    let mut providers = list(row.providers);
+    let mut endpoints = list(row.endpoints);
+    let mut supplier_tax_codes = list(row.supplier_tax_codes);
+    let mut template_codes = list(row.template_codes);
+    let mut series = list(row.series);
+    let mut ciphertexts = row.ciphertexts.unwrap_or_default().into_iter();
+    let mut nonces = row.nonces.unwrap_or_default().into_iter();
+    let mut key_ids = list(row.key_ids);
+    let mut configs = HashMap::new();
+    for merchant in list(row.config_merchants) {
+        let config = (|| {
+            Some(ProviderConfigRow {
+                id: ids.next()?,
+                provider: providers.next()?,
+                endpoint: endpoints.next()?,
+                supplier_tax_code: supplier_tax_codes.next()?,
+                template_code: template_codes.next()?,
+                series: series.next()?,
+                ciphertext: ciphertexts.next()?,
+                nonce: nonces.next()?,
+                key_id: key_ids.next()?,
+            })
+        })()
+        .ok_or_else(|| StorageError::Other("configuration facts arrays of unequal lengths".into()))?;
+        configs.insert(merchant, config);
+    }
+    Ok(BatchFacts { decided: list(row.event_ids).collect(), active, requests, merchants, configs })
 }
 
 /// A new invoice row.
@@ -213,23 +299,42 @@ pub struct Writes {
     pub request_joins: Vec<(i64, i64)>,
 }
 
-/// Everything a batch writes, one statement (see [`Writes::write`]): `$1`-`$18` the invoices,
-/// then the claims, the decisions, the request joins, the audit rows, the outbox rows and,
-/// last (`$52`), the decisions' topic. A statement of empty arrays writes nothing.
+/// Everything a batch writes, one statement (see [`Writes::write`]): first the partition's
+/// offset moved by compare-and-set (`$52`-`$56`: topic, group, partition, expected next offset
+/// or `NULL` for a partition never stored, new next offset), then, only if it moved, the
+/// invoices (`$1`-`$18`), the claims, the decisions, the request joins, the audit rows and the
+/// outbox rows. A statement of empty arrays moves the offset only.
+///
+/// One statement is atomic by itself: no BEGIN and COMMIT round trips. The offset row is
+/// locked before any row is written (every write reads `fence`), so a second owner of the
+/// partition waits on it and then finds it moved: its writes insert nothing.
 static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH invoices AS (
+        "WITH offset_inserted AS (
+             INSERT INTO consumer_offset (group_id, topic, partition, next_offset)
+             SELECT $53::text, $52::text, $54::int, $56::bigint WHERE $55::bigint IS NULL
+             ON CONFLICT (group_id, topic, partition) DO NOTHING
+             RETURNING 1),
+         offset_moved AS (
+             UPDATE consumer_offset SET next_offset = $56::bigint, updated_at = now()
+             WHERE group_id = $53::text AND topic = $52::text AND partition = $54::int
+               AND next_offset = $55::bigint
+             RETURNING 1),
+         fence AS (SELECT 1 FROM offset_inserted UNION ALL SELECT 1 FROM offset_moved),
+         invoices AS (
              INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at,
                  currency, buyer, buyer_kind, lines, total_net, total_vat, total_amount, provider_config_id,
                  config_snapshot, transaction_uuid, next_attempt_at)
              SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                  $7::timestamptz[], $8::text[], $9::jsonb[], $10::text[], $11::jsonb[], $12::numeric[],
-                 $13::numeric[], $14::numeric[], $15::bigint[], $16::jsonb[], $17::text[], $18::timestamptz[])),
+                 $13::numeric[], $14::numeric[], $15::bigint[], $16::jsonb[], $17::text[], $18::timestamptz[])
+             WHERE EXISTS (SELECT 1 FROM fence)),
          claims AS (
              INSERT INTO claim (id, invoice_id, merchant_id, order_id, token_hash, deadline, status)
              SELECT id, invoice_id, merchant_id, order_id, token_hash, deadline, 'OPEN'
              FROM UNNEST($19::bigint[], $20::bigint[], $21::text[], $22::text[], $23::bytea[], $24::timestamptz[])
-               AS t(id, invoice_id, merchant_id, order_id, token_hash, deadline)),
+               AS t(id, invoice_id, merchant_id, order_id, token_hash, deadline)
+             WHERE EXISTS (SELECT 1 FROM fence)),
          -- ON CONFLICT: a replay of an event decided before records nothing new.
          decisions AS (
              INSERT INTO payment_decision (event_id, merchant_id, order_id, outcome, skip_reason, invoice_id,
@@ -237,23 +342,44 @@ static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| {
              SELECT event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, $52, partition, off
              FROM UNNEST($25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::bigint[], $31::int[],
                  $32::bigint[]) AS t(event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, partition, off)
+             WHERE EXISTS (SELECT 1 FROM fence)
              ON CONFLICT (event_id) DO NOTHING),
          joins AS (
              UPDATE invoice_request r SET invoice_id = j.invoice_id, joined_at = now()
-             FROM UNNEST($33::bigint[], $34::bigint[]) AS j(id, invoice_id) WHERE r.id = j.id),
+             FROM UNNEST($33::bigint[], $34::bigint[]) AS j(id, invoice_id)
+             WHERE r.id = j.id AND EXISTS (SELECT 1 FROM fence)),
          audits AS (
-             INSERT INTO audit_log ({AUDIT_COLUMNS}) SELECT * FROM {audit_rows})
-         INSERT INTO outbox ({OUTBOX_COLUMNS}) SELECT {OUTBOX_COLUMNS}
-         FROM {outbox_rows} WITH ORDINALITY AS t({OUTBOX_COLUMNS}, n) ORDER BY n",
+             INSERT INTO audit_log ({AUDIT_COLUMNS}) SELECT * FROM {audit_rows} WHERE EXISTS (SELECT 1 FROM fence)),
+         published AS (
+             INSERT INTO outbox ({OUTBOX_COLUMNS}) SELECT {OUTBOX_COLUMNS}
+             FROM {outbox_rows} WITH ORDINALITY AS t({OUTBOX_COLUMNS}, n)
+             WHERE EXISTS (SELECT 1 FROM fence) ORDER BY n)
+         SELECT EXISTS (SELECT 1 FROM fence)",
         audit_rows = unnest(35, &AUDIT_TYPES),
         outbox_rows = unnest(35 + AUDIT_TYPES.len(), &OUTBOX_TYPES),
     )
 });
 
+/// A partition's offset move, from `expected` (`None`: never stored) to `next`.
+#[derive(Debug, Clone, Copy)]
+pub struct OffsetMove<'a> {
+    /// Consumer group.
+    pub group: &'a str,
+    /// Topic (also the decisions' topic).
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// The stored next offset this owner believes in.
+    pub expected: Option<i64>,
+    /// The next offset after the batch.
+    pub next: i64,
+}
+
 impl Writes {
-    /// Writes everything in one statement ([`WRITE_BATCH`]): one round trip per batch,
-    /// however few payments it carries.
-    pub async fn write(&self, tx: &mut PgConnection, decision_topic: &str) -> Result<(), StorageError> {
+    /// Moves the offset and writes everything, in one statement ([`WRITE_BATCH`]): one round
+    /// trip per batch, however few payments it carries. `false`: the offset had moved (another
+    /// owner), nothing was written.
+    pub async fn write(&self, conn: &mut PgConnection, offset: OffsetMove<'_>) -> Result<bool, StorageError> {
         let invoices = &self.invoices;
         let claims = &self.claims;
         let decisions = &self.decisions;
@@ -292,8 +418,17 @@ impl Writes {
             .bind(decisions.iter().map(|d| d.offset).collect::<Vec<_>>())
             .bind(self.request_joins.iter().map(|j| j.0).collect::<Vec<_>>())
             .bind(self.request_joins.iter().map(|j| j.1).collect::<Vec<_>>());
-        bind_outbox(bind_audits(q, &self.audits), &self.outbox).bind(decision_topic).execute(tx).await?;
-        Ok(())
+        let q = bind_outbox(bind_audits(q, &self.audits), &self.outbox);
+        let moved: bool = q
+            .bind(offset.topic)
+            .bind(offset.group)
+            .bind(offset.partition)
+            .bind(offset.expected)
+            .bind(offset.next)
+            .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
+            .fetch_one(conn)
+            .await?;
+        Ok(moved)
     }
 }
 

@@ -35,12 +35,21 @@ pub async fn load(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, tax, lsn, ts_ms, deleted, name)| {
-            let info = tax_info::parse(&tax).ok();
-            let stored = StoredTax { tax, position: CdcPosition { lsn, ts_ms }, deleted };
-            (id, MerchantRecord { stored, info, name })
-        })
+        .map(|(id, tax, lsn, ts_ms, deleted, name)| (id, record(tax, lsn, ts_ms, deleted, name)))
         .collect())
+}
+
+/// A stored TaxInfo row's record, with its typed form.
+pub(crate) fn record(
+    tax: Value,
+    lsn: Option<i64>,
+    ts_ms: Option<i64>,
+    deleted: bool,
+    name: Option<String>,
+) -> MerchantRecord {
+    let info = tax_info::parse(&tax).ok();
+    let stored = StoredTax { tax, position: CdcPosition { lsn, ts_ms }, deleted };
+    MerchantRecord { stored, info, name }
 }
 
 /// Where a CDC write came from.

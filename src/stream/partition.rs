@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::consumer::{Ctx, PartitionQueue};
 use super::merchants::{self, Cache};
 use super::{payments, BatchError, Deps};
+use crate::storage::decisions::OffsetMove;
 use crate::storage::offsets;
 
 /// Most merchants one CDC partition task keeps in its cache.
@@ -232,6 +233,20 @@ impl PartitionTask {
         next: i64,
         cache: &mut Cache,
     ) -> Result<(), BatchError> {
+        match self.kind {
+            Kind::Payment => self.commit_payments(batch, next).await,
+            Kind::MerchantCdc => self.commit_cdc(batch, next, cache).await,
+        }
+    }
+
+    /// A CDC batch: one transaction that moves the offset first (its row lock serialises two
+    /// owners), then applies the changes.
+    async fn commit_cdc(
+        &mut self,
+        batch: &[OwnedMessage],
+        next: i64,
+        cache: &mut Cache,
+    ) -> Result<(), BatchError> {
         let deps = &self.deps;
         let mut tx = deps.db.begin().await?;
         // First: the row lock serialises two owners; the loser sees the new value.
@@ -249,59 +264,68 @@ impl PartitionTask {
             tx.rollback().await?;
             return Err(BatchError::Fenced { stored });
         }
-        match self.kind {
-            Kind::Payment => {
-                let summary = payments::process(deps, &mut tx, self.partition, batch).await?;
-                tx.commit().await?;
-                let processed = batch.len() as u64 - summary.dead_lettered;
-                deps.metrics.consumed(&self.topic, "processed", processed);
-                deps.metrics.consumed(&self.topic, "dead_lettered", summary.dead_lettered);
-                deps.metrics.dead_lettered(&self.topic, summary.dead_lettered);
-                deps.metrics.claim("opened", summary.claims_opened);
-                for (outcome, reason) in &summary.decisions {
-                    deps.metrics.decision(outcome, reason);
-                }
-                for (order_id, merchant_id, outcome, reason, invoice_id) in &summary.log {
-                    tracing::info!(orderId = %order_id, merchantId = %merchant_id, partition = self.partition,
-                        outcome = *outcome, reason = *reason, invoiceId = ?invoice_id, "[handlePaymentSuccess] decided");
-                }
-                // Hand-off to the issuance queue, after the commit (a job must never point at
-                // an uncommitted invoice). A failure here loses nothing: the invoices are
-                // QUEUED in Postgres and the sweeper enqueues them.
-                if let Some(queue) = &deps.queue {
-                    let queued: Vec<(String, String)> = summary
-                        .log
-                        .iter()
-                        .filter(|(_, _, outcome, _, _)| *outcome == "queued")
-                        .map(|(order, merchant, ..)| (order.clone(), merchant.clone()))
-                        .collect();
-                    if let Err(error) =
-                        crate::issuance::enqueue(queue, &deps.metrics, &queued, "stream").await
-                    {
-                        tracing::warn!(%error, jobs = queued.len(), partition = self.partition,
-                            "Cannot enqueue issuance jobs; the sweeper will");
-                    }
-                }
-            }
-            Kind::MerchantCdc => {
-                let summary = merchants::process(deps, &mut tx, self.partition, batch, cache).await?;
-                tx.commit().await?;
-                // Bounded: a partition with more merchants than this starts over (a miss costs
-                // one query per batch, not correctness).
-                if cache.len() + summary.cache_updates.len() > MERCHANT_CACHE_MAX {
-                    cache.clear();
-                }
-                for (merchant, stored) in summary.cache_updates {
-                    cache.insert(merchant, stored);
-                }
-                let processed = batch.len() as u64 - summary.dead_lettered - summary.tombstones;
-                deps.metrics.consumed(&self.topic, "processed", processed);
-                deps.metrics.consumed(&self.topic, "tombstone", summary.tombstones);
-                deps.metrics.consumed(&self.topic, "dead_lettered", summary.dead_lettered);
-                deps.metrics.dead_lettered(&self.topic, summary.dead_lettered);
-                for outcome in summary.outcomes {
-                    deps.metrics.cdc_update(outcome.as_str());
-                }
+        let summary = merchants::process(deps, &mut tx, self.partition, batch, cache).await?;
+        tx.commit().await?;
+        // Bounded: a partition with more merchants than this starts over (a miss costs
+        // one query per batch, not correctness).
+        if cache.len() + summary.cache_updates.len() > MERCHANT_CACHE_MAX {
+            cache.clear();
+        }
+        for (merchant, stored) in summary.cache_updates {
+            cache.insert(merchant, stored);
+        }
+        let processed = batch.len() as u64 - summary.dead_lettered - summary.tombstones;
+        deps.metrics.consumed(&self.topic, "processed", processed);
+        deps.metrics.consumed(&self.topic, "tombstone", summary.tombstones);
+        deps.metrics.consumed(&self.topic, "dead_lettered", summary.dead_lettered);
+        deps.metrics.dead_lettered(&self.topic, summary.dead_lettered);
+        for outcome in summary.outcomes {
+            deps.metrics.cdc_update(outcome.as_str());
+        }
+        Ok(())
+    }
+
+    /// A payment batch: facts read, then one statement that moves the offset and writes every
+    /// row (see [`payments::process`]).
+    async fn commit_payments(&mut self, batch: &[OwnedMessage], next: i64) -> Result<(), BatchError> {
+        let deps = &self.deps;
+        let mut conn = deps.db.acquire().await?;
+        let offset = OffsetMove {
+            group: &deps.group_id,
+            topic: &self.topic,
+            partition: self.partition,
+            expected: self.expected,
+            next,
+        };
+        let Some(summary) = payments::process(deps, &mut conn, self.partition, batch, offset).await? else {
+            let stored = offsets::current(&mut conn, &deps.group_id, &self.topic, self.partition).await?;
+            return Err(BatchError::Fenced { stored });
+        };
+        let processed = batch.len() as u64 - summary.dead_lettered;
+        deps.metrics.consumed(&self.topic, "processed", processed);
+        deps.metrics.consumed(&self.topic, "dead_lettered", summary.dead_lettered);
+        deps.metrics.dead_lettered(&self.topic, summary.dead_lettered);
+        deps.metrics.claim("opened", summary.claims_opened);
+        for (outcome, reason) in &summary.decisions {
+            deps.metrics.decision(outcome, reason);
+        }
+        for (order_id, merchant_id, outcome, reason, invoice_id) in &summary.log {
+            tracing::info!(orderId = %order_id, merchantId = %merchant_id, partition = self.partition,
+                outcome = *outcome, reason = *reason, invoiceId = ?invoice_id, "[handlePaymentSuccess] decided");
+        }
+        // Hand-off to the issuance queue, after the commit (a job must never point at
+        // an uncommitted invoice). A failure here loses nothing: the invoices are
+        // QUEUED in Postgres and the sweeper enqueues them.
+        if let Some(queue) = &deps.queue {
+            let queued: Vec<(String, String)> = summary
+                .log
+                .iter()
+                .filter(|(_, _, outcome, _, _)| *outcome == "queued")
+                .map(|(order, merchant, ..)| (order.clone(), merchant.clone()))
+                .collect();
+            if let Err(error) = crate::issuance::enqueue(queue, &deps.metrics, &queued, "stream").await {
+                tracing::warn!(%error, jobs = queued.len(), partition = self.partition,
+                    "Cannot enqueue issuance jobs; the sweeper will");
             }
         }
         Ok(())

@@ -1,5 +1,6 @@
 //! One batch of `payment.succeeded.v1` messages of one partition: parse, gather the facts in
-//! one query each, decide every payment in offset order, and write everything.
+//! one query, decide every payment in offset order, and write everything with the offset in
+//! one statement.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashSet;
@@ -19,8 +20,10 @@ use crate::domain::decision::{self, BuyerSource, Decision, Facts, Merchant, Paym
 use crate::domain::rules;
 use crate::events::invoice_events::{rfc3339, ClaimMember, EventType, InvoiceEvent};
 use crate::events::{payment, Invalid};
-use crate::storage::decisions::{self, NewAudit, NewClaim, NewDecision, NewInvoice, NewOutbox, Writes};
-use crate::storage::merchants::{self, ProviderConfigRow};
+use crate::storage::decisions::{
+    self, BatchFacts, NewAudit, NewClaim, NewDecision, NewInvoice, NewOutbox, OffsetMove, Writes,
+};
+use crate::storage::merchants::ProviderConfigRow;
 
 /// What a committed batch did, for metrics and logs after the commit.
 #[derive(Debug, Default)]
@@ -73,13 +76,16 @@ fn config_snapshot(
     })
 }
 
-/// Decides and writes one batch inside `tx` (the offset was already advanced by the caller).
+/// Decides one batch and writes it with its offset move, in two round trips: the facts, then
+/// one statement that moves the offset and writes every row. `None`: the offset had moved
+/// (another owner of the partition); nothing was written.
 pub async fn process(
     deps: &Deps,
-    tx: &mut PgConnection,
+    conn: &mut PgConnection,
     partition: i32,
     messages: &[OwnedMessage],
-) -> Result<Summary, BatchError> {
+    offset: OffsetMove<'_>,
+) -> Result<Option<Summary>, BatchError> {
     let topic = deps.topics.payment.as_str();
     let parsed: Vec<(&OwnedMessage, Result<Payment, Invalid>)> = messages
         .iter()
@@ -101,11 +107,10 @@ pub async fn process(
     };
     let pair_merchants: Vec<String> = valid.iter().map(|p| p.merchant_id.clone()).collect();
     let pair_orders: Vec<String> = valid.iter().map(|p| p.order_id.clone()).collect();
-    let mut decided = decisions::decided_events(tx, &event_ids).await?;
-    let mut active = decisions::active_orders(tx, &pair_merchants, &pair_orders).await?;
-    let mut requests = decisions::pending_requests(tx, &pair_merchants, &pair_orders).await?;
-    let merchants_stored = merchants::load(tx, &merchant_ids).await?;
-    let configs = merchants::live_provider_configs(tx, &merchant_ids).await?;
+    // Read without the offset row's lock: a second owner reading the same facts is fenced
+    // out of every write by the offset move of the write statement.
+    let BatchFacts { mut decided, mut active, mut requests, merchants: merchants_stored, configs } =
+        decisions::facts(conn, &event_ids, &pair_merchants, &pair_orders, &merchant_ids).await?;
 
     let mut writes = Writes::default();
     let mut summary = Summary::default();
@@ -314,8 +319,8 @@ pub async fn process(
             }
         }
     }
-    writes.write(tx, topic).await?;
-    Ok(summary)
+    debug_assert_eq!(offset.topic, topic);
+    Ok(writes.write(conn, offset).await?.then_some(summary))
 }
 
 #[cfg(test)]

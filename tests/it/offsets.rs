@@ -313,3 +313,108 @@ async fn a_reset_to_a_datetime_lands_where_kafkas_offsets_for_times_says() {
     assert_eq!(kafka_says, 3, "the boundary falls between the batches");
     assert_eq!(stored(&db, &topics.names.payment).await, vec![(0, kafka_says)]);
 }
+
+/// A batch's writes carrying one skip decision (and its audit and outbox rows) for `event`.
+fn one_decision(event: &str, offset: i64) -> invoice::storage::decisions::Writes {
+    use invoice::storage::decisions::{NewAudit, NewDecision, NewOutbox, Writes};
+    Writes {
+        decisions: vec![NewDecision {
+            event_id: event.into(),
+            merchant_id: "M-9".into(),
+            order_id: format!("ORD-{event}"),
+            outcome: "skipped",
+            skip_reason: Some("merchant_unknown"),
+            invoice_id: None,
+            partition: 0,
+            offset,
+        }],
+        audits: vec![NewAudit {
+            entity: "offsets",
+            entity_id: event.into(),
+            invoice_id: None,
+            merchant_id: Some("M-9".into()),
+            order_id: Some(format!("ORD-{event}")),
+            event_type: "payment.skipped",
+            outcome: "skipped".into(),
+            before: None,
+            after: None,
+            actor: "stream".into(),
+            reason: None,
+        }],
+        outbox: vec![NewOutbox {
+            event_id: uuid::Uuid::new_v4(),
+            topic: "t".into(),
+            key: None,
+            payload: event.as_bytes().to_vec(),
+            headers: serde_json::json!({}),
+            has_secret: false,
+        }],
+        ..Writes::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_offset_moved_under_it_writes_nothing_and_two_owners_never_both_write() {
+    use invoice::storage::decisions::OffsetMove;
+    let db = TestDb::create().await;
+    let at = |expected: Option<i64>, next: i64| OffsetMove {
+        group: "g",
+        topic: "payments",
+        partition: 0,
+        expected,
+        next,
+    };
+    let written = |event: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM payment_decision WHERE event_id = $1)
+                      + (SELECT count(*) FROM audit_log WHERE entity_id = $1)
+                      + (SELECT count(*) FROM outbox WHERE payload = convert_to($1, 'UTF8'))",
+            )
+            .bind(event)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            n
+        }
+    };
+    let mut conn = db.pool.acquire().await.unwrap();
+    // A partition never stored: the first owner creates its row.
+    assert!(one_decision("e1", 0).write(&mut conn, at(None, 1)).await.unwrap());
+    assert_eq!(written("e1").await, 3);
+    // A second owner that also believed it new, or believes another offset: fenced, nothing written.
+    assert!(!one_decision("e2", 0).write(&mut conn, at(None, 1)).await.unwrap());
+    assert!(!one_decision("e3", 5).write(&mut conn, at(Some(5), 6)).await.unwrap());
+    assert_eq!((written("e2").await, written("e3").await), (0, 0));
+    assert_eq!(scalar(&db, "SELECT next_offset FROM consumer_offset").await, 1);
+
+    // Two owners of offset 1 at once: the second waits on the first's row lock, then finds the
+    // offset moved and writes nothing.
+    let mut first = db.pool.begin().await.unwrap();
+    assert!(one_decision("e4", 1).write(&mut first, at(Some(1), 2)).await.unwrap());
+    let second = tokio::spawn({
+        let pool = db.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            one_decision("e5", 1).write(&mut conn, at(Some(1), 2)).await.unwrap()
+        }
+    });
+    crate::support::wait_until(std::time::Duration::from_secs(30), "the second owner to wait on the lock", || {
+        let pool = db.pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    first.commit().await.unwrap();
+    assert!(!second.await.unwrap(), "the second owner was fenced");
+    assert_eq!((written("e4").await, written("e5").await), (3, 0));
+    assert_eq!(scalar(&db, "SELECT next_offset FROM consumer_offset").await, 2);
+}
