@@ -274,8 +274,8 @@ pub struct NewOutbox {
     pub topic: String,
     /// Key bytes.
     pub key: Option<Vec<u8>>,
-    /// Value bytes.
-    pub payload: Vec<u8>,
+    /// Value bytes (`None`: a null value, as a dead-lettered tombstone had).
+    pub payload: Option<Vec<u8>>,
     /// Headers.
     pub headers: Value,
     /// Carries a clear claim token.

@@ -569,7 +569,7 @@ pub(crate) fn event_row(
         event_id: uuid::Uuid::parse_str(&event.event_id).unwrap_or_else(|_| uuid::Uuid::new_v4()),
         topic: topic.to_owned(),
         key: Some(order_id.as_bytes().to_vec()),
-        payload: serde_json::to_vec(&event).unwrap_or_default(),
+        payload: Some(serde_json::to_vec(&event).unwrap_or_default()),
         headers: json!({"type": event_type.as_str()}),
         has_secret: false,
     }

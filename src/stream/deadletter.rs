@@ -14,7 +14,7 @@ pub fn dead_letter(deadletter_topic: &str, message: &OwnedMessage, reason: &Inva
         event_id: uuid::Uuid::new_v4(),
         topic: deadletter_topic.to_owned(),
         key: message.key().map(<[u8]>::to_vec),
-        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        payload: message.payload().map(<[u8]>::to_vec),
         headers: json!({
             "x-error": reason.sanitized(),
             "x-source-topic": message.topic(),

@@ -259,7 +259,7 @@ pub async fn process(
                         event_id: uuid::Uuid::parse_str(&e.event_id).unwrap_or_else(|_| uuid::Uuid::new_v4()),
                         topic: deps.topics.events.clone(),
                         key: Some(payment.order_id.as_bytes().to_vec()),
-                        payload: serde_json::to_vec(&e).unwrap_or_default(),
+                        payload: Some(serde_json::to_vec(&e).unwrap_or_default()),
                         headers: json!({"type": e.event_type.as_str()}),
                         has_secret,
                     });

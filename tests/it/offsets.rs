@@ -345,7 +345,7 @@ fn one_decision(event: &str, offset: i64) -> invoice::storage::decisions::Writes
             event_id: uuid::Uuid::new_v4(),
             topic: "t".into(),
             key: None,
-            payload: event.as_bytes().to_vec(),
+            payload: Some(event.as_bytes().to_vec()),
             headers: serde_json::json!({}),
             has_secret: false,
         }],

@@ -175,14 +175,15 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partit
     send(&p, &topics.names.payment, "ORD-T", &bad_total).await;
     send(&p, &topics.names.payment, "ORD-R", &bad_rate).await;
     send(&p, &topics.names.payment, "ORD-3", &payment("ev-3", "ORD-3", "M-1")).await;
+    produce(&p, &topics.names.payment, "ORD-N", None, &[]).await;
     produce(&p, &topics.names.merchant_cdc, "M-2", Some(br#"{"op":"x","after":{"id":"M-2"}}"#), &[]).await;
     produce(&p, &topics.names.merchant_cdc, "M-3", None, &[]).await;
     wait_scalar(&db, "SELECT count(*) FROM invoice", 3).await;
     let dead = {
         let topic = topics.names.deadletter.clone();
-        tokio::task::spawn_blocking(move || read_all(&topic, 5, WAIT)).await.unwrap()
+        tokio::task::spawn_blocking(move || read_all(&topic, 6, WAIT)).await.unwrap()
     };
-    assert_eq!(dead.len(), 5);
+    assert_eq!(dead.len(), 6);
     let header = |m: &crate::support::kafka::Received, name: &str| {
         m.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
     };
@@ -204,11 +205,14 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partit
     assert!(header(by_key("ORD-R"), "x-error").contains("unknown VAT rate `7`"));
     assert!(header(by_key("M-2"), "x-error").contains("unknown op `x`"));
     assert_eq!(header(by_key("M-2"), "x-source-topic"), topics.names.merchant_cdc);
-    // Every offset passed: 7 payments and 3 CDC messages (one tombstone).
+    // A payment tombstone is forwarded as it came: a null value, not an empty one.
+    assert!(header(by_key("ORD-N"), "x-error").contains("tombstone"));
+    assert_eq!(by_key("ORD-N").value, None);
+    // Every offset passed: 8 payments (one tombstone) and 3 CDC messages (one tombstone).
     wait_scalar(
         &db,
         &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.payment),
-        7,
+        8,
     )
     .await;
     wait_scalar(
@@ -218,7 +222,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partit
     )
     .await;
     let metrics = stream.metrics().await;
-    assert_eq!(metric_value(&metrics, "invoice_dead_lettered_total", &[]), 5.0);
+    assert_eq!(metric_value(&metrics, "invoice_dead_lettered_total", &[]), 6.0);
     assert_eq!(
         metric_value(&metrics, "invoice_kafka_messages_consumed_total", &["outcome=\"tombstone\""]),
         1.0
