@@ -1,7 +1,8 @@
-//! What the stream writes per batch: invoices, claims, decisions, audit rows, outbox rows and
-//! request joins, all in one statement (a multi-row `UNNEST` per table), and the lookups that
-//! feed the decisions, each one query per batch. The audit and outbox row binders are shared
-//! with the other writers of those tables.
+//! What the stream reads and writes per batch of payments: the facts its decisions need, in
+//! one query; then the offset move with the invoices, claims, decisions, audit rows, outbox
+//! rows and request joins, all in one statement (a multi-row `UNNEST` per table), each write
+//! gated on the move. The audit and outbox row binders are shared with the other writers of
+//! those tables.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
@@ -110,11 +111,21 @@ pub async fn facts(
     let list = |v: Option<Vec<String>>| v.unwrap_or_default().into_iter();
 
     let active = list(row.active_merchants).zip(list(row.active_orders)).filter(is_wanted).collect();
-    let requests = list(row.request_merchants)
-        .zip(list(row.request_orders))
-        .zip(row.request_ids.unwrap_or_default().into_iter().zip(row.request_buyers.unwrap_or_default()))
-        .filter(|(pair, _)| is_wanted(pair))
-        .collect();
+    let mut request_orders = list(row.request_orders);
+    let mut request_ids = row.request_ids.unwrap_or_default().into_iter();
+    let mut request_buyers = row.request_buyers.unwrap_or_default().into_iter();
+    let mut requests = HashMap::new();
+    for merchant in list(row.request_merchants) {
+        let (Some(order), Some(id), Some(buyer)) =
+            (request_orders.next(), request_ids.next(), request_buyers.next())
+        else {
+            return Err(StorageError::Other("request facts arrays of unequal lengths".into()));
+        };
+        let pair = (merchant, order);
+        if is_wanted(&pair) {
+            requests.insert(pair, (id, buyer));
+        }
+    }
     let mut taxes = row.taxes.unwrap_or_default().into_iter();
     let mut lsns = row.lsns.unwrap_or_default().into_iter();
     let mut ts_ms = row.ts_ms.unwrap_or_default().into_iter();
@@ -347,7 +358,10 @@ static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| {
          joins AS (
              UPDATE invoice_request r SET invoice_id = j.invoice_id, joined_at = now()
              FROM UNNEST($33::bigint[], $34::bigint[]) AS j(id, invoice_id)
-             WHERE r.id = j.id AND EXISTS (SELECT 1 FROM fence)),
+             -- Still pending: one the API superseded or another batch joined since the facts
+             -- were read stays as it is.
+             WHERE r.id = j.id AND r.joined_at IS NULL AND r.deleted_at IS NULL
+               AND EXISTS (SELECT 1 FROM fence)),
          audits AS (
              INSERT INTO audit_log ({AUDIT_COLUMNS}) SELECT * FROM {audit_rows} WHERE EXISTS (SELECT 1 FROM fence)),
          published AS (

@@ -66,7 +66,7 @@ pub async fn compare_and_set(
     Ok(rows.rows_affected() == 1)
 }
 
-/// The stored next offset of one partition, read inside a transaction.
+/// The stored next offset of one partition.
 pub async fn current(
     conn: &mut PgConnection,
     group: &str,

@@ -1,5 +1,6 @@
-//! One assigned partition: read in offset order, batch, commit decisions and offset in one
-//! transaction, retry transient failures in place, follow Postgres when fenced.
+//! One assigned partition: read in offset order, batch, commit decisions and offset atomically
+//! (a payment batch in one statement, a CDC batch in one transaction), retry transient
+//! failures in place, follow Postgres when fenced.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -311,7 +312,7 @@ impl PartitionTask {
         }
         for (order_id, merchant_id, outcome, reason, invoice_id) in &summary.log {
             tracing::info!(orderId = %order_id, merchantId = %merchant_id, partition = self.partition,
-                outcome = *outcome, reason = *reason, invoiceId = ?invoice_id, "[handlePaymentSuccess] decided");
+                outcome = %outcome, reason = %reason, invoiceId = *invoice_id, "[handlePaymentSuccess] decided");
         }
         // Hand-off to the issuance queue, after the commit (a job must never point at
         // an uncommitted invoice). A failure here loses nothing: the invoices are

@@ -99,7 +99,7 @@ pub async fn process(
         .collect();
     let valid: Vec<&Payment> = parsed.iter().filter_map(|(_, p)| p.as_ref().ok()).collect();
 
-    // One query per fact for the whole batch.
+    // The facts of the whole batch, in one query.
     let event_ids: Vec<String> = valid.iter().map(|p| p.event_id.clone()).collect();
     let merchant_ids: Vec<String> = {
         let set: HashSet<&str> = valid.iter().map(|p| p.merchant_id.as_str()).collect();
