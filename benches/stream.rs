@@ -724,7 +724,7 @@ async fn main() {
     .await
     .unwrap();
 
-    let env: HashMap<String, String> = HashMap::from([
+    let mut env: HashMap<String, String> = HashMap::from([
         ("APP_ENV_INVOICE_DATABASE_URL".into(), url.clone()),
         ("APP_ENV_INVOICE_WORKER_ID".into(), "1000".into()),
         ("APP_ENV_INVOICE_CREDENTIALS_KEY".into(), KEY.into()),
@@ -746,6 +746,13 @@ async fn main() {
             env_usize("BENCH_SERIES_CONCURRENCY", 64).to_string(),
         ),
     ]);
+    // Any service setting can be tried from the bench's own environment
+    // (`APP_ENV_INVOICE_STREAM_BATCH_LINGER_MS=20 make bench`); the run's names stay its own.
+    for (key, value) in std::env::vars() {
+        if key.starts_with("APP_ENV_INVOICE_") && !env.contains_key(&key) {
+            env.insert(key, value);
+        }
+    }
     // Warnings and errors only: a stage whose service gave up says why instead of stalling.
     invoice::telemetry::init_with_writer(
         invoice::config::LogFormat::Text,
