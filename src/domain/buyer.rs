@@ -121,8 +121,9 @@ impl Buyer {
             email: clean(&self.email),
             phone: clean(&self.phone),
         };
-        // Lengths from the tax authority's XML format (DOMAIN §2).
-        check_len("name", &buyer.name, 400)?;
+        // Lengths from the tax authority's XML format (DOMAIN §2): the buyer's person name is
+        // `HVTNMHang` (100), the company's name `Ten` (400).
+        check_len("name", &buyer.name, 100)?;
         check_len("legalName", &buyer.legal_name, 400)?;
         check_len("address", &buyer.address, 400)?;
         check_len("email", &buyer.email, 50)?;
@@ -229,5 +230,8 @@ mod tests {
     fn overlong_fields_are_refused() {
         let b = Buyer { address: Some("x".repeat(401)), ..company() };
         assert_eq!(b.validate(), Err(BuyerError::TooLong { field: "address", max: 400 }));
+        let b = Buyer { name: Some("x".repeat(101)), ..company() };
+        assert_eq!(b.validate(), Err(BuyerError::TooLong { field: "name", max: 100 }));
+        assert!(Buyer { name: Some("x".repeat(100)), ..company() }.validate().is_ok());
     }
 }

@@ -27,7 +27,8 @@ const fn date(y: i32, m: u32, d: u32) -> NaiveDate {
 const NOT_TAKING: &str = "Người mua không lấy hóa đơn";
 const CONSUMER_2026: &str = "Bán cho người tiêu dùng";
 
-/// The table, oldest first. 8% windows: Decree 44/2023 (2023-07-01), 94/2023 (2024-01-01),
+/// The table, oldest first. 8% windows: Decree 15/2022 (until 2022-12-31; the table starts
+/// inside it), Decree 44/2023 (2023-07-01), 94/2023 (2024-01-01),
 /// 72/2024 (2024-07-01), 180/2024 (2025-01-01), 174/2025 under Resolution 204/2025
 /// (2025-07-01 → 2026-12-31); nothing is known for 2027, so 8% ends there. The consumer
 /// wording "Bán cho người tiêu dùng" is reported for Decree 254/2026 from 2026-07-01 (not
@@ -35,7 +36,13 @@ const CONSUMER_2026: &str = "Bán cho người tiêu dùng";
 pub const RULES: &[RuleSet] = &[
     RuleSet {
         from: date(2022, 7, 1),
-        basis: "Decree 123/2020 + Circular 78/2021",
+        basis: "Decree 123/2020 + Circular 78/2021; Decree 15/2022 (8% window)",
+        eight_percent_allowed: true,
+        consumer_buyer_name: NOT_TAKING,
+    },
+    RuleSet {
+        from: date(2023, 1, 1),
+        basis: "Decree 123/2020 + Circular 78/2021 (no 8% window)",
         eight_percent_allowed: false,
         consumer_buyer_name: NOT_TAKING,
     },
@@ -104,6 +111,8 @@ mod tests {
 
     #[test]
     fn eight_percent_window_boundaries() {
+        assert!(rules_for(d(2022, 12, 31)).unwrap().eight_percent_allowed);
+        assert!(!rules_for(d(2023, 1, 1)).unwrap().eight_percent_allowed);
         assert!(!rules_for(d(2023, 6, 30)).unwrap().eight_percent_allowed);
         assert!(rules_for(d(2023, 7, 1)).unwrap().eight_percent_allowed);
         assert!(rules_for(d(2025, 7, 1)).unwrap().eight_percent_allowed);

@@ -14,6 +14,11 @@ use crate::domain::assign::{self, Action, Refusal};
 use crate::domain::buyer::ValidBuyer;
 use crate::events::invoice_events::EventType;
 
+/// Why a replacement replaces its original, printed on it as the agreement reference
+/// (Viettel `additionalReferenceDesc`, `adjustedNote`): legal text in Vietnamese, not the
+/// audit row's internal reason.
+const REPLACEMENT_AGREEMENT: &str = "Thay thế theo yêu cầu của người mua";
+
 /// Who gives the buyer, for audit and the invoice request's `source`.
 #[derive(Debug, Clone)]
 pub struct Giver<'a> {
@@ -160,9 +165,15 @@ pub async fn give(
             (Given::BuyerSet { invoice_id }, "QUEUED")
         }
         Action::Replace => {
-            let created =
-                super::issuance::create_replacement(tx, invoice_id, &buyer_json, kind, &reason, giver)
-                    .await?;
+            let created = super::issuance::create_replacement(
+                tx,
+                invoice_id,
+                &buyer_json,
+                kind,
+                REPLACEMENT_AGREEMENT,
+                giver,
+            )
+            .await?;
             if created.is_none() {
                 return Ok((Given::Refused(Refusal::AlreadyReplaced), false));
             }
