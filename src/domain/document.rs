@@ -132,6 +132,10 @@ pub enum DocumentError {
     /// A required text is empty.
     #[error("{0} is required")]
     Required(String),
+    /// A foreign currency: the invoice would need its exchange rate to VND (DOMAIN §2), which
+    /// a payment does not carry; sent with rate 1, its tax base would be wrong.
+    #[error("currency {0}: an invoice in a foreign currency needs the exchange rate to VND, which the payment does not carry; only VND invoices are issued")]
+    ForeignCurrency(String),
     /// Stored amounts do not follow the money rules.
     #[error("amounts: {0}")]
     Arithmetic(String),
@@ -172,6 +176,10 @@ pub fn validate(doc: &Document) -> Result<Prepared, DocumentError> {
             template: doc.template_code.clone(),
             series: doc.series.clone(),
         });
+    }
+
+    if doc.currency != "VND" {
+        return Err(DocumentError::ForeignCurrency(doc.currency.clone()));
     }
 
     let legal_day = doc.legal_time.with_timezone(&vietnam()).date_naive();
@@ -359,5 +367,8 @@ pub(crate) mod tests {
         let mut d = doc("10", at(2026, 3, 1, 10));
         d.transaction_uuid = "short".into();
         assert_eq!(validate(&d), Err(DocumentError::TransactionUuid));
+        let mut d = doc("10", at(2026, 3, 1, 10));
+        d.currency = "USD".into();
+        assert_eq!(validate(&d), Err(DocumentError::ForeignCurrency("USD".into())));
     }
 }
