@@ -310,6 +310,7 @@ fn stream_deps(
             batch_linger: cfg.stream_batch_linger,
             stall_after: cfg.stream_stall_after,
             session_timeout: cfg.kafka_session_timeout,
+            consumer_wording: cfg.issuance.consumer_wording,
             ..crate::stream::Settings::default()
         },
         queue: Some(queue(cfg)?),

@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use zeroize::Zeroize;
 
+use crate::domain::rules::ConsumerWording;
+
 /// The prefix of every variable of ours (the webhook secrets excepted, as SPEC §6 names them).
 pub const PREFIX: &str = "APP_ENV_INVOICE_";
 
@@ -244,6 +246,9 @@ pub struct Issuance {
     pub lookup_interval: Duration,
     /// Concurrent provider calls per (merchant, series) (`PROVIDER_SERIES_CONCURRENCY`, 4).
     pub series_concurrency: usize,
+    /// First legal day a consumer buyer is printed as "Bán cho người tiêu dùng"
+    /// (`CONSUMER_WORDING_FROM`, 2026-07-01; `never`).
+    pub consumer_wording: ConsumerWording,
 }
 
 impl Default for Issuance {
@@ -261,6 +266,7 @@ impl Default for Issuance {
             provider_safe_wait: Duration::from_secs(90),
             lookup_interval: Duration::from_secs(30),
             series_concurrency: 4,
+            consumer_wording: ConsumerWording::default(),
         }
     }
 }
@@ -445,6 +451,17 @@ impl Config {
         {
             return Err(ConfigError::new(&prefix_var, "use 1–64 of [A-Za-z0-9-_.:]"));
         }
+        let wording_var = var("CONSUMER_WORDING_FROM");
+        let consumer_wording = match get(&wording_var).as_deref().map(str::trim) {
+            None => ConsumerWording::default(),
+            Some("never") => ConsumerWording { from: None },
+            Some(day) => ConsumerWording {
+                from: Some(
+                    chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d")
+                        .map_err(|_| ConfigError::new(&wording_var, "a date (YYYY-MM-DD) or `never`"))?,
+                ),
+            },
+        };
         let issuance = Issuance {
             queue_prefix,
             concurrency: number("WORKER_CONCURRENCY", 64, 1..=10_000)? as usize,
@@ -458,6 +475,7 @@ impl Config {
             provider_safe_wait: ms("PROVIDER_SAFE_WAIT_MS", 90_000, 0..=3_600_000)?,
             lookup_interval: ms("PROVIDER_LOOKUP_INTERVAL_MS", 30_000, 10..=3_600_000)?,
             series_concurrency: number("PROVIDER_SERIES_CONCURRENCY", 4, 1..=10_000)? as usize,
+            consumer_wording,
         };
 
         let http_auth = if mode.serves_http() {
@@ -635,6 +653,7 @@ mod tests {
         assert_eq!(cfg.log_format, LogFormat::Text);
         assert_eq!(cfg.worker_id, 7);
         assert!(!cfg.worker_id_auto);
+        assert_eq!(cfg.issuance.consumer_wording.from, chrono::NaiveDate::from_ymd_opt(2026, 7, 1));
         let mut auto = minimal();
         auto.insert("APP_ENV_INVOICE_WORKER_ID".into(), "auto".into());
         assert!(Config::from_source(&auto, Mode::Stream).unwrap().worker_id_auto);
@@ -708,6 +727,7 @@ mod tests {
             ("APP_ENV_INVOICE_STREAM_BATCH_LINGER_MS", "soon"),
             ("APP_ENV_INVOICE_STREAM_STALL_SECONDS", "0"),
             ("APP_ENV_INVOICE_KAFKA_SESSION_TIMEOUT_MS", "10"),
+            ("APP_ENV_INVOICE_CONSUMER_WORDING_FROM", "2026-13-01"),
         ];
         for (var, value) in cases {
             let mut env = minimal();
@@ -772,6 +792,7 @@ mod tests {
             ("APP_ENV_INVOICE_LOG_FORMAT", "json"),
             ("APP_ENV_INVOICE_KAFKA_GROUP_ID", "g1"),
             ("APP_ENV_INVOICE_HTTP_ADDR", "0.0.0.0:8080"),
+            ("APP_ENV_INVOICE_CONSUMER_WORDING_FROM", "never"),
         ] {
             env.insert(k.into(), v.into());
         }
@@ -789,6 +810,7 @@ mod tests {
         assert_eq!(cfg.log_format, LogFormat::Json);
         assert_eq!(cfg.kafka_group_id, "g1");
         assert_eq!(cfg.http_addr.port(), 8080);
+        assert_eq!(cfg.issuance.consumer_wording, ConsumerWording { from: None });
         let auth = cfg.http_auth.unwrap();
         assert_eq!(auth.jwt_audience, "invoice");
         assert!(auth.webhook_secret_previous.is_none());

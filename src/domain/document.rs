@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::buyer::{Buyer, BuyerKind};
 use super::claim::vietnam;
 use super::money::{self, Line, LineInput, Totals, VatRate};
-use super::rules::{self, RuleSet};
+use super::rules::{self, ConsumerWording, RuleSet};
 use super::tax_code;
 use super::words;
 
@@ -74,6 +74,8 @@ pub struct Document {
     pub paid_total: Decimal,
     /// Set on a replacement invoice.
     pub replaces: Option<Original>,
+    /// Which buyer name a consumer gets (configured).
+    pub consumer_wording: ConsumerWording,
 }
 
 /// A document that passed validation, with what validation derived.
@@ -83,7 +85,7 @@ pub struct Prepared {
     pub rules: &'static RuleSet,
     /// The buyer's kind.
     pub buyer_kind: BuyerKind,
-    /// The printed buyer name for a consumer (from the dated rule set).
+    /// The printed buyer name for a consumer (by the legal day and the configured wording).
     pub consumer_buyer_name: &'static str,
     /// The total in Vietnamese words.
     pub amount_in_words: String,
@@ -247,7 +249,7 @@ pub fn validate(doc: &Document) -> Result<Prepared, DocumentError> {
     Ok(Prepared {
         rules,
         buyer_kind,
-        consumer_buyer_name: rules.consumer_buyer_name,
+        consumer_buyer_name: doc.consumer_wording.name_on(legal_day),
         amount_in_words,
         symbol,
     })
@@ -285,6 +287,7 @@ pub(crate) mod tests {
             lines,
             totals,
             replaces: None,
+            consumer_wording: ConsumerWording::default(),
         }
     }
 
@@ -312,6 +315,10 @@ pub(crate) mod tests {
         assert_eq!(p.symbol, "1C26TAA");
         let p = validate(&doc("8", at(2026, 7, 1, 10))).unwrap();
         assert_eq!(p.consumer_buyer_name, "Bán cho người tiêu dùng");
+        // The switch is configurable: DOMAIN §0 could not verify the 2026 rule.
+        let kept =
+            Document { consumer_wording: ConsumerWording { from: None }, ..doc("8", at(2026, 7, 1, 10)) };
+        assert_eq!(validate(&kept).unwrap().consumer_buyer_name, "Người mua không lấy hóa đơn");
     }
 
     #[test]

@@ -13,8 +13,6 @@ pub struct RuleSet {
     pub basis: &'static str,
     /// Whether the reduced 8% VAT rate may be used.
     pub eight_percent_allowed: bool,
-    /// Buyer name printed when the buyer is a consumer who asked for nothing.
-    pub consumer_buyer_name: &'static str,
 }
 
 const fn date(y: i32, m: u32, d: u32) -> NaiveDate {
@@ -24,51 +22,71 @@ const fn date(y: i32, m: u32, d: u32) -> NaiveDate {
     }
 }
 
-const NOT_TAKING: &str = "Người mua không lấy hóa đơn";
-const CONSUMER_2026: &str = "Bán cho người tiêu dùng";
+/// The consumer wording of Decree 123/2020 + Circular 78/2021.
+pub const NOT_TAKING: &str = "Người mua không lấy hóa đơn";
+/// The consumer wording reported for Decree 254/2026 (DOMAIN §0: not verified).
+pub const CONSUMER_2026: &str = "Bán cho người tiêu dùng";
+/// The first day [`CONSUMER_2026`] is printed unless configured otherwise.
+pub const CONSUMER_2026_FROM: NaiveDate = date(2026, 7, 1);
+
+/// Which buyer name a consumer who asked for nothing gets (DOMAIN §7: both wordings kept,
+/// the switch configurable, because the 2026 rule is reported and not verified):
+/// [`NOT_TAKING`] before `from`, [`CONSUMER_2026`] from it, [`NOT_TAKING`] always if `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerWording {
+    /// First legal day of [`CONSUMER_2026`]; `None`: never.
+    pub from: Option<NaiveDate>,
+}
+
+impl Default for ConsumerWording {
+    fn default() -> Self {
+        ConsumerWording { from: Some(CONSUMER_2026_FROM) }
+    }
+}
+
+impl ConsumerWording {
+    /// The consumer buyer name printed for a sale on `day` (Asia/Ho_Chi_Minh).
+    pub fn name_on(&self, day: NaiveDate) -> &'static str {
+        match self.from {
+            Some(from) if day >= from => CONSUMER_2026,
+            _ => NOT_TAKING,
+        }
+    }
+}
 
 /// The table, oldest first. 8% windows: Decree 15/2022 (until 2022-12-31; the table starts
 /// inside it), Decree 44/2023 (2023-07-01), 94/2023 (2024-01-01),
 /// 72/2024 (2024-07-01), 180/2024 (2025-01-01), 174/2025 under Resolution 204/2025
 /// (2025-07-01 → 2026-12-31); nothing is known for 2027, so 8% ends there. The consumer
 /// wording "Bán cho người tiêu dùng" is reported for Decree 254/2026 from 2026-07-01 (not
-/// verified against the official text: DOMAIN §0).
+/// verified against the official text: DOMAIN §0), so it is not a column here but
+/// [`ConsumerWording`], whose switch date is configurable.
 pub const RULES: &[RuleSet] = &[
     RuleSet {
         from: date(2022, 7, 1),
         basis: "Decree 123/2020 + Circular 78/2021; Decree 15/2022 (8% window)",
         eight_percent_allowed: true,
-        consumer_buyer_name: NOT_TAKING,
     },
     RuleSet {
         from: date(2023, 1, 1),
         basis: "Decree 123/2020 + Circular 78/2021 (no 8% window)",
         eight_percent_allowed: false,
-        consumer_buyer_name: NOT_TAKING,
     },
-    RuleSet {
-        from: date(2023, 7, 1),
-        basis: "Decree 44/2023 (8% window)",
-        eight_percent_allowed: true,
-        consumer_buyer_name: NOT_TAKING,
-    },
+    RuleSet { from: date(2023, 7, 1), basis: "Decree 44/2023 (8% window)", eight_percent_allowed: true },
     RuleSet {
         from: date(2025, 6, 1),
         basis: "Decree 70/2025 + Circular 32/2025; Decrees 180/2024, 174/2025 (8%)",
         eight_percent_allowed: true,
-        consumer_buyer_name: NOT_TAKING,
     },
     RuleSet {
         from: date(2026, 7, 1),
         basis: "Decree 254/2026 + Circular 91/2026 (reported); Decree 174/2025 (8%)",
         eight_percent_allowed: true,
-        consumer_buyer_name: CONSUMER_2026,
     },
     RuleSet {
         from: date(2027, 1, 1),
         basis: "Decree 254/2026 + Circular 91/2026 (reported); 8% window ended",
         eight_percent_allowed: false,
-        consumer_buyer_name: CONSUMER_2026,
     },
 ];
 
@@ -121,9 +139,15 @@ mod tests {
     }
 
     #[test]
-    fn consumer_wording_changes_on_2026_07_01() {
-        assert_eq!(rules_for(d(2026, 6, 30)).unwrap().consumer_buyer_name, "Người mua không lấy hóa đơn");
-        assert_eq!(rules_for(d(2026, 7, 1)).unwrap().consumer_buyer_name, "Bán cho người tiêu dùng");
+    fn consumer_wording_changes_on_2026_07_01_unless_configured_otherwise() {
+        let wording = ConsumerWording::default();
+        assert_eq!(wording.name_on(d(2026, 6, 30)), "Người mua không lấy hóa đơn");
+        assert_eq!(wording.name_on(d(2026, 7, 1)), "Bán cho người tiêu dùng");
+        let never = ConsumerWording { from: None };
+        assert_eq!(never.name_on(d(2030, 1, 1)), "Người mua không lấy hóa đơn");
+        let later = ConsumerWording { from: Some(d(2026, 9, 1)) };
+        assert_eq!(later.name_on(d(2026, 8, 31)), "Người mua không lấy hóa đơn");
+        assert_eq!(later.name_on(d(2026, 9, 1)), "Bán cho người tiêu dùng");
     }
 
     #[test]

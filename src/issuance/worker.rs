@@ -785,6 +785,7 @@ fn prepare(
         totals: Totals { net: inv.total_net, vat: inv.total_vat, gross: inv.total_amount },
         paid_total: inv.total_amount,
         replaces,
+        consumer_wording: deps.settings.consumer_wording,
     };
     // Lookups need no valid document, only the key; creates must pass validation first.
     let prepared = match document::validate(&doc) {

@@ -45,6 +45,8 @@ pub struct Settings {
     pub revoke_timeout: Duration,
     /// Kafka `session.timeout.ms`.
     pub session_timeout: Duration,
+    /// The consumer wording recorded in each invoice's snapshot of the rule set.
+    pub consumer_wording: crate::domain::rules::ConsumerWording,
 }
 
 impl Default for Settings {
@@ -55,6 +57,7 @@ impl Default for Settings {
             stall_after: Duration::from_secs(30),
             revoke_timeout: Duration::from_secs(10),
             session_timeout: Duration::from_secs(10),
+            consumer_wording: crate::domain::rules::ConsumerWording::default(),
         }
     }
 }

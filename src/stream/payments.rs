@@ -55,6 +55,7 @@ fn config_snapshot(
     merchant_name: Option<&str>,
     tax: &crate::domain::tax_info::TaxInfo,
     payment: &Payment,
+    wording: rules::ConsumerWording,
 ) -> Value {
     let b64 = base64::engine::general_purpose::STANDARD;
     let legal_day = payment.paid_at.with_timezone(&vietnam()).date_naive();
@@ -72,7 +73,7 @@ fn config_snapshot(
             "taxCode": tax.tax_code, "legalName": tax.legal_name, "address": tax.address,
             "email": tax.email, "phone": tax.phone,
         },
-        "ruleSet": rule.map(|r| json!({"from": r.from.to_string(), "basis": r.basis, "consumerBuyerName": r.consumer_buyer_name})),
+        "ruleSet": rule.map(|r| json!({"from": r.from.to_string(), "basis": r.basis, "consumerBuyerName": wording.name_on(legal_day)})),
     })
 }
 
@@ -192,8 +193,13 @@ pub async fn process(
                 let snapshot = match snapshots.entry((payment.merchant_id.clone(), legal_day)) {
                     Entry::Occupied(e) => e.get().clone(),
                     Entry::Vacant(e) => {
-                        let value =
-                            config_snapshot(config, record.and_then(|r| r.name.as_deref()), tax, payment);
+                        let value = config_snapshot(
+                            config,
+                            record.and_then(|r| r.name.as_deref()),
+                            tax,
+                            payment,
+                            deps.settings.consumer_wording,
+                        );
                         e.insert(
                             to_raw_value(&value).map_err(|_| BatchError::Bug("unserialisable snapshot"))?,
                         )

@@ -697,6 +697,7 @@ async fn the_simulator_catches_concurrent_creates_with_one_key_as_viettel_would_
         lines,
         totals,
         replaces: None,
+        consumer_wording: Default::default(),
     };
     let prepared = document::validate(&doc).unwrap();
     // Two concurrent creates with one key: the provider issues twice (what we must never do).
