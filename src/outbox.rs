@@ -157,8 +157,10 @@ pub async fn publish_once(
     let mut published = Vec::with_capacity(rows.len());
     let mut per_topic: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
     // Every acknowledged row is marked (re-sending it would be a duplicate); a failed row is
-    // retried next pass and parked after repeated failures, so it cannot block the others.
-    // With the idempotent producer a failure here means its delivery timeout passed.
+    // retried next pass. Only a failure that the row itself causes (too large, malformed)
+    // counts toward parking it, so a poison row cannot block the others; Kafka being down or
+    // slow (the delivery timeout passed), however long, parks nothing: a parked event would be
+    // lost for its consumers, and a parked `claim_opened` would keep its clear token.
     for (row, result) in rows.iter().zip(results) {
         match result {
             Ok(_) => {
@@ -167,7 +169,8 @@ pub async fn publish_once(
             }
             Err((error, _)) => {
                 tracing::warn!(%error, topic = %row.topic, outbox_id = row.id, "Publishing an outbox row failed; will retry");
-                outbox::mark_failed(db, row.id, &error.to_string()).await?;
+                let counts = error.rdkafka_error_code().is_some_and(row_is_at_fault);
+                outbox::mark_failed(db, row.id, &error.to_string(), counts).await?;
             }
         }
     }
@@ -182,4 +185,46 @@ pub async fn publish_once(
         metrics.outbox_published(topic, n);
     }
     Ok(published.len())
+}
+
+/// Whether a publication failure says something about the row itself, so that retrying it can
+/// never succeed: only those count toward parking it.
+fn row_is_at_fault(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        code,
+        Code::MessageSizeTooLarge
+            | Code::InvalidMessageSize
+            | Code::InvalidMessage
+            | Code::InvalidRecord
+            | Code::BadMessage
+            | Code::PolicyViolation
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode as Code;
+
+    #[test]
+    fn only_failures_of_the_row_itself_count_toward_parking_it() {
+        for code in [Code::MessageSizeTooLarge, Code::InvalidMessage, Code::InvalidRecord] {
+            assert!(row_is_at_fault(code), "{code:?}");
+        }
+        // An outage, a slow or moving leader, a missing topic or a refused authorisation: every
+        // row would fail alike, and none of them is the row's fault.
+        for code in [
+            Code::MessageTimedOut,
+            Code::AllBrokersDown,
+            Code::BrokerTransportFailure,
+            Code::NotLeaderForPartition,
+            Code::LeaderNotAvailable,
+            Code::RequestTimedOut,
+            Code::UnknownTopicOrPartition,
+            Code::TopicAuthorizationFailed,
+        ] {
+            assert!(!row_is_at_fault(code), "{code:?}");
+        }
+    }
 }

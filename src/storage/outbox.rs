@@ -45,12 +45,14 @@ pub async fn pending(pool: &PgPool, limit: i64) -> Result<Vec<Pending>, StorageE
     .await?)
 }
 
-/// Records a failed publication of a row.
-pub async fn mark_failed(pool: &PgPool, id: i64, error: &str) -> Result<(), StorageError> {
-    sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1")
+/// Records a failed publication of a row; `counts`: the failure is the row's own and counts
+/// toward parking it.
+pub async fn mark_failed(pool: &PgPool, id: i64, error: &str, counts: bool) -> Result<(), StorageError> {
+    sqlx::query("UPDATE outbox SET attempts = attempts + CASE WHEN $3 THEN 1 ELSE 0 END, last_error = $2 WHERE id = $1")
         .persistent(false)
         .bind(id)
         .bind(error)
+        .bind(counts)
         .execute(pool)
         .await?;
     Ok(())

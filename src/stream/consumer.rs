@@ -347,7 +347,20 @@ async fn watch(
                 if lag == 0 || last_ts < 0 { 0.0 } else { (now - last_ts).max(0) as f64 / 1000.0 };
             deps.metrics.partition_lag(&topic, partition, position, lag, lag_seconds);
             let idle_ms = now - state.last_progress_ms.load(Ordering::Acquire);
-            if lag > 0 && idle_ms > deps.settings.stall_after.as_millis() as i64 {
+            let stalled_for_long = idle_ms > deps.settings.stall_after.as_millis() as i64;
+            // Past the end of the log (the topic was recreated, or a failover truncated it): the
+            // fetch restarts at the earliest offset and every message below the stored one is
+            // passed over as already decided. That needs an operator, not a seek; its lag reads
+            // 0, so say it here (the statistics may lag the position by a second: only a
+            // partition idle for long is judged).
+            if hw < position && stalled_for_long {
+                tracing::error!(%topic, partition, position, high_watermark = hw,
+                    "The stored offset is past the end of the log (topic recreated or truncated?): messages below it are not decided; check the topic and move the offset with `invoice offsets reset`");
+                deps.metrics.partition_stalled(&topic, partition);
+                state.last_progress_ms.store(now, Ordering::Release);
+                continue;
+            }
+            if lag > 0 && stalled_for_long {
                 tracing::warn!(%topic, partition, lag, idle_ms, "Partition has lag and made no progress; recovering");
                 deps.metrics.partition_stalled(&topic, partition);
                 state.last_progress_ms.store(now, Ordering::Release);

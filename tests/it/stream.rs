@@ -516,3 +516,43 @@ async fn a_partition_that_stops_progressing_is_noticed_recovered_and_loses_nothi
     );
     stream.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_offset_past_the_end_of_the_log_is_reported_not_passed_over_silently() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let p = producer();
+    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    let group = unique("g-past-end-");
+    // As after the topic was deleted and created again: the stored offset is far past its end.
+    sqlx::query(
+        "INSERT INTO consumer_offset (group_id, topic, partition, next_offset) VALUES ($1, $2, 0, 1000)",
+    )
+    .bind(&group)
+    .bind(&topics.names.payment)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut env = stream_env(&db, &topics.names, &group);
+    env.insert("APP_ENV_INVOICE_STREAM_STALL_SECONDS".into(), "1".into());
+    let stream = TestStream::spawn(&env).await;
+    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    for i in 0..3 {
+        let order = format!("ORD-E-{i}");
+        send(&p, &topics.names.payment, &order, &payment(&format!("ev-e-{i}"), &order, "M-1")).await;
+    }
+    let topic_label = format!("topic=\"{}\"", topics.names.payment);
+    wait_until(WAIT, "the watchdog to report the offset past the end", || async {
+        let metrics = stream.metrics().await;
+        (metric_value(&metrics, "invoice_kafka_partition_stalls_total", &[&topic_label]) >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 0);
+    assert_eq!(
+        scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE group_id = '{group}'")).await,
+        1000,
+        "the stored offset stays for an operator to move"
+    );
+    stream.stop().await.unwrap();
+}
