@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
@@ -282,7 +283,23 @@ async fn coordinate(
                         fatal: fatal.clone(),
                     };
                     tracing::info!(%topic, partition, start = ?offset, from_postgres = expected.is_some(), "Starting partition");
-                    running.insert(key.clone(), Running { cancel, handle: tokio::spawn(task.run()) });
+                    // A task that ends on its own (a panic: nothing else ends it uncancelled)
+                    // leaves its partition without a reader until the next rebalance, and the
+                    // watchdog's wake-ups reach nobody: stop the consumer instead, so the process
+                    // leaves the group and exits non-zero for its supervisor to restart it.
+                    let supervised = {
+                        let (cancelled, fatal) = (cancel.clone(), fatal.clone());
+                        let (topic, partition) = (topic.clone(), partition);
+                        async move {
+                            let ended = std::panic::AssertUnwindSafe(task.run()).catch_unwind().await;
+                            if ended.is_err() || !cancelled.is_cancelled() {
+                                tracing::error!(%topic, partition, panicked = ended.is_err(),
+                                    "Partition task ended on its own; stopping the consumer");
+                                fatal.cancel();
+                            }
+                        }
+                    };
+                    running.insert(key.clone(), Running { cancel, handle: tokio::spawn(supervised) });
                     answer.insert(key, offset);
                 }
                 let _ignored = reply.send(Some(answer));
