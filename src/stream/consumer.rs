@@ -41,11 +41,20 @@ enum Command {
 /// Live partitions, shared with the watchdog and the main-queue driver.
 type Registry = Arc<Mutex<HashMap<Key, Arc<PartitionState>>>>;
 
+/// Where a partition's log ends for this consumer (the last stable offset under
+/// `read_committed`), and librdkafka's next offset for the application (past any offsets that
+/// hold no message), from its statistics.
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    end: i64,
+    app_offset: i64,
+}
+
 /// The consumer's context: rebalance callbacks and statistics.
 pub struct Ctx {
     commands: tokio::sync::mpsc::UnboundedSender<Command>,
     deps: Deps,
-    high_watermarks: Arc<Mutex<HashMap<Key, i64>>>,
+    high_watermarks: Arc<Mutex<HashMap<Key, Ends>>>,
     /// Cancelled when the consumer cannot continue safely (e.g. offsets unreadable at assign).
     fatal: CancellationToken,
 }
@@ -59,7 +68,7 @@ impl ClientContext for Ctx {
                     // transactional producers the high watermark stays above it).
                     let end = if p.ls_offset >= 0 { p.ls_offset } else { p.hi_offset };
                     if partition >= 0 && end >= 0 {
-                        hw.insert((topic.clone(), partition), end);
+                        hw.insert((topic.clone(), partition), Ends { end, app_offset: p.app_offset });
                     }
                 }
             }
@@ -340,7 +349,7 @@ async fn coordinate(
 async fn watch(
     deps: Deps,
     registry: Registry,
-    high_watermarks: Arc<Mutex<HashMap<Key, i64>>>,
+    high_watermarks: Arc<Mutex<HashMap<Key, Ends>>>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -356,9 +365,16 @@ async fn watch(
         let hws = high_watermarks.lock().map(|h| h.clone()).unwrap_or_default();
         let now = now_ms();
         for ((topic, partition), state) in partitions {
-            let Some(hw) = hws.get(&(topic.clone(), partition)).copied() else { continue };
+            let Some(Ends { end: hw, app_offset }) = hws.get(&(topic.clone(), partition)).copied() else {
+                continue;
+            };
             let position = state.position.load(Ordering::Acquire);
-            let lag = (hw - position).max(0);
+            // librdkafka moves past offsets that hold no message (the commit and abort markers
+            // of a transactional producer upstream) without handing anything over: when it has
+            // handed over everything up to the end and the task holds nothing uncommitted, what
+            // lies between the position and the end is such offsets, not lag.
+            let nothing_left = app_offset >= hw && state.received.load(Ordering::Acquire) <= position;
+            let lag = if nothing_left { 0 } else { (hw - position).max(0) };
             let last_ts = state.last_message_ts_ms.load(Ordering::Acquire);
             let lag_seconds =
                 if lag == 0 || last_ts < 0 { 0.0 } else { (now - last_ts).max(0) as f64 / 1000.0 };

@@ -39,6 +39,9 @@ pub struct PartitionState {
     pub last_progress_ms: AtomicI64,
     /// Kafka timestamp (Unix ms) of the last processed message, -1 if none.
     pub last_message_ts_ms: AtomicI64,
+    /// One past the last message the task took from its queue, -1 if none: above `position`
+    /// while a batch is in flight.
+    pub received: AtomicI64,
     /// Asks the task to re-fetch from its position (stall or stray message).
     pub recover: Notify,
 }
@@ -50,6 +53,7 @@ impl PartitionState {
             position: AtomicI64::new(position),
             last_progress_ms: AtomicI64::new(now_ms()),
             last_message_ts_ms: AtomicI64::new(-1),
+            received: AtomicI64::new(-1),
             recover: Notify::new(),
         }
     }
@@ -148,6 +152,9 @@ impl PartitionTask {
                     }
                     Err(_) => break,
                 }
+            }
+            if let Some(last) = batch.last() {
+                self.state.received.fetch_max(last.offset() + 1, Ordering::AcqRel);
             }
             // After a seek, messages from before the position may still be queued.
             let position = self.position();

@@ -556,3 +556,65 @@ async fn a_stored_offset_past_the_end_of_the_log_is_reported_not_passed_over_sil
     );
     stream.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_marker_at_the_end_of_the_log_is_not_lag() {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let p = producer();
+    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    let mut env = stream_env(&db, &topics.names, &unique("g-tx-"));
+    env.insert("APP_ENV_INVOICE_STREAM_STALL_SECONDS".into(), "1".into());
+    let stream = TestStream::spawn(&env).await;
+    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    // An upstream producer with transactions (Kafka Streams, Debezium exactly-once): the log
+    // ends with a commit marker, an offset no message will ever have.
+    let transactional: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", crate::support::kafka_brokers())
+        .set("transactional.id", unique("tx-"))
+        .create()
+        .unwrap();
+    let transactional = tokio::task::spawn_blocking(move || {
+        transactional.init_transactions(Duration::from_secs(30)).unwrap();
+        transactional.begin_transaction().unwrap();
+        transactional
+    })
+    .await
+    .unwrap();
+    let value = payment("ev-tx-1", "ORD-TX-1", "M-1").to_string();
+    transactional
+        .send(
+            FutureRecord::to(&topics.names.payment).key("ORD-TX-1").payload(&value),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let transactional = tokio::task::spawn_blocking(move || {
+        transactional.commit_transaction(Duration::from_secs(30)).unwrap();
+        transactional
+    })
+    .await
+    .unwrap();
+    wait_scalar(&db, "SELECT count(*) FROM invoice", 1).await;
+    let topic_label = format!("topic=\"{}\"", topics.names.payment);
+    // Watched over three stall periods (STALL_SECONDS=1, statistics every second): the
+    // watchdog used to read the marker as lag 1 and count a stall in each.
+    let stalls = || async {
+        metric_value(&stream.metrics().await, "invoice_kafka_partition_stalls_total", &[&topic_label])
+    };
+    let window_end = tokio::time::Instant::now() + Duration::from_millis(3_500);
+    while tokio::time::Instant::now() < window_end {
+        assert_eq!(stalls().await, 0.0, "a partition with only a commit marker left is not stalled");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let lag_line = format!("invoice_kafka_consumer_lag{{partition=\"0\",{topic_label}}} 0");
+    wait_until(WAIT, "the payment partition's lag to read 0", || async {
+        stream.metrics().await.lines().any(|l| l == lag_line).then_some(())
+    })
+    .await;
+    assert_eq!(stalls().await, 0.0);
+    tokio::task::spawn_blocking(move || drop(transactional)).await.unwrap();
+    stream.stop().await.unwrap();
+}
