@@ -463,12 +463,7 @@ async fn a_partition_that_stops_progressing_is_noticed_recovered_and_loses_nothi
     let db = TestDb::create().await;
     let topics = TestTopics::create(1).await;
     let p = producer();
-    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
-    insert_provider_config(&db, "M-1", 1).await;
-    let mut env = stream_env(&db, &topics.names, &unique("g-stall-"));
-    env.insert("APP_ENV_INVOICE_STREAM_STALL_SECONDS".into(), "1".into());
-    let stream = TestStream::spawn(&env).await;
-    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    let stream = spawn_watched(&db, &topics, &p, &unique("g-stall-")).await;
     send(&p, &topics.names.payment, "ORD-S-0", &payment("ev-s-0", "ORD-S-0", "M-1")).await;
     wait_scalar(&db, "SELECT count(*) FROM invoice", 1).await;
 
@@ -522,8 +517,6 @@ async fn a_stored_offset_past_the_end_of_the_log_is_reported_not_passed_over_sil
     let db = TestDb::create().await;
     let topics = TestTopics::create(1).await;
     let p = producer();
-    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
-    insert_provider_config(&db, "M-1", 1).await;
     let group = unique("g-past-end-");
     // As after the topic was deleted and created again: the stored offset is far past its end.
     sqlx::query(
@@ -534,10 +527,7 @@ async fn a_stored_offset_past_the_end_of_the_log_is_reported_not_passed_over_sil
     .execute(&db.pool)
     .await
     .unwrap();
-    let mut env = stream_env(&db, &topics.names, &group);
-    env.insert("APP_ENV_INVOICE_STREAM_STALL_SECONDS".into(), "1".into());
-    let stream = TestStream::spawn(&env).await;
-    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    let stream = spawn_watched(&db, &topics, &p, &group).await;
     for i in 0..3 {
         let order = format!("ORD-E-{i}");
         send(&p, &topics.names.payment, &order, &payment(&format!("ev-e-{i}"), &order, "M-1")).await;
@@ -563,12 +553,7 @@ async fn a_transaction_marker_at_the_end_of_the_log_is_not_lag() {
     let db = TestDb::create().await;
     let topics = TestTopics::create(1).await;
     let p = producer();
-    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
-    insert_provider_config(&db, "M-1", 1).await;
-    let mut env = stream_env(&db, &topics.names, &unique("g-tx-"));
-    env.insert("APP_ENV_INVOICE_STREAM_STALL_SECONDS".into(), "1".into());
-    let stream = TestStream::spawn(&env).await;
-    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    let stream = spawn_watched(&db, &topics, &p, &unique("g-tx-")).await;
     // An upstream producer with transactions (Kafka Streams, Debezium exactly-once): the log
     // ends with a commit marker, an offset no message will ever have.
     let transactional: FutureProducer = rdkafka::ClientConfig::new()
@@ -617,4 +602,21 @@ async fn a_transaction_marker_at_the_end_of_the_log_is_not_lag() {
     assert_eq!(stalls().await, 0.0);
     tokio::task::spawn_blocking(move || drop(transactional)).await.unwrap();
     stream.stop().await.unwrap();
+}
+
+/// A stream whose watchdog judges a partition idle after one second, started once merchant
+/// M-1 (with a provider configuration) is known.
+async fn spawn_watched(
+    db: &TestDb,
+    topics: &TestTopics,
+    p: &rdkafka::producer::FutureProducer,
+    group: &str,
+) -> TestStream {
+    send(p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 1)).await;
+    insert_provider_config(db, "M-1", 1).await;
+    let mut env = stream_env(db, &topics.names, group);
+    env.insert("APP_ENV_INVOICE_STREAM_STALL_SECONDS".into(), "1".into());
+    let stream = TestStream::spawn(&env).await;
+    wait_scalar(db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    stream
 }
