@@ -4,10 +4,12 @@
 //! order. A crash between publishing and marking re-publishes the same rows with the same
 //! `eventId`: duplicates only across a crash, never a loss.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -132,45 +134,43 @@ pub async fn publish_once(
     if rows.is_empty() {
         return Ok(0);
     }
-    // Sent together (the producer keeps per-partition order with idempotence on), awaited
-    // together; only acknowledged rows are marked, the rest are retried next pass.
-    let sends = rows.iter().map(|row| {
-        let mut headers = OwnedHeaders::new();
-        if let serde_json::Value::Object(map) = &row.headers {
-            for (k, v) in map {
-                let value = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
-                headers = headers.insert(Header { key: k, value: Some(value.as_bytes()) });
-            }
-        }
-        let event_id = row.event_id.to_string();
-        headers = headers.insert(Header { key: "x-event-id", value: Some(event_id.as_bytes()) });
-        let mut record = FutureRecord::<[u8], [u8]>::to(&row.topic).headers(headers);
-        if let Some(key) = &row.message_key {
-            record = record.key(key.as_slice());
-        }
-        if let Some(payload) = &row.payload {
-            record = record.payload(payload.as_slice());
-        }
-        producer.send(record, Duration::from_secs(30))
-    });
-    let results = join_all(sends).await;
+    // Rows of one key go out one round at a time, each round only after the previous one was
+    // acknowledged, and a key whose row failed sends nothing more this pass: sent together,
+    // a later event of an order could be acknowledged while an earlier one failed (a delivery
+    // timeout leaves gaps even with idempotence on), and the retry would put the earlier one
+    // after it. Different keys still go out together, so a round is one produce round trip.
+    let rounds = key_rounds(rows.iter().map(key_of));
+    let mut failed_keys: HashSet<(&str, &[u8])> = HashSet::new();
     let mut published = Vec::with_capacity(rows.len());
-    let mut per_topic: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
-    // Every acknowledged row is marked (re-sending it would be a duplicate); a failed row is
-    // retried next pass. Only a failure that the row itself causes (too large, malformed)
-    // counts toward parking it, so a poison row cannot block the others; Kafka being down or
-    // slow (the delivery timeout passed), however long, parks nothing: a parked event would be
-    // lost for its consumers, and a parked `claim_opened` would keep its clear token.
-    for (row, result) in rows.iter().zip(results) {
-        match result {
-            Ok(_) => {
-                published.push(row.id);
-                *per_topic.entry(row.topic.as_str()).or_default() += 1;
-            }
-            Err((error, _)) => {
-                tracing::warn!(%error, topic = %row.topic, outbox_id = row.id, "Publishing an outbox row failed; will retry");
-                let counts = error.rdkafka_error_code().is_some_and(row_is_at_fault);
-                outbox::mark_failed(db, row.id, &error.to_string(), counts).await?;
+    let mut per_topic: HashMap<&str, u64> = HashMap::new();
+    for round in 0..=rounds.iter().copied().max().unwrap_or(0) {
+        let sending: Vec<&outbox::Pending> = rows
+            .iter()
+            .zip(&rounds)
+            .filter(|(row, r)| **r == round && !key_of(row).is_some_and(|key| failed_keys.contains(&key)))
+            .map(|(row, _)| row)
+            .collect();
+        let results = join_all(sending.iter().map(|row| send(producer, row))).await;
+        // Every acknowledged row is marked (re-sending it would be a duplicate); a failed row
+        // is retried next pass. Only a failure that the row itself causes (too large,
+        // malformed) counts toward parking it, so a poison row cannot block the others, nor
+        // its own key's later events for long; Kafka being down or slow (the delivery timeout
+        // passed), however long, parks nothing: a parked event would be lost for its
+        // consumers, and a parked `claim_opened` would keep its clear token.
+        for (row, result) in sending.into_iter().zip(results) {
+            match result {
+                Ok(_) => {
+                    published.push(row.id);
+                    *per_topic.entry(row.topic.as_str()).or_default() += 1;
+                }
+                Err((error, _)) => {
+                    tracing::warn!(%error, topic = %row.topic, outbox_id = row.id, "Publishing an outbox row failed; will retry");
+                    if let Some(key) = key_of(row) {
+                        failed_keys.insert(key);
+                    }
+                    let counts = error.rdkafka_error_code().is_some_and(row_is_at_fault);
+                    outbox::mark_failed(db, row.id, &error.to_string(), counts).await?;
+                }
             }
         }
     }
@@ -185,6 +185,47 @@ pub async fn publish_once(
         metrics.outbox_published(topic, n);
     }
     Ok(published.len())
+}
+
+fn key_of(row: &outbox::Pending) -> Option<(&str, &[u8])> {
+    row.message_key.as_deref().map(|key| (row.topic.as_str(), key))
+}
+
+/// For rows in id order, the round in which each is sent: a row's round is the number of
+/// earlier rows with its (topic, key), so a key has at most one row in flight. A row without
+/// a key orders with nothing and goes in the first round.
+fn key_rounds<'a>(keys: impl Iterator<Item = Option<(&'a str, &'a [u8])>>) -> Vec<usize> {
+    let mut seen: HashMap<(&str, &[u8]), usize> = HashMap::new();
+    keys.map(|key| match key {
+        Some(key) => {
+            let count = seen.entry(key).or_default();
+            *count += 1;
+            *count - 1
+        }
+        None => 0,
+    })
+    .collect()
+}
+
+/// Hands one row to the producer (a future of its acknowledgement).
+async fn send(producer: &FutureProducer, row: &outbox::Pending) -> OwnedDeliveryResult {
+    let mut headers = OwnedHeaders::new();
+    if let serde_json::Value::Object(map) = &row.headers {
+        for (k, v) in map {
+            let value = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+            headers = headers.insert(Header { key: k, value: Some(value.as_bytes()) });
+        }
+    }
+    let event_id = row.event_id.to_string();
+    headers = headers.insert(Header { key: "x-event-id", value: Some(event_id.as_bytes()) });
+    let mut record = FutureRecord::<[u8], [u8]>::to(&row.topic).headers(headers);
+    if let Some(key) = &row.message_key {
+        record = record.key(key.as_slice());
+    }
+    if let Some(payload) = &row.payload {
+        record = record.payload(payload.as_slice());
+    }
+    producer.send(record, Duration::from_secs(30)).await
 }
 
 /// Whether a publication failure says something about the row itself, so that retrying it can
@@ -206,6 +247,21 @@ fn row_is_at_fault(code: rdkafka::types::RDKafkaErrorCode) -> bool {
 mod tests {
     use super::*;
     use rdkafka::types::RDKafkaErrorCode as Code;
+
+    #[test]
+    fn a_key_has_one_row_per_round_and_rows_without_a_key_go_first() {
+        let key = |topic, key: &'static str| Some((topic, key.as_bytes()));
+        let rows = [
+            key("events", "ORD-1"),
+            key("events", "ORD-2"),
+            key("events", "ORD-1"),
+            None,
+            key("deadletter", "ORD-1"),
+            key("events", "ORD-1"),
+            None,
+        ];
+        assert_eq!(key_rounds(rows.into_iter()), vec![0, 0, 1, 0, 0, 2, 0]);
+    }
 
     #[test]
     fn only_failures_of_the_row_itself_count_toward_parking_it() {

@@ -16,6 +16,7 @@ mod issuance;
 mod mock_cluster;
 mod offsets;
 mod operations;
+mod outbox;
 mod plans;
 mod queue;
 mod runbook;
