@@ -17,7 +17,7 @@
 //! | `dlq` | zset | order id → dead-at (ms) |
 //! | `state` | hash | order id → `waiting`, `active`, `delayed` or `dead` (absent: no job) |
 //! | `job` | hash | order id → payload JSON |
-//! | `att` | hash | order id → deliveries started |
+//! | `att` | hash | order id → deliveries started since a worker last handed the job back with a verdict (a retry): deliveries that ended without one, a worker that died or hung, count up |
 //! | `tok` | hash | order id → lease token of the current delivery (a 128-bit random nonce from the client per claim call, and the job's place in that call: never reused, even after Redis lost or rolled back its data) |
 //! | `err` | hash | order id → last error |
 //!
@@ -88,7 +88,8 @@ pub struct Job {
     pub partition: u32,
     /// The payload (a default one if it was unreadable).
     pub payload: JobPayload,
-    /// Deliveries started, this one included.
+    /// Deliveries started since the job was last retried, this one included: above 1, the
+    /// deliveries before this one ended without a verdict (their worker died or hung).
     pub delivery: u32,
     /// The lease token: every later move of this delivery must present it.
     pub token: String,
@@ -249,7 +250,9 @@ return stale
 "#;
 
 const RETRY: &str = r#"
--- KEYS: active delayed state tok err ; ARGV: id token delay_ms error [...] ; returns stale count
+-- KEYS: active delayed state tok err att ; ARGV: id token delay_ms error [...] ; returns stale count
+-- A retry is a verdict from a live worker: the count of deliveries that ended without one
+-- (what tells a poison pill) starts again.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stale = 0
@@ -261,6 +264,7 @@ for i = 1, #ARGV, 4 do
     redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 2]), id)
     redis.call('HSET', KEYS[3], id, 'delayed')
     redis.call('HSET', KEYS[5], id, ARGV[i + 3])
+    redis.call('HSET', KEYS[6], id, 0)
   else
     stale = stale + 1
   end
@@ -605,7 +609,7 @@ impl Queue {
         }
         let k = self.keys(partition);
         let mut call = self.scripts.retry.prepare_invoke();
-        call.key(&k.active).key(&k.delayed).key(&k.state).key(&k.tok).key(&k.err);
+        call.key(&k.active).key(&k.delayed).key(&k.state).key(&k.tok).key(&k.err).key(&k.att);
         for r in retries {
             call.arg(&r.job.order_id).arg(&r.job.token).arg(ms(r.delay)).arg(&r.error);
         }

@@ -339,6 +339,59 @@ async fn duplicate_enqueues_and_a_replay_of_an_issued_invoice_call_the_provider_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_deliveries_that_ended_without_a_verdict_make_a_poison_pill() {
+    let s = setup(Knobs::default(), "immediate").await;
+    let q = queue_of(&s.env);
+    // Two orders in different partitions, so each can be claimed on its own.
+    let retried = "ORD-PP-RETRIED".to_owned();
+    let crashed = (0..)
+        .map(|i| format!("ORD-PP-CRASHED-{i}"))
+        .find(|o| q.partition_of(o) != q.partition_of(&retried))
+        .unwrap();
+    s.pay([retried.clone(), crashed.clone()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'QUEUED'", 2).await;
+    let claim = |order: String, lease: Duration| {
+        let q = q.clone();
+        async move {
+            wait_until(WAIT, "the job to be claimable", || {
+                let (q, order) = (q.clone(), order.clone());
+                async move { q.claim(q.partition_of(&order), 1, lease).await.unwrap().jobs.into_iter().next() }
+            })
+            .await
+        }
+    };
+    // Handed back 40 times by live workers (as through a long Postgres outage, or waits for a
+    // series slot): each retry is a verdict, so the job stays an ordinary one.
+    for _ in 0..40 {
+        let job = claim(retried.clone(), Duration::from_secs(30)).await;
+        assert_eq!(job.order_id, retried);
+        let retry =
+            invoice::queue::Retry { job: &job, delay: Duration::ZERO, error: "storage unavailable".into() };
+        assert_eq!(q.retry(job.partition, &[retry]).await.unwrap(), 0);
+    }
+    // Claimed 20 times by workers that died (the lease ran out each time): a poison pill.
+    let mut last = 0;
+    for _ in 0..20 {
+        let job = claim(crashed.clone(), Duration::from_millis(1)).await;
+        assert_eq!(job.order_id, crashed);
+        last = job.delivery;
+    }
+    assert_eq!(last, 20, "each delivery that ended without a verdict counts");
+
+    let _worker = TestWorker::spawn(&s.env).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status IN ('ISSUED', 'FAILED')", 2).await;
+    assert_eq!(s.status_of(&retried).await, vec!["ISSUED"]);
+    assert_eq!(s.status_of(&crashed).await, vec!["FAILED"]);
+    let error: String = sqlx::query_scalar("SELECT last_error FROM invoice WHERE order_id = $1")
+        .bind(&crashed)
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert!(error.contains("redelivered"), "{error}");
+    assert_eq!(s.sim.stats().issued, 1, "the poison pill never reached the provider");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_everything_loses_no_invoice() {
     // Few slots and a slow provider, so most jobs are still waiting in Redis when it is wiped.
     let s = setup_with(Knobs { latency_ms: 40, ..Knobs::default() }, "immediate", |env| {
