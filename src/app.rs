@@ -186,6 +186,7 @@ fn http_state(
             timeout: cfg.ready_timeout,
         },
         api,
+        in_flight: tokio::sync::Semaphore::new(http::server::MAX_IN_FLIGHT),
     }))
 }
 

@@ -35,6 +35,8 @@ use server::bytes_body::Body;
 pub const MAX_BODY: usize = 1024 * 1024;
 /// A request still running after this is answered 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request that found no free slot for this long is answered 503 (`Retry-After: 1`).
+pub const SLOT_WAIT: Duration = Duration::from_secs(10);
 
 /// What handlers share.
 pub struct HttpState {
@@ -45,6 +47,8 @@ pub struct HttpState {
     /// The `/v1/api` routes' dependencies; `None` in modes that serve only health,
     /// readiness and metrics.
     pub api: Option<Arc<Api>>,
+    /// Slots for requests other than probes and scrapes ([`server::MAX_IN_FLIGHT`]).
+    pub in_flight: tokio::sync::Semaphore,
 }
 
 /// The dependencies of the `/v1/api` routes.
@@ -127,24 +131,72 @@ pub async fn route(state: Arc<HttpState>, request: Request<Incoming>) -> Respons
         }
         Matched::Route(route, params) => {
             let params: Vec<String> = params.into_iter().map(str::to_owned).collect();
-            let handled =
-                tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, route.id, params, request)).await;
-            let response = handled.unwrap_or_else(|_| {
-                tracing::warn!(route = route.template, "Request timed out");
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "timeout",
-                    "the request took too long; retry later",
-                )
-                .into_response()
-            });
+            // Probes and scrapes take no slot: with every slot held (slow uploads, say), the
+            // liveness probe would wait behind them and the pod be restarted for nothing.
+            let probe = matches!(route.id, RouteId::Health | RouteId::Ready | RouteId::Metrics);
+            let slot = if probe {
+                Ok(None)
+            } else {
+                tokio::time::timeout(SLOT_WAIT, state.in_flight.acquire()).await.map(Result::ok)
+            };
+            let response = match slot {
+                Err(_waited) => {
+                    tracing::warn!(route = route.template, "No request slot free; answered 503");
+                    let mut response = Problem::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        "too many requests in progress; retry later",
+                    )
+                    .into_response();
+                    response.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    response
+                }
+                Ok(_slot) => {
+                    let handled =
+                        tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, route.id, params, request))
+                            .await;
+                    handled.unwrap_or_else(|_| {
+                        tracing::warn!(route = route.template, "Request timed out");
+                        Problem::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "timeout",
+                            "the request took too long; retry later",
+                        )
+                        .into_response()
+                    })
+                }
+            };
             (route.template, response)
         }
     };
     let elapsed: Duration = started.elapsed();
-    state.metrics.http_request(method.as_str(), template, response.status().as_u16(), elapsed);
-    tracing::debug!(method = %method, route = template, status = response.status().as_u16(), elapsed_ms = elapsed.as_millis() as u64, "HTTP request");
+    let method = method_label(&method);
+    state.metrics.http_request(method, template, response.status().as_u16(), elapsed);
+    tracing::debug!(
+        method,
+        route = template,
+        status = response.status().as_u16(),
+        elapsed_ms = elapsed.as_millis() as u64,
+        "HTTP request"
+    );
     response
+}
+
+/// The method as a metric label: hyper accepts any token as a method, and each new one
+/// would be a histogram series kept forever (a loop of `curl -X RND$i` grew `/metrics` without
+/// bound, unauthenticated).
+fn method_label(method: &hyper::Method) -> &'static str {
+    use hyper::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 async fn handle(

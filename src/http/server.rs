@@ -8,13 +8,12 @@ use std::time::Duration;
 use bytes_body::Body;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::limit::ConcurrencyLimitLayer;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -31,9 +30,17 @@ pub mod bytes_body {
 /// How long in-flight requests may run after shutdown was requested.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Requests handled at once per process; more wait for a slot (the accept loop keeps
-/// accepting, so a burst queues instead of being refused).
+/// Requests handled at once per process, probes and scrapes aside; more wait for a slot (up
+/// to [`super::SLOT_WAIT`]: the accept loop keeps accepting, so a burst queues instead of
+/// being refused).
 pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// How long a connection may take to send a request's head, and how long a kept-alive one may
+/// sit idle (hyper's default, which it drops without a timer: then a client trickling its
+/// headers held a connection, and a file descriptor, forever).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 pings a quiet connection this often and drops it if the answer takes longer.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// A panic in a handler becomes a 500 problem (the connection and the process live on).
 fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
@@ -50,10 +57,16 @@ fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<B
 /// (at most [`DRAIN_TIMEOUT`]) and returns.
 ///
 /// Each request passes, outermost first: request id (`x-request-id`, generated unless
-/// given, echoed back), a tracing span carrying it, panic-to-500, the concurrency limit,
-/// then [`route`] (which adds the timeout, body limits and the per-route metrics).
+/// given, echoed back), a tracing span carrying it, panic-to-500, then [`route`] (which adds
+/// the request slots, the timeout, body limits and the per-route metrics).
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE)
+        .keep_alive_timeout(H2_KEEP_ALIVE);
     let graceful = GracefulShutdown::new();
     let shared = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -65,7 +78,6 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
         .service(tower::service_fn(move |request: Request<Incoming>| {
             let state = state.clone();
             async move { Ok::<Response<Body>, Infallible>(route(state, request).await) }

@@ -94,6 +94,15 @@ async fn unknown_paths_and_wrong_methods_get_problem_json() {
     let metrics = reqwest::get(api.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(!metrics.contains("nothing-here"), "{metrics}");
     assert!(metrics.contains("route=\"unmatched\",status=\"404\""), "{metrics}");
+    // Nor does a made-up method: any token is a method to hyper.
+    for i in 0..3 {
+        let method = reqwest::Method::from_bytes(format!("RND{i}").as_bytes()).unwrap();
+        let response = reqwest::Client::new().request(method, api.url("/health")).send().await.unwrap();
+        assert_eq!(response.status(), 405);
+    }
+    let metrics = reqwest::get(api.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(!metrics.contains("RND"), "{metrics}");
+    assert!(metrics.contains("method=\"other\",route=\"/health\",status=\"405\"} 3"), "{metrics}");
     api.stop().await.unwrap();
 }
 
@@ -127,5 +136,20 @@ async fn administrative_units_are_served_after_the_2025_reform() {
     assert_eq!(bad.status(), 400);
     let metrics = reqwest::get(api.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("route=\"/v1/api/admin-units/provinces/{code}/wards\""), "{metrics}");
+    api.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_request_head_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = TestApi::spawn().await;
+    let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    // The head never ends: the server closes the connection after its header read timeout
+    // (30 s) instead of holding it, and its file descriptor, forever.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(60), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection is still open after 60 s");
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"), "{}", String::from_utf8_lossy(&buf));
     api.stop().await.unwrap();
 }
