@@ -298,7 +298,29 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     match dotenvy::from_path(".env") {
         Ok(_) => Ok(()),
         Err(e) if e.not_found() => Ok(()),
+        // dotenvy's message quotes the whole line, which is usually `NAME=secret`.
+        Err(dotenvy::Error::LineParse(line, _)) => Err(ConfigError::new(".env", malformed_line(&line))),
         Err(e) => Err(ConfigError::new(".env", e.to_string())),
+    }
+}
+
+/// Names the malformed `.env` line by number and variable, never by its text.
+fn malformed_line(line: &str) -> String {
+    let number = std::fs::read_to_string(".env")
+        .ok()
+        .and_then(|text| text.lines().position(|l| l.trim() == line.trim() || l.contains(line)))
+        .map(|i| format!("line {}", i + 1))
+        .unwrap_or_else(|| "a line".to_owned());
+    let name: String = line
+        .trim_start()
+        .trim_start_matches("export ")
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    if name.is_empty() {
+        format!("{number} cannot be parsed (its text is not shown: it may hold a secret)")
+    } else {
+        format!("{number} ({name}) cannot be parsed (its value is not shown: it may be a secret)")
     }
 }
 

@@ -103,6 +103,17 @@ fn a_dotenv_file_is_read_and_set_variables_win() {
     let out =
         invoice_cmd(&set).current_dir(dir.path()).args(["partition-of", "Hello World"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
+    // A malformed line is named by number and variable, never quoted: it holds a secret.
+    std::fs::write(
+        dir.path().join(".env"),
+        "APP_ENV_INVOICE_QUEUE_PARTITIONS=7\nWEBHOOK_SECRET=whsec_ab\"cd-very-secret\n",
+    )
+    .unwrap();
+    let out = invoice_cmd(&env).current_dir(dir.path()).args(["migrate"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("line 2 (WEBHOOK_SECRET)"), "{err}");
+    assert!(!err.contains("very-secret"), "{err}");
 }
 
 #[tokio::test]
