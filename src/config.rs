@@ -551,6 +551,9 @@ impl Config {
         } else {
             None
         };
+        if let Some(auth) = &http_auth {
+            check_secrets_differ(auth)?;
+        }
 
         Ok(Config {
             database_url: Secret::new(database_url),
@@ -603,6 +606,26 @@ fn check_url(var: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError
         Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => Ok(()),
         _ => Err(ConfigError::new(var, format!("not a URL with scheme {}", schemes.join(" or ")))),
     }
+}
+
+/// The merchant and internal webhook secrets (current and previous) must all differ: a
+/// merchant holding a secret that also opens `/webhooks/internal` could cancel invoices.
+fn check_secrets_differ(auth: &HttpAuth) -> Result<(), ConfigError> {
+    use crate::auth::webhook::secret_bytes;
+    let merchant = [Some(&auth.webhook_secret), auth.webhook_secret_previous.as_ref()];
+    let internal = [Some(&auth.webhook_internal_secret), auth.webhook_internal_secret_previous.as_ref()];
+    for m in merchant.iter().flatten() {
+        for (name, i) in ["WEBHOOK_INTERNAL_SECRET", "WEBHOOK_INTERNAL_SECRET_PREVIOUS"].iter().zip(internal)
+        {
+            if i.is_some_and(|i| secret_bytes(i.expose()) == secret_bytes(m.expose())) {
+                return Err(ConfigError::new(
+                    name,
+                    "equals a merchant webhook secret (WEBHOOK_SECRET or its previous value): internal operations need a secret of their own",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks a webhook secret's form; `Ok(false)` when it is usable but shorter than the 24
@@ -771,10 +794,32 @@ mod tests {
     }
 
     #[test]
+    fn an_internal_webhook_secret_equal_to_a_merchant_one_is_refused() {
+        let merchant = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        // The same key bytes, as `whsec_` base64 or raw.
+        let raw = "a-merchant-secret-of-sufficient-length";
+        let raw_as_whsec = {
+            use base64::Engine as _;
+            format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(raw))
+        };
+        for (var, merchant, value) in [
+            ("WEBHOOK_INTERNAL_SECRET", merchant.to_owned(), merchant.to_owned()),
+            ("WEBHOOK_INTERNAL_SECRET_PREVIOUS", raw_as_whsec.clone(), raw.to_owned()),
+        ] {
+            let mut env = with_api(minimal());
+            env.insert("WEBHOOK_SECRET".into(), merchant.clone());
+            env.insert(var.into(), value.clone());
+            let error = err(&env, Mode::Api);
+            assert_eq!(error.var, var);
+            assert!(!error.to_string().contains(&value), "{error}");
+        }
+    }
+
+    #[test]
     fn short_webhook_secrets_are_accepted_and_named_for_a_warning() {
         let mut env = with_api(minimal());
         env.insert("WEBHOOK_SECRET".into(), "short".into());
-        env.insert("WEBHOOK_INTERNAL_SECRET_PREVIOUS".into(), "whsec_c2hvcnQ=".into());
+        env.insert("WEBHOOK_INTERNAL_SECRET_PREVIOUS".into(), "whsec_c2hvcnQy".into());
         env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), "localhost:31999".into());
         let cfg = Config::from_source(&env, Mode::Api).unwrap();
         assert_eq!(cfg.http_addr.port(), 31999);
