@@ -95,6 +95,9 @@ pub struct Timing {
     pub safe_wait: Duration,
     /// Interval of number lookups.
     pub lookup_interval: Duration,
+    /// The longest delay before a retry, whatever a provider's `Retry-After` asks (SPEC §4:
+    /// backoff cap).
+    pub backoff_cap: Duration,
 }
 
 /// `now + d`, saturating at a far date instead of overflowing (a provider may send any
@@ -143,7 +146,7 @@ pub fn after_create(
             if attempt >= timing.max_attempts {
                 Transition::Failed { error: format!("attempts exhausted ({attempt}); last error {code}") }
             } else {
-                let delay = backoff.max(retry_after.unwrap_or(Duration::ZERO));
+                let delay = backoff.max(retry_after.unwrap_or(Duration::ZERO)).min(timing.backoff_cap);
                 Transition::Retry { next: at(now, delay), error: format!("retryable: {code}") }
             }
         }
@@ -208,6 +211,7 @@ mod tests {
         max_attempts: 8,
         safe_wait: Duration::from_secs(90),
         lookup_interval: Duration::from_secs(30),
+        backoff_cap: Duration::from_secs(600),
     };
 
     #[test]
@@ -286,6 +290,11 @@ mod tests {
             Outcome::Retryable { code: "HTTP_429".into(), retry_after: Some(Duration::from_secs(60)) };
         assert!(matches!(after_create(&retry_after, 1, "s", now(), &TIMING, b),
             Transition::Retry { next, .. } if next == now() + chrono::Duration::seconds(60)));
+        // ... up to the backoff cap.
+        let hour =
+            Outcome::Retryable { code: "HTTP_429".into(), retry_after: Some(Duration::from_secs(3_600)) };
+        assert!(matches!(after_create(&hour, 1, "s", now(), &TIMING, b),
+            Transition::Retry { next, .. } if next == now() + chrono::Duration::seconds(600)));
         assert!(matches!(after_create(&retry, 8, "s", now(), &TIMING, b), Transition::Failed { .. }));
         let permanent = Outcome::Permanent { code: "VAT_AMOUNT_INVALID".into(), message: "m".into() };
         assert!(matches!(after_create(&permanent, 1, "s", now(), &TIMING, b), Transition::Failed { .. }));

@@ -368,6 +368,7 @@ impl Worker {
             max_attempts: settings.max_attempts,
             safe_wait: settings.provider_safe_wait,
             lookup_interval: settings.lookup_interval,
+            backoff_cap: settings.backoff_cap,
         };
         let mut shares: HashMap<(String, String), Arc<SeriesShare>> = HashMap::new();
         let calls: Vec<_> = run

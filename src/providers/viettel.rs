@@ -89,6 +89,9 @@ impl Viettel {
             // A burst's connections are not kept open long after it.
             .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(concat!("invoice/", env!("CARGO_PKG_VERSION")))
+            // A redirect would re-send the login (the password) or the invoice to another
+            // host, perhaps over plain HTTP; a 3xx is an unexpected answer instead.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ProviderInitError(e.to_string()))?;
         Ok(Viettel { client, settings, tokens: std::sync::Mutex::new(HashMap::new()) })
@@ -302,7 +305,7 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        // An hour at most: the retry schedule caps delays anyway.
+        // An hour at most here; the retry schedule caps it again (`QUEUE_BACKOFF_CAP_MS`).
         .map(|s| Duration::from_secs(s.min(3_600)))
 }
 
