@@ -373,14 +373,23 @@ struct Conn {
     shared: std::sync::Arc<std::sync::Mutex<Shared>>,
 }
 
+/// Whether an error means the connection itself must be replaced. Besides broken
+/// connections: a failover that demotes the old primary leaves clients connected to a
+/// replica, which answers every write `READONLY` (or `MASTERDOWN`) on the same healthy
+/// connection forever; only a new connection reaches the new primary (through DNS or the
+/// proxy in front).
+fn connection_is_useless(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+        || error.is_timeout()
+        || matches!(error.kind(), redis::ErrorKind::ReadOnly | redis::ErrorKind::MasterDown)
+}
+
 impl Conn {
     fn check<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if let Err(error) = &result {
-            if error.is_io_error()
-                || error.is_connection_dropped()
-                || error.is_unrecoverable_error()
-                || error.is_timeout()
-            {
+            if connection_is_useless(error) {
                 if let Ok(mut shared) = self.shared.lock() {
                     if shared.generation == self.generation {
                         shared.connection = None;
@@ -796,6 +805,18 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, floor: Duration) -> 
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_demoted_primary_or_a_broken_connection_gets_a_new_connection_and_script_errors_do_not() {
+        let error = |kind, text: &'static str| redis::RedisError::from((kind, text));
+        assert!(connection_is_useless(&error(redis::ErrorKind::ReadOnly, "READONLY")));
+        assert!(connection_is_useless(&error(redis::ErrorKind::MasterDown, "MASTERDOWN")));
+        assert!(connection_is_useless(&redis::RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        ))));
+        assert!(!connection_is_useless(&error(redis::ErrorKind::ResponseError, "ERR Error running script")));
+        assert!(!connection_is_useless(&error(redis::ErrorKind::TypeError, "WRONGTYPE")));
+    }
 
     proptest! {
         #[test]
