@@ -144,7 +144,7 @@ impl Worker {
                 continue;
             }
             match fates.get(&job.order_id) {
-                None | Some(Fate::Complete) => complete.push(job),
+                None | Some(Fate::Complete { .. }) => complete.push(job),
                 Some(Fate::RetryIn(delay, error)) => {
                     retries.push(Retry { job, delay: *delay, error: error.clone() })
                 }
@@ -187,10 +187,13 @@ impl Worker {
             }
         }
         m.batch_phase("queue", started.elapsed());
-        // Enqueue → ISSUED latency, for jobs that ended issued.
+        // Enqueue → ISSUED latency, for jobs whose invoice this batch issued (not jobs that found
+        // theirs issued, cancelled or failed already: those would pull the latency down).
         let now = crate::queue::now_ms();
         for job in &jobs {
-            if matches!(fates.get(&job.order_id), Some(Fate::Complete)) && job.payload.enqueued_at_ms > 0 {
+            if matches!(fates.get(&job.order_id), Some(Fate::Complete { issued: true }))
+                && job.payload.enqueued_at_ms > 0
+            {
                 m.issued_after((now - job.payload.enqueued_at_ms) as f64 / 1000.0);
             }
         }
@@ -424,6 +427,7 @@ impl Worker {
 
         lap("settle");
         let mut handed_back: HashSet<String> = HashSet::new();
+        let mut issued: HashSet<String> = HashSet::new();
         for (s, ok) in settles.iter().zip(applied) {
             if !ok {
                 continue;
@@ -435,6 +439,7 @@ impl Worker {
                         orderId = %inv.order_id, merchantId = %inv.merchant_id, invoiceId = inv.id,
                         invoiceNo = %invoice_no, "Invoice issued"
                     );
+                    issued.insert(inv.order_id.clone());
                     if super::plan::rejected_by_tax_authority(provider_status.as_deref()) {
                         deps.metrics.issuance.tax_authority_rejected(&s.provider);
                         tracing::error!(
@@ -500,7 +505,7 @@ impl Worker {
                     ),
                     (None, _) if handed_back.contains(&order) => Fate::Release,
                     (None, Some(error)) => Fate::Dead(error.clone()),
-                    (None, None) => Fate::Complete,
+                    (None, None) => Fate::Complete { issued: issued.contains(&order) },
                 };
                 (order, fate)
             })
@@ -647,8 +652,8 @@ impl Worker {
 /// What happens to a job after its batch.
 #[derive(Debug, Clone)]
 enum Fate {
-    /// Nothing left to do for the order.
-    Complete,
+    /// Nothing left to do for the order; `issued`: this batch issued its invoice.
+    Complete { issued: bool },
     /// Come back after this delay.
     RetryIn(Duration, String),
     /// Failed: to the DLQ.

@@ -144,6 +144,8 @@ async fn paid_orders_are_issued_once_each_with_attempts_audit_events_and_metrics
     );
     assert_eq!(metric_value(&text, "invoice_issuance_transitions_total", &["status=\"ISSUED\""]), 40.0);
     assert!(metric_value(&text, "invoice_provider_latency_seconds_count", &["operation=\"create\""]) >= 40.0);
+    // One enqueue-to-ISSUED latency per invoice issued, whatever else the jobs met.
+    assert_eq!(metric_value(&text, "invoice_issuance_latency_seconds_count", &[]), 40.0);
     // The queue is empty afterwards: every job completed.
     let depths = queue_of(&s.env).depths().await.unwrap();
     assert!(
@@ -311,7 +313,7 @@ async fn duplicate_enqueues_and_a_replay_of_an_issued_invoice_call_the_provider_
         async move {
             let payload = invoice::queue::JobPayload {
                 merchant_id: "M-1".into(),
-                enqueued_at_ms: 0,
+                enqueued_at_ms: invoice::queue::now_ms(),
                 source: "test".into(),
             };
             queue.enqueue(&[("ORD-D-1".into(), payload)]).await.unwrap()[0]
@@ -324,6 +326,8 @@ async fn duplicate_enqueues_and_a_replay_of_an_issued_invoice_call_the_provider_
         queue.job_state("ORD-D-1").await.unwrap().0.is_none().then_some(())
     })
     .await;
+    // A job that found its invoice issued is no enqueue-to-ISSUED latency.
+    assert_eq!(metric_value(&worker.metrics().await, "invoice_issuance_latency_seconds_count", &[]), 0.0);
     let replay = invoice_cmd(&s.env).args(["replay", "ORD-D-1"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&replay.stdout);
     assert!(
