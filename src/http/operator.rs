@@ -18,6 +18,10 @@ use crate::auth::jwt::{Principal, ADMIN};
 use crate::storage::invoices::{self, ListFilter};
 use crate::storage::provider_configs::{self, NewConfig};
 
+/// `GET /dlq`: the newest FAILED invoices read, and the most listed after the partition filter.
+const DLQ_SCAN: i64 = 10_000;
+const DLQ_PAGE: usize = 1_000;
+
 const STATUSES: &[&str] =
     &["PENDING_CLAIM", "QUEUED", "ISSUING", "SUBMITTED", "ISSUED", "FAILED", "CANCELLED", "REPLACED"];
 
@@ -116,21 +120,18 @@ pub async fn handle(
                     other => return Err(bad_request(format!("unknown query parameter `{other}`"))),
                 }
             }
-            let jobs = api.queue.dead_jobs(1000).await.map_err(|e| {
-                tracing::error!(error = %e, "Cannot read the DLQ");
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "queue-unavailable",
-                    "the queue is not answering",
-                )
-            })?;
-            let items: Vec<Value> = jobs
+            // Postgres' FAILED invoices, as `invoice dlq list` shows them: Redis' DLQ is lost with
+            // Redis' data (FLUSHALL, a restart without persistence) and misses a move that
+            // failed, while Postgres is the record. Newest first; filtered, then truncated.
+            let failed = crate::storage::issuance::failed(&api.db, DLQ_SCAN).await?;
+            let items: Vec<Value> = failed
                 .into_iter()
-                .filter(|(_, p, _, _)| partition.is_none_or(|want| want == *p))
-                .map(|(order_id, p, at, error)| {
-                    json!({"orderId": order_id, "partition": p,
-                           "deadAt": chrono::DateTime::from_timestamp_millis(at).map(crate::events::invoice_events::rfc3339),
-                           "error": error})
+                .map(|(id, merchant_id, order_id, error, at)| (api.queue.partition_of(&order_id), id, merchant_id, order_id, error, at))
+                .filter(|(p, ..)| partition.is_none_or(|want| want == *p))
+                .take(DLQ_PAGE)
+                .map(|(p, id, merchant_id, order_id, error, at)| {
+                    json!({"orderId": order_id, "merchantId": merchant_id, "invoiceId": id.to_string(),
+                           "partition": p, "deadAt": crate::events::invoice_events::rfc3339(at), "error": error})
                 })
                 .collect();
             Ok(super::json(StatusCode::OK, &json!({"items": items})))

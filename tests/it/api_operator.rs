@@ -166,9 +166,24 @@ async fn permissions_and_merchant_scope_are_enforced_on_every_route() {
         assert_eq!(status, 401, "{path} without a token");
     }
     assert_eq!(api.get_as(&token(&["invoice:read"], &["M-1"]), "/v1/api/dlq").await.status(), 403);
-    assert_eq!(api.get_as(&token(&["invoice:admin"], &[]), "/v1/api/dlq").await.status(), 200);
-    // An admin sees every merchant, with the permissions it holds; admin alone is no read.
+    // The DLQ is Postgres' FAILED invoices, newest first, even with nothing in Redis (ORD-J-2
+    // was replayed above).
     let admin = token(&["invoice:admin"], &[]);
+    let orders_in = |dlq: &Value| -> Vec<String> {
+        dlq["items"].as_array().unwrap().iter().map(|i| i["orderId"].as_str().unwrap().to_owned()).collect()
+    };
+    let dlq: Value = api.get_as(&admin, "/v1/api/dlq").await.json().await.unwrap();
+    assert_eq!(orders_in(&dlq), ["ORD-J-3"], "{dlq}");
+    assert_eq!(dlq["items"][0]["invoiceId"], theirs.to_string());
+    assert_eq!(dlq["items"][0]["merchantId"], "M-2");
+    let p = invoice::ids::partition_of("ORD-J-3", 3);
+    assert_eq!(dlq["items"][0]["partition"], p);
+    let same: Value = api.get_as(&admin, &format!("/v1/api/dlq?partition={p}")).await.json().await.unwrap();
+    assert_eq!(orders_in(&same), ["ORD-J-3"]);
+    let other: Value =
+        api.get_as(&admin, &format!("/v1/api/dlq?partition={}", (p + 1) % 3)).await.json().await.unwrap();
+    assert!(orders_in(&other).is_empty(), "{other}");
+    // An admin sees every merchant, with the permissions it holds; admin alone is no read.
     assert_eq!(api.get_as(&admin, &format!("/v1/api/invoices/{theirs}")).await.status(), 403);
     let admin_reader = token(&["invoice:admin", "invoice:read"], &[]);
     assert_eq!(api.get_as(&admin_reader, &format!("/v1/api/invoices/{theirs}")).await.status(), 200);
