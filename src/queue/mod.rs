@@ -273,7 +273,7 @@ return stale
 "#;
 
 const DEAD: &str = r#"
--- KEYS: active dlq state tok err ; ARGV: id token error ; returns 1 if moved, 0 if stale
+-- KEYS: active dlq state tok err job att ; ARGV: id token error cap ; returns 1 if moved, 0 if stale
 if redis.call('HGET', KEYS[3], ARGV[1]) == 'active' and redis.call('HGET', KEYS[4], ARGV[1]) == ARGV[2] then
   local t = redis.call('TIME')
   redis.call('ZREM', KEYS[1], ARGV[1])
@@ -281,6 +281,21 @@ if redis.call('HGET', KEYS[3], ARGV[1]) == 'active' and redis.call('HGET', KEYS[
   redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
   redis.call('HSET', KEYS[3], ARGV[1], 'dead')
   redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
+  -- Bounded: the oldest dead jobs leave Redis (Postgres keeps their FAILED invoices, which
+  -- is what `dlq list` shows and `dlq requeue` moves).
+  local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+  if excess > 0 then
+    local popped = redis.call('ZPOPMIN', KEYS[2], excess)
+    for i = 1, #popped, 2 do
+      local id = popped[i]
+      if redis.call('HGET', KEYS[3], id) == 'dead' then
+        redis.call('HDEL', KEYS[3], id)
+        redis.call('HDEL', KEYS[5], id)
+        redis.call('HDEL', KEYS[6], id)
+        redis.call('HDEL', KEYS[7], id)
+      end
+    end
+  end
   return 1
 end
 return 0
@@ -349,7 +364,12 @@ pub struct Queue {
     partitions: u32,
     prefix: String,
     scripts: std::sync::Arc<Scripts>,
+    dlq_cap: usize,
 }
+
+/// Dead jobs kept in Redis per partition; older ones leave it (their FAILED invoices stay in
+/// Postgres). Unbounded, a merchant failing thousands of invoices a day grew Redis for good.
+pub const DLQ_CAP: usize = 10_000;
 
 /// How long any queue operation may wait for Redis's answer. Without it a Redis that stops
 /// answering (paused, or a network that drops packets) would hang every worker for good;
@@ -463,6 +483,7 @@ impl Queue {
             shared: Default::default(),
             partitions: partitions.max(1),
             prefix: prefix.to_owned(),
+            dlq_cap: DLQ_CAP,
             scripts: std::sync::Arc::new(Scripts {
                 enqueue: Script::new(ENQUEUE),
                 claim: Script::new(CLAIM),
@@ -475,6 +496,12 @@ impl Queue {
                 series: series::SeriesScripts::default(),
             }),
         }
+    }
+
+    /// The same queue keeping at most `cap` dead jobs per partition in Redis.
+    pub fn with_dlq_cap(mut self, cap: usize) -> Queue {
+        self.dlq_cap = cap.max(1);
+        self
     }
 
     /// The number of partitions.
@@ -638,9 +665,12 @@ impl Queue {
             .key(&k.state)
             .key(&k.tok)
             .key(&k.err)
+            .key(&k.job)
+            .key(&k.att)
             .arg(&job.order_id)
             .arg(&job.token)
             .arg(error)
+            .arg(self.dlq_cap)
             .invoke_async(&mut conn)
             .await?;
         Ok(moved == 1)

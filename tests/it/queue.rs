@@ -344,3 +344,35 @@ async fn a_redis_that_stops_answering_fails_operations_instead_of_hanging_them()
     let answer = q.enqueue(&[("ORD-HANG-3".into(), payload())]).await;
     assert_eq!(answer.unwrap(), vec![Enqueued::New]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_dlq_keeps_only_the_newest_dead_jobs_and_forgets_the_rest_entirely() {
+    let (q, prefix) = queue();
+    let q = q.with_dlq_cap(2);
+    let orders: Vec<String> =
+        (0..).map(|i| format!("ORD-CAP-{i}")).filter(|o| q.partition_of(o) == 0).take(3).collect();
+    for order in &orders {
+        q.enqueue(&[(order.clone(), payload())]).await.unwrap();
+        let job = claim_one(&q, 0, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(&job.order_id, order);
+        assert!(q.dead(&job, "INVOICE_SERIAL_NOT_FOUND").await.unwrap());
+    }
+    let dead: Vec<String> = q.dead_jobs(10).await.unwrap().into_iter().map(|(id, ..)| id).collect();
+    assert_eq!(dead, orders[1..].to_vec(), "the oldest left the DLQ");
+    check_invariant(&prefix, 0).await;
+    // Nothing of it is left behind in the hashes.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    for hash in ["state", "job", "att", "err", "tok"] {
+        let there: bool = redis::cmd("HEXISTS")
+            .arg(format!("{prefix}:{{p0}}:{hash}"))
+            .arg(&orders[0])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(!there, "{hash} still holds {}", orders[0]);
+    }
+    assert_eq!(q.depths().await.unwrap()[0].dead, 2);
+    // Enqueued again (a requeue from Postgres), it is a new job.
+    assert_eq!(q.enqueue(&[(orders[0].clone(), payload())]).await.unwrap(), vec![Enqueued::New]);
+}
