@@ -39,13 +39,6 @@ pub fn parse(body: &[u8]) -> Result<Buyer, Problem> {
     Ok(parsed.buyer)
 }
 
-fn with_headers(mut response: Response<Body>) -> Response<Body> {
-    // The token is in the URL: keep it out of Referer headers and caches.
-    response.headers_mut().insert("referrer-policy", HeaderValue::from_static("no-referrer"));
-    response.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
-    response
-}
-
 fn throttled(api: &Api, request: &Request<Incoming>, method: &'static str) -> Option<Response<Body>> {
     let client = client_ip(api, request)?;
     let wait = api.claim_limiter.blocked(client, Instant::now())?;
@@ -84,23 +77,23 @@ pub async fn get(api: &Api, token: &str, request: &Request<Incoming>) -> Respons
     }
     let client = client_ip(api, request);
     if !well_formed(token) {
-        return with_headers(unknown(api, client, "GET"));
+        return unknown(api, client, "GET");
     }
     let view = match claims::view(&api.db, &token_hash(token)).await {
         Ok(Some(view)) => view,
-        Ok(None) => return with_headers(unknown(api, client, "GET")),
+        Ok(None) => return unknown(api, client, "GET"),
         Err(error) => return super::internal(&error).into_response(),
     };
     let now = chrono::Utc::now();
     let expired = view.status == "EXPIRED" || (view.status == "OPEN" && now > view.deadline);
     if expired {
-        return with_headers(gone(api, "GET", "the claim deadline has passed"));
+        return gone(api, "GET", "the claim deadline has passed");
     }
     if view.status == "CANCELLED" {
-        return with_headers(gone(api, "GET", "the invoice was cancelled"));
+        return gone(api, "GET", "the invoice was cancelled");
     }
     api.metrics.api.claim_request("GET", "ok");
-    with_headers(super::json(
+    super::json(
         StatusCode::OK,
         &json!({
             "status": view.status,
@@ -112,7 +105,7 @@ pub async fn get(api: &Api, token: &str, request: &Request<Incoming>) -> Respons
             "buyer": view.buyer,
             "invoiceStatus": view.invoice_status,
         }),
-    ))
+    )
 }
 
 /// `POST /v1/api/claims/{token}`.
@@ -122,7 +115,7 @@ pub async fn post(api: &Api, token: &str, request: Request<Incoming>) -> Respons
     }
     let client = client_ip(api, &request);
     if !well_formed(token) {
-        return with_headers(unknown(api, client, "POST"));
+        return unknown(api, client, "POST");
     }
     let body = match read_body(request, MAX_BODY).await {
         Ok(body) => body,
@@ -135,11 +128,11 @@ pub async fn post(api: &Api, token: &str, request: Request<Incoming>) -> Respons
         Ok(buyer) => buyer,
         Err(problem) => {
             api.metrics.api.claim_request("POST", "invalid");
-            return with_headers(problem.into_response());
+            return problem.into_response();
         }
     };
     match submit(api, token, &buyer, client).await {
-        Ok(response) => with_headers(response),
+        Ok(response) => response,
         Err(problem) => problem.into_response(),
     }
 }

@@ -169,6 +169,14 @@ pub async fn route(state: Arc<HttpState>, request: Request<Incoming>) -> Respons
             (route.template, response)
         }
     };
+    let mut response = response;
+    if path.starts_with("/v1/api/claims/") {
+        // The token is in the URL: keep it out of Referer headers and caches, whatever the
+        // answer (429, 413, 405 and 500 included).
+        let headers = response.headers_mut();
+        headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+        headers.insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     let elapsed: Duration = started.elapsed();
     let method = method_label(&method);
     state.metrics.http_request(method, template, response.status().as_u16(), elapsed);

@@ -174,6 +174,19 @@ async fn guessing_tokens_is_throttled_with_429() {
     let response = reqwest::get(claim_url(&api, &token)).await.unwrap();
     assert_eq!(response.status(), 429);
     assert!(response.headers().contains_key("retry-after"));
+    // Refusals keep the token out of Referer headers and caches too.
+    assert_eq!(response.headers()["referrer-policy"], "no-referrer");
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let response = reqwest::Client::new()
+        .post(claim_url(&api, &token))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(response.headers()["referrer-policy"], "no-referrer");
+    assert_eq!(response.headers()["cache-control"], "no-store");
     let metrics = api.metrics().await;
     assert_eq!(metric_value(&metrics, "invoice_http_rate_limited_total", &[]), 11.0);
     api.stop().await.unwrap();
