@@ -53,6 +53,29 @@ fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<B
     .into_response()
 }
 
+/// Longest `x-request-id` taken from a client.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Removes a client's `x-request-id` that is too long or holds anything but
+/// `[A-Za-z0-9._:-]`, so one is generated instead: the id goes into every log line of the
+/// request and back in the answer, and a client could otherwise write kilobytes, spaces or
+/// `key=value` look-alikes into our logs.
+fn drop_unusable_request_id(mut request: Request<Incoming>) -> Request<Incoming> {
+    let usable = |value: &hyper::header::HeaderValue| {
+        let bytes = value.as_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= MAX_REQUEST_ID
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    };
+    let headers = request.headers_mut();
+    let values: Vec<_> = headers.get_all("x-request-id").iter().collect();
+    let all_usable = values.len() <= 1 && values.into_iter().all(usable);
+    if !all_usable {
+        headers.remove("x-request-id");
+    }
+    request
+}
+
 /// Serves until `shutdown` is cancelled, then stops accepting, drains in-flight requests
 /// (at most [`DRAIN_TIMEOUT`]) and returns.
 ///
@@ -69,6 +92,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
         .keep_alive_timeout(H2_KEEP_ALIVE);
     let graceful = GracefulShutdown::new();
     let shared = ServiceBuilder::new()
+        .map_request(drop_unusable_request_id)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<Incoming>| {
             let request_id =

@@ -153,3 +153,24 @@ async fn a_client_trickling_its_request_head_is_cut_off() {
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"), "{}", String::from_utf8_lossy(&buf));
     api.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usable_request_id_is_echoed_and_any_other_is_replaced_by_a_fresh_one() {
+    let api = TestApi::spawn().await;
+    let client = reqwest::Client::new();
+    let echoed = |id: &str| {
+        let request = client.get(api.url("/health")).header("x-request-id", id);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.headers()["x-request-id"].to_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(echoed("trace-7f3a:9.b_c").await, "trace-7f3a:9.b_c");
+    for unusable in ["a b", "x\"y", "k=v status=200", &"a".repeat(129)] {
+        let got = echoed(unusable).await;
+        assert_ne!(got, unusable);
+        assert!(uuid::Uuid::parse_str(&got).is_ok(), "{unusable:?} gave {got:?}");
+    }
+    api.stop().await.unwrap();
+}
