@@ -92,8 +92,16 @@ pub async fn unfinished_for_orders(
 }
 
 /// The worker's take (see [`acquire`]): invoices `$1` still at versions `$4` become ISSUING
-/// for owner `$2` until `$3`, with their `issuance_started` audit rows by actor `$5`; returns
-/// each taken id with its status before.
+/// for owner `$2` until `$3` (on the worker's clock, which read `$6` as it sent this), with
+/// their `issuance_started` audit rows by actor `$5`; returns each taken id with its status
+/// before.
+///
+/// Deadlines the worker computes (call leases, the safe wait, retry times) are written as
+/// Postgres' `now()` plus their distance from the worker's clock as it sent the statement,
+/// never as the worker's own timestamps: takeovers test `lease_until < now()` on Postgres'
+/// clock, and a worker clock behind it shortened every lease and safe wait by the
+/// difference, so another worker could look up and resend while a call might still run. The
+/// shift can only lengthen them (a statement reaches Postgres after it is sent).
 pub const ACQUIRE: &str = "WITH old AS (
          SELECT i.id, i.status FROM invoice i JOIN unnest($1::bigint[], $4::timestamptz[]) AS r(id, seen)
               ON r.id = i.id AND i.updated_at = r.seen
@@ -101,7 +109,8 @@ pub const ACQUIRE: &str = "WITH old AS (
          FOR UPDATE OF i SKIP LOCKED),
      taken AS (
          UPDATE invoice i SET status = 'ISSUING', attempts = i.attempts + 1, lease_owner = $2,
-                lease_until = $3, next_attempt_at = $3, updated_at = now()
+                lease_until = now() + ($3 - $6::timestamptz), next_attempt_at = now() + ($3 - $6::timestamptz),
+                updated_at = now()
          FROM old WHERE i.id = old.id
          RETURNING i.id, old.status AS before, i.merchant_id, i.order_id, i.attempts),
      audited AS (
@@ -113,8 +122,10 @@ pub const ACQUIRE: &str = "WITH old AS (
          FROM taken ORDER BY taken.id)
      SELECT id, before FROM taken";
 
-/// Renews a call lease (see [`renew_lease`]): invoice `$1`, owner `$2`, until `$3`.
-pub const RENEW_LEASE: &str = "UPDATE invoice SET lease_until = $3, next_attempt_at = $3
+/// Renews a call lease (see [`renew_lease`]): invoice `$1`, owner `$2`, until `$3` (on the
+/// worker's clock, which read `$4` as it sent this).
+pub const RENEW_LEASE: &str = "UPDATE invoice
+     SET lease_until = now() + ($3 - $4::timestamptz), next_attempt_at = now() + ($3 - $4::timestamptz)
      WHERE id = $1 AND status = 'ISSUING' AND lease_owner = $2 AND lease_until > now()";
 
 /// Takes invoices for provider calls: QUEUED ones, and ISSUING ones whose lease expired
@@ -140,6 +151,7 @@ pub async fn acquire(
         .bind(lease_until)
         .bind(&versions)
         .bind(actor)
+        .bind(Utc::now())
         .fetch_all(&mut *conn)
         .await?)
 }
@@ -152,7 +164,14 @@ pub async fn renew_lease(
     owner: &str,
     until: DateTime<Utc>,
 ) -> Result<bool, StorageError> {
-    let rows = sqlx::query(RENEW_LEASE).bind(id).bind(owner).bind(until).execute(pool).await?.rows_affected();
+    let rows = sqlx::query(RENEW_LEASE)
+        .bind(id)
+        .bind(owner)
+        .bind(until)
+        .bind(Utc::now())
+        .execute(pool)
+        .await?
+        .rows_affected();
     Ok(rows == 1)
 }
 
@@ -328,6 +347,7 @@ static SETTLE: LazyLock<String> = LazyLock::new(|| {
     let outbox = audits + AUDIT_TYPES.len();
     let replaced = outbox + 1 + OUTBOX_TYPES.len();
     let actor = replaced + 5;
+    let clock = actor + 1;
     format!(
         "WITH updated AS (
              UPDATE invoice i SET
@@ -345,8 +365,8 @@ static SETTLE: LazyLock<String> = LazyLock::new(|| {
                  submitted_at = CASE WHEN u.status = 'SUBMITTED' THEN COALESCE(i.submitted_at, now())
                                      ELSE i.submitted_at END,
                  lease_owner = NULL,
-                 lease_until = u.lease_until,
-                 next_attempt_at = u.next_at,
+                 lease_until = now() + (u.lease_until - ${clock}::timestamptz),
+                 next_attempt_at = now() + (u.next_at - ${clock}::timestamptz),
                  last_error = CASE WHEN u.status = 'ISSUED' THEN NULL ELSE COALESCE(u.error, i.last_error) END,
                  attempts = greatest(i.attempts + u.attempts_delta, 0),
                  updated_at = now()
@@ -442,7 +462,8 @@ pub async fn settle(
         .bind(replaced.iter().map(|r| r.merchant_id).collect::<Vec<_>>())
         .bind(replaced.iter().map(|r| r.order_id).collect::<Vec<_>>())
         .bind(replaced.iter().map(|r| r.reason).collect::<Vec<_>>())
-        .bind(actor);
+        .bind(actor)
+        .bind(Utc::now());
     let updated: std::collections::HashSet<i64> = q
         .fetch_all(&mut *conn)
         .await?

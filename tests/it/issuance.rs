@@ -878,3 +878,55 @@ async fn the_issuance_log_markers_name_the_order_merchant_and_partition() {
     }
     s.stream.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_clock_behind_postgres_does_not_shorten_its_call_lease() {
+    use invoice::storage::issuance::{ACQUIRE, RENEW_LEASE};
+    let db = TestDb::create().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
+    let (id, _) = crate::support::seed_invoice(&db, "M-1", "ORD-SKEW-1", "QUEUED", deadline).await;
+    let seen: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT updated_at FROM invoice WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let lease_left = || async {
+        let seconds: f64 = sqlx::query_scalar(
+            "SELECT extract(epoch FROM lease_until - now())::float8 FROM invoice WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        seconds
+    };
+    // A worker whose clock is an hour behind Postgres' takes it for 60 s: the lease must not
+    // have expired already on Postgres' clock (another worker would take over mid-call).
+    let behind = chrono::Utc::now() - chrono::Duration::hours(1);
+    let taken: Vec<(i64, String)> = sqlx::query_as(ACQUIRE)
+        .bind(vec![id])
+        .bind("skewed#1")
+        .bind(behind + chrono::Duration::seconds(60))
+        .bind(vec![seen])
+        .bind("worker")
+        .bind(behind)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(taken, vec![(id, "QUEUED".to_owned())]);
+    let left = lease_left().await;
+    assert!((50.0..=60.0).contains(&left), "{left} s of lease left");
+    // Its renewal for 120 s, likewise.
+    let renewed = sqlx::query(RENEW_LEASE)
+        .bind(id)
+        .bind("skewed#1")
+        .bind(behind + chrono::Duration::seconds(120))
+        .bind(behind)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(renewed.rows_affected(), 1);
+    let left = lease_left().await;
+    assert!((110.0..=120.0).contains(&left), "{left} s of lease left");
+}

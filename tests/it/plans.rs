@@ -91,13 +91,23 @@ async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_
     assert_key_lookups(
         pool,
         "the worker's take",
-        sqlx::query(&take).bind(&ids).bind("owner").bind(until).bind(&seen).bind("worker"),
+        sqlx::query(&take)
+            .bind(&ids)
+            .bind("owner")
+            .bind(until)
+            .bind(&seen)
+            .bind("worker")
+            .bind(chrono::Utc::now()),
     )
     .await;
 
     let renew = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::RENEW_LEASE);
-    assert_key_lookups(pool, "the lease renewal", sqlx::query(&renew).bind(7_i64).bind("owner").bind(until))
-        .await;
+    assert_key_lookups(
+        pool,
+        "the lease renewal",
+        sqlx::query(&renew).bind(7_i64).bind("owner").bind(until).bind(chrono::Utc::now()),
+    )
+    .await;
 
     // The queries that do want the backlog still get an index of it, not the whole table.
     let due = "EXPLAIN (FORMAT JSON) SELECT id FROM invoice
