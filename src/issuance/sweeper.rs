@@ -31,9 +31,11 @@ pub struct Swept {
     pub webhook_ids_forgotten: u64,
 }
 
-/// How long a webhook id is remembered for dedupe: far longer than the 5-minute timestamp
-/// tolerance, after which a replay is refused on its timestamp alone.
-pub const WEBHOOK_IDS_KEPT_SECONDS: f64 = 24.0 * 3600.0;
+/// How long a webhook id is remembered for dedupe: a week. A replay of a captured request
+/// is refused on its 5-minute timestamp tolerance, but a sender's own retry of a delivery
+/// we processed (its answer lost) is signed afresh with the same id, and Standard Webhooks
+/// senders retry for up to 75 h; forgotten after a day, such a retry took effect twice.
+pub const WEBHOOK_IDS_KEPT_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 /// Webhook ids forgotten per sweep (a short delete; the next sweep continues).
 const WEBHOOK_FORGET_PAGE: i64 = 10_000;
 

@@ -91,14 +91,19 @@ async fn a_delivery_sent_ten_times_at_once_and_again_later_takes_effect_once() {
         ),
         10.0
     );
-    // Ids are remembered a day (a replay older than the 5-minute tolerance is refused on its
-    // timestamp), then forgotten by the sweeper: the table does not grow for ever.
-    sqlx::query("INSERT INTO webhook_seen (endpoint, webhook_id, received_at) VALUES ('merchant', 'evt_old', now() - interval '25 hours')")
-        .execute(&api.db.pool)
-        .await
-        .unwrap();
+    // Ids are remembered a week, past the 75 h over which senders retry a delivery (signed
+    // afresh, same id), then forgotten by the sweeper: the table does not grow for ever.
+    sqlx::query(
+        "INSERT INTO webhook_seen (endpoint, webhook_id, received_at)
+         VALUES ('merchant', 'evt_80h', now() - interval '80 hours'), ('merchant', 'evt_8d', now() - interval '8 days')",
+    )
+    .execute(&api.db.pool)
+    .await
+    .unwrap();
     let kept = invoice::issuance::sweeper::WEBHOOK_IDS_KEPT_SECONDS;
     assert_eq!(invoice::storage::buyers::forget_webhooks(&api.db.pool, kept, 100).await.unwrap(), 1);
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM webhook_seen WHERE webhook_id = 'evt_8d'").await, 0);
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM webhook_seen WHERE webhook_id = 'evt_80h'").await, 1);
     assert_eq!(scalar(&api.db, "SELECT count(*) FROM webhook_seen WHERE webhook_id = 'evt_same'").await, 1);
     api.stop().await.unwrap();
 }
