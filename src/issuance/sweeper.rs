@@ -180,7 +180,7 @@ pub async fn sweep_once(deps: &Deps) -> anyhow::Result<Swept> {
         after = last.0;
         swept.due += page.len() as u64;
         let orders: Vec<(String, String)> = page.iter().map(|(_, o, m)| (o.clone(), m.clone())).collect();
-        let new = super::enqueue(&deps.queue, &deps.metrics, &orders, "sweeper").await?;
+        let new = super::enqueue(&deps.queue, &deps.metrics, &orders, super::SWEEPER).await?;
         swept.enqueued += new;
         deps.metrics.issuance.swept(new);
         if (page.len() as i64) < DUE_PAGE {

@@ -376,3 +376,22 @@ async fn the_redis_dlq_keeps_only_the_newest_dead_jobs_and_forgets_the_rest_enti
     // Enqueued again (a requeue from Postgres), it is a new job.
     assert_eq!(q.enqueue(&[(orders[0].clone(), payload())]).await.unwrap(), vec![Enqueued::New]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweepers_offers_of_jobs_already_waiting_are_not_counted_as_duplicates() {
+    use invoice::issuance::{enqueue, SWEEPER};
+    let (q, _) = queue();
+    let metrics = invoice::metrics::Metrics::new();
+    let orders = vec![("ORD-SW-1".to_owned(), "M-1".to_owned()), ("ORD-SW-2".to_owned(), "M-1".to_owned())];
+    assert_eq!(enqueue(&q, &metrics, &orders, "stream").await.unwrap(), 2);
+    // Each sweep offers every due invoice again; the backlog is not duplicates.
+    for _ in 0..3 {
+        assert_eq!(enqueue(&q, &metrics, &orders, SWEEPER).await.unwrap(), 0);
+    }
+    assert_eq!(enqueue(&q, &metrics, &orders[..1], "webhook").await.unwrap(), 0);
+    let text = metrics.render();
+    let moves = |event: &str| {
+        crate::support::metric_value(&text, "invoice_queue_jobs_total", &[&format!("event=\"{event}\"")])
+    };
+    assert_eq!((moves("enqueued"), moves("deduped")), (2.0, 1.0), "{text}");
+}
