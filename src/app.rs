@@ -200,6 +200,11 @@ fn api_deps(cfg: &Config, base: &Base, stop: &CancellationToken) -> anyhow::Resu
             "Webhook secret shorter than 24 bytes; the Standard Webhooks scheme asks for 24-64 random bytes"
         );
     }
+    if crate::config::plain_http_off_loopback(&auth_cfg.jwks_url) {
+        tracing::warn!(
+            "JWKS fetched over plain HTTP from another host: anyone on the path can substitute keys and mint tokens; use https"
+        );
+    }
     let mut jwt = crate::auth::jwt::Settings::new(
         auth_cfg.jwks_url.clone(),
         auth_cfg.jwt_issuer.clone(),

@@ -544,7 +544,7 @@ impl Config {
                         })
                         .collect::<Result<Vec<_>, _>>()?
                 },
-                jwks_refetch_cooldown: ms("JWKS_REFETCH_COOLDOWN_MS", 30_000, 0..=3_600_000)?,
+                jwks_refetch_cooldown: ms("JWKS_REFETCH_COOLDOWN_MS", 30_000, 1_000..=3_600_000)?,
                 claim_failure_limit: number("CLAIM_FAILURE_LIMIT", 20, 1..=1_000_000)? as u32,
                 weak_webhook_secrets: weak.take(),
             })
@@ -606,6 +606,24 @@ fn check_url(var: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError
         Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => Ok(()),
         _ => Err(ConfigError::new(var, format!("not a URL with scheme {}", schemes.join(" or ")))),
     }
+}
+
+/// Whether `url` is plain `http://` to a host other than the loopback: kept working for
+/// in-cluster identity providers, but worth a warning, since anyone on the path can hand us
+/// their own keys and so mint any token.
+pub fn plain_http_off_loopback(url: &str) -> bool {
+    let Ok(parsed) = reqwest::Url::parse(url) else { return false };
+    if parsed.scheme() != "http" {
+        return false;
+    }
+    let host = parsed.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 /// The merchant and internal webhook secrets (current and previous) must all differ: a
@@ -784,6 +802,8 @@ mod tests {
             ("WEBHOOK_SECRET", "whsec_!!!not-base64!!!"),
             ("WEBHOOK_INTERNAL_SECRET_PREVIOUS", "whsec_***"),
             ("APP_ENV_INVOICE_JWKS_URL", "ftp://x"),
+            // No cooldown: every made-up `kid` would be a fetch from the IdP.
+            ("APP_ENV_INVOICE_JWKS_REFETCH_COOLDOWN_MS", "0"),
             ("APP_ENV_INVOICE_CREDENTIALS_KEY", key_with_space.as_str()),
         ];
         for (var, value) in api_cases {
@@ -812,6 +832,20 @@ mod tests {
             let error = err(&env, Mode::Api);
             assert_eq!(error.var, var);
             assert!(!error.to_string().contains(&value), "{error}");
+        }
+    }
+
+    #[test]
+    fn only_plain_http_to_another_host_is_flagged_for_the_jwks() {
+        for (url, flagged) in [
+            ("http://keycloak.auth.svc:8080/realms/x/protocol/openid-connect/certs", true),
+            ("http://10.0.0.7/jwks.json", true),
+            ("https://idp.example.com/jwks.json", false),
+            ("http://127.0.0.1:1/jwks.json", false),
+            ("http://localhost:8080/jwks.json", false),
+            ("http://[::1]:8080/jwks.json", false),
+        ] {
+            assert_eq!(plain_http_off_loopback(url), flagged, "{url}");
         }
     }
 
