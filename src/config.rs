@@ -298,30 +298,43 @@ pub fn load_dotenv() -> Result<(), ConfigError> {
     match dotenvy::from_path(".env") {
         Ok(_) => Ok(()),
         Err(e) if e.not_found() => Ok(()),
-        // dotenvy's message quotes the whole line, which is usually `NAME=secret`.
-        Err(dotenvy::Error::LineParse(line, _)) => Err(ConfigError::new(".env", malformed_line(&line))),
+        // dotenvy's message quotes the text it failed on: a whole `NAME=secret` line, a value
+        // alone, or a line without `=` (a key wrapped onto the next line).
+        Err(dotenvy::Error::LineParse(fragment, _)) => {
+            let text = std::fs::read_to_string(".env").ok();
+            Err(ConfigError::new(".env", malformed_line(text.as_deref(), &fragment)))
+        }
         Err(e) => Err(ConfigError::new(".env", e.to_string())),
     }
 }
 
-/// Names the malformed `.env` line by number and variable, never by its text.
-fn malformed_line(line: &str) -> String {
-    let number = std::fs::read_to_string(".env")
-        .ok()
-        .and_then(|text| text.lines().position(|l| l.trim() == line.trim() || l.contains(line)))
-        .map(|i| format!("line {}", i + 1))
-        .unwrap_or_else(|| "a line".to_owned());
-    let name: String = line
-        .trim_start()
-        .trim_start_matches("export ")
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect();
-    if name.is_empty() {
-        format!("{number} cannot be parsed (its text is not shown: it may hold a secret)")
-    } else {
-        format!("{number} ({name}) cannot be parsed (its value is not shown: it may be a secret)")
+/// Names the malformed `.env` line by number, and by variable when the file's line assigns
+/// one, never by its text: whatever dotenvy quoted may be a secret or part of one.
+fn malformed_line(text: Option<&str>, fragment: &str) -> String {
+    let first = fragment.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default();
+    let found = text
+        .filter(|_| !first.is_empty())
+        .and_then(|text| text.lines().enumerate().find(|(_, line)| line.contains(first)));
+    match found {
+        Some((i, line)) => match assigned_name(line) {
+            Some(name) => format!(
+                "line {} ({name}) cannot be parsed (its value is not shown: it may be a secret)",
+                i + 1
+            ),
+            None => format!("line {} cannot be parsed (its text is not shown: it may hold a secret)", i + 1),
+        },
+        None => "a line cannot be parsed (its text is not shown: it may hold a secret)".to_owned(),
     }
+}
+
+/// The variable a `.env` line assigns (`[export] NAME=...`), if it has that shape.
+fn assigned_name(line: &str) -> Option<&str> {
+    let rest = line.trim_start();
+    let rest = rest.strip_prefix("export ").map(str::trim_start).unwrap_or(rest);
+    let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.')).unwrap_or(rest.len());
+    let (name, after) = rest.split_at(end);
+    let starts_well = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+    (starts_well && after.trim_start().starts_with('=')).then_some(name)
 }
 
 impl Config {
@@ -833,6 +846,33 @@ mod tests {
             assert_eq!(error.var, var);
             assert!(!error.to_string().contains(&value), "{error}");
         }
+    }
+
+    #[test]
+    fn a_malformed_env_line_is_named_without_its_secret_whatever_dotenvy_quotes() {
+        let key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+        for (text, secret, expected) in [
+            // An unclosed quote: dotenvy quotes the whole line.
+            ("A=1\nWEBHOOK_SECRET=whsec_ab\"cd-very-secret\n", "very-secret", "line 2 (WEBHOOK_SECRET)"),
+            // A bad escape: it quotes the value alone.
+            ("WEBHOOK_SECRET=p4ss\\w0rd-very-secret\n", "very-secret", "line 1 (WEBHOOK_SECRET)"),
+            // A space in an unquoted value.
+            ("export DB=postgres://u:hunter2@h/db extra\n", "hunter2", "line 1 (DB)"),
+            // A key wrapped onto the next line: it quotes the key.
+            (&format!("A=1\nAPP_ENV_INVOICE_CREDENTIALS_KEY=\n{key}\n"), key, "line 3 cannot be parsed"),
+        ] {
+            let error = dotenvy::from_read_iter(text.as_bytes())
+                .find_map(Result::err)
+                .unwrap_or_else(|| panic!("{text:?} parsed"));
+            let dotenvy::Error::LineParse(fragment, _) = error else { panic!("{error:?}") };
+            let message = malformed_line(Some(text), &fragment);
+            assert!(message.contains(expected), "{text:?}: {message}");
+            assert!(!message.contains(secret) && !message.contains(&secret[..6]), "{text:?}: {message}");
+        }
+        assert_eq!(
+            malformed_line(None, "x"),
+            "a line cannot be parsed (its text is not shown: it may hold a secret)"
+        );
     }
 
     #[test]
