@@ -70,12 +70,15 @@ pub struct WorkInvoice {
 }
 
 /// The worker's read: the unfinished invoices (QUEUED, ISSUING, SUBMITTED) of orders `$1`,
-/// originals first. Public, like the other statements whose plans matter, so that tests can
-/// check those plans.
+/// originals first, with their deadlines on the worker's clock (which read `$2` as it sent
+/// this; see [`ACQUIRE`]), since the worker compares them with it. Public, like the other
+/// statements whose plans matter, so that tests can check those plans.
 pub const UNFINISHED_FOR_ORDERS: &str =
     "SELECT i.id, i.merchant_id, i.order_id, i.kind, i.replaces_invoice_id, i.status, i.paid_at, i.currency,
             i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount, i.config_snapshot,
-            i.provider_config_id, i.transaction_uuid, i.attempts, i.next_attempt_at, i.lease_until, i.updated_at,
+            i.provider_config_id, i.transaction_uuid, i.attempts,
+            $2::timestamptz + (i.next_attempt_at - now()) AS next_attempt_at,
+            $2::timestamptz + (i.lease_until - now()) AS lease_until, i.updated_at,
             o.status AS original_status, o.provider_invoice_no AS original_invoice_no,
             o.issued_at AS original_issued_at, o.config_snapshot AS original_snapshot,
             i.replacement_reason
@@ -83,12 +86,13 @@ pub const UNFINISHED_FOR_ORDERS: &str =
      WHERE i.order_id = ANY($1) AND i.status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND i.deleted_at IS NULL
      ORDER BY i.order_id, i.kind, i.id";
 
-/// The unfinished invoices (QUEUED, ISSUING, SUBMITTED) of the given orders, originals first.
+/// The unfinished invoices (QUEUED, ISSUING, SUBMITTED) of the given orders, originals first;
+/// their deadlines (`next_attempt_at`, `lease_until`) are on this process's clock.
 pub async fn unfinished_for_orders(
     pool: &PgPool,
     order_ids: &[String],
 ) -> Result<Vec<WorkInvoice>, StorageError> {
-    Ok(sqlx::query_as(UNFINISHED_FOR_ORDERS).bind(order_ids).fetch_all(pool).await?)
+    Ok(sqlx::query_as(UNFINISHED_FOR_ORDERS).bind(order_ids).bind(Utc::now()).fetch_all(pool).await?)
 }
 
 /// The worker's take (see [`acquire`]): invoices `$1` still at versions `$4` become ISSUING
@@ -101,7 +105,8 @@ pub async fn unfinished_for_orders(
 /// never as the worker's own timestamps: takeovers test `lease_until < now()` on Postgres'
 /// clock, and a worker clock behind it shortened every lease and safe wait by the
 /// difference, so another worker could look up and resend while a call might still run. The
-/// shift can only lengthen them (a statement reaches Postgres after it is sent).
+/// shift can only lengthen them (a statement reaches Postgres after it is sent). Read back
+/// ([`UNFINISHED_FOR_ORDERS`]), they are shifted onto the reader's clock the same way.
 pub const ACQUIRE: &str = "WITH old AS (
          SELECT i.id, i.status FROM invoice i JOIN unnest($1::bigint[], $4::timestamptz[]) AS r(id, seen)
               ON r.id = i.id AND i.updated_at = r.seen

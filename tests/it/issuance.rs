@@ -880,7 +880,7 @@ async fn the_issuance_log_markers_name_the_order_merchant_and_partition() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workers_clock_behind_postgres_does_not_shorten_its_call_lease() {
+async fn a_workers_clock_behind_postgres_neither_shortens_its_leases_nor_stretches_its_waits() {
     use invoice::storage::issuance::{ACQUIRE, RENEW_LEASE};
     let db = TestDb::create().await;
     let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
@@ -929,4 +929,16 @@ async fn a_workers_clock_behind_postgres_does_not_shorten_its_call_lease() {
     assert_eq!(renewed.rows_affected(), 1);
     let left = lease_left().await;
     assert!((110.0..=120.0).contains(&left), "{left} s of lease left");
+    // Read back by that worker, the lease ends 120 s from now on its own clock (it compares
+    // it with that clock: read as stored, it would wait an hour too long).
+    let read: Vec<invoice::storage::issuance::WorkInvoice> =
+        sqlx::query_as(invoice::storage::issuance::UNFINISHED_FOR_ORDERS)
+            .bind(vec!["ORD-SKEW-1".to_owned()])
+            .bind(behind)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let until = read[0].lease_until.unwrap();
+    let ahead = (until - behind).num_milliseconds();
+    assert!((110_000..=120_000).contains(&ahead), "lease read {ahead} ms past the worker's clock");
 }

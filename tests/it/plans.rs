@@ -84,7 +84,8 @@ async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_
     let seen: Vec<chrono::DateTime<chrono::Utc>> = vec![chrono::Utc::now(); ids.len()];
 
     let read = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::UNFINISHED_FOR_ORDERS);
-    assert_key_lookups(pool, "the worker's read", sqlx::query(&read).bind(&orders)).await;
+    assert_key_lookups(pool, "the worker's read", sqlx::query(&read).bind(&orders).bind(chrono::Utc::now()))
+        .await;
 
     let take = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::ACQUIRE);
     let until = chrono::Utc::now() + chrono::Duration::seconds(60);
