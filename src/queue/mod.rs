@@ -404,6 +404,18 @@ fn connection_is_useless(error: &redis::RedisError) -> bool {
         || error.is_unrecoverable_error()
         || error.is_timeout()
         || matches!(error.kind(), redis::ErrorKind::ReadOnly | redis::ErrorKind::MasterDown)
+        || demoted_inside_a_script(error)
+}
+
+/// Redis before 7 wraps a write refused inside a script as `ERR Error running script ...
+/// -READONLY You can't write against a read only replica.`: the same demoted primary, only
+/// worded as a script error (every queue operation is a script).
+fn demoted_inside_a_script(error: &redis::RedisError) -> bool {
+    if !matches!(error.kind(), redis::ErrorKind::ResponseError | redis::ErrorKind::ExtensionError) {
+        return false;
+    }
+    let text = error.to_string();
+    text.contains("READONLY You can't write") || text.contains("-MASTERDOWN")
 }
 
 impl Conn {
@@ -845,6 +857,13 @@ mod tests {
             std::io::ErrorKind::ConnectionReset
         ))));
         assert!(!connection_is_useless(&error(redis::ErrorKind::ResponseError, "ERR Error running script")));
+        // Redis 6's wording of the same refusal inside a script.
+        let wrapped = redis::RedisError::from((
+            redis::ErrorKind::ResponseError,
+            "An error was signalled by the server",
+            "Error running script (call to f_0b8f): @user_script:3: @user_script: 3: -READONLY You can't write against a read only replica.".to_owned(),
+        ));
+        assert!(connection_is_useless(&wrapped));
         assert!(!connection_is_useless(&error(redis::ErrorKind::TypeError, "WRONGTYPE")));
     }
 
