@@ -152,9 +152,10 @@ pub struct HttpAuth {
     pub jwt_issuer: String,
     /// Expected `aud`.
     pub jwt_audience: String,
-    /// `APP_ENV_INVOICE_TRUSTED_PROXIES`: comma-separated proxy addresses whose
-    /// `X-Forwarded-For` is believed (none by default: the peer address is the client).
-    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// `APP_ENV_INVOICE_TRUSTED_PROXIES`: comma-separated proxy addresses or CIDR ranges
+    /// (ingress pods change address; their network does not) whose `X-Forwarded-For` is
+    /// believed (none by default: the peer address is the client).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `APP_ENV_INVOICE_JWKS_REFETCH_COOLDOWN_MS` (30 s, SPEC §5): least time between two
     /// JWKS fetches caused by unknown `kid`s.
     pub jwks_refetch_cooldown: Duration,
@@ -552,8 +553,15 @@ impl Config {
                         .map(str::trim)
                         .filter(|s| !s.is_empty())
                         .map(|s| {
-                            s.parse::<std::net::IpAddr>()
-                                .map_err(|_| ConfigError::new(&name, format!("`{s}` is not an IP address")))
+                            s.parse::<ipnet::IpNet>()
+                                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                                .map(|net| net.trunc())
+                                .map_err(|_| {
+                                    ConfigError::new(
+                                        &name,
+                                        format!("`{s}` is not an IP address or CIDR range"),
+                                    )
+                                })
                         })
                         .collect::<Result<Vec<_>, _>>()?
                 },
@@ -817,6 +825,7 @@ mod tests {
             ("APP_ENV_INVOICE_JWKS_URL", "ftp://x"),
             // No cooldown: every made-up `kid` would be a fetch from the IdP.
             ("APP_ENV_INVOICE_JWKS_REFETCH_COOLDOWN_MS", "0"),
+            ("APP_ENV_INVOICE_TRUSTED_PROXIES", "10.0.0.1, 10.0.0.0/33"),
             ("APP_ENV_INVOICE_CREDENTIALS_KEY", key_with_space.as_str()),
         ];
         for (var, value) in api_cases {

@@ -72,7 +72,7 @@ pub struct Api {
     /// Failed claim lookups per client.
     pub claim_limiter: rate_limit::FailureLimiter,
     /// Proxies whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<IpAddr>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Metrics.
     pub metrics: Metrics,
 }
@@ -336,17 +336,26 @@ pub async fn authorize(api: &Api, headers: &HeaderMap, permission: &str) -> Resu
 /// nearest untrusted address in `X-Forwarded-For`.
 pub fn client_ip(api: &Api, request: &Request<Incoming>) -> Option<IpAddr> {
     let peer = request.extensions().get::<Peer>().map(|p| p.0.ip())?;
-    if !api.trusted_proxies.contains(&peer) {
-        return Some(peer);
+    let forwarded = request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    Some(client_address(peer, forwarded.unwrap_or_default(), &api.trusted_proxies))
+}
+
+/// [`client_ip`] without the request. Addresses are compared in canonical form: on a
+/// dual-stack listener an IPv4 proxy arrives as `::ffff:a.b.c.d`, and would not be
+/// recognised as the configured `a.b.c.d`.
+pub fn client_address(peer: IpAddr, forwarded: &str, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let peer = peer.to_canonical();
+    if !is_trusted(&peer) {
+        return peer;
     }
-    let forwarded =
-        request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or_default();
     let nearest = forwarded
         .split(',')
         .rev()
         .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-        .find(|ip| !api.trusted_proxies.contains(ip));
-    Some(nearest.unwrap_or(peer))
+        .map(|ip| ip.to_canonical())
+        .find(|ip| !is_trusted(ip));
+    nearest.unwrap_or(peer)
 }
 
 /// A 500 whose detail says nothing internal; the error itself is logged.
@@ -398,6 +407,25 @@ impl From<crate::ids::IdError> for Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_is_the_nearest_address_no_trusted_proxy_owns() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::1/128".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // A peer outside the trusted ranges is the client, whatever it forwards.
+        assert_eq!(client_address(ip("203.0.113.9"), "198.51.100.1", &trusted), ip("203.0.113.9"));
+        // An ingress pod anywhere in the range: the client is the nearest untrusted hop; a
+        // spoofed entry further left is ignored.
+        assert_eq!(
+            client_address(ip("10.42.7.3"), "1.2.3.4, 198.51.100.7, 10.42.0.5", &trusted),
+            ip("198.51.100.7")
+        );
+        // On a dual-stack listener the same pod arrives IPv4-mapped.
+        assert_eq!(client_address(ip("::ffff:10.42.7.3"), "198.51.100.7", &trusted), ip("198.51.100.7"));
+        assert_eq!(client_address(ip("fd00::1"), "2001:db8::5", &trusted), ip("2001:db8::5"));
+        // Nothing usable forwarded: the proxy itself.
+        assert_eq!(client_address(ip("10.1.1.1"), "unknown", &trusted), ip("10.1.1.1"));
+    }
 
     #[test]
     fn json_errors_never_quote_values_from_the_body() {
