@@ -179,12 +179,7 @@ fn http_state(
 ) -> anyhow::Result<Arc<HttpState>> {
     Ok(Arc::new(HttpState {
         metrics: base.metrics.clone(),
-        readiness: http::health::Readiness {
-            db: base.db.clone(),
-            redis: redis(cfg)?,
-            kafka,
-            timeout: cfg.ready_timeout,
-        },
+        readiness: http::health::Readiness::new(base.db.clone(), redis(cfg)?, kafka, cfg.ready_timeout),
         api,
         in_flight: tokio::sync::Semaphore::new(http::server::MAX_IN_FLIGHT),
     }))

@@ -2,7 +2,7 @@
 //! Postgres, Redis and Kafka, concurrently and each with a deadline, and names the ones
 //! that failed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::{Response, StatusCode};
 use rdkafka::producer::{FutureProducer, Producer};
@@ -19,17 +19,52 @@ pub fn health() -> Response<Body> {
 
 /// The clients `/ready` probes.
 pub struct Readiness {
-    /// Postgres pool.
-    pub db: sqlx::PgPool,
-    /// Redis pool.
-    pub redis: deadpool_redis::Pool,
-    /// Any Kafka client (metadata request).
-    pub kafka: FutureProducer,
-    /// Deadline per probe.
-    pub timeout: Duration,
+    db: sqlx::PgPool,
+    redis: deadpool_redis::Pool,
+    kafka: FutureProducer,
+    timeout: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, Probed)>>,
 }
 
+type Probed = [(Dependency, Result<(), String>); 3];
+
+/// How long one probe's answer serves every `/ready`: the route is unauthenticated and takes
+/// no request slot, and each probe holds a Postgres and a Redis connection and a blocking
+/// thread; a flood of them must not drain the pools the service works with.
+const REUSE_FOR: Duration = Duration::from_secs(1);
+
 impl Readiness {
+    /// Probes Postgres (`db`), Redis and Kafka (a metadata request), each within `timeout`.
+    pub fn new(
+        db: sqlx::PgPool,
+        redis: deadpool_redis::Pool,
+        kafka: FutureProducer,
+        timeout: Duration,
+    ) -> Readiness {
+        Readiness { db, redis, kafka, timeout, last: tokio::sync::Mutex::new(None) }
+    }
+
+    /// The latest probe's results if under [`REUSE_FOR`] old, else a new probe's. Callers
+    /// arriving during a probe wait for it and share it (one probe at a time).
+    async fn probed(&self, metrics: &Metrics) -> Probed {
+        let mut last = self.last.lock().await;
+        if let Some((at, results)) = last.as_ref() {
+            if at.elapsed() < REUSE_FOR {
+                return results.clone();
+            }
+        }
+        let (pg, redis, kafka) = tokio::join!(self.postgres(), self.redis(), self.kafka());
+        let results = [(Dependency::Postgres, pg), (Dependency::Redis, redis), (Dependency::Kafka, kafka)];
+        for (dependency, result) in &results {
+            metrics.dependency_checked(*dependency, result.is_ok());
+            if let Err(reason) = result {
+                tracing::warn!(dependency = dependency.as_str(), reason = %reason, "Readiness check failed");
+            }
+        }
+        *last = Some((Instant::now(), results.clone()));
+        results
+    }
+
     async fn postgres(&self) -> Result<(), String> {
         match tokio::time::timeout(self.timeout, crate::storage::ping(&self.db)).await {
             Ok(Ok(())) => Ok(()),
@@ -72,18 +107,15 @@ impl Readiness {
 
     /// `GET /ready`: 200 when all answer, else 503 naming the failed ones.
     pub async fn check(&self, metrics: &Metrics) -> Response<Body> {
-        let (pg, redis, kafka) = tokio::join!(self.postgres(), self.redis(), self.kafka());
-        let results = [(Dependency::Postgres, pg), (Dependency::Redis, redis), (Dependency::Kafka, kafka)];
+        let results = self.probed(metrics).await;
         let mut checks = serde_json::Map::new();
         let mut failed = Vec::new();
         for (dependency, result) in &results {
-            metrics.dependency_checked(*dependency, result.is_ok());
             match result {
                 Ok(()) => {
                     checks.insert(dependency.as_str().into(), json!("ok"));
                 }
-                Err(reason) => {
-                    tracing::warn!(dependency = dependency.as_str(), reason = %reason, "Readiness check failed");
+                Err(_) => {
                     // Connection errors may carry a host name but never credentials; still,
                     // keep the client-facing text to the dependency's name and a class.
                     checks.insert(dependency.as_str().into(), json!("unavailable"));

@@ -193,7 +193,7 @@ pub async fn route(state: Arc<HttpState>, request: Request<Incoming>) -> Respons
 /// The method as a metric label: hyper accepts any token as a method, and each new one
 /// would be a histogram series kept forever (a loop of `curl -X RND$i` grew `/metrics` without
 /// bound, unauthenticated).
-fn method_label(method: &hyper::Method) -> &'static str {
+pub(crate) fn method_label(method: &hyper::Method) -> &'static str {
     use hyper::Method;
     match *method {
         Method::GET => "GET",

@@ -98,7 +98,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
             let request_id =
                 request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
             let route = super::routes::loggable(request.method().as_str(), request.uri().path());
-            tracing::info_span!("http", method = %request.method(), route, request_id)
+            tracing::info_span!("http", method = super::method_label(request.method()), route, request_id)
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(CatchPanicLayer::custom(panic_response))
