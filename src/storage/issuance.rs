@@ -917,16 +917,14 @@ pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageErro
     )
 }
 
+/// The newest `$1` FAILED invoices (see [`failed`]); read through `invoice_failed_recent`.
+pub const FAILED_NEWEST: &str = "SELECT id, merchant_id, order_id, last_error, updated_at FROM invoice
+     WHERE status = 'FAILED' AND deleted_at IS NULL ORDER BY updated_at DESC LIMIT $1";
+
 /// FAILED invoices, newest first: the authority behind `dlq list` (Redis may have lost its DLQ).
 pub async fn failed(
     pool: &PgPool,
     limit: i64,
 ) -> Result<Vec<(i64, String, String, Option<String>, DateTime<Utc>)>, StorageError> {
-    Ok(sqlx::query_as(
-        "SELECT id, merchant_id, order_id, last_error, updated_at FROM invoice
-         WHERE status = 'FAILED' AND deleted_at IS NULL ORDER BY updated_at DESC LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
+    Ok(sqlx::query_as(FAILED_NEWEST).bind(limit).fetch_all(pool).await?)
 }

@@ -115,4 +115,8 @@ async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_
                WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now()";
     let (_, indexes, plan) = invoice_plan(pool, sqlx::query(due)).await;
     assert_eq!(indexes, ["invoice_due"], "the due scan: {plan}");
+    let failed = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::FAILED_NEWEST);
+    let (nodes, indexes, plan) = invoice_plan(pool, sqlx::query(&failed).bind(10_000_i64)).await;
+    assert_eq!(indexes, ["invoice_failed_recent"], "the DLQ list: {plan}");
+    assert!(!nodes.iter().any(|n| n == "Seq Scan"), "the DLQ list: {plan}");
 }
