@@ -335,6 +335,8 @@ impl Metrics {
         self.consumer_offset.with_label_values(&[topic, &p]).set(position.max(0));
         self.consumer_lag.with_label_values(&[topic, &p]).set(messages.max(0));
         self.consumer_lag_seconds.with_label_values(&[topic, &p]).set(seconds.max(0.0));
+        // Its stall counter exists from the start, so `increase()` sees the first stall.
+        let _counted = self.partition_stalls.with_label_values(&[topic, &p]);
     }
 
     /// A partition left this consumer: its lag series go away rather than freeze.
