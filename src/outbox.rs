@@ -32,13 +32,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut last_gauges = tokio::time::Instant::now();
+    let mut standby = None;
     'lead: loop {
         if shutdown.is_cancelled() {
             return;
         }
-        let mut leader = match lead(&database_url).await {
+        let mut leader = match lead(&database_url, &mut standby).await {
             Some(conn) => conn,
             None => {
+                // Only the leader's figures are true; a follower (maybe a former leader)
+                // reports none, so `max` over the processes is the leader's.
+                metrics.outbox_backlog(0);
+                metrics.outbox_parked(0);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => continue 'lead,
                     _ = shutdown.cancelled() => return,
@@ -96,26 +101,33 @@ pub async fn run(
     }
 }
 
-async fn lead(database_url: &str) -> Option<PgConnection> {
-    let options = match storage::connect_options(database_url, "invoice-outbox-relay") {
-        Ok(options) => options,
-        Err(error) => {
-            tracing::error!(%error, "Outbox relay cannot connect");
-            return None;
+/// Tries to take the relay's lock on the standby connection (connecting first when there is
+/// none). The connection is kept between tries: a follower reconnecting every 2 s cost
+/// Postgres a backend start each time, per process, for as long as it ran.
+async fn lead(database_url: &str, standby: &mut Option<PgConnection>) -> Option<PgConnection> {
+    if standby.is_none() {
+        let options = match storage::connect_options(database_url, "invoice-outbox-relay") {
+            Ok(options) => options,
+            Err(error) => {
+                tracing::error!(%error, "Outbox relay cannot connect");
+                return None;
+            }
+        };
+        match PgConnection::connect_with(&options).await {
+            Ok(conn) => *standby = Some(conn),
+            Err(error) => {
+                tracing::warn!(error = %storage::StorageError::from(error), "Outbox relay cannot connect; retrying");
+                return None;
+            }
         }
-    };
-    let mut conn = match PgConnection::connect_with(&options).await {
-        Ok(conn) => conn,
-        Err(error) => {
-            tracing::warn!(error = %storage::StorageError::from(error), "Outbox relay cannot connect; retrying");
-            return None;
-        }
-    };
-    match outbox::try_lead(&mut conn).await {
-        Ok(true) => Some(conn),
+    }
+    let conn = standby.as_mut()?;
+    match outbox::try_lead(conn).await {
+        Ok(true) => standby.take(),
         Ok(false) => None,
         Err(error) => {
             tracing::warn!(%error, "Outbox relay cannot take its lock; retrying");
+            *standby = None;
             None
         }
     }

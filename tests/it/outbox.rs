@@ -78,3 +78,73 @@ async fn a_later_event_of_an_order_waits_for_an_earlier_one_that_failed() {
 async fn scalar(db: &TestDb, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap()
 }
+
+/// The backend holding the relay's lock in this test's database, if any.
+async fn lock_holder(db: &TestDb) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 7315003 AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// The backends of relays (leading or waiting to) in this test's database.
+async fn relay_backends(db: &TestDb) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+         WHERE application_name = 'invoice-outbox-relay' AND datname = current_database() ORDER BY pid",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_waits_on_one_connection_and_leads_on_it_when_the_leader_stops() {
+    use crate::support::wait_until;
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let events = topics.names.events.clone();
+    let start = |stop: tokio_util::sync::CancellationToken| {
+        tokio::spawn(invoice::outbox::run(db.pool.clone(), db.url.clone(), producer(), Metrics::new(), stop))
+    };
+    let wait = Duration::from_secs(30);
+
+    let stop_first = tokio_util::sync::CancellationToken::new();
+    let first = start(stop_first.clone());
+    let leader = wait_until(wait, "the first relay to lead", || lock_holder(&db)).await;
+    let stop_second = tokio_util::sync::CancellationToken::new();
+    let second = start(stop_second.clone());
+    let standby = wait_until(wait, "the second relay's standby connection", || async {
+        relay_backends(&db).await.into_iter().find(|pid| *pid != leader)
+    })
+    .await;
+
+    insert(&db, &events, "ORD-1", b"ORD-1 first").await;
+    wait_until(wait, "the leader to publish", || async {
+        (scalar(&db, "SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+
+    stop_first.cancel();
+    first.await.unwrap();
+    let new_leader = wait_until(wait, "the follower to lead", || async {
+        lock_holder(&db).await.filter(|pid| *pid != leader)
+    })
+    .await;
+    assert_eq!(new_leader, standby, "it led on the connection it waited on, not a new one");
+    assert_eq!(relay_backends(&db).await, vec![standby]);
+
+    insert(&db, &events, "ORD-1", b"ORD-1 second").await;
+    wait_until(wait, "the new leader to publish", || async {
+        (scalar(&db, "SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+    let topic = events.clone();
+    let sent = tokio::task::spawn_blocking(move || values(&topic)).await.unwrap();
+    assert_eq!(sent, vec!["ORD-1 first", "ORD-1 second"]);
+    stop_second.cancel();
+    second.await.unwrap();
+}
