@@ -570,7 +570,7 @@ impl IssuanceMetrics {
                 &["partition", "state"],
             )
             .expect("valid metric"),
-            dlq_depth: IntGaugeVec::new(Opts::new("dlq_depth", "Dead-lettered issuance jobs per partition"), &["partition"])
+            dlq_depth: IntGaugeVec::new(Opts::new("dlq_depth", "Dead-lettered issuance jobs per partition in Redis (the newest 10,000; Postgres' FAILED invoices are the whole DLQ)"), &["partition"])
                 .expect("valid metric"),
             queue_oldest_age: prometheus::GaugeVec::new(
                 Opts::new("queue_oldest_age_seconds", "Age of the oldest waiting job per partition"),

@@ -43,14 +43,20 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// A panic in a handler becomes a 500 problem (the connection and the process live on).
+/// Built outside the router, it cannot tell a claim URL (which carries its token) from
+/// another, so it carries the claim routes' `no-store` and `no-referrer` always.
 fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
     tracing::error!("A request handler panicked");
-    super::problem::Problem::new(
+    let mut response = super::problem::Problem::new(
         hyper::StatusCode::INTERNAL_SERVER_ERROR,
         "internal",
         "the request could not be completed; it has been logged",
     )
-    .into_response()
+    .into_response();
+    let headers = response.headers_mut();
+    headers.insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-store"));
+    headers.insert("referrer-policy", hyper::header::HeaderValue::from_static("no-referrer"));
+    response
 }
 
 /// Longest `x-request-id` taken from a client.
@@ -139,5 +145,18 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("HTTP server drained"),
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("HTTP drain timed out; closing remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_a_500_that_is_neither_cached_nor_referred() {
+        let response = panic_response(Box::new("boom"));
+        assert_eq!(response.status(), hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        assert_eq!(response.headers()["referrer-policy"], "no-referrer");
     }
 }
