@@ -107,7 +107,10 @@ fn the_default_render_has_one_deployment_per_mode_with_probes_grace_and_secret_r
         // provider call (90 s) on top.
         assert!(grace >= pre_stop + 25, "{name}: grace {grace}");
         if mode == "worker" {
-            assert!(grace >= 90 + pre_stop + 30, "{name}: grace {grace}");
+            assert!(grace >= 90 + pre_stop + 35, "{name}: grace {grace}");
+        }
+        if mode == "stream" {
+            assert!(grace >= pre_stop + 75, "{name}: grace {grace}");
         }
         assert!(container["resources"]["requests"].is_object(), "{name}");
         // Snowflake worker ids: every process leases its own, never one id shared by replicas.
@@ -231,6 +234,9 @@ fn the_values_schema_refuses_secrets_in_values_and_malformed_settings() {
         "config.extraEnv.APP_ENV_INVOICE_CREDENTIALS_KEY=0123",
         "config.extraEnv.APP_ENV_INVOICE_DATABASE_URL=postgres://u:p@db/invoice",
         "config.extraEnv.APP_ENV_INVOICE_WORKER_ID=3",
+        // Set by the chart from its own values: a second key would be ambiguous.
+        "config.extraEnv.APP_ENV_INVOICE_PROVIDER_TIMEOUT_MS=300000",
+        "config.extraEnv.APP_ENV_INVOICE_HTTP_ADDR=0.0.0.0:8080",
         "config.extraEnv.SOMETHING_ELSE=1",
         "config.logFormat=xml",
         "config.queuePartitions=0",

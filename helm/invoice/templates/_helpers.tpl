@@ -62,17 +62,19 @@ app.kubernetes.io/component: {{ .mode }}
 {{- end }}
 
 {{/* Termination grace of a mode, never below what its drain needs after the preStop sleep:
-     the HTTP drain (20 s) for api, the last batch and the outbox flush for stream, a whole
-     provider call (the worker drain waits for in-flight calls) for worker and all. */}}
+     the HTTP drain (20 s) for api; for stream the revoke (15 s), the consumer's close and
+     the coordinator (15 s each) and the outbox relay's last send (30 s); for worker and all
+     a whole provider call (the worker drain waits for in-flight calls), 5 s more, and the
+     relay's last send. */}}
 {{- define "invoice.terminationGrace" -}}
 {{- $mode := .mode -}}
 {{- $values := index .root.Values.modes $mode -}}
 {{- $preStop := int .root.Values.preStopSleepSeconds -}}
 {{- $floor := add $preStop 25 -}}
 {{- if eq $mode "stream" -}}
-{{- $floor = add $preStop 30 -}}
+{{- $floor = add $preStop 75 -}}
 {{- else if or (eq $mode "worker") (eq $mode "all") -}}
-{{- $floor = add (div (int .root.Values.config.providerTimeoutMs) 1000) 30 $preStop -}}
+{{- $floor = add (div (int .root.Values.config.providerTimeoutMs) 1000) 35 $preStop -}}
 {{- end -}}
 {{- max (int $values.terminationGracePeriodSeconds) $floor -}}
 {{- end }}
