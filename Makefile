@@ -5,7 +5,7 @@ CARGO ?= cargo
 # Development-only settings for `make run` (never used in production).
 DEV_ENV := set -a; source scripts/dev.env; set +a;
 
-.PHONY: help deps deps-down deps-status run test lint bench topics build tools helm-lint asyncapi
+.PHONY: help deps build-deps deps-down deps-status run test lint bench topics build tools helm-lint asyncapi
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,7 +19,10 @@ deps-down: ## Stop the local Postgres, Redis and Kafka
 deps-status: ## Show whether each local dependency answers
 	@scripts/deps.sh status
 
-build: ## Build the release binary
+build-deps: ## Install what building needs beyond Rust (OpenSSL headers for librdkafka's TLS), if missing
+	@scripts/deps.sh build
+
+build: build-deps ## Build the release binary
 	$(CARGO) build --locked --release --bin invoice
 
 run: deps build ## Migrate with seed data, create topics, and run the service locally
@@ -31,7 +34,7 @@ test: deps tools ## Start the dependencies and run every test
 	@scripts/schemathesis.sh
 	RUST_TEST_THREADS=$${RUST_TEST_THREADS:-4} $(CARGO) test --locked --all-targets
 
-lint: ## rustfmt check and clippy with warnings as errors
+lint: build-deps ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets --all-features -- -D warnings
 

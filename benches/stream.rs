@@ -702,7 +702,7 @@ async fn main() {
     for s in &mut specs {
         s.partitions = partitions;
     }
-    invoice::topics::apply(BROKERS, &specs).await.unwrap();
+    invoice::topics::apply(&invoice::config::Kafka::plaintext(BROKERS), &specs).await.unwrap();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", BROKERS)
         .set("linger.ms", "20")
@@ -948,7 +948,7 @@ async fn main() {
 
 /// Deletes the run's topics and queue keys.
 async fn clean_up(names: &Topics, prefix: &str) {
-    let admin_topics = invoice::topics::admin_client(BROKERS).unwrap();
+    let admin_topics = invoice::topics::admin_client(&invoice::config::Kafka::plaintext(BROKERS)).unwrap();
     let _ = admin_topics
         .delete_topics(
             &[&names.payment, &names.merchant_cdc, &names.events, &names.deadletter],

@@ -18,6 +18,9 @@ PG_PORT="${INVOICE_PG_PORT:-5432}"
 REDIS_PORT="${INVOICE_REDIS_PORT:-6379}"
 KAFKA_PORT="${INVOICE_KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${INVOICE_KAFKA_CONTROLLER_PORT:-9093}"
+# A SASL/PLAIN listener for the tests of the service's Kafka authentication settings; its
+# users are test fixtures, nothing else listens there.
+KAFKA_SASL_PORT="${INVOICE_KAFKA_SASL_PORT:-9094}"
 KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$HERE/kafka/pom.xml")"
 KAFKA_HOME="$DEPS_DIR/kafka-$KAFKA_VERSION"
 KAFKA_HEAP="${INVOICE_KAFKA_HEAP:--Xms256m -Xmx768m}"
@@ -171,20 +174,26 @@ kafka_ready() {
 kafka_up() {
   local logfile="$KAFKA_HOME/server.log"
   kafka_fetch
-  if port_open "$KAFKA_PORT"; then
+  if port_open "$KAFKA_PORT" && port_open "$KAFKA_SASL_PORT"; then
     log "kafka already running on 127.0.0.1:$KAFKA_PORT"
     return 0
+  fi
+  if port_open "$KAFKA_PORT"; then
+    log "kafka runs without the SASL listener (started by an older deps.sh); restarting it"
+    kafka_down
   fi
   local props="$KAFKA_HOME/server.properties" data="$KAFKA_HOME/data"
   cat >"$props" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_invoice-test="invoice-test-password";
 log.dirs=$data
 num.partitions=3
 offsets.topic.replication.factor=1
@@ -252,10 +261,19 @@ status() {
   if port_open "$KAFKA_PORT"; then echo "kafka: up (127.0.0.1:$KAFKA_PORT)"; else echo "kafka: down"; fi
 }
 
+# ---------------------------------------------------------------- build
+# librdkafka is built with TLS (Kafka over SSL, SASL/SCRAM) against the system's OpenSSL.
+build_deps() {
+  if ! command -v pkg-config >/dev/null || ! pkg-config --exists openssl; then
+    apt_install libssl-dev pkg-config
+  fi
+}
+
 mkdir -p "$DEPS_DIR"
 chmod 755 "$DEPS_DIR"
 case "${1:-up}" in
   up)
+    build_deps
     # Kafka's first start is the slowest; fetch its jars while the others start.
     kafka_fetch &
     fetch_pid=$!
@@ -265,7 +283,8 @@ case "${1:-up}" in
     kafka_up
     log "ready: postgres 127.0.0.1:$PG_PORT, redis 127.0.0.1:$REDIS_PORT, kafka 127.0.0.1:$KAFKA_PORT"
     ;;
+  build) build_deps ;;
   down) kafka_down; redis_down; pg_down ;;
   status) status ;;
-  *) die "usage: $0 up|down|status" ;;
+  *) die "usage: $0 up|build|down|status" ;;
 esac

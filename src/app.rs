@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::FutureProducer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -125,8 +124,8 @@ pub fn issuance_deps(
 /// A Kafka producer with the settings every output of ours needs: idempotence (no
 /// duplicates from internal retries) and acks from all in-sync replicas.
 pub fn kafka_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka_brokers)
+    cfg.kafka
+        .client_config()
         .set("client.id", format!("{}-{}", cfg.service_code, cfg.worker_id))
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -158,6 +157,11 @@ struct Base {
 async fn start(cfg: &mut Config, mode: &str) -> anyhow::Result<Base> {
     let metrics = Metrics::new();
     metrics.running(mode);
+    if cfg.kafka.password_in_clear() {
+        tracing::warn!(
+            "Kafka SASL/PLAIN over sasl_plaintext: the password crosses the network unencrypted; use sasl_ssl"
+        );
+    }
     let db = database(cfg, &format!("invoice-{mode}")).await?;
     let holder = format!("{mode}@{}", hostname());
     let url = cfg.database_url.expose();
@@ -304,7 +308,7 @@ fn stream_deps(
         metrics: metrics.clone(),
         topics: cfg.topics.clone(),
         group_id: cfg.kafka_group_id.clone(),
-        brokers: cfg.kafka_brokers.clone(),
+        kafka: cfg.kafka.clone(),
         client_id: format!("{}-{mode}-{}", cfg.service_code, cfg.worker_id),
         settings: crate::stream::Settings {
             batch_max: cfg.stream_batch_max,

@@ -167,6 +167,109 @@ pub struct HttpAuth {
     pub weak_webhook_secrets: Vec<String>,
 }
 
+/// How the service reaches Kafka: the brokers and, when the cluster asks for them, TLS and
+/// SASL. Every Kafka client of the service (consumer, producers, admin, the CLI's) is made
+/// from [`Kafka::client_config`].
+#[derive(Debug, Clone)]
+pub struct Kafka {
+    /// `APP_ENV_INVOICE_KAFKA_BROKERS`: bootstrap servers, `host:port,...`.
+    pub brokers: String,
+    /// `APP_ENV_INVOICE_KAFKA_SECURITY_PROTOCOL`: `plaintext` (default), `ssl`,
+    /// `sasl_plaintext` or `sasl_ssl`.
+    security_protocol: &'static str,
+    /// With the `sasl_*` protocols: `APP_ENV_INVOICE_KAFKA_SASL_MECHANISM` (`PLAIN`,
+    /// `SCRAM-SHA-256`, `SCRAM-SHA-512`), `_SASL_USERNAME`, `_SASL_PASSWORD`.
+    sasl: Option<(&'static str, String, Secret<String>)>,
+    /// With `ssl` and `sasl_ssl`: `APP_ENV_INVOICE_KAFKA_SSL_CA_LOCATION`, a PEM file of the
+    /// certificate authorities to trust (else the system's).
+    ssl_ca_location: Option<String>,
+}
+
+impl Kafka {
+    /// Brokers reached in plain text without authentication (local stacks, tests).
+    pub fn plaintext(brokers: impl Into<String>) -> Kafka {
+        Kafka { brokers: brokers.into(), security_protocol: "plaintext", sasl: None, ssl_ca_location: None }
+    }
+
+    /// A librdkafka configuration for these brokers with the security settings. The password
+    /// goes into it and nowhere else: never log the result.
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers).set("security.protocol", self.security_protocol);
+        if let Some((mechanism, username, password)) = &self.sasl {
+            config
+                .set("sasl.mechanism", *mechanism)
+                .set("sasl.username", username)
+                .set("sasl.password", password.expose());
+        }
+        if let Some(ca) = &self.ssl_ca_location {
+            config.set("ssl.ca.location", ca);
+        }
+        config
+    }
+
+    /// Whether a SASL password would cross the network unencrypted (`sasl_plaintext` with
+    /// `PLAIN`): worth a warning at start.
+    pub fn password_in_clear(&self) -> bool {
+        self.security_protocol == "sasl_plaintext" && self.sasl.as_ref().is_some_and(|(m, ..)| *m == "PLAIN")
+    }
+
+    fn from_source(get: impl Fn(&str) -> Option<String>, brokers: String) -> Result<Kafka, ConfigError> {
+        let var = |suffix: &str| format!("{PREFIX}{suffix}");
+        let protocol_var = var("KAFKA_SECURITY_PROTOCOL");
+        let security_protocol = match get(&protocol_var).map(|p| p.to_ascii_lowercase()).as_deref() {
+            None | Some("plaintext") => "plaintext",
+            Some("ssl") => "ssl",
+            Some("sasl_plaintext") => "sasl_plaintext",
+            Some("sasl_ssl") => "sasl_ssl",
+            Some(_) => {
+                return Err(ConfigError::new(&protocol_var, "use plaintext, ssl, sasl_plaintext or sasl_ssl"))
+            }
+        };
+        let sasl_vars = ["KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"].map(var);
+        let sasl = if security_protocol.starts_with("sasl_") {
+            let [mechanism_var, username_var, password_var] = &sasl_vars;
+            let mechanism = match get(mechanism_var).map(|m| m.to_ascii_uppercase()).as_deref() {
+                Some("PLAIN") => "PLAIN",
+                Some("SCRAM-SHA-256") => "SCRAM-SHA-256",
+                Some("SCRAM-SHA-512") => "SCRAM-SHA-512",
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        mechanism_var,
+                        "use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (GSSAPI and OAUTHBEARER are not built in)",
+                    ))
+                }
+                None => {
+                    return Err(ConfigError::new(mechanism_var, format!("required with {security_protocol}")))
+                }
+            };
+            let required = |name: &str| {
+                get(name)
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| ConfigError::new(name, format!("required with {security_protocol}")))
+            };
+            Some((mechanism, required(username_var)?, Secret::new(required(password_var)?)))
+        } else {
+            // Credentials set for a protocol that does not use them would be silently ignored.
+            if let Some(set) = sasl_vars.iter().find(|name| get(name).is_some()) {
+                return Err(ConfigError::new(set, "only used with sasl_plaintext or sasl_ssl"));
+            }
+            None
+        };
+        let ca_var = var("KAFKA_SSL_CA_LOCATION");
+        let ssl_ca_location = get(&ca_var);
+        if let Some(path) = &ssl_ca_location {
+            if !security_protocol.ends_with("ssl") {
+                return Err(ConfigError::new(&ca_var, "only used with ssl or sasl_ssl"));
+            }
+            if !std::path::Path::new(path).is_file() {
+                return Err(ConfigError::new(&ca_var, "no such file"));
+            }
+        }
+        Ok(Kafka { brokers, security_protocol, sasl, ssl_ca_location })
+    }
+}
+
 /// The whole configuration of one process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -174,8 +277,8 @@ pub struct Config {
     pub database_url: Secret<String>,
     /// Redis connection string (may hold a password: masked).
     pub redis_url: Secret<String>,
-    /// Kafka bootstrap servers.
-    pub kafka_brokers: String,
+    /// Kafka: brokers, TLS and SASL.
+    pub kafka: Kafka,
     /// The service code, used in the default group id and in audit actors.
     pub service_code: String,
     /// Kafka consumer group.
@@ -368,6 +471,7 @@ impl Config {
                 ));
             }
         }
+        let kafka = Kafka::from_source(get, kafka_brokers)?;
         let service_code = get(&var("SERVICE_CODE")).unwrap_or_else(|| "SVC-00150-INVOICE".into());
         let kafka_group_id =
             get(&var("KAFKA_GROUP_ID")).unwrap_or_else(|| format!("{service_code}_CONSUMER"));
@@ -579,7 +683,7 @@ impl Config {
         Ok(Config {
             database_url: Secret::new(database_url),
             redis_url: Secret::new(redis_url),
-            kafka_brokers,
+            kafka,
             service_code,
             kafka_group_id,
             worker_id,
@@ -728,7 +832,7 @@ mod tests {
         let cfg = Config::from_source(&minimal(), Mode::Stream).unwrap();
         assert_eq!(cfg.database_url.expose(), "postgres://postgres@127.0.0.1:5432/invoice");
         assert_eq!(cfg.redis_url.expose(), "redis://127.0.0.1:6379/0");
-        assert_eq!(cfg.kafka_brokers, "127.0.0.1:9092");
+        assert_eq!(cfg.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(cfg.service_code, "SVC-00150-INVOICE");
         assert_eq!(cfg.kafka_group_id, "SVC-00150-INVOICE_CONSUMER");
         assert_eq!(cfg.http_addr.to_string(), "127.0.0.1:31140");
@@ -882,6 +986,73 @@ mod tests {
             malformed_line(None, "x"),
             "a line cannot be parsed (its text is not shown: it may hold a secret)"
         );
+    }
+
+    #[test]
+    fn kafka_security_settings_are_checked_and_reach_every_client() {
+        let kafka = |pairs: &[(&str, &str)]| {
+            let mut env = minimal();
+            for (k, v) in pairs {
+                env.insert(format!("APP_ENV_INVOICE_{k}"), (*v).to_owned());
+            }
+            Config::from_source(&env, Mode::Stream).map(|c| c.kafka)
+        };
+        let plain = kafka(&[]).unwrap();
+        assert_eq!(plain.client_config().get("security.protocol"), Some("plaintext"));
+        assert_eq!(plain.client_config().get("sasl.password"), None);
+
+        let sasl = kafka(&[
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_MECHANISM", "scram-sha-512"),
+            ("KAFKA_SASL_USERNAME", "invoice"),
+            ("KAFKA_SASL_PASSWORD", "kafka-s3cret"),
+        ])
+        .unwrap();
+        let config = sasl.client_config();
+        assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(
+            (config.get("sasl.username"), config.get("sasl.password")),
+            (Some("invoice"), Some("kafka-s3cret"))
+        );
+        assert!(!format!("{sasl:?}").contains("kafka-s3cret"));
+        assert!(!sasl.password_in_clear());
+        let clear = kafka(&[
+            ("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+            ("KAFKA_SASL_MECHANISM", "PLAIN"),
+            ("KAFKA_SASL_USERNAME", "invoice"),
+            ("KAFKA_SASL_PASSWORD", "kafka-s3cret"),
+        ])
+        .unwrap();
+        assert!(clear.password_in_clear());
+
+        for (pairs, var) in [
+            (&[("KAFKA_SECURITY_PROTOCOL", "tls")][..], "APP_ENV_INVOICE_KAFKA_SECURITY_PROTOCOL"),
+            (&[("KAFKA_SECURITY_PROTOCOL", "sasl_ssl")][..], "APP_ENV_INVOICE_KAFKA_SASL_MECHANISM"),
+            (
+                &[("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"), ("KAFKA_SASL_MECHANISM", "GSSAPI")][..],
+                "APP_ENV_INVOICE_KAFKA_SASL_MECHANISM",
+            ),
+            (
+                &[
+                    ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+                    ("KAFKA_SASL_MECHANISM", "PLAIN"),
+                    ("KAFKA_SASL_USERNAME", "u"),
+                ][..],
+                "APP_ENV_INVOICE_KAFKA_SASL_PASSWORD",
+            ),
+            // Credentials a plaintext client would silently ignore.
+            (&[("KAFKA_SASL_PASSWORD", "kafka-s3cret")][..], "APP_ENV_INVOICE_KAFKA_SASL_PASSWORD"),
+            (&[("KAFKA_SSL_CA_LOCATION", "/etc/hostname")][..], "APP_ENV_INVOICE_KAFKA_SSL_CA_LOCATION"),
+            (
+                &[("KAFKA_SECURITY_PROTOCOL", "ssl"), ("KAFKA_SSL_CA_LOCATION", "/nonexistent/ca.pem")][..],
+                "APP_ENV_INVOICE_KAFKA_SSL_CA_LOCATION",
+            ),
+        ] {
+            let error = kafka(pairs).unwrap_err();
+            assert_eq!(error.var, var, "{pairs:?}");
+            assert!(!error.to_string().contains("kafka-s3cret"), "{error}");
+        }
     }
 
     #[test]

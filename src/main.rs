@@ -192,7 +192,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Topics { action: TopicsAction::Apply } => {
-            let report = topics::apply(&cfg.kafka_brokers, &topics::specs(&cfg.topics)?).await?;
+            let report = topics::apply(&cfg.kafka, &topics::specs(&cfg.topics)?).await?;
             out(format_args!("{report}"));
             Ok(if report.has_differences() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
@@ -200,7 +200,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             let db = app::database(&cfg, "invoice-offsets").await?;
             let topics = [cfg.topics.payment.clone(), cfg.topics.merchant_cdc.clone()];
             let positions =
-                invoice::stream::offsets::show(&db, &cfg.kafka_brokers, &cfg.kafka_group_id, &topics).await?;
+                invoice::stream::offsets::show(&db, &cfg.kafka, &cfg.kafka_group_id, &topics).await?;
             if json {
                 for p in &positions {
                     out(serde_json::to_string(p)?);
@@ -272,8 +272,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             };
             let db = app::database(&cfg, "invoice-offsets").await?;
             let moves =
-                offsets::plan(&db, &cfg.kafka_brokers, &cfg.kafka_group_id, &topic, partition, target)
-                    .await?;
+                offsets::plan(&db, &cfg.kafka, &cfg.kafka_group_id, &topic, partition, target).await?;
             for m in &moves {
                 out(format_args!(
                     "{} partition {}: {} -> {}",
@@ -287,7 +286,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 out("dry run: nothing changed (add --execute to apply)");
                 return Ok(ExitCode::SUCCESS);
             }
-            let members = offsets::group_members(&cfg.kafka_brokers, &cfg.kafka_group_id).await?;
+            let members = offsets::group_members(&cfg.kafka, &cfg.kafka_group_id).await?;
             if members > 0 && !force {
                 eprintln!(
                     "invoice: group {} has {members} running consumer(s); stop the stream first, or add --force",
@@ -296,12 +295,12 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(6));
             }
             let actor = format!("cli@{}", app::hostname());
-            offsets::apply(&db, &cfg.kafka_brokers, &cfg.kafka_group_id, &moves, &actor, members > 0).await?;
+            offsets::apply(&db, &cfg.kafka, &cfg.kafka_group_id, &moves, &actor, members > 0).await?;
             out(format_args!("moved {} partition(s)", moves.len()));
             Ok(ExitCode::SUCCESS)
         }
         Command::Deadletters { limit, json } => {
-            let (brokers, topic) = (cfg.kafka_brokers.clone(), cfg.topics.deadletter.clone());
+            let (brokers, topic) = (cfg.kafka.clone(), cfg.topics.deadletter.clone());
             let letters = tokio::task::spawn_blocking(move || {
                 invoice::stream::deadletter::recent(&brokers, &topic, limit)
             })
@@ -335,8 +334,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             use invoice::stream::tax_drift::{self, Drift};
             let db = app::database(&cfg, "invoice-tax-drift").await?;
             let (findings, read) =
-                tax_drift::check(&db, &cfg.kafka_brokers, &cfg.topics.merchant_cdc, merchant.as_deref())
-                    .await?;
+                tax_drift::check(&db, &cfg.kafka, &cfg.topics.merchant_cdc, merchant.as_deref()).await?;
             let drifted: Vec<_> = findings.iter().filter(|f| f.drift != Drift::InSync).collect();
             if json {
                 for f in &findings {

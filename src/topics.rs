@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{BaseProducer, Producer};
 use serde::Deserialize;
@@ -267,17 +266,17 @@ impl std::fmt::Display for ApplyReport {
     }
 }
 
-/// An admin client for `brokers`.
-pub fn admin_client(brokers: &str) -> Result<AdminClient<DefaultClientContext>, TopicsError> {
-    Ok(ClientConfig::new().set("bootstrap.servers", brokers).create()?)
+/// An admin client for the cluster `kafka` names.
+pub fn admin_client(kafka: &crate::config::Kafka) -> Result<AdminClient<DefaultClientContext>, TopicsError> {
+    Ok(kafka.client_config().create()?)
 }
 
 /// Creates the missing topics and compares the existing ones with their definitions.
 /// The replication factor is capped at the number of brokers, so a single local broker works.
-pub async fn apply(brokers: &str, specs: &[TopicSpec]) -> Result<ApplyReport, TopicsError> {
-    let admin = admin_client(brokers)?;
+pub async fn apply(kafka: &crate::config::Kafka, specs: &[TopicSpec]) -> Result<ApplyReport, TopicsError> {
+    let admin = admin_client(kafka)?;
     // Metadata requests block; they run on a client of their own off the async threads.
-    let probe: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let probe: BaseProducer = kafka.client_config().create()?;
     let probe = std::sync::Arc::new(probe);
     let brokers_count = metadata(&probe, None).await?.brokers().len().max(1) as i32;
     let options = AdminOptions::new().operation_timeout(Some(TIMEOUT)).request_timeout(Some(TIMEOUT));

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt as _;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
 use rdkafka::statistics::Statistics;
@@ -415,8 +414,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> 
         high_watermarks: high_watermarks.clone(),
         fatal: fatal.clone(),
     };
-    let consumer: StreamConsumer<Ctx> = ClientConfig::new()
-        .set("bootstrap.servers", &deps.brokers)
+    let consumer: StreamConsumer<Ctx> = deps
+        .kafka
+        .client_config()
         .set("group.id", &deps.group_id)
         .set("client.id", &deps.client_id)
         .set("partition.assignment.strategy", "cooperative-sticky")

@@ -51,7 +51,7 @@ pub struct DeadLetter {
 
 /// The newest `limit` messages of each partition of `topic`, oldest first. Blocking: call
 /// from `spawn_blocking`.
-pub fn recent(brokers: &str, topic: &str, limit: i64) -> anyhow::Result<Vec<DeadLetter>> {
+pub fn recent(kafka: &crate::config::Kafka, topic: &str, limit: i64) -> anyhow::Result<Vec<DeadLetter>> {
     use rdkafka::message::Headers;
     let header = |m: &rdkafka::message::BorrowedMessage<'_>, name: &str| {
         m.headers().and_then(|h| {
@@ -63,7 +63,7 @@ pub fn recent(brokers: &str, topic: &str, limit: i64) -> anyhow::Result<Vec<Dead
     };
     let mut out = Vec::new();
     super::scan::to_end(
-        brokers,
+        kafka,
         topic,
         |_, high| high - limit.max(1),
         |m| {

@@ -75,8 +75,8 @@ pub struct Deps {
     pub topics: Topics,
     /// Consumer group (also the key of stored offsets).
     pub group_id: String,
-    /// Kafka bootstrap servers.
-    pub brokers: String,
+    /// Kafka: brokers, TLS and SASL.
+    pub kafka: crate::config::Kafka,
     /// Client id prefix.
     pub client_id: String,
     /// Tuning.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use crate::config::Kafka;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -70,24 +70,20 @@ pub fn resolve(target: Target, log_start: i64, high: i64, at_time: Option<i64>) 
     wanted.clamp(log_start, high.max(log_start))
 }
 
-fn consumer(brokers: &str, group: &str) -> anyhow::Result<BaseConsumer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?)
+fn consumer(kafka: &Kafka, group: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(kafka.client_config().set("group.id", group).set("enable.auto.commit", "false").create()?)
 }
 
 /// Positions of every partition of `topics` for `group`.
 pub async fn show(
     db: &PgPool,
-    brokers: &str,
+    kafka: &Kafka,
     group: &str,
     topics: &[String],
 ) -> anyhow::Result<Vec<Position>> {
-    let (brokers, group_name, topics_owned) = (brokers.to_owned(), group.to_owned(), topics.to_vec());
+    let (settings, group_name, topics_owned) = (kafka.clone(), group.to_owned(), topics.to_vec());
     let kafka = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<KafkaSide>> {
-        let consumer = consumer(&brokers, &group_name)?;
+        let consumer = consumer(&settings, &group_name)?;
         let mut out = Vec::new();
         for topic in &topics_owned {
             let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
@@ -135,10 +131,10 @@ pub async fn show(
 }
 
 /// The members of `group` the broker knows (a running stream has at least one).
-pub async fn group_members(brokers: &str, group: &str) -> anyhow::Result<usize> {
-    let (brokers, group) = (brokers.to_owned(), group.to_owned());
+pub async fn group_members(kafka: &Kafka, group: &str) -> anyhow::Result<usize> {
+    let (settings, group) = (kafka.clone(), group.to_owned());
     tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
-        let consumer = consumer(&brokers, &format!("{group}-admin"))?;
+        let consumer = consumer(&settings, &format!("{group}-admin"))?;
         let list = consumer.fetch_group_list(Some(&group), TIMEOUT)?;
         Ok(list.groups().iter().map(|g| g.members().len()).sum())
     })
@@ -162,13 +158,13 @@ pub struct Move {
 /// The moves a reset of `topic` (one partition or all) to `target` makes.
 pub async fn plan(
     db: &PgPool,
-    brokers: &str,
+    kafka: &Kafka,
     group: &str,
     topic: &str,
     partition: Option<i32>,
     target: Target,
 ) -> anyhow::Result<Vec<Move>> {
-    let positions = show(db, brokers, group, &[topic.to_owned()]).await?;
+    let positions = show(db, kafka, group, &[topic.to_owned()]).await?;
     let selected: Vec<Position> =
         positions.into_iter().filter(|p| partition.is_none_or(|want| want == p.partition)).collect();
     if selected.is_empty() {
@@ -176,10 +172,10 @@ pub async fn plan(
     }
     let at_time: Vec<Option<i64>> = match target {
         Target::Datetime(ms) => {
-            let (brokers, group, topic) = (brokers.to_owned(), group.to_owned(), topic.to_owned());
+            let (settings, group, topic) = (kafka.clone(), group.to_owned(), topic.to_owned());
             let parts: Vec<i32> = selected.iter().map(|p| p.partition).collect();
             tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Option<i64>>> {
-                let consumer = consumer(&brokers, &group)?;
+                let consumer = consumer(&settings, &group)?;
                 let mut tpl = TopicPartitionList::new();
                 for p in &parts {
                     tpl.add_partition_offset(&topic, *p, Offset::Offset(ms))?;
@@ -213,7 +209,7 @@ pub async fn plan(
 /// committed offsets (best effort: the group may have members; Postgres is the truth).
 pub async fn apply(
     db: &PgPool,
-    brokers: &str,
+    kafka: &Kafka,
     group: &str,
     moves: &[Move],
     actor: &str,
@@ -251,9 +247,9 @@ pub async fn apply(
     }
     insert_audits(&mut tx, &audits).await?;
     tx.commit().await?;
-    let (brokers, group, moves) = (brokers.to_owned(), group.to_owned(), moves.to_vec());
+    let (settings, group, moves) = (kafka.clone(), group.to_owned(), moves.to_vec());
     let mirrored = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let consumer = consumer(&brokers, &group)?;
+        let consumer = consumer(&settings, &group)?;
         let mut tpl = TopicPartitionList::new();
         for m in &moves {
             tpl.add_partition_offset(&m.topic, m.partition, Offset::Offset(m.to))?;

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _};
@@ -16,13 +15,13 @@ use rdkafka::{Offset, TopicPartitionList};
 /// Blocking: call from `spawn_blocking`. Fails if the topic does not exist or reading makes
 /// no progress for 30 s.
 pub fn to_end(
-    brokers: &str,
+    kafka: &crate::config::Kafka,
     topic: &str,
     start: impl Fn(i64, i64) -> i64,
     mut each: impl FnMut(&BorrowedMessage<'_>),
 ) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = kafka
+        .client_config()
         .set("group.id", format!("invoice-scan-{}", uuid::Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
         // The end of a partition is reported even when its last offset is never delivered

@@ -112,12 +112,12 @@ pub struct Finding {
 /// given. Returns every merchant's finding (in-sync ones included) and the records read.
 pub async fn check(
     db: &PgPool,
-    brokers: &str,
+    kafka: &crate::config::Kafka,
     topic: &str,
     only: Option<&str>,
 ) -> anyhow::Result<(Vec<Finding>, u64)> {
-    let (brokers, topic_name) = (brokers.to_owned(), topic.to_owned());
-    let (latest, read) = tokio::task::spawn_blocking(move || read_topic(&brokers, &topic_name)).await??;
+    let (kafka, topic_name) = (kafka.clone(), topic.to_owned());
+    let (latest, read) = tokio::task::spawn_blocking(move || read_topic(&kafka, &topic_name)).await??;
     let rows: Vec<(String, Value, bool)> =
         sqlx::query_as("SELECT merchant_id, tax, deleted_at IS NOT NULL FROM merchant_tax_info")
             .fetch_all(db)
@@ -145,10 +145,10 @@ pub async fn check(
     Ok((findings, read))
 }
 
-fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<(HashMap<String, Latest>, u64)> {
+fn read_topic(kafka: &crate::config::Kafka, topic: &str) -> anyhow::Result<(HashMap<String, Latest>, u64)> {
     let mut latest = HashMap::new();
     let read = super::scan::to_end(
-        brokers,
+        kafka,
         topic,
         |low, _| low,
         |message| {

@@ -109,9 +109,8 @@ async fn offsets_show_describes_and_reset_moves_the_stored_truth_with_an_audit_r
         std::time::Duration::from_secs(60),
         "the stream to join its group",
         || async {
-            let members = invoice::stream::offsets::group_members(&crate::support::kafka_brokers(), &group)
-                .await
-                .ok()?;
+            let members =
+                invoice::stream::offsets::group_members(&crate::support::kafka(), &group).await.ok()?;
             (members > 0).then_some(())
         },
     )
@@ -184,8 +183,7 @@ async fn tax_drift_finds_a_stored_taxinfo_the_topic_disagrees_with_and_a_replay_
 /// show in the group description), as an operator would before a reset.
 async fn wait_group_empty(group: &str) {
     crate::support::wait_until(std::time::Duration::from_secs(30), "the consumer group to empty", || async {
-        let members =
-            invoice::stream::offsets::group_members(&crate::support::kafka_brokers(), group).await.ok()?;
+        let members = invoice::stream::offsets::group_members(&crate::support::kafka(), group).await.ok()?;
         (members == 0).then_some(())
     })
     .await;

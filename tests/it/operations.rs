@@ -63,6 +63,7 @@ const SECRET_VARIABLES: &[&str] = &[
     "WEBHOOK_SECRET_PREVIOUS",
     "WEBHOOK_INTERNAL_SECRET",
     "WEBHOOK_INTERNAL_SECRET_PREVIOUS",
+    "APP_ENV_INVOICE_KAFKA_SASL_PASSWORD",
 ];
 
 #[test]
@@ -136,6 +137,11 @@ fn the_default_render_has_one_deployment_per_mode_with_probes_grace_and_secret_r
         } else {
             assert!(webhook.is_empty(), "{name} gets the webhook secret");
         }
+        // Plaintext Kafka by default: no SASL password asked of the Secret.
+        assert!(
+            !env_of(container).iter().any(|e| e["name"] == "APP_ENV_INVOICE_KAFKA_SASL_PASSWORD"),
+            "{name}"
+        );
     }
     let config = named(&objects, "ConfigMap", "inv-invoice");
     for variable in SECRET_VARIABLES {
@@ -163,6 +169,19 @@ fn every_feature_on_renders_keda_capped_at_the_partitions_monitoring_and_the_das
         .all(|t| t["type"] == "kafka" && t["metadata"]["consumerGroup"] == "SVC-00150-INVOICE_CONSUMER"));
     let topics: BTreeSet<&str> = triggers.iter().filter_map(|t| t["metadata"]["topic"].as_str()).collect();
     assert_eq!(topics, BTreeSet::from(["merchant.cdc.v1", "payment.succeeded.v1"]));
+    // SASL: every mode gets the password from the Secret, the rest from the ConfigMap.
+    for deployment in of_kind(&objects, "Deployment") {
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let password: Vec<&Value> = env_of(container)
+            .into_iter()
+            .filter(|e| e["name"] == "APP_ENV_INVOICE_KAFKA_SASL_PASSWORD")
+            .collect();
+        assert_eq!(password.len(), 1, "{}", deployment["metadata"]["name"]);
+        assert_eq!(password[0]["valueFrom"]["secretKeyRef"]["key"], "kafka-sasl-password");
+    }
+    let config = named(&objects, "ConfigMap", "inv-invoice");
+    assert_eq!(config["data"]["APP_ENV_INVOICE_KAFKA_SECURITY_PROTOCOL"], "sasl_ssl");
+    assert_eq!(config["data"]["APP_ENV_INVOICE_KAFKA_SASL_MECHANISM"], "SCRAM-SHA-512");
     let worker = named(&objects, "ScaledObject", "inv-invoice-worker");
     assert!(worker["spec"]["triggers"][0]["metadata"]["query"]
         .as_str()

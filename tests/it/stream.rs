@@ -431,7 +431,7 @@ async fn payments_gone_from_the_log_before_they_were_decided_are_counted_and_log
         send(&p, &topics.names.payment, &order, &payment(&format!("ev-{i}"), &order, "M-1")).await;
     }
     // Retention (here: an explicit delete) removed offsets 0–3 while the stored offset is 2.
-    let admin = invoice::topics::admin_client(&crate::support::kafka_brokers()).unwrap();
+    let admin = invoice::topics::admin_client(&crate::support::kafka()).unwrap();
     let mut tpl = rdkafka::TopicPartitionList::new();
     tpl.add_partition_offset(&topics.names.payment, 0, rdkafka::Offset::Offset(4)).unwrap();
     admin.delete_records(&tpl, &rdkafka::admin::AdminOptions::new()).await.unwrap();
@@ -619,4 +619,51 @@ async fn spawn_watched(
     let stream = TestStream::spawn(&env).await;
     wait_scalar(db, "SELECT count(*) FROM merchant_tax_info", 1).await;
     stream
+}
+
+/// The environment of a stream reaching the broker through its SASL/PLAIN listener.
+fn over_sasl(env: &mut std::collections::HashMap<String, String>, password: &str) {
+    let brokers =
+        std::env::var("INVOICE_TEST_KAFKA_SASL_BROKERS").unwrap_or_else(|_| "127.0.0.1:9094".into());
+    for (name, value) in [
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+        ("KAFKA_SASL_MECHANISM", "PLAIN"),
+        ("KAFKA_SASL_USERNAME", "invoice-test"),
+        ("KAFKA_SASL_PASSWORD", password),
+    ] {
+        env.insert(format!("APP_ENV_INVOICE_{name}"), value.to_owned());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_authenticated_with_sasl_decides_and_publishes_and_a_wrong_password_is_not_ready() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let p = producer();
+    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 10)).await;
+    insert_provider_config(&db, "M-1", 1).await;
+
+    let mut env = stream_env(&db, &topics.names, &unique("g-"));
+    over_sasl(&mut env, "a-wrong-password");
+    let refused = TestStream::spawn(&env).await;
+    let response = reqwest::get(format!("http://{}/ready", refused.addr)).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("kafka") && !body.contains("a-wrong-password"), "{body}");
+    assert!(!refused.metrics().await.contains("a-wrong-password"));
+    refused.stop().await.unwrap();
+
+    over_sasl(&mut env, "invoice-test-password");
+    let stream = TestStream::spawn(&env).await;
+    let response = reqwest::get(format!("http://{}/ready", stream.addr)).await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    send(&p, &topics.names.payment, "ORD-SASL-1", &payment("ev-sasl-1", "ORD-SASL-1", "M-1")).await;
+    wait_scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-SASL-1' AND status = 'QUEUED'", 1)
+        .await;
+    // Its relay published the invoice's event through the same authenticated connection.
+    let events = read_events(&topics.names.events, 1).await;
+    assert_eq!(events[0]["orderId"], "ORD-SASL-1", "{events:?}");
+    stream.stop().await.unwrap();
 }

@@ -12,7 +12,7 @@ fn names(prefix: &str) -> invoice::config::Topics {
 }
 
 async fn delete(names: &invoice::config::Topics) {
-    let admin = topics::admin_client(&kafka_brokers()).unwrap();
+    let admin = topics::admin_client(&crate::support::kafka()).unwrap();
     let list = [&names.payment, &names.merchant_cdc, &names.events, &names.deadletter];
     let list: Vec<&str> = list.iter().map(|s| s.as_str()).collect();
     admin.delete_topics(&list, &rdkafka::admin::AdminOptions::new()).await.unwrap();
@@ -22,12 +22,12 @@ async fn delete(names: &invoice::config::Topics) {
 async fn apply_creates_missing_topics_then_finds_them_unchanged() {
     let names = names(&unique("it-apply-"));
     let specs = topics::specs(&names).unwrap();
-    let first = topics::apply(&kafka_brokers(), &specs).await.unwrap();
+    let first = topics::apply(&crate::support::kafka(), &specs).await.unwrap();
     assert_eq!(first.topics.len(), 4);
     for (name, outcome) in &first.topics {
         assert_eq!(outcome, &TopicOutcome::Created { replication: 1 }, "{name}");
     }
-    let second = topics::apply(&kafka_brokers(), &specs).await.unwrap();
+    let second = topics::apply(&crate::support::kafka(), &specs).await.unwrap();
     for (name, outcome) in &second.topics {
         assert_eq!(outcome, &TopicOutcome::Unchanged, "{name}");
     }
@@ -52,7 +52,7 @@ async fn apply_reports_an_existing_topic_that_differs_and_the_cli_exits_1() {
     let mut specs = topics::specs(&names).unwrap();
     specs[0].partitions = 2;
     specs[0].config.insert("retention.ms".into(), "3600000".into());
-    topics::apply(&kafka_brokers(), &specs[..1]).await.unwrap();
+    topics::apply(&crate::support::kafka(), &specs[..1]).await.unwrap();
 
     let mut env = base_env("postgres://postgres@127.0.0.1:5432/unused");
     env.insert("APP_ENV_INVOICE_TOPIC_PAYMENT".into(), names.payment.clone());

@@ -108,6 +108,9 @@ env:
   {{- include "invoice.secretEnv" (dict "root" $root "name" "APP_ENV_INVOICE_REDIS_URL" "key" $k.redisUrl "optional" false) | nindent 2 }}
   {{- include "invoice.secretEnv" (dict "root" $root "name" "APP_ENV_INVOICE_CREDENTIALS_KEY" "key" $k.credentialsKey "optional" false) | nindent 2 }}
   {{- include "invoice.secretEnv" (dict "root" $root "name" "APP_ENV_INVOICE_CREDENTIALS_KEY_PREVIOUS" "key" $k.credentialsKeyPrevious "optional" true) | nindent 2 }}
+  {{- if hasPrefix "sasl_" $root.Values.config.kafka.securityProtocol }}
+  {{- include "invoice.secretEnv" (dict "root" $root "name" "APP_ENV_INVOICE_KAFKA_SASL_PASSWORD" "key" $k.kafkaSaslPassword "optional" false) | nindent 2 }}
+  {{- end }}
   {{- if $api }}
   {{- include "invoice.secretEnv" (dict "root" $root "name" "WEBHOOK_SECRET" "key" $k.webhookSecret "optional" false) | nindent 2 }}
   {{- include "invoice.secretEnv" (dict "root" $root "name" "WEBHOOK_SECRET_PREVIOUS" "key" $k.webhookSecretPrevious "optional" true) | nindent 2 }}

@@ -27,7 +27,7 @@ impl TestTopics {
         for spec in &mut specs {
             spec.partitions = partitions;
         }
-        invoice::topics::apply(&kafka_brokers(), &specs).await.unwrap();
+        invoice::topics::apply(&crate::support::kafka(), &specs).await.unwrap();
         TestTopics { names }
     }
 
@@ -47,7 +47,7 @@ impl Drop for TestTopics {
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             rt.block_on(async move {
-                if let Ok(admin) = invoice::topics::admin_client(&kafka_brokers()) {
+                if let Ok(admin) = invoice::topics::admin_client(&crate::support::kafka()) {
                     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
                     let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
                 }

@@ -25,6 +25,11 @@ pub fn pg_server_url() -> String {
 pub fn kafka_brokers() -> String {
     std::env::var("INVOICE_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
+
+/// The local broker as the service's Kafka settings (plain text, no authentication).
+pub fn kafka() -> invoice::config::Kafka {
+    invoice::config::Kafka::plaintext(kafka_brokers())
+}
 /// The local Redis.
 pub fn redis_url() -> String {
     std::env::var("INVOICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
