@@ -26,6 +26,7 @@ pub struct Metrics {
     dead_lettered: IntCounterVec,
     rebalances: IntCounterVec,
     partition_stalls: IntCounterVec,
+    offset_past_end: IntGaugeVec,
     fenced: IntCounterVec,
     offset_gaps: IntCounterVec,
     batch_duration: HistogramVec,
@@ -163,6 +164,14 @@ impl Metrics {
             &["topic", "partition"],
         )
         .expect("valid metric");
+        let offset_past_end = IntGaugeVec::new(
+            Opts::new(
+                "kafka_offset_past_end",
+                "1 while a partition's stored offset is past the end of its log (topic recreated or truncated): messages below it are not decided, and lag reads 0",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
         let fenced = IntCounterVec::new(
             Opts::new(
                 "kafka_offset_fenced_total",
@@ -227,6 +236,7 @@ impl Metrics {
             Box::new(dead_lettered.clone()),
             Box::new(rebalances.clone()),
             Box::new(partition_stalls.clone()),
+            Box::new(offset_past_end.clone()),
             Box::new(fenced.clone()),
             Box::new(offset_gaps.clone()),
             Box::new(batch_duration.clone()),
@@ -275,6 +285,7 @@ impl Metrics {
             dead_lettered,
             rebalances,
             partition_stalls,
+            offset_past_end,
             fenced,
             offset_gaps,
             batch_duration,
@@ -335,8 +346,11 @@ impl Metrics {
         self.consumer_offset.with_label_values(&[topic, &p]).set(position.max(0));
         self.consumer_lag.with_label_values(&[topic, &p]).set(messages.max(0));
         self.consumer_lag_seconds.with_label_values(&[topic, &p]).set(seconds.max(0.0));
-        // Its stall counter exists from the start, so `increase()` sees the first stall.
-        let _counted = self.partition_stalls.with_label_values(&[topic, &p]);
+    }
+
+    /// Whether a partition's stored offset is past the end of its log (1) or not (0).
+    pub fn partition_past_end(&self, topic: &str, partition: i32, past: bool) {
+        self.offset_past_end.with_label_values(&[topic, &partition.to_string()]).set(i64::from(past));
     }
 
     /// A partition left this consumer: its lag series go away rather than freeze.
@@ -345,6 +359,7 @@ impl Metrics {
         let _absent = self.consumer_lag.remove_label_values(&[topic, &p]);
         let _absent = self.consumer_offset.remove_label_values(&[topic, &p]);
         let _absent = self.consumer_lag_seconds.remove_label_values(&[topic, &p]);
+        let _absent = self.offset_past_end.remove_label_values(&[topic, &p]);
     }
 
     /// Messages of a committed batch, by outcome (`processed`, `dead_lettered`, `tombstone`).

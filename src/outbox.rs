@@ -22,6 +22,20 @@ const BATCH: i64 = 1000;
 const IDLE_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
 const LOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
 const GAUGES_EVERY: Duration = Duration::from_secs(10);
+/// Longest a relay connection may take to connect, take the lock or answer a ping. A
+/// Postgres that vanished without closing its connections (a lost node) leaves them
+/// half-open, and the kernel gives up on them only after ~15 minutes: the relay would wait
+/// that long, publishing nothing and holding up a shutdown.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the lock connection still answers, within [`CONNECTION_TIMEOUT`].
+async fn answers(conn: &mut PgConnection) -> Result<(), String> {
+    match tokio::time::timeout(CONNECTION_TIMEOUT, conn.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("no answer within 5 s".to_owned()),
+    }
+}
 
 /// Runs the relay until `shutdown`; only the process holding the lock publishes.
 pub async fn run(
@@ -37,7 +51,11 @@ pub async fn run(
         if shutdown.is_cancelled() {
             return;
         }
-        let mut leader = match lead(&database_url, &mut standby).await {
+        let led = tokio::select! {
+            led = lead(&database_url, &mut standby) => led,
+            _ = shutdown.cancelled() => return,
+        };
+        let mut leader = match led {
             Some(conn) => conn,
             None => {
                 // Only the leader's figures are true; a follower (maybe a former leader)
@@ -62,7 +80,7 @@ pub async fn run(
             // also checked before every marking, in `publish_once`.)
             if last_check.elapsed() >= LOCK_CHECK_EVERY {
                 last_check = tokio::time::Instant::now();
-                if let Err(error) = leader.ping().await {
+                if let Err(error) = answers(&mut leader).await {
                     tracing::warn!(%error, "Outbox relay lost its lock connection");
                     continue 'lead;
                 }
@@ -113,20 +131,31 @@ async fn lead(database_url: &str, standby: &mut Option<PgConnection>) -> Option<
                 return None;
             }
         };
-        match PgConnection::connect_with(&options).await {
-            Ok(conn) => *standby = Some(conn),
-            Err(error) => {
+        match tokio::time::timeout(CONNECTION_TIMEOUT, PgConnection::connect_with(&options)).await {
+            Ok(Ok(conn)) => *standby = Some(conn),
+            Ok(Err(error)) => {
                 tracing::warn!(error = %storage::StorageError::from(error), "Outbox relay cannot connect; retrying");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!("Outbox relay cannot connect within 5 s; retrying");
                 return None;
             }
         }
     }
     let conn = standby.as_mut()?;
-    match outbox::try_lead(conn).await {
-        Ok(true) => standby.take(),
-        Ok(false) => None,
-        Err(error) => {
-            tracing::warn!(%error, "Outbox relay cannot take its lock; retrying");
+    match tokio::time::timeout(CONNECTION_TIMEOUT, outbox::try_lead(conn)).await {
+        Ok(Ok(true)) => standby.take(),
+        Ok(Ok(false)) => None,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "Outbox relay cannot take its lock; retrying on a new connection");
+            *standby = None;
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "Outbox relay's lock request got no answer within 5 s; retrying on a new connection"
+            );
             *standby = None;
             None
         }
@@ -186,7 +215,7 @@ pub async fn publish_once(
             }
         }
     }
-    if leader.ping().await.is_err() {
+    if answers(leader).await.is_err() {
         tracing::warn!("Outbox relay lost its lock during a pass; leaving the rows to the next leader");
         return Err(storage::StorageError::Unavailable("outbox relay lock lost".into()));
     }

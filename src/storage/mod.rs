@@ -36,9 +36,15 @@ pub fn connect_options(url: &str, application_name: &str) -> Result<PgConnectOpt
     // No transaction of ours waits on anything outside Postgres (provider calls happen between
     // transactions), so one idle for 10 s belongs to a frozen or partitioned process: Postgres
     // ends it, and its row locks stop blocking the workers that took over its leases.
-    Ok(options
-        .application_name(application_name)
-        .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS)]))
+    // Keepalives from Postgres' side: a process that vanished (a lost node) leaves its
+    // session, and any advisory lock it held (the outbox relay's, a worker id's), until the
+    // server notices; with the system default that is two hours, here about a minute.
+    Ok(options.application_name(application_name).options([
+        ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS),
+        ("tcp_keepalives_idle", "30"),
+        ("tcp_keepalives_interval", "10"),
+        ("tcp_keepalives_count", "3"),
+    ]))
 }
 
 /// A pooled connection idle for less than this is handed out without a PING first.

@@ -380,6 +380,9 @@ async fn watch(
             deps.metrics.partition_lag(&topic, partition, position, lag, lag_seconds);
             let idle_ms = now - state.last_progress_ms.load(Ordering::Acquire);
             let stalled_for_long = idle_ms > deps.settings.stall_after.as_millis() as i64;
+            // For its alert: the statistics may lag the position by a second, so only a value
+            // that stays 1 for minutes means something.
+            deps.metrics.partition_past_end(&topic, partition, hw < position);
             // Past the end of the log (the topic was recreated, or a failover truncated it): the
             // fetch restarts at the earliest offset and every message below the stored one is
             // passed over as already decided. That needs an operator, not a seek; its lag reads

@@ -538,6 +538,14 @@ async fn a_stored_offset_past_the_end_of_the_log_is_reported_not_passed_over_sil
         (metric_value(&metrics, "invoice_kafka_partition_stalls_total", &[&topic_label]) >= 1.0).then_some(())
     })
     .await;
+    // The gauge its alert reads; the healthy partitions of the other topic read 0.
+    let metrics = stream.metrics().await;
+    assert_eq!(metric_value(&metrics, "invoice_kafka_offset_past_end", &[&topic_label]), 1.0, "{metrics}");
+    let cdc_label = format!("topic=\"{}\"", topics.names.merchant_cdc);
+    assert!(
+        metrics.contains(&format!("invoice_kafka_offset_past_end{{partition=\"0\",{cdc_label}}} 0")),
+        "{metrics}"
+    );
     assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 0);
     assert_eq!(
         scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE group_id = '{group}'")).await,
