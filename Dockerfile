@@ -8,6 +8,7 @@ WORKDIR /src
 # librdkafka is built from source by rdkafka-sys (`cmake`-free default build needs a C
 # toolchain and these headers).
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential python3 zlib1g-dev \
+    libssl-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock ./
 COPY src src
@@ -18,7 +19,7 @@ COPY data data
 RUN cargo build --locked --release --bin invoice
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin invoice
 COPY --from=build /src/target/release/invoice /usr/local/bin/invoice

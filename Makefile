@@ -57,5 +57,5 @@ helm-lint: tools ## helm lint --strict and helm template (defaults, every featur
 	target/tools/bin/promtool check rules helm/invoice/alerts/invoice-rules.yaml
 	target/tools/bin/promtool test rules helm/invoice/alerts/tests.yaml
 
-asyncapi: ## Regenerate docs/asyncapi.json (AsyncAPI 3.0) from topics/
+asyncapi: build-deps ## Regenerate docs/asyncapi.json (AsyncAPI 3.0) from topics/
 	@$(DEV_ENV) $(CARGO) run --quiet --locked --bin invoice -- topics asyncapi > docs/asyncapi.json

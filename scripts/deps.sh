@@ -44,6 +44,7 @@ wait_for() { # name seconds logfile command...
 
 apt_install() {
   log "installing $* (Debian packages)"
+  mkdir -p "$DEPS_DIR"
   if [[ ! -f /var/lib/apt/periodic/invoice-updated ]]; then
     apt-get update -qq >"$DEPS_DIR/apt.log" 2>&1 || die "apt-get update; its log is $DEPS_DIR/apt.log"
     mkdir -p /var/lib/apt/periodic && touch /var/lib/apt/periodic/invoice-updated
@@ -181,6 +182,9 @@ kafka_up() {
   if port_open "$KAFKA_PORT"; then
     log "kafka runs without the SASL listener (started by an older deps.sh); restarting it"
     kafka_down
+    local deadline=$((SECONDS + 30))
+    while port_open "$KAFKA_PORT" && ((SECONDS < deadline)); do sleep 0.2; done
+    port_open "$KAFKA_PORT" && die "a Kafka this script did not start (no pid in $KAFKA_HOME/kafka.pid) holds 127.0.0.1:$KAFKA_PORT without the SASL listener on $KAFKA_SASL_PORT; stop it and run make deps again"
   fi
   local props="$KAFKA_HOME/server.properties" data="$KAFKA_HOME/data"
   cat >"$props" <<EOF
@@ -269,10 +273,10 @@ build_deps() {
   fi
 }
 
-mkdir -p "$DEPS_DIR"
-chmod 755 "$DEPS_DIR"
 case "${1:-up}" in
   up)
+    mkdir -p "$DEPS_DIR"
+    chmod 755 "$DEPS_DIR"
     build_deps
     # Kafka's first start is the slowest; fetch its jars while the others start.
     kafka_fetch &

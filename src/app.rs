@@ -131,6 +131,10 @@ pub fn kafka_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
+        // A send ends within 25 s, delivered or failed (librdkafka's default is 5 minutes):
+        // the relay's pass, and so a pod's shutdown, is bounded by it; an undelivered row
+        // stays in the outbox and goes out on a later pass.
+        .set("message.timeout.ms", "25000")
         .create()
         .context("APP_ENV_INVOICE_KAFKA_BROKERS: cannot build a Kafka producer")
 }

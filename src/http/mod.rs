@@ -336,8 +336,10 @@ pub async fn authorize(api: &Api, headers: &HeaderMap, permission: &str) -> Resu
 /// nearest untrusted address in `X-Forwarded-For`.
 pub fn client_ip(api: &Api, request: &Request<Incoming>) -> Option<IpAddr> {
     let peer = request.extensions().get::<Peer>().map(|p| p.0.ip())?;
-    let forwarded = request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    Some(client_address(peer, forwarded.unwrap_or_default(), &api.trusted_proxies))
+    // Every `X-Forwarded-For` line, in order, as one list.
+    let forwarded: Vec<&str> =
+        request.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    Some(client_address(peer, &forwarded.join(","), &api.trusted_proxies))
 }
 
 /// [`client_ip`] without the request. Addresses are compared in canonical form: on a
@@ -349,13 +351,28 @@ pub fn client_address(peer: IpAddr, forwarded: &str, trusted: &[ipnet::IpNet]) -
     if !is_trusted(&peer) {
         return peer;
     }
-    let nearest = forwarded
-        .split(',')
-        .rev()
-        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-        .map(|ip| ip.to_canonical())
-        .find(|ip| !is_trusted(ip));
-    nearest.unwrap_or(peer)
+    // From the nearest hop outwards; a hop that does not parse ends the walk at the last
+    // trusted one: everything to its left may be the client's own writing.
+    let mut last_trusted = peer;
+    for hop in forwarded.split(',').rev() {
+        let Some(ip) = hop_address(hop.trim()) else { return last_trusted };
+        if !is_trusted(&ip) {
+            return ip;
+        }
+        last_trusted = ip;
+    }
+    last_trusted
+}
+
+/// One `X-Forwarded-For` hop as an address: `a.b.c.d`, `a.b.c.d:port`, an IPv6 address,
+/// bracketed or not, with or without a port (some proxies write ports).
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let ip = hop
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| hop.strip_prefix('[').and_then(|h| h.strip_suffix(']')).and_then(|h| h.parse().ok()))?;
+    Some(ip.to_canonical())
 }
 
 /// A 500 whose detail says nothing internal; the error itself is logged.
@@ -425,6 +442,16 @@ mod tests {
         assert_eq!(client_address(ip("fd00::1"), "2001:db8::5", &trusted), ip("2001:db8::5"));
         // Nothing usable forwarded: the proxy itself.
         assert_eq!(client_address(ip("10.1.1.1"), "unknown", &trusted), ip("10.1.1.1"));
+        // A hop that does not parse ends the walk: what the client wrote left of it is not
+        // believed (each request would otherwise pick its own address).
+        assert_eq!(
+            client_address(ip("10.1.1.1"), "198.51.100.9, garbage, 10.2.2.2", &trusted),
+            ip("10.2.2.2")
+        );
+        // Ports and brackets, as some proxies write them.
+        assert_eq!(client_address(ip("10.1.1.1"), "198.51.100.7:51234", &trusted), ip("198.51.100.7"));
+        assert_eq!(client_address(ip("10.1.1.1"), "[2001:db8::5]:443", &trusted), ip("2001:db8::5"));
+        assert_eq!(client_address(ip("10.1.1.1"), "[2001:db8::6]", &trusted), ip("2001:db8::6"));
     }
 
     #[test]

@@ -92,7 +92,10 @@ pub async fn unfinished_for_orders(
     pool: &PgPool,
     order_ids: &[String],
 ) -> Result<Vec<WorkInvoice>, StorageError> {
-    Ok(sqlx::query_as(UNFINISHED_FOR_ORDERS).bind(order_ids).bind(Utc::now()).fetch_all(pool).await?)
+    // The clock is read once a connection is in hand: read before a wait for one, it would
+    // make every deadline look earlier by the wait.
+    let mut conn = pool.acquire().await?;
+    Ok(sqlx::query_as(UNFINISHED_FOR_ORDERS).bind(order_ids).bind(Utc::now()).fetch_all(&mut *conn).await?)
 }
 
 /// The worker's take (see [`acquire`]): invoices `$1` still at versions `$4` become ISSUING
@@ -720,7 +723,8 @@ pub async fn due_page(
 pub async fn oldest_due_seconds(pool: &PgPool) -> Result<f64, StorageError> {
     let age: Option<f64> = sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM now() - min(next_attempt_at))::float8 FROM invoice
-         WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now()",
+         WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now()
+           AND deleted_at IS NULL",
     )
     .fetch_one(pool)
     .await?;

@@ -167,6 +167,8 @@ fn every_feature_on_renders_keda_capped_at_the_partitions_monitoring_and_the_das
     assert!(triggers
         .iter()
         .all(|t| t["type"] == "kafka" && t["metadata"]["consumerGroup"] == "SVC-00150-INVOICE_CONSUMER"));
+    // Against the SASL cluster, the scaler authenticates with the TriggerAuthentication given.
+    assert!(triggers.iter().all(|t| t["authenticationRef"]["name"] == "invoice-kafka-auth"), "{triggers:?}");
     let topics: BTreeSet<&str> = triggers.iter().filter_map(|t| t["metadata"]["topic"].as_str()).collect();
     assert_eq!(topics, BTreeSet::from(["merchant.cdc.v1", "payment.succeeded.v1"]));
     // SASL: every mode gets the password from the Secret, the rest from the ConfigMap.
