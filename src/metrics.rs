@@ -260,7 +260,8 @@ impl Metrics {
         }
         #[cfg(target_os = "linux")]
         {
-            // Process metrics (RSS, CPU, fds) under the usual `process_` names.
+            // Process metrics (RSS, CPU, fds), prefixed like every metric of ours (SPEC §9):
+            // `invoice_process_resident_memory_bytes` and so on.
             let process = prometheus::process_collector::ProcessCollector::for_self();
             registry.register(Box::new(process)).expect("registered once");
         }
@@ -477,7 +478,7 @@ impl ApiMetrics {
             webhook_requests: IntCounterVec::new(
                 Opts::new(
                     "webhook_requests_total",
-                    "Webhook requests by endpoint, result (accepted, duplicate, rejected, invalid, error) and reason",
+                    "Webhook requests by endpoint, result (accepted, duplicate, rejected, invalid, refused, error) and reason",
                 ),
                 &["endpoint", "result", "reason"],
             )
