@@ -84,8 +84,7 @@ pub async fn get(api: &Api, token: &str, request: &Request<Incoming>) -> Respons
         Ok(None) => return unknown(api, client, "GET"),
         Err(error) => return super::internal(&error).into_response(),
     };
-    let now = chrono::Utc::now();
-    let expired = view.status == "EXPIRED" || (view.status == "OPEN" && now > view.deadline);
+    let expired = view.status == "EXPIRED" || (view.status == "OPEN" && view.past_deadline);
     if expired {
         return gone(api, "GET", "the claim deadline has passed");
     }
@@ -143,14 +142,14 @@ async fn submit(
     buyer: &crate::domain::buyer::ValidBuyer,
     client: Option<std::net::IpAddr>,
 ) -> Result<Response<Body>, Problem> {
+    let mut tx = api.db.begin().await?;
     let giver = Giver {
         source: "claim",
         actor: "buyer:claim".into(),
         events_topic: &api.events_topic,
         replacement_id: api.ids.next_id()?,
-        now: chrono::Utc::now(),
+        now: crate::storage::transaction_time(&mut tx).await?,
     };
-    let mut tx = api.db.begin().await?;
     let submitted = claims::submit(&mut tx, &token_hash(token), buyer, &giver).await?;
     let (merchant_id, order_id, given) = match submitted {
         // A guess counts against the client like a GET's: POST is no way around the limit.

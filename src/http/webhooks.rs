@@ -248,9 +248,9 @@ async fn process(
     webhook_id: &str,
     payload: Payload,
 ) -> Result<Processed, Problem> {
-    let now = chrono::Utc::now();
     let actor = format!("webhook:{}:{webhook_id}", endpoint.as_str());
     let mut tx = api.db.begin().await?;
+    let now = crate::storage::transaction_time(&mut tx).await?;
     if !buyers::first_delivery(&mut tx, endpoint.as_str(), webhook_id).await? {
         tx.rollback().await?;
         return Ok(Processed::Duplicate);

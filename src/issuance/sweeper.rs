@@ -106,7 +106,7 @@ async fn join_one(
         actor: format!("sweeper:{}", deps.identity),
         events_topic: &deps.events_topic,
         replacement_id: deps.ids.next_id()?,
-        now: chrono::Utc::now(),
+        now: crate::storage::transaction_time(&mut tx).await?,
     };
     let (given, claim_closed) = buyers::give(&mut tx, merchant_id, order_id, &valid, &giver).await?;
     let settled = match given {

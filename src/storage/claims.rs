@@ -26,6 +26,8 @@ pub struct ClaimView {
     pub currency: String,
     /// Deadline.
     pub deadline: DateTime<Utc>,
+    /// Whether the deadline has passed, on Postgres' clock (the one claim expiry runs on).
+    pub past_deadline: bool,
     /// The buyer given, once claimed.
     pub buyer: Option<Value>,
     /// The invoice's status.
@@ -36,7 +38,7 @@ pub struct ClaimView {
 pub async fn view(pool: &PgPool, hash: &[u8; 32]) -> Result<Option<ClaimView>, StorageError> {
     Ok(sqlx::query_as(
         "SELECT c.status, m.merchant_name, c.merchant_id, c.order_id, i.total_amount, i.currency, c.deadline,
-                c.buyer, i.status AS invoice_status
+                c.deadline < now() AS past_deadline, c.buyer, i.status AS invoice_status
          FROM claim c JOIN invoice i ON i.id = c.invoice_id
          LEFT JOIN merchant_tax_info m ON m.merchant_id = c.merchant_id
          WHERE c.token_hash = $1",

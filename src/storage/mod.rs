@@ -82,6 +82,15 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StorageError> {
     MIGRATOR.run(pool).await.map_err(StorageError::from)
 }
 
+/// The transaction's start time on Postgres' clock: decisions about deadlines that
+/// Postgres also enforces (claim expiry runs on its `now()`) are taken on the same clock, not
+/// on this process's, which may be off by any skew.
+pub async fn transaction_time(
+    conn: &mut sqlx::PgConnection,
+) -> Result<chrono::DateTime<chrono::Utc>, StorageError> {
+    Ok(sqlx::query_scalar("SELECT now()").fetch_one(conn).await?)
+}
+
 /// A trivial round trip, for readiness.
 pub async fn ping(pool: &PgPool) -> Result<(), StorageError> {
     sqlx::query("SELECT 1").execute(pool).await?;
