@@ -2,6 +2,7 @@
 //! Postgres, Redis and Kafka, concurrently and each with a deadline, and names the ones
 //! that failed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::{Response, StatusCode};
@@ -19,11 +20,17 @@ pub fn health() -> Response<Body> {
 
 /// The clients `/ready` probes.
 pub struct Readiness {
+    probes: Probes,
+    last: Arc<tokio::sync::Mutex<Option<(Instant, Probed)>>>,
+}
+
+/// The dependencies and the deadline of one probe (cheap handles, moved into its task).
+#[derive(Clone)]
+struct Probes {
     db: sqlx::PgPool,
     redis: deadpool_redis::Pool,
     kafka: FutureProducer,
     timeout: Duration,
-    last: tokio::sync::Mutex<Option<(Instant, Probed)>>,
 }
 
 type Probed = [(Dependency, Result<(), String>); 3];
@@ -41,18 +48,39 @@ impl Readiness {
         kafka: FutureProducer,
         timeout: Duration,
     ) -> Readiness {
-        Readiness { db, redis, kafka, timeout, last: tokio::sync::Mutex::new(None) }
+        Readiness {
+            probes: Probes { db, redis, kafka, timeout },
+            last: Arc::new(tokio::sync::Mutex::new(None)),
+        }
     }
 
     /// The latest probe's results if under [`REUSE_FOR`] old, else a new probe's. Callers
-    /// arriving during a probe wait for it and share it (one probe at a time).
+    /// arriving during a probe wait for it and share it (one probe at a time). The probe runs
+    /// in a task of its own that stores its results: a caller that goes away (a client that
+    /// hung up) does not take the probe with it, so those waiting still get its answer.
     async fn probed(&self, metrics: &Metrics) -> Probed {
-        let mut last = self.last.lock().await;
+        let mut last = self.last.clone().lock_owned().await;
         if let Some((at, results)) = last.as_ref() {
             if at.elapsed() < REUSE_FOR {
                 return results.clone();
             }
         }
+        let (probes, metrics) = (self.probes.clone(), metrics.clone());
+        let task = tokio::spawn(async move {
+            let results = probes.run(&metrics).await;
+            *last = Some((Instant::now(), results.clone()));
+            results
+        });
+        task.await.unwrap_or_else(|_| {
+            [Dependency::Postgres, Dependency::Redis, Dependency::Kafka]
+                .map(|dependency| (dependency, Err("probe task failed".to_owned())))
+        })
+    }
+}
+
+impl Probes {
+    /// Probes all three concurrently, and records and logs what it found.
+    async fn run(&self, metrics: &Metrics) -> Probed {
         let (pg, redis, kafka) = tokio::join!(self.postgres(), self.redis(), self.kafka());
         let results = [(Dependency::Postgres, pg), (Dependency::Redis, redis), (Dependency::Kafka, kafka)];
         for (dependency, result) in &results {
@@ -61,7 +89,6 @@ impl Readiness {
                 tracing::warn!(dependency = dependency.as_str(), reason = %reason, "Readiness check failed");
             }
         }
-        *last = Some((Instant::now(), results.clone()));
         results
     }
 
@@ -99,12 +126,16 @@ impl Readiness {
                 }
             })
         });
-        match probe.await {
-            Ok(result) => result,
-            Err(_) => Err("probe task failed".into()),
+        // The blocking pool may be busy: the wait for it counts against the deadline too.
+        match tokio::time::timeout(timeout + Duration::from_secs(1), probe).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("probe task failed".into()),
+            Err(_) => Err("timed out".into()),
         }
     }
+}
 
+impl Readiness {
     /// `GET /ready`: 200 when all answer, else 503 naming the failed ones.
     pub async fn check(&self, metrics: &Metrics) -> Response<Body> {
         let results = self.probed(metrics).await;
