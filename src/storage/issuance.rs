@@ -77,8 +77,8 @@ pub const UNFINISHED_FOR_ORDERS: &str =
     "SELECT i.id, i.merchant_id, i.order_id, i.kind, i.replaces_invoice_id, i.status, i.paid_at, i.currency,
             i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount, i.config_snapshot,
             i.provider_config_id, i.transaction_uuid, i.attempts,
-            $2::timestamptz + (i.next_attempt_at - now()) AS next_attempt_at,
-            $2::timestamptz + (i.lease_until - now()) AS lease_until, i.updated_at,
+            $2::timestamptz + (i.next_attempt_at - statement_timestamp()) AS next_attempt_at,
+            $2::timestamptz + (i.lease_until - statement_timestamp()) AS lease_until, i.updated_at,
             o.status AS original_status, o.provider_invoice_no AS original_invoice_no,
             o.issued_at AS original_issued_at, o.config_snapshot AS original_snapshot,
             i.replacement_reason
@@ -104,7 +104,8 @@ pub async fn unfinished_for_orders(
 /// before.
 ///
 /// Deadlines the worker computes (call leases, the safe wait, retry times) are written as
-/// Postgres' `now()` plus their distance from the worker's clock as it sent the statement,
+/// Postgres' clock (`statement_timestamp()`: `now()` is the start of the transaction, which
+/// may be earlier) plus their distance from the worker's clock as it sent the statement,
 /// never as the worker's own timestamps: takeovers test `lease_until < now()` on Postgres'
 /// clock, and a worker clock behind it shortened every lease and safe wait by the
 /// difference, so another worker could look up and resend while a call might still run. The
@@ -117,7 +118,7 @@ pub const ACQUIRE: &str = "WITH old AS (
          FOR UPDATE OF i SKIP LOCKED),
      taken AS (
          UPDATE invoice i SET status = 'ISSUING', attempts = i.attempts + 1, lease_owner = $2,
-                lease_until = now() + ($3 - $6::timestamptz), next_attempt_at = now() + ($3 - $6::timestamptz),
+                lease_until = statement_timestamp() + ($3 - $6::timestamptz), next_attempt_at = statement_timestamp() + ($3 - $6::timestamptz),
                 updated_at = now()
          FROM old WHERE i.id = old.id
          RETURNING i.id, old.status AS before, i.merchant_id, i.order_id, i.attempts),
@@ -133,7 +134,7 @@ pub const ACQUIRE: &str = "WITH old AS (
 /// Renews a call lease (see [`renew_lease`]): invoice `$1`, owner `$2`, until `$3` (on the
 /// worker's clock, which read `$4` as it sent this).
 pub const RENEW_LEASE: &str = "UPDATE invoice
-     SET lease_until = now() + ($3 - $4::timestamptz), next_attempt_at = now() + ($3 - $4::timestamptz)
+     SET lease_until = statement_timestamp() + ($3 - $4::timestamptz), next_attempt_at = statement_timestamp() + ($3 - $4::timestamptz)
      WHERE id = $1 AND status = 'ISSUING' AND lease_owner = $2 AND lease_until > now()";
 
 /// Takes invoices for provider calls: QUEUED ones, and ISSUING ones whose lease expired
@@ -373,8 +374,8 @@ static SETTLE: LazyLock<String> = LazyLock::new(|| {
                  submitted_at = CASE WHEN u.status = 'SUBMITTED' THEN COALESCE(i.submitted_at, now())
                                      ELSE i.submitted_at END,
                  lease_owner = NULL,
-                 lease_until = now() + (u.lease_until - ${clock}::timestamptz),
-                 next_attempt_at = now() + (u.next_at - ${clock}::timestamptz),
+                 lease_until = statement_timestamp() + (u.lease_until - ${clock}::timestamptz),
+                 next_attempt_at = statement_timestamp() + (u.next_at - ${clock}::timestamptz),
                  last_error = CASE WHEN u.status = 'ISSUED' THEN NULL ELSE COALESCE(u.error, i.last_error) END,
                  attempts = greatest(i.attempts + u.attempts_delta, 0),
                  updated_at = now()
