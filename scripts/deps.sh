@@ -21,6 +21,11 @@ KAFKA_CONTROLLER_PORT="${INVOICE_KAFKA_CONTROLLER_PORT:-9093}"
 # A SASL/PLAIN listener for the tests of the service's Kafka authentication settings; its
 # users are test fixtures, nothing else listens there.
 KAFKA_SASL_PORT="${INVOICE_KAFKA_SASL_PORT:-9094}"
+# A SASL_SSL listener (SCRAM-SHA-512 over TLS, the usual shape of a managed Kafka) whose
+# certificate is signed by a throwaway CA made here: $KAFKA_TLS_DIR/ca.pem is what a client
+# trusts. Test fixtures too.
+KAFKA_SSL_PORT="${INVOICE_KAFKA_SSL_PORT:-9095}"
+KAFKA_TLS_DIR="$DEPS_DIR/kafka-tls"
 KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$HERE/kafka/pom.xml")"
 KAFKA_HOME="$DEPS_DIR/kafka-$KAFKA_VERSION"
 KAFKA_HEAP="${INVOICE_KAFKA_HEAP:--Xms256m -Xmx768m}"
@@ -175,29 +180,36 @@ kafka_ready() {
 kafka_up() {
   local logfile="$KAFKA_HOME/server.log"
   kafka_fetch
-  if port_open "$KAFKA_PORT" && port_open "$KAFKA_SASL_PORT"; then
+  kafka_tls
+  if port_open "$KAFKA_PORT" && port_open "$KAFKA_SASL_PORT" && port_open "$KAFKA_SSL_PORT"; then
     log "kafka already running on 127.0.0.1:$KAFKA_PORT"
+    kafka_scram_user
     return 0
   fi
   if port_open "$KAFKA_PORT"; then
-    log "kafka runs without the SASL listener (started by an older deps.sh); restarting it"
+    log "kafka runs without the SASL or SASL_SSL listener (started by an older deps.sh); restarting it"
     kafka_down
     local deadline=$((SECONDS + 30))
     while port_open "$KAFKA_PORT" && ((SECONDS < deadline)); do sleep 0.2; done
-    port_open "$KAFKA_PORT" && die "a Kafka this script did not start (no pid in $KAFKA_HOME/kafka.pid) holds 127.0.0.1:$KAFKA_PORT without the SASL listener on $KAFKA_SASL_PORT; stop it and run make deps again"
+    port_open "$KAFKA_PORT" && die "a Kafka this script did not start (no pid in $KAFKA_HOME/kafka.pid) holds 127.0.0.1:$KAFKA_PORT without the SASL listener on $KAFKA_SASL_PORT and the SASL_SSL one on $KAFKA_SSL_PORT; stop it and run make deps again"
   fi
   local props="$KAFKA_HOME/server.properties" data="$KAFKA_HOME/data"
   cat >"$props" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT,SASL_SSL://127.0.0.1:$KAFKA_SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT,SASL_SSL://127.0.0.1:$KAFKA_SSL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
-sasl.enabled.mechanisms=PLAIN
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN
 listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_invoice-test="invoice-test-password";
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PKCS12
+listener.name.sasl_ssl.ssl.keystore.location=$KAFKA_TLS_DIR/broker.p12
+listener.name.sasl_ssl.ssl.keystore.password=invoice-test
 log.dirs=$data
 num.partitions=3
 offsets.topic.replication.factor=1
@@ -242,6 +254,47 @@ EOF
     -Djava.awt.headless=true kafka.Kafka "$props" >"$KAFKA_HOME/stdout.log" 2>&1 </dev/null &
   echo $! >"$KAFKA_HOME/kafka.pid"
   wait_for kafka 120 "$logfile" kafka_ready
+  kafka_scram_user
+}
+
+# The CA and the broker's certificate (127.0.0.1 and localhost) of the SASL_SSL listener,
+# made once; a CA that has expired or lost its key is made afresh with everything it signed.
+kafka_tls() {
+  local dir=$KAFKA_TLS_DIR
+  if [[ -f $dir/broker.p12 ]] && openssl x509 -checkend 86400 -noout -in "$dir/ca.pem" >/dev/null 2>&1 \
+    && openssl x509 -checkend 86400 -noout -in "$dir/broker.pem" >/dev/null 2>&1; then
+    return 0
+  fi
+  log "making a test CA and the broker's TLS certificate in $dir"
+  command -v openssl >/dev/null || apt_install openssl
+  rm -rf "$dir" && mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=invoice local test CA" \
+      -keyout ca.key -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout broker.key -out broker.csr
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >broker.ext
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile broker.ext -out broker.pem
+    openssl pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem -name broker \
+      -passout pass:invoice-test -out broker.p12
+    chmod 644 ca.pem
+  ) >"$DEPS_DIR/kafka-tls.log" 2>&1 || die "making the test TLS certificates; its log is $DEPS_DIR/kafka-tls.log"
+  # A running broker holds the old certificate: restart it.
+  if port_open "$KAFKA_SSL_PORT"; then kafka_down; fi
+}
+
+# The SCRAM-SHA-512 user of the SASL_SSL listener. KRaft keeps SCRAM credentials in its
+# metadata log, so they are written once per formatted storage (the marker lives there).
+kafka_scram_user() {
+  local marker="$KAFKA_HOME/data/.invoice-scram-user"
+  [[ -f $marker ]] && return 0
+  java -cp "$KAFKA_HOME/libs/*" -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2.properties" \
+    kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --alter \
+    --entity-type users --entity-name invoice-test \
+    --add-config 'SCRAM-SHA-512=[iterations=4096,password=invoice-test-password]' \
+    >>"$KAFKA_HOME/scram.log" 2>&1 || die "creating the SCRAM user; its log is $KAFKA_HOME/scram.log"
+  touch "$marker"
 }
 
 kafka_down() {
@@ -285,7 +338,7 @@ case "${1:-up}" in
     redis_up
     wait "$fetch_pid" || die "fetching the Kafka jars; its log is $KAFKA_HOME/mvn.log"
     kafka_up
-    log "ready: postgres 127.0.0.1:$PG_PORT, redis 127.0.0.1:$REDIS_PORT, kafka 127.0.0.1:$KAFKA_PORT"
+    log "ready: postgres 127.0.0.1:$PG_PORT, redis 127.0.0.1:$REDIS_PORT, kafka 127.0.0.1:$KAFKA_PORT (SASL/PLAIN :$KAFKA_SASL_PORT, SASL_SSL :$KAFKA_SSL_PORT)"
     ;;
   build) build_deps ;;
   down) kafka_down; redis_down; pg_down ;;

@@ -114,6 +114,10 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<MerchantEvent, 
             let key: Value = key.and_then(|k| serde_json::from_slice(k).ok()).ok_or_else(|| {
                 Invalid::field(format!("{row_field}.id"), "required (and the key has no id)")
             })?;
+            // Postgres text refuses NUL: let through, it would fail the batch for ever.
+            if super::contains_nul(&key) {
+                return Err(Invalid("the key contains the NUL character (U+0000)".into()));
+            }
             match unwrap_schema(&key) {
                 Value::Object(k) => id_text(k.get("id").unwrap_or(&Value::Null), "key.id")?,
                 other => id_text(other, "key")?,
@@ -153,6 +157,10 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<MerchantEvent, 
         Some(Value::String(text)) => {
             from_string = serde_json::from_str(text)
                 .map_err(|e| Invalid::field("after.metadata", format!("a string that is not JSON ({e})")))?;
+            // The envelope's check saw only the escape (`\\u0000`); decoded here, it is a NUL.
+            if super::contains_nul(&from_string) {
+                return Err(Invalid::field("after.metadata", "a string contains the NUL character (U+0000)"));
+            }
             &from_string
         }
         Some(obj @ Value::Object(_)) => obj,
@@ -267,6 +275,21 @@ mod tests {
         assert_eq!(bad(json!({"op": "u", "after": null})), "after: required for op `u`");
         assert!(bad(json!({"op": "u", "after": {"name": "x"}})).starts_with("after.id: required"));
         assert!(parse(None, Some(b"nope")).unwrap_err().0.starts_with("not JSON"));
+    }
+
+    #[test]
+    fn a_nul_hidden_in_the_key_or_in_metadata_as_a_string_is_refused() {
+        // Escaped once more than the envelope: only decoding the inner text shows the NUL.
+        let mut t = tax();
+        t["legalName"] = json!("A\u{0}B");
+        let hidden = envelope("u", json!(json!({"tax": t}).to_string()));
+        let error = parse(Some(br#"{"id":"M-1"}"#), Some(hidden.to_string().as_bytes())).unwrap_err().0;
+        assert_eq!(error, "after.metadata: a string contains the NUL character (U+0000)");
+        // A delete without its row takes the merchant id from the key.
+        let delete = json!({"before": null, "after": null, "op": "d", "ts_ms": 5}).to_string();
+        let error = parse(Some(br#"{"id":"M\u0000"}"#), Some(delete.as_bytes())).unwrap_err().0;
+        assert_eq!(error, "the key contains the NUL character (U+0000)");
+        assert!(parse(Some(br#"{"id":"M-1"}"#), Some(delete.as_bytes())).is_ok());
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub enum StorageError {
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migration(String),
+    /// Postgres refused the values themselves (a data exception, a limit such as an index
+    /// row too large, a NOT NULL or CHECK constraint): the same statement with the same
+    /// values fails the same way, so retrying it is pointless.
+    #[error("database refused the data: {0}")]
+    Refused(String),
     /// Anything else (a bug, or a schema not migrated).
     #[error("database error: {0}")]
     Other(String),
@@ -44,6 +49,13 @@ impl From<sqlx::Error> for StorageError {
                 Some("40001") | Some("40P01") => StorageError::Retry,
                 Some(code) if code.starts_with("08") || code.starts_with("57P") => {
                     StorageError::Unavailable(error.to_string())
+                }
+                Some(code)
+                    if code.starts_with("22")
+                        || code.starts_with("54")
+                        || matches!(code, "23502" | "23514") =>
+                {
+                    StorageError::Refused(error.to_string())
                 }
                 _ => StorageError::Other(error.to_string()),
             },

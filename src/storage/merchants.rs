@@ -1,6 +1,6 @@
 //! Merchant TaxInfo (from CDC) and provider configurations.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -88,7 +88,7 @@ pub async fn upsert(
 ) -> Result<(), StorageError> {
     let mut write = TaxWrite::new(merchant_id);
     write.apply(name.map(str::to_owned), tax.clone(), info.clone(), *position, source.offset);
-    write_batch(tx, source.topic, source.partition, &[write]).await
+    write_batch(tx, source.topic, source.partition, &[write]).await.map(drop)
 }
 
 /// The values of an applied upsert.
@@ -161,12 +161,17 @@ impl TaxWrite {
 /// Writes each merchant's net change of a batch: one statement for those with new values,
 /// one for those only deleted. A merchant never seen that is deleted gets a deleted row
 /// carrying the delete's position, so an older create replayed later does not bring it back.
+/// Returns the merchants whose write the stored row refused as older than itself: written
+/// meanwhile by someone this task does not know of (another consumer group on the same
+/// database, or the same merchant under another key format, hence another partition).
 pub async fn write_batch(
     tx: &mut PgConnection,
     topic: &str,
     partition: i32,
     writes: &[TaxWrite],
-) -> Result<(), StorageError> {
+) -> Result<HashSet<String>, StorageError> {
+    // The merchants written; the others were refused by the stored row's newer position.
+    let mut written: HashSet<String> = HashSet::new();
     let (upserts, deletes): (Vec<&TaxWrite>, Vec<&TaxWrite>) =
         writes.iter().partition(|w| w.upserted.is_some());
     let upserted: Vec<&Upserted> = upserts.iter().filter_map(|w| w.upserted.as_ref()).collect();
@@ -174,7 +179,7 @@ pub async fn write_batch(
         let text = |f: fn(&TaxInfo) -> &Option<String>| -> Vec<Option<&str>> {
             upserted.iter().map(|u| f(&u.info).as_deref()).collect()
         };
-        sqlx::query(concat!(
+        let rows: Vec<(String,)> = sqlx::query_as(concat!(
             "INSERT INTO merchant_tax_info (merchant_id, merchant_name, tax, tax_code, legal_name, address, email,
                  phone, invoice_enabled, issuance_mode, claim_window_minutes, provider, source_lsn, source_ts_ms,
                  source_topic, source_partition, source_offset, deleted_at)
@@ -191,7 +196,7 @@ pub async fn write_batch(
                  source_lsn = EXCLUDED.source_lsn, source_ts_ms = EXCLUDED.source_ts_ms,
                  source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
                  source_offset = EXCLUDED.source_offset, updated_at = now(), deleted_at = EXCLUDED.deleted_at
-             ", never_older_than_stored!()),
+             ", never_older_than_stored!(), " RETURNING merchant_id"),
         )
         .bind(upserts.iter().map(|w| w.merchant_id.as_str()).collect::<Vec<_>>())
         .bind(upserts.iter().map(|w| w.name.as_deref()).collect::<Vec<_>>())
@@ -211,12 +216,13 @@ pub async fn write_batch(
         .bind(upserts.iter().map(|w| w.deleted).collect::<Vec<_>>())
         .bind(topic)
         .bind(partition)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        written.extend(rows.into_iter().map(|(id,)| id));
     }
     let deletes: Vec<&TaxWrite> = deletes.into_iter().filter(|w| w.deleted).collect();
     if !deletes.is_empty() {
-        sqlx::query(concat!(
+        let rows: Vec<(String,)> = sqlx::query_as(concat!(
             "INSERT INTO merchant_tax_info (merchant_id, tax, source_lsn, source_ts_ms, source_topic, source_partition,
                  source_offset, deleted_at)
              SELECT m, '{}'::jsonb, lsn, ts, $4, $5, o, now()
@@ -225,7 +231,7 @@ pub async fn write_batch(
                  deleted_at = now(), updated_at = now(), source_lsn = EXCLUDED.source_lsn,
                  source_ts_ms = EXCLUDED.source_ts_ms, source_topic = EXCLUDED.source_topic,
                  source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset
-             ", never_older_than_stored!()),
+             ", never_older_than_stored!(), " RETURNING merchant_id"),
         )
         .bind(deletes.iter().map(|w| w.merchant_id.as_str()).collect::<Vec<_>>())
         .bind(deletes.iter().map(|w| w.position.lsn).collect::<Vec<_>>())
@@ -233,10 +239,15 @@ pub async fn write_batch(
         .bind(topic)
         .bind(partition)
         .bind(deletes.iter().map(|w| w.offset).collect::<Vec<_>>())
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        written.extend(rows.into_iter().map(|(id,)| id));
     }
-    Ok(())
+    Ok(writes
+        .iter()
+        .filter(|w| (w.upserted.is_some() || w.deleted) && !written.contains(&w.merchant_id))
+        .map(|w| w.merchant_id.clone())
+        .collect())
 }
 
 /// A live provider configuration, as snapshotted onto invoices.

@@ -43,6 +43,9 @@ pub struct Summary {
     /// Cache entries to install once the transaction committed (never before: a rolled-back
     /// batch must leave the cache as the database is).
     pub cache_updates: Vec<(String, Option<StoredTax>)>,
+    /// Merchants to drop from the cache once the transaction committed: their stored row
+    /// was newer than the cache said.
+    pub cache_evictions: Vec<String>,
 }
 
 /// The audit row of a TaxInfo change (the outcome is the event type's verb).
@@ -225,7 +228,19 @@ pub async fn process(
         }
         summary.outcomes.push(outcome);
     }
-    merchants::write_batch(tx, topic, partition, &writes).await?;
+    let refused = merchants::write_batch(tx, topic, partition, &writes).await?;
+    if !refused.is_empty() {
+        // What this task believed of them was out of date: no audit of a change that did
+        // not happen, and they are read again next time rather than skipped against a
+        // cache that no longer matches the database.
+        for merchant_id in &refused {
+            tracing::warn!(merchantId = %merchant_id, partition,
+                "[handleMerchantCDC] stored TaxInfo is newer than this task knew (written by another consumer); change not applied");
+            view.remove(merchant_id);
+        }
+        audits.retain(|a| a.merchant_id.as_ref().is_none_or(|m| !refused.contains(m)));
+        summary.cache_evictions = refused.into_iter().collect();
+    }
     insert_audits(tx, &audits).await?;
     insert_outbox(tx, &dead).await?;
     // Everything loaded or changed here (misses included, so the next skip needs no query).

@@ -1,6 +1,7 @@
 //! One assigned partition: read in offset order, batch, commit decisions and offset atomically
 //! (a payment batch in one statement, a CDC batch in one transaction), retry transient
-//! failures in place, follow Postgres when fenced.
+//! failures in place, dead-letter a message whose data Postgres refuses, follow Postgres when
+//! fenced.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -13,10 +14,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::consumer::{Ctx, PartitionQueue};
+use super::deadletter::dead_letter;
 use super::merchants::{self, Cache};
 use super::{payments, BatchError, Deps};
-use crate::storage::decisions::OffsetMove;
-use crate::storage::offsets;
+use crate::events::Invalid;
+use crate::storage::decisions::{insert_outbox, OffsetMove};
+use crate::storage::{offsets, StorageError};
 
 /// Most merchants one CDC partition task keeps in its cache.
 const MERCHANT_CACHE_MAX: usize = 200_000;
@@ -160,14 +163,11 @@ impl PartitionTask {
             let position = self.position();
             batch.retain(|m| m.offset() >= position);
             let Some(first_offset) = batch.first().map(|m| m.offset()) else { continue };
-            // The payment topic is not compacted: a jump past the stored position means
+            // The payment topic is not compacted: a jump past the stored position may mean
             // messages that will never be decided (retention passed them, or the offset was
-            // reset). Compacted CDC and transaction markers make small gaps normal there.
+            // reset). Compaction makes gaps normal on CDC.
             if self.kind == Kind::Payment && self.expected.is_some() && first_offset > position {
-                let skipped = first_offset - position;
-                self.deps.metrics.offset_gap(&self.topic, self.partition, skipped);
-                tracing::error!(topic = %self.topic, partition = self.partition, position, first_offset, skipped,
-                    "Messages between the stored offset and the first one fetched are gone");
+                self.report_gone(position, first_offset).await;
             }
             match self.commit(&batch, &mut cache).await {
                 Committed::Yes | Committed::Fenced => {}
@@ -177,12 +177,56 @@ impl PartitionTask {
         tracing::info!(topic = %self.topic, partition = self.partition, position = self.position(), "Partition task stopped");
     }
 
+    /// Offsets between the stored position and the first message fetched hold either the
+    /// commit and abort markers (and aborted messages) of a transactional producer, which is
+    /// normal, or messages the log no longer has, which is loss. Only the log start tells
+    /// them apart; it is read only when a gap shows.
+    async fn report_gone(&self, position: i64, first_offset: i64) {
+        let (consumer, topic, partition) = (self.consumer.clone(), self.topic.clone(), self.partition);
+        let log_start = tokio::task::spawn_blocking(move || {
+            consumer.fetch_watermarks(&topic, partition, Duration::from_secs(2)).map(|(low, _)| low)
+        })
+        .await;
+        match log_start {
+            Ok(Ok(log_start)) if log_start > position => {
+                let skipped = log_start.min(first_offset) - position;
+                self.deps.metrics.offset_gap(&self.topic, self.partition, skipped);
+                tracing::error!(topic = %self.topic, partition = self.partition, position, first_offset, log_start, skipped,
+                    "Messages between the stored offset and the log start are gone");
+            }
+            Ok(Ok(_)) => {
+                tracing::debug!(topic = %self.topic, partition = self.partition, position, first_offset,
+                "Offsets without messages skipped (transaction markers)")
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(topic = %self.topic, partition = self.partition, position, first_offset, %error,
+                "Offsets skipped and the log start unreadable: messages may be gone")
+            }
+            Err(_) => {}
+        }
+    }
+
     async fn commit(&mut self, batch: &[OwnedMessage], cache: &mut Cache) -> Committed {
+        self.commit_as(batch, cache, None).await
+    }
+
+    /// Commits `batch`: decided as usual, or (`refused`: why Postgres refused it alone)
+    /// dead-lettered whole.
+    async fn commit_as(
+        &mut self,
+        batch: &[OwnedMessage],
+        cache: &mut Cache,
+        refused: Option<&str>,
+    ) -> Committed {
         let next = batch.last().map(|m| m.offset() + 1).unwrap_or_else(|| self.position());
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
-            match self.try_commit(batch, next, cache).await {
+            let result = match refused {
+                None => self.try_commit(batch, next, cache).await,
+                Some(reason) => self.try_dead_letter(batch, next, reason).await,
+            };
+            match result {
                 Ok(()) => {
                     self.deps.metrics.batch_committed(&self.topic, batch.len(), started.elapsed());
                     self.expected = Some(next);
@@ -219,6 +263,16 @@ impl PartitionTask {
                     self.seek(resume);
                     return Committed::Fenced;
                 }
+                Err(BatchError::Storage(StorageError::Refused(reason))) if refused.is_none() => {
+                    // Retrying the same values fails the same way, for ever: find the message
+                    // Postgres refuses and dead-letter it (SPEC §1.4: a poison message never
+                    // stalls its partition). Nothing was written.
+                    cache.clear();
+                    tracing::warn!(topic = %self.topic, partition = self.partition, messages = batch.len(),
+                        first_offset = batch.first().map(|m| m.offset()), error = %reason,
+                        "Postgres refused the batch's data; isolating the message it refuses");
+                    return self.isolate(batch, cache, &reason).await;
+                }
                 Err(error) => {
                     // The commit may have happened even if we saw an error.
                     cache.clear();
@@ -233,6 +287,58 @@ impl PartitionTask {
                 }
             }
         }
+    }
+
+    /// Halves a refused batch until the message refused alone is found, committing the
+    /// others as usual: about 2·log2(batch) extra transactions, only when it happens.
+    async fn isolate(&mut self, batch: &[OwnedMessage], cache: &mut Cache, reason: &str) -> Committed {
+        if batch.len() == 1 {
+            return Box::pin(self.commit_as(batch, cache, Some(reason))).await;
+        }
+        let (first, second) = batch.split_at(batch.len() / 2);
+        for half in [first, second] {
+            match Box::pin(self.commit_as(half, cache, None)).await {
+                Committed::Yes => {}
+                other => return other,
+            }
+        }
+        Committed::Yes
+    }
+
+    /// Moves the offset past `batch` and dead-letters its messages, in one transaction.
+    async fn try_dead_letter(
+        &mut self,
+        batch: &[OwnedMessage],
+        next: i64,
+        reason: &str,
+    ) -> Result<(), BatchError> {
+        let deps = &self.deps;
+        let mut tx = deps.db.begin().await?;
+        if !offsets::compare_and_set(
+            &mut tx,
+            &deps.group_id,
+            &self.topic,
+            self.partition,
+            self.expected,
+            next,
+        )
+        .await?
+        {
+            let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
+            tx.rollback().await?;
+            return Err(BatchError::Fenced { stored });
+        }
+        let invalid = Invalid(format!("refused by the database: {reason}"));
+        let dead: Vec<_> = batch.iter().map(|m| dead_letter(&deps.topics.deadletter, m, &invalid)).collect();
+        insert_outbox(&mut tx, &dead).await?;
+        tx.commit().await?;
+        for message in batch {
+            tracing::error!(topic = %self.topic, partition = self.partition, offset = message.offset(),
+                error = %invalid.sanitized(), "Message refused by the database; dead-lettered");
+        }
+        deps.metrics.consumed(&self.topic, "dead_lettered", batch.len() as u64);
+        deps.metrics.dead_lettered(&self.topic, batch.len() as u64);
+        Ok(())
     }
 
     async fn try_commit(
@@ -281,6 +387,9 @@ impl PartitionTask {
         }
         for (merchant, stored) in summary.cache_updates {
             cache.insert(merchant, stored);
+        }
+        for merchant in &summary.cache_evictions {
+            cache.remove(merchant);
         }
         let processed = batch.len() as u64 - summary.dead_lettered - summary.tombstones;
         deps.metrics.consumed(&self.topic, "processed", processed);

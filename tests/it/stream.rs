@@ -231,6 +231,61 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_data_postgres_refuses_is_dead_lettered_alone_and_its_batch_decided() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    // A payment that passes every check of ours but whose row Postgres refuses (as it would
+    // a value beyond a column's limit): retried as it is, it would hold the partition for ever.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.order_id = 'ORD-POISON' THEN
+             RAISE EXCEPTION 'value out of range for this test' USING ERRCODE = '22003';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON payment_decision
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let p = producer();
+    // Produced before the stream starts: they arrive as one batch.
+    let orders: Vec<String> =
+        (0..20).map(|i| if i == 13 { "ORD-POISON".to_owned() } else { format!("ORD-{i}") }).collect();
+    for (i, order) in orders.iter().enumerate() {
+        send(&p, &topics.names.payment, order, &payment(&format!("ev-{i}"), order, "M-1")).await;
+    }
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(
+        &db,
+        &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.payment),
+        20,
+    )
+    .await;
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 19);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-POISON'").await, 0);
+    let dead = {
+        let topic = topics.names.deadletter.clone();
+        tokio::task::spawn_blocking(move || read_all(&topic, 1, WAIT)).await.unwrap()
+    };
+    assert_eq!(dead.len(), 1);
+    let header = |name: &str| {
+        dead[0].headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
+    };
+    assert_eq!(dead[0].key.as_deref(), Some(&b"ORD-POISON"[..]));
+    assert_eq!(header("x-source-offset"), "13");
+    assert!(header("x-error").starts_with("refused by the database"), "{}", header("x-error"));
+    assert!(header("x-error").contains("value out of range for this test"), "{}", header("x-error"));
+    let metrics = stream.metrics().await;
+    assert_eq!(metric_value(&metrics, "invoice_dead_lettered_total", &[]), 1.0);
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event() {
     let db = TestDb::create().await;
     let topics = TestTopics::create(2).await;
@@ -368,6 +423,52 @@ async fn cdc_keeps_the_newest_tax_info_whatever_the_order_and_format() {
     assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"stale\""]), 3.0);
     assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"already_deleted\""]), 1.0);
     assert_eq!(metric_value(&metrics, "invoice_cdc_updates_total", &["outcome=\"deleted\""]), 2.0);
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tax_info_written_by_another_consumer_is_neither_audited_over_nor_skipped_against() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let p = producer();
+    let t = &topics.names.merchant_cdc;
+    let first = tax("immediate");
+    let mut second = tax("immediate");
+    second["legalName"] = json!("Công ty TNHH ABC (2)");
+    let mut third = tax("immediate");
+    third["legalName"] = json!("Công ty TNHH ABC (3)");
+    send(&p, t, "M-1", &cdc("c", "M-1", first.clone(), 100)).await;
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 1).await;
+    // Another writer this task does not know of (a second consumer group on this database,
+    // or the merchant under another key format) stores a newer TaxInfo.
+    sqlx::query("UPDATE merchant_tax_info SET tax = $1, legal_name = 'Công ty TNHH ABC (3)', source_lsn = 500 WHERE merchant_id = 'M-1'")
+        .bind(&third)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Older than the stored row, newer than the task's cache: refused by Postgres, so no audit.
+    send(&p, t, "M-1", &cdc("u", "M-1", second.clone(), 300)).await;
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 2).await;
+    let stored = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<i64>)>(
+                "SELECT legal_name, source_lsn FROM merchant_tax_info WHERE merchant_id = 'M-1'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(stored(&db).await, ("Công ty TNHH ABC (3)".to_owned(), Some(500)));
+    assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'tax_info'").await, 1);
+    // The source goes back to the second value: the task compares with the stored (third)
+    // value, not with what it had cached, so it writes.
+    send(&p, t, "M-1", &cdc("u", "M-1", second.clone(), 600)).await;
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 3).await;
+    assert_eq!(stored(&db).await, ("Công ty TNHH ABC (2)".to_owned(), Some(600)));
+    assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'tax_info'").await, 2);
     stream.stop().await.unwrap();
 }
 
@@ -608,6 +709,11 @@ async fn a_transaction_marker_at_the_end_of_the_log_is_not_lag() {
     })
     .await;
     assert_eq!(stalls().await, 0.0);
+    // The next payment comes after the marker's offset: a gap in offsets, but nothing lost.
+    send(&p, &topics.names.payment, "ORD-TX-2", &payment("ev-tx-2", "ORD-TX-2", "M-1")).await;
+    wait_scalar(&db, "SELECT count(*) FROM invoice", 2).await;
+    let metrics = stream.metrics().await;
+    assert_eq!(metric_value(&metrics, "invoice_kafka_offset_gap_messages_total", &[]), 0.0, "{metrics}");
     tokio::task::spawn_blocking(move || drop(transactional)).await.unwrap();
     stream.stop().await.unwrap();
 }
@@ -642,6 +748,64 @@ fn over_sasl(env: &mut std::collections::HashMap<String, String>, password: &str
     ] {
         env.insert(format!("APP_ENV_INVOICE_{name}"), value.to_owned());
     }
+}
+
+/// The environment of a stream reaching the broker through its SASL_SSL listener as the
+/// SCRAM-SHA-512 user, trusting `ca` (none: only the system's CAs, which never signed the
+/// test broker's certificate).
+fn over_sasl_ssl(env: &mut std::collections::HashMap<String, String>, ca: Option<&str>) {
+    let brokers = std::env::var("INVOICE_TEST_KAFKA_SSL_BROKERS").unwrap_or_else(|_| "127.0.0.1:9095".into());
+    for (name, value) in [
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+        ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+        ("KAFKA_SASL_USERNAME", "invoice-test"),
+        ("KAFKA_SASL_PASSWORD", "invoice-test-password"),
+    ] {
+        env.insert(format!("APP_ENV_INVOICE_{name}"), value.to_owned());
+    }
+    match ca {
+        Some(ca) => env.insert("APP_ENV_INVOICE_KAFKA_SSL_CA_LOCATION".into(), ca.to_owned()),
+        None => env.remove("APP_ENV_INVOICE_KAFKA_SSL_CA_LOCATION"),
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_tls_with_scram_decides_and_publishes_and_an_untrusted_broker_is_not_ready() {
+    let ca = std::env::var("INVOICE_TEST_KAFKA_CA").unwrap_or_else(|_| {
+        let deps = std::env::var("INVOICE_DEPS_DIR").unwrap_or_else(|_| "/var/tmp/invoice-deps".into());
+        format!("{deps}/kafka-tls/ca.pem")
+    });
+    assert!(std::path::Path::new(&ca).exists(), "{ca} is made by make deps");
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let p = producer();
+    send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 10)).await;
+    insert_provider_config(&db, "M-1", 1).await;
+
+    // The broker's certificate is checked: without the CA that signed it, no connection.
+    let mut env = stream_env(&db, &topics.names, &unique("g-"));
+    over_sasl_ssl(&mut env, None);
+    let refused = TestStream::spawn(&env).await;
+    let response = reqwest::get(format!("http://{}/ready", refused.addr)).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("kafka") && !body.contains("invoice-test-password"), "{body}");
+    refused.stop().await.unwrap();
+    assert_eq!(scalar(&db, "SELECT count(*) FROM merchant_tax_info").await, 0);
+
+    over_sasl_ssl(&mut env, Some(&ca));
+    let stream = TestStream::spawn(&env).await;
+    let response = reqwest::get(format!("http://{}/ready", stream.addr)).await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    send(&p, &topics.names.payment, "ORD-TLS-1", &payment("ev-tls-1", "ORD-TLS-1", "M-1")).await;
+    wait_scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-TLS-1' AND status = 'QUEUED'", 1)
+        .await;
+    // Its relay published the invoice's event through the same TLS connection.
+    let events = read_events(&topics.names.events, 1).await;
+    assert_eq!(events[0]["orderId"], "ORD-TLS-1", "{events:?}");
+    stream.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
