@@ -172,7 +172,22 @@ async fn start(cfg: &mut Config, mode: &str) -> anyhow::Result<Base> {
     let lease = if cfg.worker_id_auto {
         workers::acquire_any(url, &holder, Arc::new(SystemClock), metrics.clone()).await?
     } else {
-        workers::acquire(url, cfg.worker_id, &holder, Arc::new(SystemClock), metrics.clone()).await?
+        match workers::acquire(url, cfg.worker_id, &holder, Arc::new(SystemClock), metrics.clone()).await {
+            // One configuration shared by several processes (api, stream and worker started
+            // from one .env, or two replicas) is common; refusing the second would turn a
+            // harmless setup into an outage, and sharing the id would duplicate ids.
+            Err(workers::LeaseError::Taken { worker_id }) => {
+                let lease =
+                    workers::acquire_any(url, &holder, Arc::new(SystemClock), metrics.clone()).await?;
+                tracing::warn!(
+                    configured = worker_id,
+                    leased = lease.ids.worker_id(),
+                    "snowflake worker id APP_ENV_INVOICE_WORKER_ID is held by another live process; this one uses the lowest free id instead (set a distinct id per process, or auto)"
+                );
+                lease
+            }
+            other => other?,
+        }
     };
     cfg.worker_id = lease.ids.worker_id();
     Ok(Base { metrics, db, lease })
@@ -201,6 +216,12 @@ fn api_deps(cfg: &Config, base: &Base, stop: &CancellationToken) -> anyhow::Resu
         tracing::warn!(
             variable = %name,
             "Webhook secret shorter than 24 bytes; the Standard Webhooks scheme asks for 24-64 random bytes"
+        );
+    }
+    for name in &auth_cfg.internal_secrets_shared {
+        tracing::warn!(
+            variable = %name,
+            "Internal webhook secret equals a merchant webhook secret: whoever holds the merchant secret can also send internal operations (cancel invoices); give internal senders a secret of their own"
         );
     }
     if crate::config::plain_http_off_loopback(&auth_cfg.jwks_url) {

@@ -165,6 +165,9 @@ pub struct HttpAuth {
     /// Webhook secret variables whose value is shorter than the 24 random bytes the Standard
     /// Webhooks scheme asks for: accepted (SPEC §5 takes any value), warned about at start.
     pub weak_webhook_secrets: Vec<String>,
+    /// Internal webhook secret variables whose key is also a merchant secret's: accepted
+    /// (SPEC §6 asks only that both are set), warned about at start.
+    pub internal_secrets_shared: Vec<String>,
 }
 
 /// How the service reaches Kafka: the brokers and, when the cluster asks for them, TLS and
@@ -618,7 +621,7 @@ impl Config {
             consumer_wording,
         };
 
-        let http_auth = if mode.serves_http() {
+        let mut http_auth = if mode.serves_http() {
             let required =
                 |name: &str| get(name).ok_or_else(|| ConfigError::new(name, "required for the HTTP API"));
             let weak = std::cell::RefCell::new(Vec::new());
@@ -672,12 +675,13 @@ impl Config {
                 jwks_refetch_cooldown: ms("JWKS_REFETCH_COOLDOWN_MS", 30_000, 1_000..=3_600_000)?,
                 claim_failure_limit: number("CLAIM_FAILURE_LIMIT", 20, 1..=1_000_000)? as u32,
                 weak_webhook_secrets: weak.take(),
+                internal_secrets_shared: Vec::new(),
             })
         } else {
             None
         };
-        if let Some(auth) = &http_auth {
-            check_secrets_differ(auth)?;
+        if let Some(auth) = &mut http_auth {
+            auth.internal_secrets_shared = internal_secrets_shared_with_merchants(auth);
         }
 
         Ok(Config {
@@ -751,24 +755,23 @@ pub fn plain_http_off_loopback(url: &str) -> bool {
     !loopback
 }
 
-/// The merchant and internal webhook secrets (current and previous) must all differ: a
-/// merchant holding a secret that also opens `/webhooks/internal` could cancel invoices.
-fn check_secrets_differ(auth: &HttpAuth) -> Result<(), ConfigError> {
+/// The internal webhook secret variables whose key equals a merchant one (current or
+/// previous): a merchant holding that secret could also send internal operations (cancel
+/// invoices). SPEC §6 requires only that both are set, so this is warned about, not refused.
+fn internal_secrets_shared_with_merchants(auth: &HttpAuth) -> Vec<String> {
     use crate::auth::webhook::secret_bytes;
     let merchant = [Some(&auth.webhook_secret), auth.webhook_secret_previous.as_ref()];
     let internal = [Some(&auth.webhook_internal_secret), auth.webhook_internal_secret_previous.as_ref()];
-    for m in merchant.iter().flatten() {
-        for (name, i) in ["WEBHOOK_INTERNAL_SECRET", "WEBHOOK_INTERNAL_SECRET_PREVIOUS"].iter().zip(internal)
-        {
-            if i.is_some_and(|i| secret_bytes(i.expose()) == secret_bytes(m.expose())) {
-                return Err(ConfigError::new(
-                    name,
-                    "equals a merchant webhook secret (WEBHOOK_SECRET or its previous value): internal operations need a secret of their own",
-                ));
-            }
-        }
-    }
-    Ok(())
+    ["WEBHOOK_INTERNAL_SECRET", "WEBHOOK_INTERNAL_SECRET_PREVIOUS"]
+        .iter()
+        .zip(internal)
+        .filter(|(_, i)| {
+            i.is_some_and(|i| {
+                merchant.iter().flatten().any(|m| secret_bytes(i.expose()) == secret_bytes(m.expose()))
+            })
+        })
+        .map(|(name, _)| (*name).to_owned())
+        .collect()
 }
 
 /// Checks a webhook secret's form; `Ok(false)` when it is usable but shorter than the 24
@@ -940,7 +943,7 @@ mod tests {
     }
 
     #[test]
-    fn an_internal_webhook_secret_equal_to_a_merchant_one_is_refused() {
+    fn an_internal_webhook_secret_equal_to_a_merchant_one_is_named_for_a_warning() {
         let merchant = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
         // The same key bytes, as `whsec_` base64 or raw.
         let raw = "a-merchant-secret-of-sufficient-length";
@@ -955,10 +958,11 @@ mod tests {
             let mut env = with_api(minimal());
             env.insert("WEBHOOK_SECRET".into(), merchant.clone());
             env.insert(var.into(), value.clone());
-            let error = err(&env, Mode::Api);
-            assert_eq!(error.var, var);
-            assert!(!error.to_string().contains(&value), "{error}");
+            let auth = Config::from_source(&env, Mode::Api).unwrap().http_auth.unwrap();
+            assert_eq!(auth.internal_secrets_shared, [var]);
         }
+        let distinct = Config::from_source(&with_api(minimal()), Mode::Api).unwrap().http_auth.unwrap();
+        assert!(distinct.internal_secrets_shared.is_empty());
     }
 
     #[test]

@@ -94,24 +94,42 @@ async fn a_restart_with_a_clock_far_behind_the_last_id_refuses_to_start() {
 }
 
 #[tokio::test]
-async fn two_api_processes_with_one_worker_id_the_second_exits_with_a_clear_error() {
+async fn two_api_processes_with_one_worker_id_the_second_leases_a_free_id_and_says_so() {
     let db = TestDb::create().await;
     let mut env = base_env(&db.url);
+    let configured = env["APP_ENV_INVOICE_WORKER_ID"].clone();
     let port = free_port();
     env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{port}"));
     let mut first = invoice_cmd(&env).arg("api").stderr(std::process::Stdio::null()).spawn().unwrap();
-    let url = format!("http://127.0.0.1:{port}/health");
-    wait_until(Duration::from_secs(30), "the first api process", || {
-        let url = url.clone();
-        async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
-    })
-    .await;
-    env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{}", free_port()));
-    let out =
-        tokio::task::spawn_blocking(move || invoice_cmd(&env).arg("api").output().unwrap()).await.unwrap();
-    first.kill().unwrap();
-    first.wait().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("already held by another process"), "{stderr}");
+    let healthy = |port: u16, who: &'static str| {
+        let url = format!("http://127.0.0.1:{port}/health");
+        wait_until(Duration::from_secs(30), who, move || {
+            let url = url.clone();
+            async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+    };
+    healthy(port, "the first api process").await;
+    let held: Vec<(i32, String)> =
+        sqlx::query_as("SELECT worker_id, holder FROM snowflake_worker").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].0.to_string(), configured);
+
+    let second_port = free_port();
+    env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{second_port}"));
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut second = invoice_cmd(&env).arg("api").stderr(log.reopen().unwrap()).spawn().unwrap();
+    healthy(second_port, "the second api process").await;
+    let ids: Vec<i32> = sqlx::query_scalar("SELECT worker_id FROM snowflake_worker ORDER BY updated_at")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    for child in [&mut first, &mut second] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert_eq!(ids.len(), 2, "each process holds an id of its own: {ids:?}");
+    assert_ne!(ids[0], ids[1]);
+    let stderr = std::fs::read_to_string(log.path()).unwrap();
+    assert!(stderr.contains("is held by another live process"), "{stderr}");
+    assert!(stderr.contains(&format!("configured={configured}")), "{stderr}");
 }
