@@ -75,7 +75,16 @@ impl VatRate {
                     .and_then(|r| Decimal::from_str(r).ok())
                     .filter(|r| *r >= Decimal::ZERO && *r < Decimal::ONE_HUNDRED && r.scale() <= 2)
                     .ok_or_else(|| MoneyError::UnknownVatRate(other.to_owned()))?;
-                VatRate::Khac(Some(rate.normalize()))
+                // `KHAC:8%` is the 8 % rate under another name: taken as such, it meets the
+                // dated rule for 8 % (which it would otherwise get round) and joins the
+                // rate's tax breakdown instead of printing a second 8 % group.
+                match rate.normalize() {
+                    r if r.is_zero() => VatRate::Zero,
+                    r if r == Decimal::from(5) => VatRate::Five,
+                    r if r == Decimal::from(8) => VatRate::Eight,
+                    r if r == Decimal::from(10) => VatRate::Ten,
+                    r => VatRate::Khac(Some(r)),
+                }
             }
         })
     }
@@ -294,6 +303,15 @@ mod tests {
             assert!(VatRate::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(VatRate::parse("KHAC:5.26%").unwrap().to_string(), "KHAC:5.26%");
+        for (code, standard) in [
+            ("KHAC:8%", VatRate::Eight),
+            ("KHAC:8.00", VatRate::Eight),
+            ("KHAC:0%", VatRate::Zero),
+            ("KHAC:5", VatRate::Five),
+            ("KHAC:10.0%", VatRate::Ten),
+        ] {
+            assert_eq!(VatRate::parse(code).unwrap(), standard, "{code}");
+        }
         assert_eq!(serde_json::to_string(&VatRate::Eight).unwrap(), "\"8\"");
     }
 

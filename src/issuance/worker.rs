@@ -561,7 +561,7 @@ impl Worker {
     ) -> CallResult {
         let mut lease_until = lease_until;
         let deps = &self.deps;
-        let Item { inv, step, provider, target, prepared } = item;
+        let Item { inv, step, provider, target, mut prepared } = item;
         let _slot = series.slot(&self.stopping).await;
         let attempt =
             if step == Step::Poll { inv.attempts.max(0) as u32 } else { inv.attempts.max(0) as u32 + 1 };
@@ -620,6 +620,10 @@ impl Worker {
             (Some(transition), _) => transition,
             (None, Some(valid)) if self.may_send(&inv, &owner, &mut lease_until, lost).await => {
                 let started = Utc::now();
+                // Dated as sent (DOMAIN §7): the batch's clock was read before the wait for
+                // the series slot, which can outlast other calls in the series, and an
+                // invoice dated before the series' latest one is refused by the provider.
+                prepared.doc.issued_at = started;
                 let mut call =
                     bounded(self.call_lease(), provider.create(&target, &prepared.doc, valid)).await;
                 record("create", &mut call, started);

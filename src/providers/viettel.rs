@@ -109,7 +109,11 @@ impl Viettel {
         }
     }
 
-    async fn token(&self, target: &Target, fresh: bool) -> Result<String, Outcome> {
+    /// The account's token. `rejected`: a token the provider just refused as expired; a new
+    /// login happens only if the cache still holds it (callers refused together log in
+    /// once, and the later ones take the token the first one got: a login per caller would
+    /// each invalidate the one before on accounts that keep a single live token).
+    async fn token(&self, target: &Target, rejected: Option<&str>) -> Result<String, Outcome> {
         let login_url = Self::login_url(&target.endpoint);
         let slot = {
             // A panic elsewhere while holding this map leaves it usable: it only maps keys to slots.
@@ -117,11 +121,13 @@ impl Viettel {
             slots.entry((login_url.clone(), target.username.clone())).or_default().clone()
         };
         let mut cached = slot.lock().await;
-        if !fresh {
-            if let Some((token, refresh_after)) = cached.as_ref() {
-                if Instant::now() < *refresh_after {
-                    return Ok(token.clone());
-                }
+        if let Some((token, refresh_after)) = cached.as_ref() {
+            let usable = match rejected {
+                None => Instant::now() < *refresh_after,
+                Some(rejected) => token != rejected,
+            };
+            if usable {
+                return Ok(token.clone());
             }
         }
         // Logging in under the account's lock: its concurrent callers wait for one login
@@ -220,12 +226,13 @@ impl Viettel {
         F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = (Outcome, Option<Value>)>,
     {
-        let mut relogged = false;
+        let mut rejected: Option<String> = None;
         loop {
-            let token = self.token(target, relogged).await?;
-            let (outcome, response) = send(token).await;
-            if outcome == token_expired() && !relogged {
-                relogged = true;
+            let retried = rejected.is_some();
+            let token = self.token(target, rejected.as_deref()).await?;
+            let (outcome, response) = send(token.clone()).await;
+            if outcome == token_expired() && !retried {
+                rejected = Some(token);
                 continue;
             }
             return Ok((outcome, response));
@@ -519,6 +526,12 @@ pub fn create_body(doc: &Document, prepared: &Prepared) -> Value {
             m.insert("buyerEmail".into(), json!(b.email));
             m.insert("buyerPhoneNumber".into(), json!(b.phone));
             m.insert("buyerNotGetInvoice".into(), json!(0));
+            if prepared.buyer_kind == BuyerKind::Individual {
+                // The 12-digit personal id is the individual's tax code since 2025-07-01 and
+                // also the citizen id (`CCCDan`, "required if available", DOMAIN §2).
+                m.insert("buyerIdType".into(), json!(1));
+                m.insert("buyerIdNo".into(), json!(b.tax_code));
+            }
             Value::Object(m)
         }
         // A consumer: the dated wording, and "does not take the invoice".
@@ -681,6 +694,34 @@ mod tests {
         let recorded = recorded_request(body, BuyerKind::Individual);
         assert_eq!(recorded["buyerInfo"]["buyerTaxCode"], "***");
         assert_eq!(recorded["buyerInfo"]["buyerLegalName"], "***");
+    }
+
+    #[test]
+    fn an_individual_buyer_carries_the_personal_id_as_citizen_id_too() {
+        let mut d = doc();
+        d.buyer = Some(Buyer {
+            name: Some("Nguyễn Văn A".into()),
+            tax_code: Some("001203004567".into()),
+            address: Some("Hà Nội".into()),
+            ..Buyer::default()
+        });
+        let p = document::validate(&d).unwrap();
+        assert_eq!(p.buyer_kind, BuyerKind::Individual);
+        let body = create_body(&d, &p);
+        assert_eq!(body["buyerInfo"]["buyerTaxCode"], "001203004567");
+        assert_eq!(body["buyerInfo"]["buyerIdType"], 1);
+        assert_eq!(body["buyerInfo"]["buyerIdNo"], "001203004567");
+        let recorded = recorded_request(body, p.buyer_kind);
+        assert_eq!(recorded["buyerInfo"]["buyerIdNo"], "***");
+        // A company has no personal id.
+        d.buyer = Some(Buyer {
+            legal_name: Some("Công ty ABC".into()),
+            tax_code: Some("0101243150".into()),
+            address: Some("Hà Nội".into()),
+            ..Buyer::default()
+        });
+        let p = document::validate(&d).unwrap();
+        assert!(create_body(&d, &p)["buyerInfo"].get("buyerIdNo").is_none());
     }
 
     #[test]

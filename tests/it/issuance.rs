@@ -782,6 +782,15 @@ async fn the_simulator_catches_concurrent_creates_with_one_key_as_viettel_would_
     assert!(matches!(d.outcome, Outcome::Issued(_)), "{:?}", d.outcome);
     assert_eq!(sim.stats().logins, logins + 1);
     assert!(sim.stats().token_refusals >= 1);
+    // Refused together, five calls share one new login: each login of its own would have
+    // replaced the token the one before had just resent with.
+    reqwest::Client::new().post(format!("http://{}/sim/revoke-tokens", sim.addr)).send().await.unwrap();
+    let lookups =
+        futures::future::join_all((0..5).map(|_| provider.lookup(&target, &doc.transaction_uuid))).await;
+    for call in &lookups {
+        assert!(matches!(call.outcome, Outcome::Issued(_)), "{:?}", call.outcome);
+    }
+    assert_eq!(sim.stats().logins, logins + 2);
     // The recorded request carries no credentials and the response no lookup secret.
     assert!(!a.request.unwrap().to_string().contains("pw"));
     assert!(a.response.unwrap().to_string().contains("\"reservationCode\":\"***\""));
