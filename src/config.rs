@@ -993,6 +993,14 @@ mod tests {
     }
 
     #[test]
+    fn a_dollar_in_a_dotenv_value_survives_only_in_single_quotes_as_the_readme_says() {
+        let read = |line: &str| dotenvy::from_read_iter(line.as_bytes()).next().unwrap().map(|(_, v)| v);
+        assert_eq!(read("SINGLE='p4$w0rd'\n").unwrap(), "p4$w0rd");
+        assert_ne!(read("BARE=p4$w0rd\n").ok().as_deref(), Some("p4$w0rd"));
+        assert_ne!(read("DOUBLE=\"p4$w0rd\"\n").ok().as_deref(), Some("p4$w0rd"));
+    }
+
+    #[test]
     fn kafka_security_settings_are_checked_and_reach_every_client() {
         let kafka = |pairs: &[(&str, &str)]| {
             let mut env = minimal();

@@ -122,6 +122,10 @@ impl PartitionTask {
     /// Runs until cancelled.
     pub async fn run(mut self) {
         let mut cache = Cache::new();
+        if self.kind == Kind::Payment {
+            // At zero from the start: `increase()` misses a counter's first value.
+            self.deps.metrics.offset_gap(&self.topic, self.partition, 0);
+        }
         tracing::info!(topic = %self.topic, partition = self.partition, position = self.position(), "Partition task started");
         loop {
             let first = tokio::select! {
