@@ -47,7 +47,8 @@ impl From<sqlx::Error> for StorageError {
                     StorageError::Conflict { constraint: db.constraint().unwrap_or("unknown").to_owned() }
                 }
                 Some("40001") | Some("40P01") => StorageError::Retry,
-                Some(code) if code.starts_with("08") || code.starts_with("57P") => {
+                // 25006: a write reached a server that only reads (a failover in progress).
+                Some(code) if code.starts_with("08") || code.starts_with("57P") || code == "25006" => {
                     StorageError::Unavailable(error.to_string())
                 }
                 Some(code)

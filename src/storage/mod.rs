@@ -91,8 +91,12 @@ pub async fn transaction_time(
     Ok(sqlx::query_scalar("SELECT now()").fetch_one(conn).await?)
 }
 
-/// A trivial round trip, for readiness.
+/// A round trip, for readiness: also refused while the server only reads (a standby, or a
+/// primary caught mid-failover), where every write of ours would fail.
 pub async fn ping(pool: &PgPool) -> Result<(), StorageError> {
-    sqlx::query("SELECT 1").execute(pool).await?;
+    let read_only: String = sqlx::query_scalar("SHOW transaction_read_only").fetch_one(pool).await?;
+    if read_only == "on" {
+        return Err(StorageError::Unavailable("the database accepts no writes (read-only)".into()));
+    }
     Ok(())
 }

@@ -174,3 +174,36 @@ async fn a_usable_request_id_is_echoed_and_any_other_is_replaced_by_a_fresh_one(
     }
     api.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_postgres_that_accepts_no_writes_is_not_ready_and_its_refusals_are_unavailability() {
+    use invoice::storage::{self, StorageError};
+    use sqlx::Connection as _;
+    let db = crate::support::TestDb::create().await;
+    // A session of its own, writable whatever the database's default becomes.
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let read_only = |on: bool| {
+        format!(
+            "ALTER DATABASE \"{}\" SET default_transaction_read_only = {}",
+            db.name,
+            if on { "on" } else { "off" }
+        )
+    };
+    // As a primary caught mid-failover, or a standby behind the service's address: SELECT 1
+    // answers, every write fails.
+    sqlx::query(&read_only(true)).execute(&mut admin).await.unwrap();
+    let pool = storage::pool(&db.url, "invoice-test-read-only", 2).unwrap();
+    let error = storage::ping(&pool).await.unwrap_err();
+    assert!(matches!(error, StorageError::Unavailable(ref m) if m.contains("read-only")), "{error}");
+    let refused = sqlx::query("INSERT INTO webhook_seen (endpoint, webhook_id) VALUES ('merchant', 'ro')")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    // Unavailable: the API answers 503 (the sender retries), the stream and workers retry.
+    assert!(matches!(StorageError::from(refused), StorageError::Unavailable(_)));
+    pool.close().await;
+
+    sqlx::query(&read_only(false)).execute(&mut admin).await.unwrap();
+    let pool = storage::pool(&db.url, "invoice-test-writable", 2).unwrap();
+    storage::ping(&pool).await.unwrap();
+}

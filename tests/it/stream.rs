@@ -715,7 +715,8 @@ async fn a_transaction_marker_at_the_end_of_the_log_is_not_lag() {
     let metrics = stream.metrics().await;
     // At zero, and present from the start (so an alert's `increase()` sees a first gap).
     assert!(
-        metrics.contains(&format!("invoice_kafka_offset_gap_messages_total{{partition=\"0\",{topic_label}}} 0")),
+        metrics
+            .contains(&format!("invoice_kafka_offset_gap_messages_total{{partition=\"0\",{topic_label}}} 0")),
         "{metrics}"
     );
     tokio::task::spawn_blocking(move || drop(transactional)).await.unwrap();
