@@ -289,6 +289,7 @@ async fn coordinate(
                         cancel: cancel.clone(),
                         state,
                         fatal: fatal.clone(),
+                        enqueue_paused_until: None,
                     };
                     tracing::info!(%topic, partition, start = ?offset, from_postgres = expected.is_some(), "Starting partition");
                     // A task that ends on its own (a panic: nothing else ends it uncancelled)

@@ -89,7 +89,15 @@ pub struct PartitionTask {
     pub state: Arc<PartitionState>,
     /// Cancelled on an unrecoverable consumer error: the process exits non-zero.
     pub fatal: CancellationToken,
+    /// Set after a failed hand-off to the issuance queue: until then the task leaves it to
+    /// the sweeper instead of waiting on a Redis that does not answer after every batch.
+    pub enqueue_paused_until: Option<Instant>,
 }
+
+/// The longest a batch's hand-off to the issuance queue may hold up the next batch.
+const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a failed hand-off leaves the queue to the sweeper.
+const ENQUEUE_PAUSE: Duration = Duration::from_secs(10);
 
 enum Committed {
     Yes,
@@ -444,9 +452,27 @@ impl PartitionTask {
                 .filter(|(_, _, outcome, _, _)| *outcome == "queued")
                 .map(|(order, merchant, ..)| (order.clone(), merchant.clone()))
                 .collect();
-            if let Err(error) = crate::issuance::enqueue(queue, &deps.metrics, &queued, "stream").await {
-                tracing::warn!(%error, jobs = queued.len(), partition = self.partition,
-                    "Cannot enqueue issuance jobs; the sweeper will");
+            let paused = self.enqueue_paused_until.is_some_and(|until| Instant::now() < until);
+            if !queued.is_empty() && !paused {
+                let handed = tokio::time::timeout(
+                    ENQUEUE_TIMEOUT,
+                    crate::issuance::enqueue(queue, &deps.metrics, &queued, "stream"),
+                )
+                .await;
+                let error = match handed {
+                    Ok(Ok(_)) => None,
+                    // Counted by `enqueue`.
+                    Ok(Err(error)) => Some(error.to_string()),
+                    Err(_) => {
+                        deps.metrics.issuance.queue_error("enqueue");
+                        Some(format!("no answer within {ENQUEUE_TIMEOUT:?}"))
+                    }
+                };
+                self.enqueue_paused_until = error.as_ref().map(|_| Instant::now() + ENQUEUE_PAUSE);
+                if let Some(error) = error {
+                    tracing::warn!(%error, jobs = queued.len(), partition = self.partition, pause_s = ENQUEUE_PAUSE.as_secs(),
+                        "Cannot enqueue issuance jobs; the sweeper will");
+                }
             }
         }
         Ok(())

@@ -286,6 +286,42 @@ async fn a_message_whose_data_postgres_refuses_is_dead_lettered_alone_and_its_ba
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_does_not_answer_holds_up_the_stream_once_then_is_left_to_the_sweeper() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    // A Redis whose packets vanish: connections open, nothing ever answers.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redis_url = format!("redis://{}/0", black_hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut env = stream_env(&db, &topics.names, &unique("g-"));
+    env.insert("APP_ENV_INVOICE_REDIS_URL".into(), redis_url);
+    let stream = TestStream::spawn(&env).await;
+    let p = producer();
+    for i in 0..3 {
+        let order = format!("ORD-BH-{i}");
+        send(&p, &topics.names.payment, &order, &payment(&format!("ev-bh-{i}"), &order, "M-1")).await;
+        // One batch each: the next payment is sent once this one is decided.
+        wait_scalar(&db, "SELECT count(*) FROM invoice WHERE status = 'QUEUED'", i + 1).await;
+    }
+    // The first hand-off waited for its timeout; the next batches left the queue to the
+    // sweeper instead of each waiting on Redis again.
+    let metrics = stream.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "invoice_queue_errors_total", &["operation=\"enqueue\""]),
+        1.0,
+        "{metrics}"
+    );
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event() {
     let db = TestDb::create().await;
     let topics = TestTopics::create(2).await;
