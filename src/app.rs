@@ -304,6 +304,7 @@ pub async fn run_api(
     let api = api_deps(&cfg, &base, &background_stop)?;
     let state = http_state(&cfg, &base, producer.clone(), Some(api))?;
     let Base { metrics, db, lease } = base;
+    let lease_lost = stop_when_lease_lost(&lease, &shutdown);
     // The API writes outbox rows too (claimed, cancelled): a relay must run somewhere, and
     // an API-only deployment has no other process (one leader at a time, advisory lock).
     let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
@@ -315,6 +316,33 @@ pub async fn run_api(
     lease.release().await;
     db.close().await;
     tracing::info!("API stopped");
+    lease_outcome(&lease_lost)
+}
+
+/// Stops the mode (through `shutdown`) when its worker-id lease is gone for good: with ids
+/// refused it can decide, issue and accept nothing, while it would still look alive.
+/// Returns the token to ask [`lease_outcome`] with.
+fn stop_when_lease_lost(lease: &workers::WorkerLease, shutdown: &CancellationToken) -> CancellationToken {
+    let lost = lease.lost();
+    let (watched, stop) = (lost.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = watched.cancelled() => stop.cancel(),
+            _ = stop.cancelled() => {}
+        }
+    });
+    lost
+}
+
+/// An error (a non-zero exit, so the orchestrator restarts the process) if the mode stopped
+/// because its worker-id lease was lost.
+fn lease_outcome(lost: &CancellationToken) -> anyhow::Result<()> {
+    if lost.is_cancelled() {
+        anyhow::bail!(
+            "the snowflake worker-id lease was lost (another process holds the id, or it could not be re-acquired within {} s); stopped so that a restart leases an id",
+            workers::LOST_AFTER.as_secs()
+        );
+    }
     Ok(())
 }
 
@@ -358,6 +386,7 @@ pub async fn run_stream(
     let producer = kafka_producer(&cfg)?;
     let state = http_state(&cfg, &base, producer.clone(), None)?;
     let Base { metrics, db, lease } = base;
+    let lease_lost = stop_when_lease_lost(&lease, &shutdown);
     let deps = stream_deps(&cfg, &db, &lease, &metrics, "stream")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
@@ -372,7 +401,7 @@ pub async fn run_stream(
     lease.release().await;
     db.close().await;
     tracing::info!("Stream stopped");
-    result
+    result.and(lease_outcome(&lease_lost))
 }
 
 /// Runs the issuance workers, the sweeper and claim expiry (and an HTTP listener for health,
@@ -386,6 +415,7 @@ pub async fn run_worker(
     let producer = kafka_producer(&cfg)?;
     let state = http_state(&cfg, &base, producer.clone(), None)?;
     let Base { metrics, db, lease } = base;
+    let lease_lost = stop_when_lease_lost(&lease, &shutdown);
     let deps = issuance_deps(&cfg, db.clone(), metrics.clone(), lease.ids.clone(), "worker")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
@@ -399,7 +429,7 @@ pub async fn run_worker(
     let _ended = http.await;
     lease.release().await;
     db.close().await;
-    result
+    result.and(lease_outcome(&lease_lost))
 }
 
 /// Runs the API, the stream processor, the workers and the relay in one process (`invoice
@@ -415,6 +445,7 @@ pub async fn run_all(
     let api = api_deps(&cfg, &base, &background_stop)?;
     let state = http_state(&cfg, &base, producer.clone(), Some(api))?;
     let Base { metrics, db, lease } = base;
+    let lease_lost = stop_when_lease_lost(&lease, &shutdown);
     let stream_deps = stream_deps(&cfg, &db, &lease, &metrics, "all")?;
     let worker_deps = issuance_deps(&cfg, db.clone(), metrics.clone(), lease.ids.clone(), "all")?;
     let http_stop = CancellationToken::new();
@@ -433,7 +464,7 @@ pub async fn run_all(
     let _ended = http.await;
     lease.release().await;
     db.close().await;
-    stream_result.and(worker_result)
+    stream_result.and(worker_result).and(lease_outcome(&lease_lost))
 }
 
 /// Starts the outbox relay (one leader per deployment: the others wait on its advisory lock);

@@ -14,11 +14,19 @@ use super::{connect_options, StorageError};
 use crate::ids::{Clock, Snowflake};
 use crate::metrics::Metrics;
 
-/// First key of the two-key advisory lock; the second is the worker id.
-const LOCK_NAMESPACE: i32 = 0x1_1405;
+/// First key of the two-key advisory lock on a worker id (`classid` in `pg_locks`; `objid`
+/// is the id).
+pub const LOCK_NAMESPACE: i32 = 0x1_1405;
 /// How long start-up will wait for the clock to pass the last used millisecond.
 const MAX_START_WAIT: Duration = Duration::from_secs(5);
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// The longest a write-back, or a reconnection with its lock, may take. sqlx has no
+/// client-side keepalive: after a failover that left the old server's socket open, a
+/// statement waits for ever, and the lock it stands for may already be gone. Well under
+/// [`RECENT_SECONDS`], so ids are refused before another process may take this one.
+const LEASE_IO_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a lease may stay lost before the process is told to stop.
+pub const LOST_AFTER: Duration = Duration::from_secs(30);
 
 /// Why the worker id could not be leased.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +61,18 @@ pub struct WorkerLease {
     pub ids: Snowflake,
     task: Option<tokio::task::JoinHandle<()>>,
     stop: CancellationToken,
+    lost: CancellationToken,
 }
 
 impl WorkerLease {
+    /// Cancelled when the lease is gone for good: another process holds the id now, or it
+    /// could not be re-acquired for [`LOST_AFTER`]. Ids stay refused meanwhile, so the
+    /// process can do nothing useful: it should stop (and be restarted with an id it can
+    /// hold) rather than look alive.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
     /// Writes the last used millisecond and releases the lock.
     pub async fn release(mut self) {
         self.stop.cancel();
@@ -205,8 +222,31 @@ async fn hold(
     tracing::info!(worker_id, holder, "Holding snowflake worker id");
 
     let stop = CancellationToken::new();
-    let task = tokio::spawn(keep(conn, options, ids.clone(), holder.to_owned(), stop.clone(), metrics));
-    Ok(WorkerLease { ids, task: Some(task), stop })
+    let lost = CancellationToken::new();
+    let task = tokio::spawn(keep(
+        conn,
+        options,
+        ids.clone(),
+        holder.to_owned(),
+        Signals { stop: stop.clone(), lost: lost.clone() },
+        metrics,
+    ));
+    Ok(WorkerLease { ids, task: Some(task), stop, lost })
+}
+
+/// What [`keep`] listens to and tells.
+struct Signals {
+    stop: CancellationToken,
+    lost: CancellationToken,
+}
+
+/// `op` within [`LEASE_IO_TIMEOUT`].
+async fn bounded<T>(
+    op: impl std::future::Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
+    tokio::time::timeout(LEASE_IO_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| Err(StorageError::Unavailable(format!("no answer within {LEASE_IO_TIMEOUT:?}"))))
 }
 
 async fn keep(
@@ -214,11 +254,13 @@ async fn keep(
     options: sqlx::postgres::PgConnectOptions,
     ids: Snowflake,
     holder: String,
-    stop: CancellationToken,
+    signals: Signals,
     metrics: Metrics,
 ) {
+    let Signals { stop, lost } = signals;
     let worker_id = ids.worker_id();
     let mut conn = Some(conn);
+    let mut unleased_since: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(PERSIST_EVERY);
     loop {
         let stopping = tokio::select! {
@@ -227,35 +269,56 @@ async fn keep(
         };
         match conn.as_mut() {
             Some(c) => {
-                if let Err(error) = persist(c, worker_id, ids.last_used_ms(), &holder).await {
-                    // The lock lived on that connection; another process may take the id now.
+                if let Err(error) = bounded(persist(c, worker_id, ids.last_used_ms(), &holder)).await {
+                    // The lock lived on that connection (or may have: one that does not
+                    // answer may be to a server that is gone); another process may take the
+                    // id now.
                     ids.set_leased(false);
+                    unleased_since = Some(tokio::time::Instant::now());
                     metrics.worker_id_lease_lost(worker_id);
                     tracing::error!(worker_id, %error, "Lost the worker-id lease; refusing to issue ids until it is re-acquired");
                     conn = None;
                 }
             }
-            None => match PgConnection::connect_with(&options).await {
-                Ok(mut c) => match try_lock(&mut c, worker_id).await {
-                    Ok(true) => {
-                        if persist(&mut c, worker_id, ids.last_used_ms(), &holder).await.is_ok() {
-                            ids.set_leased(true);
-                            tracing::info!(worker_id, "Re-acquired the worker-id lease");
-                            conn = Some(c);
+            None => {
+                let attempt = bounded(async {
+                    let mut c = PgConnection::connect_with(&options).await?;
+                    let locked = try_lock(&mut c, worker_id).await?;
+                    if locked {
+                        persist(&mut c, worker_id, ids.last_used_ms(), &holder).await?;
+                    }
+                    Ok((c, locked))
+                })
+                .await;
+                match attempt {
+                    Ok((c, true)) => {
+                        ids.set_leased(true);
+                        unleased_since = None;
+                        tracing::info!(worker_id, "Re-acquired the worker-id lease");
+                        conn = Some(c);
+                    }
+                    Ok((_, false)) => {
+                        tracing::error!(
+                            worker_id,
+                            "Worker id is now held by another process; ids stay refused and the process stops"
+                        );
+                        lost.cancel();
+                    }
+                    Err(error) => {
+                        tracing::warn!(worker_id, %error, "Re-acquiring the worker-id lease failed");
+                        if unleased_since.is_some_and(|since| since.elapsed() >= LOST_AFTER)
+                            && !lost.is_cancelled()
+                        {
+                            tracing::error!(
+                                worker_id,
+                                lost_for_s = LOST_AFTER.as_secs(),
+                                "Worker-id lease not re-acquired; the process stops"
+                            );
+                            lost.cancel();
                         }
                     }
-                    Ok(false) => tracing::error!(
-                        worker_id,
-                        "Worker id is now held by another process; ids stay refused"
-                    ),
-                    Err(error) => {
-                        tracing::warn!(worker_id, %error, "Re-acquiring the worker-id lease failed")
-                    }
-                },
-                Err(error) => {
-                    tracing::warn!(worker_id, error = %StorageError::from(error), "Reconnecting for the worker-id lease failed")
                 }
-            },
+            }
         }
         if stopping {
             if let Some(c) = conn.take() {

@@ -133,3 +133,47 @@ async fn two_api_processes_with_one_worker_id_the_second_leases_a_free_id_and_sa
     assert!(stderr.contains("is held by another live process"), "{stderr}");
     assert!(stderr.contains(&format!("configured={configured}")), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_process_whose_worker_id_another_took_while_its_lease_was_down_exits_non_zero() {
+    use sqlx::Connection as _;
+    let db = TestDb::create().await;
+    let env = base_env(&db.url);
+    let id: i32 = env["APP_ENV_INVOICE_WORKER_ID"].parse().unwrap();
+    let port = free_port();
+    let mut env = env;
+    env.insert("APP_ENV_INVOICE_HTTP_ADDR".into(), format!("127.0.0.1:{port}"));
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut api = invoice_cmd(&env).arg("api").stderr(log.reopen().unwrap()).spawn().unwrap();
+    let url = format!("http://127.0.0.1:{port}/health");
+    wait_until(Duration::from_secs(30), "the api process", || {
+        let url = url.clone();
+        async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+    })
+    .await;
+    // Its lease connection drops (a Postgres restart, a cut), and another process takes the
+    // id before it is back: the process can issue no id any more.
+    let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'invoice-worker-id-lease'",
+    )
+    .fetch_one(&mut other)
+    .await
+    .unwrap();
+    assert_eq!(cut, 1);
+    sqlx::query("SELECT pg_advisory_lock($1, $2)")
+        .bind(workers::LOCK_NAMESPACE)
+        .bind(id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let status = wait_until(Duration::from_secs(30), "the api process to stop", || {
+        let exited = api.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert_ne!(status.code(), Some(0), "a process that can issue no id stops with an error");
+    let stderr = std::fs::read_to_string(log.path()).unwrap();
+    assert!(stderr.contains("worker-id lease was lost"), "{stderr}");
+}
