@@ -369,6 +369,7 @@ fn stream_deps(
             stall_after: cfg.stream_stall_after,
             session_timeout: cfg.kafka_session_timeout,
             consumer_wording: cfg.issuance.consumer_wording,
+            work_deadline: cfg.db_work_timeout,
             ..crate::stream::Settings::default()
         },
         queue: Some(queue(cfg)?),

@@ -319,6 +319,11 @@ pub struct Config {
     pub stream_batch_linger: Duration,
     /// A partition with lag and no progress for this long is recovered.
     pub stream_stall_after: Duration,
+    /// `APP_ENV_INVOICE_DB_WORK_TIMEOUT_MS` (60 s): the longest a stream batch's transaction
+    /// or a worker's statement may wait for Postgres before it is abandoned (its connection
+    /// closed) and retried. sqlx has no client-side keepalive: after a failover that left
+    /// the old server's sockets open, a statement would otherwise wait for ever.
+    pub db_work_timeout: Duration,
     /// Kafka consumer `session.timeout.ms`.
     pub kafka_session_timeout: Duration,
     /// Issuance queue, workers and provider client.
@@ -328,6 +333,9 @@ pub struct Config {
 /// Settings of the issuance queue, the workers and the provider client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Issuance {
+    /// The longest a worker's or sweeper's unit of work may wait for Postgres
+    /// (`DB_WORK_TIMEOUT_MS`, 60 s; see [`Config::db_work_timeout`]).
+    pub db_work_timeout: Duration,
     /// Prefix of every Redis key of the queue (`iq`); lets environments share one Redis.
     pub queue_prefix: String,
     /// Jobs one worker process runs at once (`WORKER_CONCURRENCY`).
@@ -361,6 +369,7 @@ pub struct Issuance {
 impl Default for Issuance {
     fn default() -> Self {
         Issuance {
+            db_work_timeout: Duration::from_secs(60),
             queue_prefix: "iq".into(),
             concurrency: 64,
             batch_max: 32,
@@ -605,7 +614,9 @@ impl Config {
                 ),
             },
         };
+        let db_work_timeout = ms("DB_WORK_TIMEOUT_MS", 60_000, 1_000..=600_000)?;
         let issuance = Issuance {
+            db_work_timeout,
             queue_prefix,
             concurrency: number("WORKER_CONCURRENCY", 64, 1..=10_000)? as usize,
             batch_max: number("WORKER_BATCH_MAX", 32, 1..=1_000)? as usize,
@@ -705,6 +716,7 @@ impl Config {
             stream_batch_max,
             stream_batch_linger,
             stream_stall_after,
+            db_work_timeout,
             kafka_session_timeout,
             issuance,
         })

@@ -199,9 +199,19 @@ pub async fn sweep_once(deps: &Deps) -> anyhow::Result<Swept> {
 
 /// Sweeps at start-up and then every interval until `stop`.
 pub async fn run(deps: Arc<Deps>, stop: CancellationToken) {
+    // A sweep is pages of short statements; one that waits this long is on a connection to
+    // a server that is gone (no client keepalive), and would stop sweeping for good.
+    let deadline = deps.settings.db_work_timeout * 5;
     loop {
-        if let Err(error) = sweep_once(&deps).await {
-            tracing::warn!(error = format!("{error:#}"), "Sweep failed; next one in the usual interval");
+        match tokio::time::timeout(deadline, sweep_once(&deps)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(error = format!("{error:#}"), "Sweep failed; next one in the usual interval")
+            }
+            Err(_) => tracing::warn!(
+                deadline_s = deadline.as_secs(),
+                "Sweep got no answer in time; abandoned, next one in the usual interval"
+            ),
         }
         tokio::select! {
             _ = tokio::time::sleep(deps.settings.sweep_interval) => {},
@@ -232,7 +242,8 @@ pub async fn gauges(deps: Arc<Deps>, stop: CancellationToken) {
                 deps.metrics.issuance.oldest_age(partition as u32, age);
             }
         }
-        if let Ok(seconds) = crate::storage::issuance::oldest_due_seconds(&deps.db).await {
+        let oldest_due = crate::storage::issuance::oldest_due_seconds(&deps.db);
+        if let Ok(Ok(seconds)) = tokio::time::timeout(deps.settings.db_work_timeout, oldest_due).await {
             deps.metrics.issuance.oldest_due(seconds);
         }
         tokio::select! {

@@ -22,6 +22,7 @@ use crate::domain::document::{self, Document, Original, Prepared, Seller};
 use crate::domain::money::{Line, Totals};
 use crate::providers::{Call, Provider, Target};
 use crate::queue::{backoff, Job, Retry, SeriesKey};
+use crate::storage;
 use crate::storage::issuance::{self, NewAttempt, Settle, Transition, WorkInvoice};
 
 /// How long an idle claim loop sleeps at most between polls.
@@ -210,7 +211,15 @@ impl Worker {
             phase = std::time::Instant::now();
         };
         let orders: Vec<String> = jobs.iter().map(|j| j.order_id.clone()).collect();
-        let invoices = match issuance::unfinished_for_orders(&deps.db, &orders).await {
+        let deadline = deps.settings.db_work_timeout;
+        let read = async {
+            let mut conn = deps.db.acquire().await?;
+            match tokio::time::timeout(deadline, issuance::unfinished_for_orders(&mut conn, &orders)).await {
+                Ok(invoices) => invoices,
+                Err(_) => Err(storage::abandon(conn, deadline)),
+            }
+        };
+        let invoices = match read.await {
             Ok(invoices) => invoices,
             Err(error) => {
                 tracing::warn!(%error, jobs = jobs.len(), "Cannot read invoices; jobs retried shortly");
@@ -295,23 +304,32 @@ impl Worker {
         // fenced out of every write by the owner changing.
         let owner = format!("{}#{}", deps.identity, uuid::Uuid::new_v4().simple());
         let first = async {
-            // Usually the take alone: one statement, atomic by itself, needs no transaction.
-            if prefails.is_empty() {
-                let mut conn = deps.db.acquire().await?;
-                let got =
-                    issuance::acquire(&mut conn, &acquire_ids, &owner, lease_until, &deps.identity).await?;
-                return Ok::<_, crate::storage::StorageError>((got.into_iter().collect(), Vec::new()));
+            let mut conn = deps.db.acquire().await?;
+            let work = async {
+                // Usually the take alone: one statement, atomic by itself, needs no transaction.
+                if prefails.is_empty() {
+                    let got = issuance::acquire(&mut conn, &acquire_ids, &owner, lease_until, &deps.identity)
+                        .await?;
+                    return Ok::<_, storage::StorageError>((got.into_iter().collect(), Vec::new()));
+                }
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                let got: HashMap<i64, String> =
+                    issuance::acquire(&mut tx, &acquire_ids, &owner, lease_until, &deps.identity)
+                        .await?
+                        .into_iter()
+                        .collect();
+                let applied =
+                    issuance::settle(&mut tx, &prefails, Vec::new(), &deps.events_topic, &deps.identity)
+                        .await?;
+                tx.commit().await?;
+                Ok((got, applied))
+            };
+            // Taken or not (unknown on a timeout), the invoices are safe: a take that did
+            // commit holds leases that lapse, and a lapsed lease means a lookup first.
+            match tokio::time::timeout(deadline, work).await {
+                Ok(result) => result,
+                Err(_) => Err(storage::abandon(conn, deadline)),
             }
-            let mut tx = deps.db.begin().await?;
-            let got: HashMap<i64, String> =
-                issuance::acquire(&mut tx, &acquire_ids, &owner, lease_until, &deps.identity)
-                    .await?
-                    .into_iter()
-                    .collect();
-            let applied =
-                issuance::settle(&mut tx, &prefails, Vec::new(), &deps.events_topic, &deps.identity).await?;
-            tx.commit().await?;
-            Ok((got, applied))
         };
         match first.await {
             Ok((got, applied)) => {
@@ -408,7 +426,15 @@ impl Worker {
         // One statement, atomic by itself (see `issuance::settle`).
         let second = async {
             let mut conn = deps.db.acquire().await?;
-            issuance::settle(&mut conn, &settles, attempts, &deps.events_topic, &deps.identity).await
+            let settled = tokio::time::timeout(
+                deadline,
+                issuance::settle(&mut conn, &settles, attempts, &deps.events_topic, &deps.identity),
+            )
+            .await;
+            match settled {
+                Ok(applied) => applied,
+                Err(_) => Err(storage::abandon(conn, deadline)),
+            }
         };
         let applied = match second.await {
             Ok(applied) => applied,
@@ -536,7 +562,16 @@ impl Worker {
             return true;
         }
         let until = plan::at(Utc::now(), self.call_lease() * 2);
-        match issuance::renew_lease(&self.deps.db, inv.id, owner, until).await {
+        let deadline = self.deps.settings.db_work_timeout;
+        let renewed = async {
+            let mut conn = self.deps.db.acquire().await?;
+            match tokio::time::timeout(deadline, issuance::renew_lease(&mut conn, inv.id, owner, until)).await
+            {
+                Ok(renewed) => renewed,
+                Err(_) => Err(storage::abandon(conn, deadline)),
+            }
+        };
+        match renewed.await {
             Ok(true) => {
                 *lease_until = until;
                 true

@@ -89,13 +89,12 @@ pub const UNFINISHED_FOR_ORDERS: &str =
 /// The unfinished invoices (QUEUED, ISSUING, SUBMITTED) of the given orders, originals first;
 /// their deadlines (`next_attempt_at`, `lease_until`) are on this process's clock.
 pub async fn unfinished_for_orders(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     order_ids: &[String],
 ) -> Result<Vec<WorkInvoice>, StorageError> {
-    // The clock is read once a connection is in hand: read before a wait for one, it would
-    // make every deadline look earlier by the wait.
-    let mut conn = pool.acquire().await?;
-    Ok(sqlx::query_as(UNFINISHED_FOR_ORDERS).bind(order_ids).bind(Utc::now()).fetch_all(&mut *conn).await?)
+    // The clock is read once a connection is in hand (take `conn` from the pool first): read
+    // before a wait for one, it would make every deadline look earlier by the wait.
+    Ok(sqlx::query_as(UNFINISHED_FOR_ORDERS).bind(order_ids).bind(Utc::now()).fetch_all(conn).await?)
 }
 
 /// The worker's take (see [`acquire`]): invoices `$1` still at versions `$4` become ISSUING
@@ -168,7 +167,7 @@ pub async fn acquire(
 /// Extends an ISSUING invoice's call lease for `owner` before a send; `false` if the invoice
 /// is no longer ISSUING for this owner (taken over: the caller must not send).
 pub async fn renew_lease(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     id: i64,
     owner: &str,
     until: DateTime<Utc>,
@@ -178,7 +177,7 @@ pub async fn renew_lease(
         .bind(owner)
         .bind(until)
         .bind(Utc::now())
-        .execute(pool)
+        .execute(conn)
         .await?
         .rows_affected();
     Ok(rows == 1)

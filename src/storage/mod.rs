@@ -76,6 +76,14 @@ pub fn pool(url: &str, application_name: &str, max_connections: u32) -> Result<P
         .connect_lazy_with(connect_options(url, application_name)?))
 }
 
+/// The error for work on `conn` that passed `deadline`. The connection leaves the pool and
+/// is closed: returned, sqlx would ping it first, and a peer gone in a failover (sqlx has no
+/// client-side keepalive) never answers, holding a pool slot until TCP gives up (minutes).
+pub fn abandon(conn: sqlx::pool::PoolConnection<sqlx::Postgres>, deadline: Duration) -> StorageError {
+    drop(conn.detach());
+    StorageError::Unavailable(format!("no answer from Postgres within {} s", deadline.as_secs()))
+}
+
 /// Applies every migration not yet applied. Safe to run concurrently from several processes
 /// (sqlx takes an advisory lock).
 pub async fn migrate(pool: &PgPool) -> Result<(), StorageError> {

@@ -47,6 +47,9 @@ pub struct Settings {
     pub session_timeout: Duration,
     /// The consumer wording recorded in each invoice's snapshot of the rule set.
     pub consumer_wording: crate::domain::rules::ConsumerWording,
+    /// The longest a batch's transaction may wait for Postgres before it is abandoned and
+    /// retried (it may still have committed: the retry then follows Postgres).
+    pub work_deadline: Duration,
 }
 
 impl Default for Settings {
@@ -58,6 +61,7 @@ impl Default for Settings {
             revoke_timeout: Duration::from_secs(10),
             session_timeout: Duration::from_secs(10),
             consumer_wording: crate::domain::rules::ConsumerWording::default(),
+            work_deadline: Duration::from_secs(60),
         }
     }
 }

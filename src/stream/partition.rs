@@ -374,24 +374,33 @@ impl PartitionTask {
         cache: &mut Cache,
     ) -> Result<(), BatchError> {
         let deps = &self.deps;
-        let mut tx = deps.db.begin().await?;
-        // First: the row lock serialises two owners; the loser sees the new value.
-        if !offsets::compare_and_set(
-            &mut tx,
-            &deps.group_id,
-            &self.topic,
-            self.partition,
-            self.expected,
-            next,
-        )
-        .await?
-        {
-            let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
-            tx.rollback().await?;
-            return Err(BatchError::Fenced { stored });
-        }
-        let summary = merchants::process(deps, &mut tx, self.partition, batch, cache).await?;
-        tx.commit().await?;
+        let mut conn = deps.db.acquire().await?;
+        let work = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            // First: the row lock serialises two owners; the loser sees the new value.
+            if !offsets::compare_and_set(
+                &mut tx,
+                &deps.group_id,
+                &self.topic,
+                self.partition,
+                self.expected,
+                next,
+            )
+            .await?
+            {
+                let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
+                tx.rollback().await?;
+                return Err(BatchError::Fenced { stored });
+            }
+            let summary = merchants::process(deps, &mut tx, self.partition, batch, cache).await?;
+            tx.commit().await?;
+            Ok(summary)
+        };
+        let deadline = deps.settings.work_deadline;
+        let summary = match tokio::time::timeout(deadline, work).await {
+            Ok(summary) => summary?,
+            Err(_) => return Err(BatchError::Storage(crate::storage::abandon(conn, deadline))),
+        };
         // Bounded: a partition with more merchants than this starts over (a miss costs
         // one query per batch, not correctness).
         if cache.len() + summary.cache_updates.len() > MERCHANT_CACHE_MAX {
@@ -426,9 +435,20 @@ impl PartitionTask {
             expected: self.expected,
             next,
         };
-        let Some(summary) = payments::process(deps, &mut conn, self.partition, batch, offset).await? else {
-            let stored = offsets::current(&mut conn, &deps.group_id, &self.topic, self.partition).await?;
-            return Err(BatchError::Fenced { stored });
+        let work = async {
+            match payments::process(deps, &mut conn, self.partition, batch, offset).await? {
+                Some(summary) => Ok(summary),
+                None => {
+                    let stored =
+                        offsets::current(&mut conn, &deps.group_id, &self.topic, self.partition).await?;
+                    Err(BatchError::Fenced { stored })
+                }
+            }
+        };
+        let deadline = deps.settings.work_deadline;
+        let summary = match tokio::time::timeout(deadline, work).await {
+            Ok(summary) => summary?,
+            Err(_) => return Err(BatchError::Storage(crate::storage::abandon(conn, deadline))),
         };
         let processed = batch.len() as u64 - summary.dead_lettered;
         deps.metrics.consumed(&self.topic, "processed", processed);

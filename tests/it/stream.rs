@@ -322,6 +322,45 @@ async fn a_redis_that_does_not_answer_holds_up_the_stream_once_then_is_left_to_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_postgres_does_not_answer_is_abandoned_retried_and_decided_once() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    let mut env = stream_env(&db, &topics.names, &unique("g-"));
+    env.insert("APP_ENV_INVOICE_DB_WORK_TIMEOUT_MS".into(), "1000".into());
+    let stream = TestStream::spawn(&env).await;
+    let p = producer();
+    let t = topics.names.payment.clone();
+    send(&p, &t, "ORD-H-0", &payment("ev-h-0", "ORD-H-0", "M-1")).await;
+    wait_scalar(&db, "SELECT count(*) FROM invoice", 1).await;
+    // The partition's offset row held elsewhere: the next batch's statement gets no answer,
+    // as one sent to a server gone in a failover would not.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT next_offset FROM consumer_offset WHERE topic = $1 FOR UPDATE")
+        .bind(&t)
+        .fetch_one(&mut *blocker)
+        .await
+        .unwrap();
+    send(&p, &t, "ORD-H-1", &payment("ev-h-1", "ORD-H-1", "M-1")).await;
+    let retries = |metrics: &str| {
+        metric_value(metrics, "invoice_stream_transaction_retries_total", &[&format!("topic=\"{t}\"")])
+    };
+    wait_until(WAIT, "two abandoned attempts", || async {
+        (retries(&stream.metrics().await) >= 2.0).then_some(())
+    })
+    .await;
+    blocker.rollback().await.unwrap();
+    // The abandoned statements still wait on the server; whichever commits first moves the
+    // offset, and the others find it moved: one invoice, one decision.
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 2).await;
+    wait_scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-H-1'", 1).await;
+    assert_eq!(scalar(&db, "SELECT count(*) FROM payment_decision").await, 2);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 2);
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event() {
     let db = TestDb::create().await;
     let topics = TestTopics::create(2).await;
