@@ -173,16 +173,17 @@ async fn submit(
                 Problem::new(StatusCode::CONFLICT, "claim-refused", refusal.to_string()).into_response()
             );
         }
-        Given::Later { .. } => {
-            api.metrics.api.claim_request("POST", "busy");
-            let mut response = Problem::new(
-                StatusCode::CONFLICT,
-                "being-issued",
-                "the invoice is being issued right now; submit again in a few seconds",
-            )
-            .into_response();
-            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
-            return Ok(response);
+        Given::Later { invoice_id } => {
+            // Recorded: applied to the order once its issuance settles (the claim is used).
+            tx.commit().await?;
+            api.metrics.claim("claimed", 1);
+            api.metrics.api.claim_request("POST", "accepted");
+            tracing::info!(orderId = %order_id, merchantId = %merchant_id, invoiceId = invoice_id,
+                "Claim accepted while the invoice is being issued; applied once it settles");
+            return Ok(super::json(
+                StatusCode::ACCEPTED,
+                &json!({"status": "PENDING", "invoiceId": invoice_id.to_string()}),
+            ));
         }
         Given::NoInvoice => return Err(super::internal(&"a claim without its invoice")),
         ref g => g.invoice_id().unwrap_or_default(),

@@ -86,9 +86,10 @@ async fn join_one(
     use crate::storage::buyers::{self, Given, Giver};
     let mut tx = deps.db.begin().await?;
     buyers::lock_original(&mut tx, merchant_id, order_id).await?;
-    let Some(buyer) = buyers::lock_pending_request(&mut tx, request_id).await? else { return Ok(None) };
-    let valid =
-        serde_json::from_value::<crate::domain::buyer::Buyer>(buyer).ok().and_then(|b| b.validate().ok());
+    let Some(request) = buyers::lock_pending_request(&mut tx, request_id).await? else { return Ok(None) };
+    let valid = serde_json::from_value::<crate::domain::buyer::Buyer>(request.buyer.clone())
+        .ok()
+        .and_then(|b| b.validate().ok());
     let Some(valid) = valid else {
         buyers::settle_request(
             &mut tx,
@@ -102,11 +103,13 @@ async fn join_one(
         return Ok(Some(false));
     };
     let giver = Giver {
-        source: "internal_webhook",
+        source: request.giver_source(),
         actor: format!("sweeper:{}", deps.identity),
         events_topic: &deps.events_topic,
         replacement_id: deps.ids.next_id()?,
-        now: crate::storage::transaction_time(&mut tx).await?,
+        // Judged as of when the buyer asked: it waited here only while the invoice was
+        // being issued (or its payment was on its way).
+        now: request.created_at.min(crate::storage::transaction_time(&mut tx).await?),
     };
     let (given, claim_closed) = buyers::give(&mut tx, merchant_id, order_id, &valid, &giver).await?;
     let settled = match given {

@@ -30,7 +30,9 @@ pub struct Giver<'a> {
     pub events_topic: &'a str,
     /// A fresh id, used if a replacement invoice is created.
     pub replacement_id: i64,
-    /// Now.
+    /// When the buyer asked, on Postgres' clock: now, or for a request the sweeper settles
+    /// later, when it was recorded (a buyer who asked in time is not refused for the time
+    /// the invoice spent being issued). Deadlines are judged at this time.
     pub now: DateTime<Utc>,
 }
 
@@ -346,14 +348,37 @@ pub async fn joinable_requests(
 pub async fn lock_pending_request(
     tx: &mut PgConnection,
     request_id: i64,
-) -> Result<Option<Value>, StorageError> {
-    Ok(sqlx::query_scalar(
-        "SELECT buyer FROM invoice_request WHERE id = $1 AND joined_at IS NULL AND deleted_at IS NULL
+) -> Result<Option<PendingRequest>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT buyer, source, created_at FROM invoice_request
+         WHERE id = $1 AND joined_at IS NULL AND deleted_at IS NULL
          FOR UPDATE SKIP LOCKED",
     )
     .bind(request_id)
     .fetch_optional(&mut *tx)
     .await?)
+}
+
+/// A pending request as [`lock_pending_request`] reads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PendingRequest {
+    /// The buyer as stored.
+    pub buyer: Value,
+    /// Where it came from (`merchant_webhook`, `internal_webhook`, `claim`).
+    pub source: String,
+    /// When it was recorded (its latest version).
+    pub created_at: DateTime<Utc>,
+}
+
+impl PendingRequest {
+    /// [`Giver::source`] for it.
+    pub fn giver_source(&self) -> &'static str {
+        match self.source.as_str() {
+            "merchant_webhook" => "merchant_webhook",
+            "claim" => "claim",
+            _ => "internal_webhook",
+        }
+    }
 }
 
 /// Withdraws `(merchant, order)`'s pending request, if any: a buyer given now (by a newer
@@ -511,8 +536,9 @@ pub async fn cancel(
     Ok(Cancelled::Done { invoice_id, before: status })
 }
 
-/// Records the provider's or tax authority's status on the order's issued invoice (the
-/// replacement if one was issued). `Err(status)` names the state that does not allow it;
+/// Records the provider's or tax authority's status on the order's issued invoice: the
+/// replacement once one was sent (issued or awaiting its number: the status is most likely
+/// about the newest invoice), else the original. `Err(status)` names the state that does not allow it;
 /// `Ok(None)` means the order has no invoice.
 pub async fn provider_status(
     tx: &mut PgConnection,
@@ -525,7 +551,8 @@ pub async fn provider_status(
     let row: Option<(i64, String, Option<Value>, Option<String>)> = sqlx::query_as(
         "SELECT id, status, provider_status, tax_authority_code FROM invoice
          WHERE merchant_id = $1 AND order_id = $2 AND deleted_at IS NULL AND status <> 'CANCELLED'
-         ORDER BY CASE status WHEN 'ISSUED' THEN 0 WHEN 'SUBMITTED' THEN 1 ELSE 2 END, id DESC
+         ORDER BY status IN ('ISSUED', 'SUBMITTED') DESC, kind = 'replacement' DESC,
+             CASE status WHEN 'ISSUED' THEN 0 WHEN 'SUBMITTED' THEN 1 ELSE 2 END, id DESC
          LIMIT 1 FOR UPDATE",
     )
     .bind(merchant_id)

@@ -105,5 +105,40 @@ pub async fn submit(
         // The buyer's own claim wins over a request still pending for the order.
         buyers::supersede_pending(tx, &merchant_id, &order_id).await?;
     }
+    if let Given::Later { invoice_id } = given {
+        // The invoice is being issued right now: the buyer is kept as the order's pending
+        // request, applied once the issuance settles, as of now (the sweeper judges the
+        // deadline at the time recorded here). Refused instead, the buyer would have to
+        // come back, and might find the claim expired meanwhile.
+        buyers::record_request(tx, giver.replacement_id, &merchant_id, &order_id, buyer, None, &given, giver)
+            .await?;
+        let buyer_json = serde_json::to_value(&buyer.buyer).unwrap_or(Value::Null);
+        sqlx::query(
+            "UPDATE claim SET status = 'CLAIMED', buyer = $2, claimed_at = $3, updated_at = now()
+             WHERE token_hash = $1 AND status = 'OPEN'",
+        )
+        .bind(&hash[..])
+        .bind(&buyer_json)
+        .bind(giver.now)
+        .execute(&mut *tx)
+        .await?;
+        super::decisions::insert_audits(
+            tx,
+            &[super::decisions::NewAudit {
+                entity: "invoice",
+                entity_id: invoice_id.to_string(),
+                invoice_id: Some(invoice_id),
+                merchant_id: Some(merchant_id.clone()),
+                order_id: Some(order_id.clone()),
+                event_type: "claim_recorded",
+                outcome: "PENDING".into(),
+                before: None,
+                after: Some(serde_json::json!({"buyerKind": buyer.kind.as_str()})),
+                actor: giver.actor.clone(),
+                reason: Some("claimed while the invoice was being issued: applied once it settles".into()),
+            }],
+        )
+        .await?;
+    }
     Ok(Submitted::Given { merchant_id, order_id, given })
 }

@@ -306,8 +306,8 @@ pub struct Writes {
     pub audits: Vec<NewAudit>,
     /// Outbox rows.
     pub outbox: Vec<NewOutbox>,
-    /// `(request id, invoice id)` joins.
-    pub request_joins: Vec<(i64, i64)>,
+    /// `(request id, invoice id, the request's buyer as read)` joins.
+    pub request_joins: Vec<(i64, i64, Value)>,
 }
 
 /// Everything a batch writes, one statement (see [`Writes::write`]): first the partition's
@@ -357,10 +357,11 @@ static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| {
              ON CONFLICT (event_id) DO NOTHING),
          joins AS (
              UPDATE invoice_request r SET invoice_id = j.invoice_id, joined_at = now()
-             FROM UNNEST($33::bigint[], $34::bigint[]) AS j(id, invoice_id)
-             -- Still pending: one the API superseded or another batch joined since the facts
-             -- were read stays as it is.
-             WHERE r.id = j.id AND r.joined_at IS NULL AND r.deleted_at IS NULL
+             FROM UNNEST($33::bigint[], $34::bigint[], $57::jsonb[]) AS j(id, invoice_id, buyer)
+             -- Still pending and still the buyer that was read: one the API superseded,
+             -- another batch joined, or a newer request rewrote since the facts were read
+             -- stays pending (the sweeper settles it).
+             WHERE r.id = j.id AND r.joined_at IS NULL AND r.deleted_at IS NULL AND r.buyer = j.buyer
                AND EXISTS (SELECT 1 FROM fence)),
          audits AS (
              INSERT INTO audit_log ({AUDIT_COLUMNS}) SELECT * FROM {audit_rows} WHERE EXISTS (SELECT 1 FROM fence)),
@@ -439,6 +440,7 @@ impl Writes {
             .bind(offset.partition)
             .bind(offset.expected)
             .bind(offset.next)
+            .bind(self.request_joins.iter().map(|j| &j.2).collect::<Vec<_>>())
             .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
             .fetch_one(conn)
             .await?;

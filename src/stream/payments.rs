@@ -142,16 +142,16 @@ pub async fn process(
             },
         };
         let key = (payment.merchant_id.clone(), payment.order_id.clone());
-        let request = requests.get(&key).and_then(|(id, buyer)| {
-            let buyer: Buyer = serde_json::from_value(buyer.clone()).ok()?;
-            buyer.validate().ok().map(|b| (*id, b))
+        let request = requests.get(&key).and_then(|(id, stored)| {
+            let buyer: Buyer = serde_json::from_value(stored.clone()).ok()?;
+            buyer.validate().ok().map(|b| (*id, b, stored.clone()))
         });
         let config = configs.get(&payment.merchant_id);
         let facts = Facts {
             payment,
             merchant,
             provider_configured: config.is_some(),
-            pending_request: request.as_ref().map(|(_, b)| b),
+            pending_request: request.as_ref().map(|(_, b, _)| b),
             event_already_decided: decided.contains(&payment.event_id),
             active_invoice_exists: active.contains(&key),
         };
@@ -296,8 +296,8 @@ pub async fn process(
                         BuyerSource::Request => "invoice request received before the payment".into(),
                     }),
                 });
-                if let (BuyerSource::Request, Some((request_id, _))) = (plan.buyer_source, &request) {
-                    writes.request_joins.push((*request_id, invoice_id));
+                if let (BuyerSource::Request, Some((request_id, _, stored))) = (plan.buyer_source, &request) {
+                    writes.request_joins.push((*request_id, invoice_id, stored.clone()));
                     requests.remove(&key);
                 }
                 writes.decisions.push(NewDecision {

@@ -193,6 +193,68 @@ async fn guessing_tokens_is_throttled_with_429() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_while_the_invoice_is_being_issued_is_kept_and_applied_once_it_settles_even_past_the_deadline(
+) {
+    use crate::support::kafka::TestTopics;
+    use crate::support::{issuance_env, unique, wait_until, TestWorker};
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
+    let (original, token) = seed_invoice(&api.db, "M-1", "ORD-K-9", "ISSUING", deadline).await;
+    // The invoice is at the provider right now: the buyer is recorded, not sent away.
+    let response = post_claim(&api, &token, company_buyer()).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "PENDING", "{body}");
+    assert_eq!(body["invoiceId"], original.to_string());
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM claim WHERE status = 'CLAIMED'").await, 1);
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM invoice_request WHERE source = 'claim' AND joined_at IS NULL")
+            .await,
+        1
+    );
+    // A second POST of the same token is refused: the claim is used.
+    assert_eq!(post_claim(&api, &token, company_buyer()).await.status(), 409);
+    // The issuance settles (to the consumer) only after the claim's deadline passed. The
+    // buyer asked in time: the replacement is made all the same.
+    sqlx::query("UPDATE invoice SET status = 'ISSUED', provider_invoice_no = '0000001', issued_at = now() WHERE id = $1")
+        .bind(original)
+        .execute(&api.db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE invoice_request SET created_at = now() - interval '10 minutes' WHERE order_id = 'ORD-K-9'",
+    )
+    .execute(&api.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE claim SET deadline = now() - interval '5 minutes' WHERE invoice_id = $1")
+        .bind(original)
+        .execute(&api.db.pool)
+        .await
+        .unwrap();
+    let topics = TestTopics::create(1).await;
+    let worker = TestWorker::spawn(&issuance_env(&api.db, &topics.names, &unique("g-"))).await;
+    wait_until(std::time::Duration::from_secs(30), "the claim's request to be joined", || async {
+        (scalar(&api.db, "SELECT count(*) FROM invoice_request WHERE joined_at IS NOT NULL").await == 1)
+            .then_some(())
+    })
+    .await;
+    let (kind, replaces, tax): (String, Option<i64>, Option<String>) = sqlx::query_as(
+        "SELECT kind, replaces_invoice_id, buyer->>'taxCode' FROM invoice WHERE order_id = 'ORD-K-9' AND id <> $1",
+    )
+    .bind(original)
+    .fetch_one(&api.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (kind.as_str(), replaces, tax.as_deref()),
+        ("replacement", Some(original), Some("0101243150"))
+    );
+    worker.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_on_an_issued_consumer_invoice_within_the_deadline_creates_a_replacement() {
     let api = TestApi::spawn().await;
     let deadline = chrono::Utc::now() + chrono::Duration::hours(2);
