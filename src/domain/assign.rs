@@ -12,6 +12,8 @@ pub struct Target<'a> {
     pub has_buyer: bool,
     /// Whether an active replacement exists already.
     pub replaced: bool,
+    /// Whether that replacement FAILED (nothing was created at the provider under its key).
+    pub replacement_failed: bool,
     /// The claim deadline, if a claim was opened for it.
     pub deadline: Option<DateTime<Utc>>,
     /// Whether the merchant issues at payment (`immediate`); only those invoices are replaced
@@ -29,6 +31,9 @@ pub enum Action {
     SetBuyer,
     /// ISSUED to a consumer, within the deadline: a replacement invoice for the buyer.
     Replace,
+    /// Its replacement FAILED (the provider refused it, e.g. for the buyer's data): the
+    /// replacement is queued again for this buyer, within the deadline.
+    RetryReplacement,
     /// Being issued right now (ISSUING, SUBMITTED): decide again once it settles.
     Later,
     /// Refused, with why.
@@ -60,7 +65,15 @@ pub fn action(target: Target<'_>, now: DateTime<Utc>) -> Action {
         _ => {}
     }
     if target.replaced {
-        return Action::Refuse(Refusal::AlreadyReplaced);
+        return match (target.status, target.deadline) {
+            ("ISSUED", Some(deadline))
+                if target.replacement_failed && target.immediate && now <= deadline =>
+            {
+                Action::RetryReplacement
+            }
+            ("ISSUED", _) if target.replacement_failed => Action::Refuse(Refusal::DeadlinePassed),
+            _ => Action::Refuse(Refusal::AlreadyReplaced),
+        };
     }
     if target.has_buyer && target.status != "FAILED" {
         return Action::Refuse(Refusal::AlreadyHasBuyer);
@@ -83,7 +96,14 @@ mod tests {
     use chrono::Duration;
 
     fn target(status: &str) -> Target<'_> {
-        Target { status, has_buyer: false, replaced: false, deadline: None, immediate: true }
+        Target {
+            status,
+            has_buyer: false,
+            replaced: false,
+            replacement_failed: false,
+            deadline: None,
+            immediate: true,
+        }
     }
 
     #[test]
@@ -110,6 +130,15 @@ mod tests {
         assert_eq!(action(replaced, now), Action::Refuse(Refusal::AlreadyReplaced));
         let claim_window = Target { immediate: false, ..within };
         assert_eq!(action(claim_window, now), Action::Refuse(Refusal::DeadlinePassed));
+        // A replacement the provider refused is queued again for corrected data, in time.
+        let failed = Target { replacement_failed: true, ..replaced };
+        assert_eq!(action(failed, now), Action::RetryReplacement);
+        assert_eq!(action(failed, now + Duration::minutes(6)), Action::Refuse(Refusal::DeadlinePassed));
+        // Replaced already (the replacement issued): the original's status says so.
+        assert_eq!(
+            action(Target { status: "REPLACED", ..failed }, now),
+            Action::Refuse(Refusal::AlreadyReplaced)
+        );
     }
 
     #[test]

@@ -115,11 +115,13 @@ pub async fn give(
     let Some((invoice_id, status, buyer_kind, mode)) = lock_original(tx, merchant_id, order_id).await? else {
         return Ok((Given::NoInvoice, false));
     };
-    let replaced: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM invoice WHERE replaces_invoice_id = $1 AND status <> 'CANCELLED')",
+    // Locked: a retry of a FAILED replacement changes it.
+    let replacement: Option<(i64, String)> = sqlx::query_as(
+        "SELECT id, status FROM invoice WHERE replaces_invoice_id = $1 AND status <> 'CANCELLED'
+         ORDER BY id DESC LIMIT 1 FOR UPDATE",
     )
     .bind(invoice_id)
-    .fetch_one(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
     let deadline: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT deadline FROM claim WHERE invoice_id = $1 ORDER BY id DESC LIMIT 1")
@@ -129,7 +131,8 @@ pub async fn give(
     let target = assign::Target {
         status: &status,
         has_buyer: buyer_kind != "consumer",
-        replaced,
+        replaced: replacement.is_some(),
+        replacement_failed: replacement.as_ref().is_some_and(|(_, s)| s == "FAILED"),
         deadline,
         immediate: mode == "immediate",
     };
@@ -180,6 +183,41 @@ pub async fn give(
                 return Ok((Given::Refused(Refusal::AlreadyReplaced), false));
             }
             (Given::Replacement { invoice_id: giver.replacement_id }, "QUEUED")
+        }
+        Action::RetryReplacement => {
+            let Some((replacement_id, _)) = replacement else {
+                return Ok((Given::Refused(Refusal::AlreadyReplaced), false));
+            };
+            // Its key stays: FAILED means the provider created nothing under it.
+            sqlx::query(
+                "UPDATE invoice SET status = 'QUEUED', buyer = $2, buyer_kind = $3, attempts = 0,
+                     next_attempt_at = now(), last_error = NULL, lease_owner = NULL, lease_until = NULL,
+                     updated_at = now()
+                 WHERE id = $1 AND status = 'FAILED'",
+            )
+            .bind(replacement_id)
+            .bind(&buyer_json)
+            .bind(kind)
+            .execute(&mut *tx)
+            .await?;
+            insert_audits(
+                tx,
+                &[NewAudit {
+                    entity: "invoice",
+                    entity_id: replacement_id.to_string(),
+                    invoice_id: Some(replacement_id),
+                    merchant_id: Some(merchant_id.to_owned()),
+                    order_id: Some(order_id.to_owned()),
+                    event_type: "replacement_retried",
+                    outcome: "QUEUED".into(),
+                    before: Some(json!({"status": "FAILED"})),
+                    after: Some(json!({"status": "QUEUED", "buyerKind": kind})),
+                    actor: giver.actor.clone(),
+                    reason: Some(format!("buyer given again by {}", giver.source)),
+                }],
+            )
+            .await?;
+            (Given::Replacement { invoice_id: replacement_id }, "QUEUED")
         }
     };
     let claim_closed = sqlx::query(

@@ -344,6 +344,59 @@ async fn internal_cancel_and_provider_status_apply_only_where_they_may() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_an_order_whose_replacement_failed_queues_that_replacement_again_for_the_new_buyer() {
+    let api = TestApi::spawn().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(1);
+    let (original, _) = seed_invoice(&api.db, "M-1", "ORD-W-R", "ISSUED", deadline).await;
+    // Its replacement for a first buyer was refused by the provider (say, for the address).
+    sqlx::query(
+        "INSERT INTO invoice SELECT (jsonb_populate_record(NULL::invoice, to_jsonb(i) || jsonb_build_object(
+             'id', i.id + 1, 'status', 'FAILED', 'kind', 'replacement', 'replaces_invoice_id', i.id,
+             'buyer_kind', 'company', 'last_error', 'ADDRESS_INVALID', 'attempts', 1,
+             'provider_invoice_no', NULL, 'issued_at', NULL))).*
+         FROM invoice i WHERE i.id = $1",
+    )
+    .bind(original)
+    .execute(&api.db.pool)
+    .await
+    .unwrap();
+    let key: String = sqlx::query_scalar("SELECT transaction_uuid FROM invoice WHERE id = $1")
+        .bind(original + 1)
+        .fetch_one(&api.db.pool)
+        .await
+        .unwrap();
+    let mut corrected = company_buyer();
+    corrected["address"] = json!("3 Tràng Tiền, Hoàn Kiếm, Hà Nội");
+    let response =
+        api.webhook("merchant", &api.merchant_secret(), "evt_r1", &request_body("ORD-W-R", corrected)).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let (status, attempts, address, uuid): (String, i32, Option<String>, String) = sqlx::query_as(
+        "SELECT status, attempts, buyer->>'address', transaction_uuid FROM invoice WHERE id = $1",
+    )
+    .bind(original + 1)
+    .fetch_one(&api.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts, address.as_deref()),
+        ("QUEUED", 0, Some("3 Tràng Tiền, Hoàn Kiếm, Hà Nội"))
+    );
+    assert_eq!(uuid, key, "the provider created nothing under its key: it is kept");
+    assert_eq!(scalar(&api.db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-W-R'").await, 2);
+    let original_status: String = sqlx::query_scalar("SELECT status FROM invoice WHERE id = $1")
+        .bind(original)
+        .fetch_one(&api.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(original_status, "ISSUED");
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM audit_log WHERE event_type = 'replacement_retried'").await,
+        1
+    );
+    api.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_raced_its_payment_is_joined_by_the_sweeper() {
     use crate::support::kafka::TestTopics;
     use crate::support::{issuance_env, unique, wait_until, TestWorker};
