@@ -114,6 +114,13 @@ pub const ACQUIRE: &str = "WITH old AS (
          SELECT i.id, i.status FROM invoice i JOIN unnest($1::bigint[], $4::timestamptz[]) AS r(id, seen)
               ON r.id = i.id AND i.updated_at = r.seen
          WHERE (i.status = 'QUEUED' OR (i.status = 'ISSUING' AND i.lease_until < now()))
+           -- A consumer original whose order has a pending buyer (a request that committed
+           -- while its payment was being decided, unseen by it) waits for the sweeper to
+           -- join that buyer: issued now, it would take a replacement to correct.
+           AND NOT (i.status = 'QUEUED' AND i.kind = 'original' AND i.buyer_kind = 'consumer'
+                    AND EXISTS (SELECT 1 FROM invoice_request r
+                                WHERE r.merchant_id = i.merchant_id AND r.order_id = i.order_id
+                                  AND r.joined_at IS NULL AND r.deleted_at IS NULL))
          FOR UPDATE OF i SKIP LOCKED),
      taken AS (
          UPDATE invoice i SET status = 'ISSUING', attempts = i.attempts + 1, lease_owner = $2,

@@ -105,6 +105,33 @@ impl Setup {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_raced_its_payment_reaches_the_consumer_invoice_before_it_is_issued() {
+    let s = setup(Knobs::default(), "immediate").await;
+    s.pay(["ORD-RACE".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE order_id = 'ORD-RACE' AND status = 'QUEUED'", 1).await;
+    // The request committed while the payment's batch was deciding without it: pending.
+    sqlx::query(
+        "INSERT INTO invoice_request (id, merchant_id, order_id, buyer, source, created_at)
+         VALUES (1, 'M-1', 'ORD-RACE', $1, 'merchant_webhook', now() - interval '10 seconds')",
+    )
+    .bind(crate::support::company_buyer())
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let worker = TestWorker::spawn(&s.env).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE order_id = 'ORD-RACE' AND status = 'ISSUED'", 1).await;
+    // Issued once, to the company: no consumer invoice to correct with a replacement.
+    assert_eq!(s.scalar("SELECT count(*) FROM invoice WHERE order_id = 'ORD-RACE'").await, 1);
+    assert_eq!(
+        s.scalar("SELECT count(*) FROM invoice WHERE order_id = 'ORD-RACE' AND buyer_kind = 'company'").await,
+        1
+    );
+    assert_eq!(s.scalar("SELECT count(*) FROM invoice_request WHERE joined_at IS NOT NULL").await, 1);
+    assert_eq!(s.sim.stats().issued, 1);
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paid_orders_are_issued_once_each_with_attempts_audit_events_and_metrics() {
     let s = setup(Knobs { latency_ms: 5, ..Knobs::default() }, "immediate").await;
     let worker = TestWorker::spawn(&s.env).await;
