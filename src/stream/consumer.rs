@@ -290,6 +290,8 @@ async fn coordinate(
                         state,
                         fatal: fatal.clone(),
                         enqueue_paused_until: None,
+                        refused_in_a_row: 0,
+                        last_gap_check: None,
                     };
                     tracing::info!(%topic, partition, start = ?offset, from_postgres = expected.is_some(), "Starting partition");
                     // A task that ends on its own (a panic: nothing else ends it uncancelled)

@@ -92,7 +92,21 @@ pub struct PartitionTask {
     /// Set after a failed hand-off to the issuance queue: until then the task leaves it to
     /// the sweeper instead of waiting on a Redis that does not answer after every batch.
     pub enqueue_paused_until: Option<Instant>,
+    /// Messages dead-lettered in a row because Postgres refused them alone, with no message
+    /// decided in between: past [`MAX_REFUSED_IN_A_ROW`] the refusals are the database's
+    /// or the code's (a migration ahead of this binary, a bad bind), not the messages', and
+    /// the partition waits instead of dead-lettering everything.
+    pub refused_in_a_row: u32,
+    /// When the log start was last read for a gap in offsets.
+    pub last_gap_check: Option<Instant>,
 }
+
+/// How often a small gap in offsets (a commit marker, usually) is checked against the log
+/// start.
+const GAP_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// See [`PartitionTask::refused_in_a_row`].
+const MAX_REFUSED_IN_A_ROW: u32 = 3;
 
 /// The longest a batch's hand-off to the issuance queue may hold up the next batch.
 const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -178,8 +192,16 @@ impl PartitionTask {
             // The payment topic is not compacted: a jump past the stored position may mean
             // messages that will never be decided (retention passed them, or the offset was
             // reset). Compaction makes gaps normal on CDC.
+            // A gap of one or two offsets is most often a transactional producer's commit
+            // marker, on every batch: those are checked at most every GAP_CHECK_EVERY, not
+            // with a broker round trip per batch.
             if self.kind == Kind::Payment && self.expected.is_some() && first_offset > position {
-                self.report_gone(position, first_offset).await;
+                let small = first_offset - position <= 2;
+                let checked_lately = self.last_gap_check.is_some_and(|at| at.elapsed() < GAP_CHECK_EVERY);
+                if !(small && checked_lately) {
+                    self.last_gap_check = Some(Instant::now());
+                    self.report_gone(position, first_offset).await;
+                }
             }
             match self.commit(&batch, &mut cache).await {
                 Committed::Yes | Committed::Fenced => {}
@@ -240,6 +262,7 @@ impl PartitionTask {
             };
             match result {
                 Ok(()) => {
+                    self.refused_in_a_row = if refused.is_some() { self.refused_in_a_row + 1 } else { 0 };
                     self.deps.metrics.batch_committed(&self.topic, batch.len(), started.elapsed());
                     self.expected = Some(next);
                     self.state.position.store(next, Ordering::Release);
@@ -275,7 +298,10 @@ impl PartitionTask {
                     self.seek(resume);
                     return Committed::Fenced;
                 }
-                Err(BatchError::Storage(StorageError::Refused(reason))) if refused.is_none() => {
+                Err(BatchError::Storage(StorageError::Refused(reason)))
+                    if refused.is_none()
+                        && (batch.len() > 1 || self.refused_in_a_row < MAX_REFUSED_IN_A_ROW) =>
+                {
                     // Retrying the same values fails the same way, for ever: find the message
                     // Postgres refuses and dead-letter it (SPEC §1.4: a poison message never
                     // stalls its partition). Nothing was written.
@@ -286,6 +312,11 @@ impl PartitionTask {
                     return self.isolate(batch, cache, &reason).await;
                 }
                 Err(error) => {
+                    if matches!(error, BatchError::Storage(StorageError::Refused(_))) && refused.is_none() {
+                        tracing::error!(topic = %self.topic, partition = self.partition, offset = batch.first().map(|m| m.offset()),
+                            refused_in_a_row = self.refused_in_a_row,
+                            "Postgres refuses message after message: the cause is the database or this build, not the input; the partition waits");
+                    }
                     // The commit may have happened even if we saw an error.
                     cache.clear();
                     self.deps.metrics.stream_transaction_retried(&self.topic);
@@ -325,25 +356,35 @@ impl PartitionTask {
         reason: &str,
     ) -> Result<(), BatchError> {
         let deps = &self.deps;
-        let mut tx = deps.db.begin().await?;
-        if !offsets::compare_and_set(
-            &mut tx,
-            &deps.group_id,
-            &self.topic,
-            self.partition,
-            self.expected,
-            next,
-        )
-        .await?
-        {
-            let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
-            tx.rollback().await?;
-            return Err(BatchError::Fenced { stored });
-        }
         let invalid = Invalid(format!("refused by the database: {reason}"));
-        let dead: Vec<_> = batch.iter().map(|m| dead_letter(&deps.topics.deadletter, m, &invalid)).collect();
-        insert_outbox(&mut tx, &dead).await?;
-        tx.commit().await?;
+        let mut conn = deps.db.acquire().await?;
+        let work = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            if !offsets::compare_and_set(
+                &mut tx,
+                &deps.group_id,
+                &self.topic,
+                self.partition,
+                self.expected,
+                next,
+            )
+            .await?
+            {
+                let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
+                tx.rollback().await?;
+                return Err(BatchError::Fenced { stored });
+            }
+            let dead: Vec<_> =
+                batch.iter().map(|m| dead_letter(&deps.topics.deadletter, m, &invalid)).collect();
+            insert_outbox(&mut tx, &dead).await?;
+            tx.commit().await?;
+            Ok(())
+        };
+        let deadline = deps.settings.work_deadline;
+        match tokio::time::timeout(deadline, work).await {
+            Ok(done) => done?,
+            Err(_) => return Err(BatchError::Storage(crate::storage::abandon(conn, deadline))),
+        }
         for message in batch {
             tracing::error!(topic = %self.topic, partition = self.partition, offset = message.offset(),
                 error = %invalid.sanitized(), "Message refused by the database; dead-lettered");

@@ -361,6 +361,47 @@ async fn a_batch_postgres_does_not_answer_is_abandoned_retried_and_decided_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_postgres_refuses_every_message_the_partition_waits_after_a_few_instead_of_dead_lettering_all() {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    // The database refuses every payment (a migration ahead of this build, say): the cause
+    // is not the input, and the input must not all go to the dead-letter topic.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'a column this build does not fill' USING ERRCODE = '23502'; END $$;
+         CREATE TRIGGER refuse_all BEFORE INSERT ON payment_decision FOR EACH ROW EXECUTE FUNCTION refuse_all();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let p = producer();
+    let t = topics.names.payment.clone();
+    for i in 0..10 {
+        let order = format!("ORD-S-{i}");
+        send(&p, &t, &order, &payment(&format!("ev-s-{i}"), &order, "M-1")).await;
+    }
+    let stream = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    let topic_label = format!("topic=\"{t}\"");
+    wait_until(WAIT, "the partition to wait after three refusals", || async {
+        let metrics = stream.metrics().await;
+        let retries = metric_value(&metrics, "invoice_stream_transaction_retries_total", &[&topic_label]);
+        (retries >= 2.0).then_some(())
+    })
+    .await;
+    let metrics = stream.metrics().await;
+    assert_eq!(metric_value(&metrics, "invoice_dead_lettered_total", &[]), 3.0, "{metrics}");
+    assert_eq!(scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'")).await, 3);
+    // Fixed: the rest is decided, nothing more dead-lettered.
+    sqlx::query("DROP TRIGGER refuse_all ON payment_decision").execute(&db.pool).await.unwrap();
+    wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 10).await;
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 7);
+    assert_eq!(metric_value(&stream.metrics().await, "invoice_dead_lettered_total", &[]), 3.0);
+    stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event() {
     let db = TestDb::create().await;
     let topics = TestTopics::create(2).await;
