@@ -149,6 +149,7 @@ async fn submit(
         events_topic: &api.events_topic,
         replacement_id: api.ids.next_id()?,
         now: crate::storage::transaction_time(&mut tx).await?,
+        asked_at: None,
     };
     let submitted = claims::submit(&mut tx, &token_hash(token), buyer, &giver).await?;
     let (merchant_id, order_id, given) = match submitted {

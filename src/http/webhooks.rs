@@ -267,6 +267,7 @@ async fn process(
                 events_topic: &api.events_topic,
                 replacement_id: api.ids.next_id()?,
                 now,
+                asked_at: None,
             };
             let (given, claim_closed) =
                 buyers::give(&mut tx, &d.merchant_id, &d.order_id, &buyer, &giver).await?;
@@ -274,7 +275,7 @@ async fn process(
             if let Given::Refused(refusal) = given {
                 return Err(Problem::new(StatusCode::CONFLICT, "request-refused", refusal.to_string()));
             }
-            buyers::record_request(
+            let recorded = buyers::record_request(
                 &mut tx,
                 api.ids.next_id()?,
                 &d.merchant_id,
@@ -285,6 +286,13 @@ async fn process(
                 &giver,
             )
             .await?;
+            if !recorded {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "request-refused",
+                    "the buyer's own claim is waiting for the invoice being issued; it is not replaced",
+                ));
+            }
             let result = match given {
                 Given::Queued { .. } => "queued",
                 Given::BuyerSet { .. } => "buyer_set",

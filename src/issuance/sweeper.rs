@@ -107,9 +107,10 @@ async fn join_one(
         actor: format!("sweeper:{}", deps.identity),
         events_topic: &deps.events_topic,
         replacement_id: deps.ids.next_id()?,
+        now: crate::storage::transaction_time(&mut tx).await?,
         // Judged as of when the buyer asked: it waited here only while the invoice was
         // being issued (or its payment was on its way).
-        now: request.created_at.min(crate::storage::transaction_time(&mut tx).await?),
+        asked_at: Some(request.created_at),
     };
     let (given, claim_closed) = buyers::give(&mut tx, merchant_id, order_id, &valid, &giver).await?;
     let settled = match given {

@@ -30,10 +30,12 @@ pub struct Giver<'a> {
     pub events_topic: &'a str,
     /// A fresh id, used if a replacement invoice is created.
     pub replacement_id: i64,
-    /// When the buyer asked, on Postgres' clock: now, or for a request the sweeper settles
-    /// later, when it was recorded (a buyer who asked in time is not refused for the time
-    /// the invoice spent being issued). Deadlines are judged at this time.
+    /// Now, on Postgres' clock: the time written (claimed at, the event's time).
     pub now: DateTime<Utc>,
+    /// When the buyer asked, if earlier than `now`: a request the sweeper settles later was
+    /// recorded then, and a buyer who asked in time is not refused for the time the invoice
+    /// spent being issued. Deadlines are judged at this time.
+    pub asked_at: Option<DateTime<Utc>>,
 }
 
 /// What giving the buyer did.
@@ -115,10 +117,11 @@ pub async fn give(
     let Some((invoice_id, status, buyer_kind, mode)) = lock_original(tx, merchant_id, order_id).await? else {
         return Ok((Given::NoInvoice, false));
     };
-    // Locked: a retry of a FAILED replacement changes it.
+    // Not locked: the worker's settle takes the replacement before the original, the
+    // reverse of this path's order; the retry below changes it only if it is still FAILED.
     let replacement: Option<(i64, String)> = sqlx::query_as(
         "SELECT id, status FROM invoice WHERE replaces_invoice_id = $1 AND status <> 'CANCELLED'
-         ORDER BY id DESC LIMIT 1 FOR UPDATE",
+         ORDER BY id DESC LIMIT 1",
     )
     .bind(invoice_id)
     .fetch_optional(&mut *tx)
@@ -139,7 +142,7 @@ pub async fn give(
     let buyer_json = serde_json::to_value(&buyer.buyer).unwrap_or(Value::Null);
     let kind = buyer.kind.as_str();
     let reason = format!("buyer given by {}", giver.source);
-    let (given, outcome_status) = match assign::action(target, giver.now) {
+    let (given, outcome_status) = match assign::action(target, giver.asked_at.unwrap_or(giver.now)) {
         Action::Refuse(refusal) => return Ok((Given::Refused(refusal), false)),
         Action::Later => return Ok((Given::Later { invoice_id }, false)),
         Action::Queue => {
@@ -189,7 +192,7 @@ pub async fn give(
                 return Ok((Given::Refused(Refusal::AlreadyReplaced), false));
             };
             // Its key stays: FAILED means the provider created nothing under it.
-            sqlx::query(
+            let retried = sqlx::query(
                 "UPDATE invoice SET status = 'QUEUED', buyer = $2, buyer_kind = $3, attempts = 0,
                      next_attempt_at = now(), last_error = NULL, lease_owner = NULL, lease_until = NULL,
                      updated_at = now()
@@ -199,7 +202,12 @@ pub async fn give(
             .bind(&buyer_json)
             .bind(kind)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if retried == 0 {
+                // Requeued by an operator meanwhile.
+                return Ok((Given::Refused(Refusal::AlreadyReplaced), false));
+            }
             insert_audits(
                 tx,
                 &[NewAudit {
@@ -298,7 +306,8 @@ pub async fn forget_webhooks(pool: &PgPool, keep_seconds: f64, limit: i64) -> Re
 }
 
 /// Records an invoice request: joined to the invoice when the buyer was given, else kept
-/// pending (the latest request for an order wins) for the stream or the sweeper to join.
+/// pending (the latest request for an order wins, except over a buyer's own claim kept
+/// pending: `Ok(false)`, nothing recorded) for the stream or the sweeper to join.
 #[allow(clippy::too_many_arguments)]
 pub async fn record_request(
     tx: &mut PgConnection,
@@ -309,7 +318,7 @@ pub async fn record_request(
     webhook_id: Option<&str>,
     given: &Given,
     giver: &Giver<'_>,
-) -> Result<(), StorageError> {
+) -> Result<bool, StorageError> {
     let buyer_json = serde_json::to_value(&buyer.buyer).unwrap_or(Value::Null);
     let joined = match given {
         Given::Queued { invoice_id } | Given::BuyerSet { invoice_id } | Given::Replacement { invoice_id } => {
@@ -337,12 +346,14 @@ pub async fn record_request(
             .await?;
         }
         None => {
-            sqlx::query(
+            let recorded = sqlx::query(
                 "INSERT INTO invoice_request (id, merchant_id, order_id, buyer, source, webhook_id)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (merchant_id, order_id) WHERE joined_at IS NULL AND deleted_at IS NULL
                  DO UPDATE SET buyer = EXCLUDED.buyer, source = EXCLUDED.source, webhook_id = EXCLUDED.webhook_id,
-                     created_at = now()",
+                     created_at = now()
+                 -- The buyer's own claim (answered 202, its token used) is not overwritten.
+                 WHERE invoice_request.source <> 'claim' OR EXCLUDED.source = 'claim'",
             )
             .bind(request_id)
             .bind(merchant_id)
@@ -351,10 +362,12 @@ pub async fn record_request(
             .bind(giver.source)
             .bind(webhook_id)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            return Ok(recorded == 1);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Pending requests older than `min_age_seconds` whose order has an invoice: the ones a

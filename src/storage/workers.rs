@@ -96,24 +96,39 @@ async fn try_lock(conn: &mut PgConnection, worker_id: u16) -> Result<bool, Stora
         .await?)
 }
 
+/// Writes the last used millisecond back; returns the lease session's server process id
+/// (to recognise that session later, should it outlive its connection).
 async fn persist(
     conn: &mut PgConnection,
     worker_id: u16,
     last_ms: u64,
     holder: &str,
-) -> Result<(), StorageError> {
-    sqlx::query(
+) -> Result<i32, StorageError> {
+    Ok(sqlx::query_scalar(
         "INSERT INTO snowflake_worker (worker_id, last_ms, holder) VALUES ($1, $2, $3)
          ON CONFLICT (worker_id) DO UPDATE
            SET last_ms = GREATEST(snowflake_worker.last_ms, EXCLUDED.last_ms),
-               holder = EXCLUDED.holder, updated_at = now()",
+               holder = EXCLUDED.holder, updated_at = now()
+         RETURNING pg_backend_pid()",
     )
     .bind(i32::from(worker_id))
     .bind(last_ms as i64)
     .bind(holder)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await?)
+}
+
+/// The server process holding the lock on `worker_id`, if any.
+async fn lock_holder(conn: &mut PgConnection, worker_id: u16) -> Result<Option<i32>, StorageError> {
+    Ok(sqlx::query_scalar(
+        "SELECT pid FROM pg_locks
+         WHERE locktype = 'advisory' AND granted AND classid = $1::int4::oid AND objid = $2::int4::oid
+           AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(LOCK_NAMESPACE)
+    .bind(i32::from(worker_id))
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// The lease's own connection (the advisory lock lives and dies with it) and its options,
@@ -218,7 +233,7 @@ async fn hold(
         tokio::time::sleep(Duration::from_millis(behind + 1)).await;
     }
     let ids = Snowflake::new(worker_id, clock.clone(), last_ms);
-    persist(&mut conn, worker_id, clock.now_ms().max(last_ms), holder).await?;
+    let session = persist(&mut conn, worker_id, clock.now_ms().max(last_ms), holder).await?;
     tracing::info!(worker_id, holder, "Holding snowflake worker id");
 
     let stop = CancellationToken::new();
@@ -228,7 +243,7 @@ async fn hold(
         options,
         ids.clone(),
         holder.to_owned(),
-        Signals { stop: stop.clone(), lost: lost.clone() },
+        Signals { stop: stop.clone(), lost: lost.clone(), session },
         metrics,
     ));
     Ok(WorkerLease { ids, task: Some(task), stop, lost })
@@ -238,6 +253,8 @@ async fn hold(
 struct Signals {
     stop: CancellationToken,
     lost: CancellationToken,
+    /// The lease session's server process id.
+    session: i32,
 }
 
 /// `op` within [`LEASE_IO_TIMEOUT`].
@@ -257,7 +274,10 @@ async fn keep(
     signals: Signals,
     metrics: Metrics,
 ) {
-    let Signals { stop, lost } = signals;
+    let Signals { stop, lost, session } = signals;
+    // The server process of the last session that held the lock: it may outlive a
+    // connection dropped on a timeout (busy, or not yet aware its client left), lock held.
+    let mut session = session;
     let worker_id = ids.worker_id();
     let mut conn = Some(conn);
     let mut unleased_since: Option<tokio::time::Instant> = None;
@@ -269,7 +289,11 @@ async fn keep(
         };
         match conn.as_mut() {
             Some(c) => {
-                if let Err(error) = bounded(persist(c, worker_id, ids.last_used_ms(), &holder)).await {
+                let persisted = bounded(persist(c, worker_id, ids.last_used_ms(), &holder)).await;
+                if let Ok(pid) = persisted {
+                    session = pid;
+                }
+                if let Err(error) = persisted {
                     // The lock lived on that connection (or may have: one that does not
                     // answer may be to a server that is gone); another process may take the
                     // id now.
@@ -283,40 +307,56 @@ async fn keep(
             None => {
                 let attempt = bounded(async {
                     let mut c = PgConnection::connect_with(&options).await?;
-                    let locked = try_lock(&mut c, worker_id).await?;
-                    if locked {
-                        persist(&mut c, worker_id, ids.last_used_ms(), &holder).await?;
+                    if try_lock(&mut c, worker_id).await? {
+                        let pid = persist(&mut c, worker_id, ids.last_used_ms(), &holder).await?;
+                        return Ok((c, Ok(pid)));
                     }
-                    Ok((c, locked))
+                    let holder = lock_holder(&mut c, worker_id).await?;
+                    if holder == Some(session) {
+                        // Our own earlier session: ended, so the next try can take the lock.
+                        sqlx::query("SELECT pg_terminate_backend($1)").bind(session).execute(&mut c).await?;
+                    }
+                    Ok((c, Err(holder)))
                 })
                 .await;
                 match attempt {
-                    Ok((c, true)) => {
+                    Ok((c, Ok(pid))) => {
                         ids.set_leased(true);
                         unleased_since = None;
+                        session = pid;
                         tracing::info!(worker_id, "Re-acquired the worker-id lease");
                         conn = Some(c);
                     }
-                    Ok((_, false)) => {
+                    Ok((_, Err(Some(pid)))) if pid == session => {
+                        tracing::warn!(
+                            worker_id,
+                            pid,
+                            "The lease's previous session still held the lock; ended it"
+                        );
+                    }
+                    Ok((_, Err(Some(_)))) => {
                         tracing::error!(
                             worker_id,
                             "Worker id is now held by another process; ids stay refused and the process stops"
                         );
                         lost.cancel();
                     }
+                    // Released between the try and the look: the next tick tries again.
+                    Ok((_, Err(None))) => {}
                     Err(error) => {
                         tracing::warn!(worker_id, %error, "Re-acquiring the worker-id lease failed");
-                        if unleased_since.is_some_and(|since| since.elapsed() >= LOST_AFTER)
-                            && !lost.is_cancelled()
-                        {
-                            tracing::error!(
-                                worker_id,
-                                lost_for_s = LOST_AFTER.as_secs(),
-                                "Worker-id lease not re-acquired; the process stops"
-                            );
-                            lost.cancel();
-                        }
                     }
+                }
+                if conn.is_none()
+                    && unleased_since.is_some_and(|since| since.elapsed() >= LOST_AFTER)
+                    && !lost.is_cancelled()
+                {
+                    tracing::error!(
+                        worker_id,
+                        lost_for_s = LOST_AFTER.as_secs(),
+                        "Worker-id lease not re-acquired; the process stops"
+                    );
+                    lost.cancel();
                 }
             }
         }

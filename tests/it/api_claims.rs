@@ -214,6 +214,16 @@ async fn a_claim_while_the_invoice_is_being_issued_is_kept_and_applied_once_it_s
     );
     // A second POST of the same token is refused: the claim is used.
     assert_eq!(post_claim(&api, &token, company_buyer()).await.status(), 409);
+    // Nor does a merchant's request replace the buyer's own claim meanwhile.
+    let mut other = company_buyer();
+    other["legalName"] = json!("Công ty Khác");
+    let request = json!({"type": "invoice.request", "data": {"orderId": "ORD-K-9", "merchantId": "M-1", "buyer": other}});
+    let response = api.webhook("merchant", &api.merchant_secret(), "evt_k9", &request.to_string()).await;
+    assert_eq!(response.status(), 409);
+    assert_eq!(
+        scalar(&api.db, "SELECT count(*) FROM invoice_request WHERE source = 'claim' AND buyer->>'legalName' <> 'Công ty Khác'").await,
+        1
+    );
     // The issuance settles (to the consumer) only after the claim's deadline passed. The
     // buyer asked in time: the replacement is made all the same.
     sqlx::query("UPDATE invoice SET status = 'ISSUED', provider_invoice_no = '0000001', issued_at = now() WHERE id = $1")

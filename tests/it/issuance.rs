@@ -569,6 +569,7 @@ async fn a_replacement_is_issued_with_adjustment_type_3_and_the_original_becomes
         events_topic: &events_topic,
         replacement_id,
         now: chrono::Utc::now(),
+        asked_at: None,
     };
     let mut tx = s.db.pool.begin().await.unwrap();
     let created = invoice::storage::issuance::create_replacement(

@@ -177,3 +177,52 @@ async fn a_process_whose_worker_id_another_took_while_its_lease_was_down_exits_n
     let stderr = std::fs::read_to_string(log.path()).unwrap();
     assert!(stderr.contains("worker-id lease was lost"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_lease_whose_own_stale_session_still_holds_the_lock_ends_it_and_carries_on() {
+    use sqlx::Connection as _;
+    let db = TestDb::create().await;
+    let id = next_worker_id();
+    let lease =
+        workers::acquire(&db.url, id, "stalled", Arc::new(SystemClock), Metrics::new()).await.unwrap();
+    let lost = lease.lost();
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let session: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1::int4::oid AND objsubid = 2",
+    )
+    .bind(i32::from(id))
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    // The lease's write-back stalls on the server (here: a row lock): the client gives up
+    // after 3 s and drops the connection, but the server session lives on, lock held.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM snowflake_worker WHERE worker_id = $1 FOR UPDATE")
+        .bind(i32::from(id))
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "ids to be refused", || async {
+        lease.ids.next_id().is_err().then_some(())
+    })
+    .await;
+    // Reconnecting, the lease finds its own old session holding the lock and ends it.
+    wait_until(Duration::from_secs(30), "the stale session to be ended", || {
+        let url = db.url.clone();
+        async move {
+            let mut c = sqlx::PgConnection::connect(&url).await.ok()?;
+            let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                .bind(session)
+                .fetch_one(&mut c)
+                .await
+                .ok()?;
+            (alive == 0).then_some(())
+        }
+    })
+    .await;
+    blocker.rollback().await.unwrap();
+    wait_until(Duration::from_secs(30), "the lease to be held again", || async { lease.ids.next_id().ok() })
+        .await;
+    assert!(!lost.is_cancelled(), "its own stale session is not another process");
+    lease.release().await;
+}
