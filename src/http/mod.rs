@@ -119,6 +119,9 @@ pub async fn route(state: Arc<HttpState>, request: Request<Incoming>) -> Respons
                 Matched::MethodNotAllowed(template, _) => template,
                 Matched::Route(route, _) => route.template,
             };
+            if worth_draining(request.headers()) {
+                drain(&mut request.into_body()).await;
+            }
             (template, body_too_large(MAX_BODY).into_response())
         }
         Matched::NotFound => ("unmatched", Problem::not_found(&path).into_response()),
@@ -248,19 +251,65 @@ async fn handle(
 /// Reads a whole body, refusing more than `limit` bytes with 413 (from `Content-Length`
 /// before reading anything, else while reading).
 pub async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Problem> {
-    let too_large = || body_too_large(limit);
-    if declared_length(request.headers()).is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
+    let declared_over = declared_length(request.headers()).is_some_and(|n| n > limit as u64);
+    let worth_draining = worth_draining(request.headers());
+    let mut body = request.into_body();
+    if declared_over {
+        if worth_draining {
+            drain(&mut body).await;
+        }
+        return Err(body_too_large(limit));
     }
-    match http_body_util::Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "body-unreadable",
-            "the request body could not be read",
-        )),
+    let mut read: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| {
+            Problem::new(StatusCode::BAD_REQUEST, "body-unreadable", "the request body could not be read")
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if read.len() + data.len() > limit {
+                if worth_draining {
+                    drain(&mut body).await;
+                }
+                return Err(body_too_large(limit));
+            }
+            read.extend_from_slice(&data);
+        }
     }
+    Ok(Bytes::from(read))
+}
+
+/// The most of an oversized body read (and dropped) before its 413 is sent, and for how long.
+const DRAIN_MAX: usize = 4 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Whether an oversized body should be drained before its 413: not when the client waits
+/// for `100 Continue` before sending it (answered at once, it sends nothing), nor when it
+/// declares more than [`DRAIN_MAX`] (it would find the connection closed anyway).
+fn worth_draining(headers: &HeaderMap) -> bool {
+    let expects_continue = headers
+        .get(hyper::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    !expects_continue && declared_length(headers).is_none_or(|n| n <= DRAIN_MAX as u64)
+}
+
+/// Reads and drops what is left of an oversized body, within [`DRAIN_MAX`] and
+/// [`DRAIN_TIME`]: answered while it is still sending, a client finds the connection closed
+/// under its upload (a broken pipe) instead of reading the 413. Beyond the bounds the
+/// connection is closed anyway.
+async fn drain(body: &mut Incoming) {
+    let _bounded = tokio::time::timeout(DRAIN_TIME, async {
+        let mut left = DRAIN_MAX;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                if data.len() >= left {
+                    return;
+                }
+                left -= data.len();
+            }
+        }
+    })
+    .await;
 }
 
 /// The request's `Content-Length`, when it has a valid one.
