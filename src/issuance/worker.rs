@@ -212,13 +212,9 @@ impl Worker {
         };
         let orders: Vec<String> = jobs.iter().map(|j| j.order_id.clone()).collect();
         let deadline = deps.settings.db_work_timeout;
-        let read = async {
-            let mut conn = deps.db.acquire().await?;
-            match tokio::time::timeout(deadline, issuance::unfinished_for_orders(&mut conn, &orders)).await {
-                Ok(invoices) => invoices,
-                Err(_) => Err(storage::abandon(conn, deadline)),
-            }
-        };
+        let read = storage::with_deadline(&deps.db, deadline, async |conn| {
+            issuance::unfinished_for_orders(conn, &orders).await
+        });
         let invoices = match read.await {
             Ok(invoices) => invoices,
             Err(error) => {
@@ -303,34 +299,25 @@ impl Worker {
         // One lease owner per batch: a zombie batch (its leases expired and were re-taken) is
         // fenced out of every write by the owner changing.
         let owner = format!("{}#{}", deps.identity, uuid::Uuid::new_v4().simple());
-        let first = async {
-            let mut conn = deps.db.acquire().await?;
-            let work = async {
-                // Usually the take alone: one statement, atomic by itself, needs no transaction.
-                if prefails.is_empty() {
-                    let got = issuance::acquire(&mut conn, &acquire_ids, &owner, lease_until, &deps.identity)
-                        .await?;
-                    return Ok::<_, storage::StorageError>((got.into_iter().collect(), Vec::new()));
-                }
-                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                let got: HashMap<i64, String> =
-                    issuance::acquire(&mut tx, &acquire_ids, &owner, lease_until, &deps.identity)
-                        .await?
-                        .into_iter()
-                        .collect();
-                let applied =
-                    issuance::settle(&mut tx, &prefails, Vec::new(), &deps.events_topic, &deps.identity)
-                        .await?;
-                tx.commit().await?;
-                Ok((got, applied))
-            };
-            // Taken or not (unknown on a timeout), the invoices are safe: a take that did
-            // commit holds leases that lapse, and a lapsed lease means a lookup first.
-            match tokio::time::timeout(deadline, work).await {
-                Ok(result) => result,
-                Err(_) => Err(storage::abandon(conn, deadline)),
+        // Taken or not (unknown after the deadline), the invoices are safe: a take that did
+        // commit holds leases that lapse, and a lapsed lease means a lookup first.
+        let first = storage::with_deadline(&deps.db, deadline, async |conn| {
+            // Usually the take alone: one statement, atomic by itself, needs no transaction.
+            if prefails.is_empty() {
+                let got = issuance::acquire(conn, &acquire_ids, &owner, lease_until, &deps.identity).await?;
+                return Ok::<_, storage::StorageError>((got.into_iter().collect(), Vec::new()));
             }
-        };
+            let mut tx = sqlx::Connection::begin(conn).await?;
+            let got: HashMap<i64, String> =
+                issuance::acquire(&mut tx, &acquire_ids, &owner, lease_until, &deps.identity)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let applied =
+                issuance::settle(&mut tx, &prefails, Vec::new(), &deps.events_topic, &deps.identity).await?;
+            tx.commit().await?;
+            Ok((got, applied))
+        });
         match first.await {
             Ok((got, applied)) => {
                 taken = got;
@@ -424,18 +411,9 @@ impl Worker {
             settles.push(result.settle);
         }
         // One statement, atomic by itself (see `issuance::settle`).
-        let second = async {
-            let mut conn = deps.db.acquire().await?;
-            let settled = tokio::time::timeout(
-                deadline,
-                issuance::settle(&mut conn, &settles, attempts, &deps.events_topic, &deps.identity),
-            )
-            .await;
-            match settled {
-                Ok(applied) => applied,
-                Err(_) => Err(storage::abandon(conn, deadline)),
-            }
-        };
+        let second = storage::with_deadline(&deps.db, deadline, async |conn| {
+            issuance::settle(conn, &settles, attempts, &deps.events_topic, &deps.identity).await
+        });
         let applied = match second.await {
             Ok(applied) => applied,
             Err(error) => {
@@ -562,15 +540,10 @@ impl Worker {
             return true;
         }
         let until = plan::at(Utc::now(), self.call_lease() * 2);
-        let deadline = self.deps.settings.db_work_timeout;
-        let renewed = async {
-            let mut conn = self.deps.db.acquire().await?;
-            match tokio::time::timeout(deadline, issuance::renew_lease(&mut conn, inv.id, owner, until)).await
-            {
-                Ok(renewed) => renewed,
-                Err(_) => Err(storage::abandon(conn, deadline)),
-            }
-        };
+        let renewed =
+            storage::with_deadline(&self.deps.db, self.deps.settings.db_work_timeout, async |conn| {
+                issuance::renew_lease(conn, inv.id, owner, until).await
+            });
         match renewed.await {
             Ok(true) => {
                 *lease_until = until;

@@ -228,17 +228,7 @@ pub async fn give(
             (Given::Replacement { invoice_id: replacement_id }, "QUEUED")
         }
     };
-    let claim_closed = sqlx::query(
-        "UPDATE claim SET status = 'CLAIMED', buyer = $2, claimed_at = $3, updated_at = now()
-         WHERE invoice_id = $1 AND status = 'OPEN'",
-    )
-    .bind(invoice_id)
-    .bind(&buyer_json)
-    .bind(giver.now)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        > 0;
+    let claim_closed = close_open_claim(tx, invoice_id, &buyer_json, giver.now).await?;
     let issued_for_buyer = given.invoice_id().unwrap_or(invoice_id);
     insert_audits(
         tx,
@@ -271,6 +261,27 @@ pub async fn give(
     )
     .await?;
     Ok((given, claim_closed))
+}
+
+/// Closes `invoice_id`'s open claim, if any, as claimed by `buyer` at `at`; `true` if there
+/// was one.
+pub async fn close_open_claim(
+    tx: &mut PgConnection,
+    invoice_id: i64,
+    buyer: &Value,
+    at: DateTime<Utc>,
+) -> Result<bool, StorageError> {
+    Ok(sqlx::query(
+        "UPDATE claim SET status = 'CLAIMED', buyer = $2, claimed_at = $3, updated_at = now()
+         WHERE invoice_id = $1 AND status = 'OPEN'",
+    )
+    .bind(invoice_id)
+    .bind(buyer)
+    .bind(at)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        > 0)
 }
 
 /// Marks a webhook delivery as processed inside the transaction of its effect; `false` if it

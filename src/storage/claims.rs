@@ -113,15 +113,7 @@ pub async fn submit(
         buyers::record_request(tx, giver.replacement_id, &merchant_id, &order_id, buyer, None, &given, giver)
             .await?;
         let buyer_json = serde_json::to_value(&buyer.buyer).unwrap_or(Value::Null);
-        sqlx::query(
-            "UPDATE claim SET status = 'CLAIMED', buyer = $2, claimed_at = $3, updated_at = now()
-             WHERE token_hash = $1 AND status = 'OPEN'",
-        )
-        .bind(&hash[..])
-        .bind(&buyer_json)
-        .bind(giver.now)
-        .execute(&mut *tx)
-        .await?;
+        buyers::close_open_claim(tx, invoice_id, &buyer_json, giver.now).await?;
         super::decisions::insert_audits(
             tx,
             &[super::decisions::NewAudit {

@@ -76,6 +76,26 @@ pub fn pool(url: &str, application_name: &str, max_connections: u32) -> Result<P
         .connect_lazy_with(connect_options(url, application_name)?))
 }
 
+/// Runs `work` on a connection of `pool` within `deadline`. Work that passes it is dropped
+/// and its connection [abandoned](abandon): sqlx has no client-side keepalive, and a
+/// statement sent to a server gone in a failover, its socket left open, waits for ever.
+/// The work may still have committed on the server: callers must be able to tell (a fence,
+/// a lease) when they retry.
+pub async fn with_deadline<T, E>(
+    pool: &PgPool,
+    deadline: Duration,
+    work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<StorageError>,
+{
+    let mut conn = pool.acquire().await.map_err(|e| E::from(StorageError::from(e)))?;
+    match tokio::time::timeout(deadline, work(&mut conn)).await {
+        Ok(result) => result,
+        Err(_) => Err(E::from(abandon(conn, deadline))),
+    }
+}
+
 /// The error for work on `conn` that passed `deadline`. The connection leaves the pool and
 /// is closed: returned, sqlx would ping it first, and a peer gone in a failover (sqlx has no
 /// client-side keepalive) never answers, holding a pool slot until TCP gives up (minutes).

@@ -19,7 +19,7 @@ use super::merchants::{self, Cache};
 use super::{payments, BatchError, Deps};
 use crate::events::Invalid;
 use crate::storage::decisions::{insert_outbox, OffsetMove};
-use crate::storage::{offsets, StorageError};
+use crate::storage::{self, offsets, StorageError};
 
 /// Most merchants one CDC partition task keeps in its cache.
 const MERCHANT_CACHE_MAX: usize = 200_000;
@@ -357,34 +357,15 @@ impl PartitionTask {
     ) -> Result<(), BatchError> {
         let deps = &self.deps;
         let invalid = Invalid(format!("refused by the database: {reason}"));
-        let mut conn = deps.db.acquire().await?;
-        let work = async {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            if !offsets::compare_and_set(
-                &mut tx,
-                &deps.group_id,
-                &self.topic,
-                self.partition,
-                self.expected,
-                next,
-            )
-            .await?
-            {
-                let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
-                tx.rollback().await?;
-                return Err(BatchError::Fenced { stored });
-            }
+        storage::with_deadline(&deps.db, deps.settings.work_deadline, async |conn| {
+            let mut tx = self.begin_moved(conn, next).await?;
             let dead: Vec<_> =
                 batch.iter().map(|m| dead_letter(&deps.topics.deadletter, m, &invalid)).collect();
             insert_outbox(&mut tx, &dead).await?;
             tx.commit().await?;
-            Ok(())
-        };
-        let deadline = deps.settings.work_deadline;
-        match tokio::time::timeout(deadline, work).await {
-            Ok(done) => done?,
-            Err(_) => return Err(BatchError::Storage(crate::storage::abandon(conn, deadline))),
-        }
+            Ok::<_, BatchError>(())
+        })
+        .await?;
         for message in batch {
             tracing::error!(topic = %self.topic, partition = self.partition, offset = message.offset(),
                 error = %invalid.sanitized(), "Message refused by the database; dead-lettered");
@@ -392,6 +373,32 @@ impl PartitionTask {
         deps.metrics.consumed(&self.topic, "dead_lettered", batch.len() as u64);
         deps.metrics.dead_lettered(&self.topic, batch.len() as u64);
         Ok(())
+    }
+
+    /// Opens the batch's transaction and moves the stored offset first: its row lock
+    /// serialises two owners of the partition, and the loser sees the new value (fenced).
+    async fn begin_moved<'c>(
+        &self,
+        conn: &'c mut sqlx::PgConnection,
+        next: i64,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, BatchError> {
+        let deps = &self.deps;
+        let mut tx = sqlx::Connection::begin(conn).await?;
+        if !offsets::compare_and_set(
+            &mut tx,
+            &deps.group_id,
+            &self.topic,
+            self.partition,
+            self.expected,
+            next,
+        )
+        .await?
+        {
+            let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
+            tx.rollback().await?;
+            return Err(BatchError::Fenced { stored });
+        }
+        Ok(tx)
     }
 
     async fn try_commit(
@@ -415,33 +422,13 @@ impl PartitionTask {
         cache: &mut Cache,
     ) -> Result<(), BatchError> {
         let deps = &self.deps;
-        let mut conn = deps.db.acquire().await?;
-        let work = async {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            // First: the row lock serialises two owners; the loser sees the new value.
-            if !offsets::compare_and_set(
-                &mut tx,
-                &deps.group_id,
-                &self.topic,
-                self.partition,
-                self.expected,
-                next,
-            )
-            .await?
-            {
-                let stored = offsets::current(&mut tx, &deps.group_id, &self.topic, self.partition).await?;
-                tx.rollback().await?;
-                return Err(BatchError::Fenced { stored });
-            }
+        let summary = storage::with_deadline(&deps.db, deps.settings.work_deadline, async |conn| {
+            let mut tx = self.begin_moved(conn, next).await?;
             let summary = merchants::process(deps, &mut tx, self.partition, batch, cache).await?;
             tx.commit().await?;
-            Ok(summary)
-        };
-        let deadline = deps.settings.work_deadline;
-        let summary = match tokio::time::timeout(deadline, work).await {
-            Ok(summary) => summary?,
-            Err(_) => return Err(BatchError::Storage(crate::storage::abandon(conn, deadline))),
-        };
+            Ok::<_, BatchError>(summary)
+        })
+        .await?;
         // Bounded: a partition with more merchants than this starts over (a miss costs
         // one query per batch, not correctness).
         if cache.len() + summary.cache_updates.len() > MERCHANT_CACHE_MAX {
@@ -468,7 +455,6 @@ impl PartitionTask {
     /// row (see [`payments::process`]).
     async fn commit_payments(&mut self, batch: &[OwnedMessage], next: i64) -> Result<(), BatchError> {
         let deps = &self.deps;
-        let mut conn = deps.db.acquire().await?;
         let offset = OffsetMove {
             group: &deps.group_id,
             topic: &self.topic,
@@ -476,21 +462,16 @@ impl PartitionTask {
             expected: self.expected,
             next,
         };
-        let work = async {
-            match payments::process(deps, &mut conn, self.partition, batch, offset).await? {
+        let summary = storage::with_deadline(&deps.db, deps.settings.work_deadline, async |conn| {
+            match payments::process(deps, conn, self.partition, batch, offset).await? {
                 Some(summary) => Ok(summary),
                 None => {
-                    let stored =
-                        offsets::current(&mut conn, &deps.group_id, &self.topic, self.partition).await?;
+                    let stored = offsets::current(conn, &deps.group_id, &self.topic, self.partition).await?;
                     Err(BatchError::Fenced { stored })
                 }
             }
-        };
-        let deadline = deps.settings.work_deadline;
-        let summary = match tokio::time::timeout(deadline, work).await {
-            Ok(summary) => summary?,
-            Err(_) => return Err(BatchError::Storage(crate::storage::abandon(conn, deadline))),
-        };
+        })
+        .await?;
         let processed = batch.len() as u64 - summary.dead_lettered;
         deps.metrics.consumed(&self.topic, "processed", processed);
         deps.metrics.consumed(&self.topic, "dead_lettered", summary.dead_lettered);
