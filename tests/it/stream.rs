@@ -905,27 +905,47 @@ async fn a_stream_over_tls_with_scram_decides_and_publishes_and_an_untrusted_bro
     insert_provider_config(&db, "M-1", 1).await;
 
     // The broker's certificate is checked: without the CA that signed it, no connection.
-    let mut env = stream_env(&db, &topics.names, &unique("g-"));
-    over_sasl_ssl(&mut env, None);
-    let refused = TestStream::spawn(&env).await;
-    let response = reqwest::get(format!("http://{}/ready", refused.addr)).await.unwrap();
+    let mut untrusting = stream_env(&db, &topics.names, &unique("g-"));
+    over_sasl_ssl(&mut untrusting, None);
+    let mut trusting = untrusting.clone();
+    over_sasl_ssl(&mut trusting, Some(&ca));
+    refused_then_served(&db, &topics, &untrusting, &trusting, "invoice-test-password", "ORD-TLS-1").await;
+}
+
+/// A stream with the settings `refused` is not ready and shows nothing of `secret`; one with
+/// `served` decides a payment of `order` and its relay publishes the event, both through
+/// those connection settings.
+async fn refused_then_served(
+    db: &TestDb,
+    topics: &TestTopics,
+    refused: &std::collections::HashMap<String, String>,
+    served: &std::collections::HashMap<String, String>,
+    secret: &str,
+    order: &str,
+) {
+    let stream = TestStream::spawn(refused).await;
+    let response = reqwest::get(format!("http://{}/ready", stream.addr)).await.unwrap();
     assert_eq!(response.status(), 503);
     let body = response.text().await.unwrap();
-    assert!(body.contains("kafka") && !body.contains("invoice-test-password"), "{body}");
-    refused.stop().await.unwrap();
-    assert_eq!(scalar(&db, "SELECT count(*) FROM merchant_tax_info").await, 0);
+    assert!(body.contains("kafka") && !body.contains(secret), "{body}");
+    assert!(!stream.metrics().await.contains(secret));
+    stream.stop().await.unwrap();
+    assert_eq!(scalar(db, "SELECT count(*) FROM merchant_tax_info").await, 0);
 
-    over_sasl_ssl(&mut env, Some(&ca));
-    let stream = TestStream::spawn(&env).await;
+    let stream = TestStream::spawn(served).await;
     let response = reqwest::get(format!("http://{}/ready", stream.addr)).await.unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
-    send(&p, &topics.names.payment, "ORD-TLS-1", &payment("ev-tls-1", "ORD-TLS-1", "M-1")).await;
-    wait_scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-TLS-1' AND status = 'QUEUED'", 1)
-        .await;
-    // Its relay published the invoice's event through the same TLS connection.
+    wait_scalar(db, "SELECT count(*) FROM merchant_tax_info", 1).await;
+    let p = producer();
+    send(&p, &topics.names.payment, order, &payment(&format!("ev-{order}"), order, "M-1")).await;
+    wait_scalar(
+        db,
+        &format!("SELECT count(*) FROM invoice WHERE order_id = '{order}' AND status = 'QUEUED'"),
+        1,
+    )
+    .await;
     let events = read_events(&topics.names.events, 1).await;
-    assert_eq!(events[0]["orderId"], "ORD-TLS-1", "{events:?}");
+    assert_eq!(events[0]["orderId"], order, "{events:?}");
     stream.stop().await.unwrap();
 }
 
@@ -937,26 +957,9 @@ async fn a_stream_authenticated_with_sasl_decides_and_publishes_and_a_wrong_pass
     send(&p, &topics.names.merchant_cdc, "M-1", &cdc("c", "M-1", tax("immediate"), 10)).await;
     insert_provider_config(&db, "M-1", 1).await;
 
-    let mut env = stream_env(&db, &topics.names, &unique("g-"));
-    over_sasl(&mut env, "a-wrong-password");
-    let refused = TestStream::spawn(&env).await;
-    let response = reqwest::get(format!("http://{}/ready", refused.addr)).await.unwrap();
-    assert_eq!(response.status(), 503);
-    let body = response.text().await.unwrap();
-    assert!(body.contains("kafka") && !body.contains("a-wrong-password"), "{body}");
-    assert!(!refused.metrics().await.contains("a-wrong-password"));
-    refused.stop().await.unwrap();
-
-    over_sasl(&mut env, "invoice-test-password");
-    let stream = TestStream::spawn(&env).await;
-    let response = reqwest::get(format!("http://{}/ready", stream.addr)).await.unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-    wait_scalar(&db, "SELECT count(*) FROM merchant_tax_info", 1).await;
-    send(&p, &topics.names.payment, "ORD-SASL-1", &payment("ev-sasl-1", "ORD-SASL-1", "M-1")).await;
-    wait_scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-SASL-1' AND status = 'QUEUED'", 1)
-        .await;
-    // Its relay published the invoice's event through the same authenticated connection.
-    let events = read_events(&topics.names.events, 1).await;
-    assert_eq!(events[0]["orderId"], "ORD-SASL-1", "{events:?}");
-    stream.stop().await.unwrap();
+    let mut wrong = stream_env(&db, &topics.names, &unique("g-"));
+    over_sasl(&mut wrong, "a-wrong-password");
+    let mut right = wrong.clone();
+    over_sasl(&mut right, "invoice-test-password");
+    refused_then_served(&db, &topics, &wrong, &right, "a-wrong-password", "ORD-SASL-1").await;
 }
