@@ -109,7 +109,7 @@ const GAP_CHECK_EVERY: Duration = Duration::from_secs(10);
 const MAX_REFUSED_IN_A_ROW: u32 = 3;
 
 /// The longest a batch's hand-off to the issuance queue may hold up the next batch.
-const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a failed hand-off leaves the queue to the sweeper.
 const ENQUEUE_PAUSE: Duration = Duration::from_secs(10);
 

@@ -310,7 +310,7 @@ async fn a_redis_that_does_not_answer_holds_up_the_stream_once_then_is_left_to_t
         // One batch each: the next payment is sent once this one is decided.
         wait_scalar(&db, "SELECT count(*) FROM invoice WHERE status = 'QUEUED'", i + 1).await;
     }
-    // The first hand-off waited for its timeout; the next batches left the queue to the
+    // The first hand-off waited for its timeout (2 s); the next batches left the queue to the
     // sweeper instead of each waiting on Redis again.
     let metrics = stream.metrics().await;
     assert_eq!(
