@@ -289,19 +289,18 @@ async fn keep(
         };
         match conn.as_mut() {
             Some(c) => {
-                let persisted = bounded(persist(c, worker_id, ids.last_used_ms(), &holder)).await;
-                if let Ok(pid) = persisted {
-                    session = pid;
-                }
-                if let Err(error) = persisted {
-                    // The lock lived on that connection (or may have: one that does not
-                    // answer may be to a server that is gone); another process may take the
-                    // id now.
-                    ids.set_leased(false);
-                    unleased_since = Some(tokio::time::Instant::now());
-                    metrics.worker_id_lease_lost(worker_id);
-                    tracing::error!(worker_id, %error, "Lost the worker-id lease; refusing to issue ids until it is re-acquired");
-                    conn = None;
+                match bounded(persist(c, worker_id, ids.last_used_ms(), &holder)).await {
+                    Ok(pid) => session = pid,
+                    Err(error) => {
+                        // The lock lived on that connection (or may have: one that does not
+                        // answer may be to a server that is gone); another process may take
+                        // the id now.
+                        ids.set_leased(false);
+                        unleased_since = Some(tokio::time::Instant::now());
+                        metrics.worker_id_lease_lost(worker_id);
+                        tracing::error!(worker_id, %error, "Lost the worker-id lease; refusing to issue ids until it is re-acquired");
+                        conn = None;
+                    }
                 }
             }
             None => {
