@@ -232,10 +232,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_never_stall_a_partit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_whose_data_postgres_refuses_is_dead_lettered_alone_and_its_batch_decided() {
-    let db = TestDb::create().await;
-    let topics = TestTopics::create(1).await;
-    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
-    insert_provider_config(&db, "M-1", 1).await;
+    let (db, topics) = with_invoicing_merchant().await;
     // A payment that passes every check of ours but whose row Postgres refuses (as it would
     // a value beyond a column's limit): retried as it is, it would hold the partition for ever.
     sqlx::raw_sql(
@@ -287,10 +284,7 @@ async fn a_message_whose_data_postgres_refuses_is_dead_lettered_alone_and_its_ba
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_does_not_answer_holds_up_the_stream_once_then_is_left_to_the_sweeper() {
-    let db = TestDb::create().await;
-    let topics = TestTopics::create(1).await;
-    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
-    insert_provider_config(&db, "M-1", 1).await;
+    let (db, topics) = with_invoicing_merchant().await;
     // A Redis whose packets vanish: connections open, nothing ever answers.
     let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let redis_url = format!("redis://{}/0", black_hole.local_addr().unwrap());
@@ -323,10 +317,7 @@ async fn a_redis_that_does_not_answer_holds_up_the_stream_once_then_is_left_to_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_postgres_does_not_answer_is_abandoned_retried_and_decided_once() {
-    let db = TestDb::create().await;
-    let topics = TestTopics::create(1).await;
-    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
-    insert_provider_config(&db, "M-1", 1).await;
+    let (db, topics) = with_invoicing_merchant().await;
     let mut env = stream_env(&db, &topics.names, &unique("g-"));
     env.insert("APP_ENV_INVOICE_DB_WORK_TIMEOUT_MS".into(), "1000".into());
     let stream = TestStream::spawn(&env).await;
@@ -362,10 +353,7 @@ async fn a_batch_postgres_does_not_answer_is_abandoned_retried_and_decided_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_postgres_refuses_every_message_the_partition_waits_after_a_few_instead_of_dead_lettering_all() {
-    let db = TestDb::create().await;
-    let topics = TestTopics::create(1).await;
-    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
-    insert_provider_config(&db, "M-1", 1).await;
+    let (db, topics) = with_invoicing_merchant().await;
     // The database refuses every payment (a migration ahead of this build, say): the cause
     // is not the input, and the input must not all go to the dead-letter topic.
     sqlx::raw_sql(
@@ -638,10 +626,7 @@ async fn an_invoice_request_recorded_before_the_payment_is_joined() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payments_gone_from_the_log_before_they_were_decided_are_counted_and_logged() {
-    let db = TestDb::create().await;
-    let topics = TestTopics::create(1).await;
-    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
-    insert_provider_config(&db, "M-1", 1).await;
+    let (db, topics) = with_invoicing_merchant().await;
     let p = producer();
     for i in 0..10 {
         let order = format!("ORD-{i}");
@@ -854,6 +839,16 @@ async fn spawn_watched(
     let stream = TestStream::spawn(&env).await;
     wait_scalar(db, "SELECT count(*) FROM merchant_tax_info", 1).await;
     stream
+}
+
+/// A database where merchant M-1 issues immediately and has a provider configuration, and
+/// one-partition topics.
+async fn with_invoicing_merchant() -> (TestDb, TestTopics) {
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    crate::support::insert_merchant(&db, "M-1", &tax("immediate")).await;
+    insert_provider_config(&db, "M-1", 1).await;
+    (db, topics)
 }
 
 /// The environment of a stream reaching the broker through its SASL/PLAIN listener.
