@@ -703,6 +703,10 @@ async fn sigterm_lets_in_flight_calls_finish_hands_back_the_rest_and_exits_zero(
     })
     .await;
     s.pay((0..20).map(|i| format!("ORD-G-{i}"))).await;
+    // All of them waiting before the worker starts: started earlier, on a slow machine it
+    // could take and finish the first job before the stream had queued the next, leaving
+    // nothing to hand back.
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'QUEUED'", 20).await;
     let mut worker = spawn_worker_process(&s.env);
     wait_until(WAIT, "calls in flight", || async { (s.sim.stats().creates > 0).then_some(()) }).await;
     let term = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
