@@ -27,6 +27,11 @@ use crate::storage::issuance::{self, NewAttempt, Settle, Transition, WorkInvoice
 
 /// How long an idle claim loop sleeps at most between polls.
 const IDLE_MAX: Duration = Duration::from_millis(20);
+/// How long a claim loop waits after a claim that emptied its partition: jobs trickling in
+/// then go out in batches rather than one claim (and one batch of round trips) each, and
+/// the polls of a nearly idle queue stop costing Redis and the service more than the work.
+/// Small next to any provider call.
+const GATHER: Duration = Duration::from_millis(5);
 /// Delay of a job whose batch failed on Postgres (transient).
 const STORAGE_RETRY: Duration = Duration::from_secs(1);
 
@@ -107,12 +112,21 @@ impl Worker {
                 idle = (idle * 2).min(IDLE_MAX);
                 continue;
             }
-            idle = Duration::from_millis(1);
-            if claimed.jobs.len() < wanted {
+            let drained = claimed.jobs.len() < wanted;
+            if drained {
                 drop(permits.split(wanted - claimed.jobs.len()));
             }
             let worker = self.clone();
             self.tracker.spawn(async move { worker.run_batch(partition, claimed.jobs, permits).await });
+            if drained {
+                idle = GATHER;
+                tokio::select! {
+                    _ = tokio::time::sleep(GATHER) => {},
+                    _ = shutdown.cancelled() => return,
+                }
+            } else {
+                idle = Duration::from_millis(1);
+            }
         }
     }
 
