@@ -10,8 +10,10 @@
 //!    across processes, because nobody else may call while the lease runs;
 //! 4. call the providers, concurrently, at most N per (merchant, series);
 //! 5. one transaction records every call and settles every invoice, fenced on status and
-//!    lease owner, with audit rows and outbox events;
-//! 6. only then complete, delay or dead-letter the jobs in Redis.
+//!    lease owner, with audit rows and outbox events (calls that ended a second before the
+//!    batch's slowest are settled without it, so one hanging provider holds back nothing
+//!    else);
+//! 6. only then complete, delay or dead-letter those jobs in Redis.
 //!
 //! A crash between any two steps repeats at most an idempotent part: an ISSUING invoice whose
 //! lease ran out is looked up by its key before anything is sent again.

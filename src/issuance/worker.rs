@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -32,6 +33,11 @@ const IDLE_MAX: Duration = Duration::from_millis(20);
 /// the polls of a nearly idle queue stop costing Redis and the service more than the work.
 /// Small next to any provider call.
 const GATHER: Duration = Duration::from_millis(5);
+/// How long a finished call waits for the slower calls of its batch before it is settled
+/// without them. One slow provider (its timeout is 90 s) must not hold back the other
+/// merchants' invoices of the batch, nor their worker slots, for the length of its call;
+/// calls that end close together still share one settlement.
+const EARLY_SETTLE_AFTER: Duration = Duration::from_secs(1);
 /// Delay of a job whose batch failed on Postgres (transient).
 const STORAGE_RETRY: Duration = Duration::from_secs(1);
 
@@ -130,31 +136,50 @@ impl Worker {
         }
     }
 
-    async fn run_batch(self, partition: u32, jobs: Vec<Job>, _permits: OwnedSemaphorePermit) {
+    async fn run_batch(self, partition: u32, jobs: Vec<Job>, mut permits: OwnedSemaphorePermit) {
         let deps = &self.deps;
         let lost: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let settled_early: Arc<Mutex<HashSet<String>>> = Arc::default();
         let heartbeat_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(
             deps.clone(),
             partition,
             jobs.clone(),
             lost.clone(),
+            settled_early.clone(),
             heartbeat_stop.clone(),
         ));
         // Dropped on every exit, a panic included: a heartbeat outliving its batch would keep
         // the leases alive forever.
         let stop_guard = heartbeat_stop.clone().drop_guard();
-        let fates = self.process(&jobs, &lost).await;
+        let batch = Batch { partition, jobs: &jobs, lost: &lost, settled_early: &settled_early };
+        let fates = self.process(&batch, &mut permits).await;
         drop(stop_guard);
         let _ended = heartbeat.await;
 
         let lost = lost.lock().map(|l| l.clone()).unwrap_or_default();
         deps.metrics.issuance.lease_lost(lost.len() as u64);
+        let early = settled_early.lock().map(|e| e.clone()).unwrap_or_default();
+        let rest: Vec<&Job> = jobs.iter().filter(|j| !early.contains(&j.order_id)).collect();
+        self.finish(partition, &rest, &fates, &lost).await;
+    }
+
+    /// Hands the jobs of settled orders back to the queue as their fates say: completed,
+    /// delayed for a retry, dead-lettered or released. Jobs whose lease was lost are left to
+    /// their new holder.
+    async fn finish(
+        &self,
+        partition: u32,
+        jobs: &[&Job],
+        fates: &HashMap<String, Fate>,
+        lost: &HashSet<String>,
+    ) {
+        let deps = &self.deps;
         let mut complete = Vec::new();
         let mut retries = Vec::new();
         let mut dead = Vec::new();
         let mut release = Vec::new();
-        for job in &jobs {
+        for &job in jobs {
             if lost.contains(&job.order_id) {
                 continue;
             }
@@ -205,7 +230,7 @@ impl Worker {
         // Enqueue → ISSUED latency, for jobs whose invoice this batch issued (not jobs that found
         // theirs issued, cancelled or failed already: those would pull the latency down).
         let now = crate::queue::now_ms();
-        for job in &jobs {
+        for job in jobs {
             if matches!(fates.get(&job.order_id), Some(Fate::Complete { issued: true }))
                 && job.payload.enqueued_at_ms > 0
             {
@@ -215,7 +240,11 @@ impl Worker {
     }
 
     /// Does the Postgres and provider part for a batch; returns each order's job fate.
-    async fn process(&self, jobs: &[Job], lost: &Arc<Mutex<HashSet<String>>>) -> HashMap<String, Fate> {
+    /// Orders whose calls all ended [`EARLY_SETTLE_AFTER`] before the batch's last are settled
+    /// and handed back to the queue on their own (their slots in `permits` freed); the rest
+    /// of the fates are returned.
+    async fn process(&self, batch: &Batch<'_>, permits: &mut OwnedSemaphorePermit) -> HashMap<String, Fate> {
+        let Batch { jobs, lost, .. } = *batch;
         let deps = &self.deps;
         let m = &deps.metrics.issuance;
         m.batch_jobs(jobs.len());
@@ -381,7 +410,9 @@ impl Worker {
 
         // The provider calls, each series' through the slots the batch gets for it.
         let mut calls_per_series: HashMap<(String, String), usize> = HashMap::new();
+        let mut calls_per_order: HashMap<String, usize> = HashMap::new();
         for item in &run {
+            *calls_per_order.entry(item.inv.order_id.clone()).or_default() += 1;
             *calls_per_series
                 .entry((item.inv.merchant_id.clone(), item.prepared.doc.series.clone()))
                 .or_default() += 1;
@@ -414,10 +445,87 @@ impl Worker {
         // holding series A while waiting for B could wait forever on a batch holding B while
         // waiting for A.)
         drop(shares);
-        let results = futures::future::join_all(calls).await;
+        let mut outcomes = Outcomes { wake, fail_reason, ..Outcomes::default() };
+        let mut pending: futures::stream::FuturesUnordered<_> = calls.into_iter().collect();
+        // Results whose order's calls have all ended, and since when the oldest has waited.
+        let mut ready: Vec<CallResult> = Vec::new();
+        let mut waiting_since: Option<tokio::time::Instant> = None;
+        let mut parked: Vec<CallResult> = Vec::new();
+        loop {
+            let next = match waiting_since {
+                Some(since) if !pending.is_empty() => {
+                    match tokio::time::timeout_at(since + EARLY_SETTLE_AFTER, pending.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            waiting_since = None;
+                            self.settle_early(batch, std::mem::take(&mut ready), &mut outcomes, permits)
+                                .await;
+                            continue;
+                        }
+                    }
+                }
+                _ => pending.next().await,
+            };
+            let Some(result) = next else { break };
+            let order = result.settle.invoice.order_id.clone();
+            let left = calls_per_order.entry(order.clone()).or_insert(1);
+            *left = left.saturating_sub(1);
+            if *left > 0 {
+                // An order with several invoices (a replacement and its original) is settled
+                // once all of its calls have ended: its job has one fate.
+                parked.push(result);
+                continue;
+            }
+            let (mine, others): (Vec<CallResult>, Vec<CallResult>) =
+                parked.into_iter().partition(|r| r.settle.invoice.order_id == order);
+            parked = others;
+            ready.extend(mine);
+            ready.push(result);
+            waiting_since.get_or_insert_with(tokio::time::Instant::now);
+        }
+        ready.append(&mut parked);
 
         lap("calls");
-        // Then every call recorded, every invoice settled.
+        self.settle_wave(ready, &mut outcomes).await;
+        lap("settle");
+
+        let now = Utc::now();
+        orders.into_iter().map(|order| (order.clone(), outcomes.fate_of(&order, now))).collect()
+    }
+
+    /// Settles the calls of orders that ended while others of their batch still run, and
+    /// hands their jobs back to the queue now.
+    async fn settle_early(
+        &self,
+        batch: &Batch<'_>,
+        results: Vec<CallResult>,
+        outcomes: &mut Outcomes,
+        permits: &mut OwnedSemaphorePermit,
+    ) {
+        let orders: HashSet<String> = results.iter().map(|r| r.settle.invoice.order_id.clone()).collect();
+        self.settle_wave(results, outcomes).await;
+        let now = Utc::now();
+        let fates: HashMap<String, Fate> =
+            orders.iter().map(|order| (order.clone(), outcomes.fate_of(order, now))).collect();
+        let jobs: Vec<&Job> = batch.jobs.iter().filter(|j| orders.contains(&j.order_id)).collect();
+        // Out of the heartbeat's renewals first: once completed, a job's lease would read as
+        // lost.
+        if let Ok(mut early) = batch.settled_early.lock() {
+            early.extend(orders);
+        }
+        let lost = batch.lost.lock().map(|l| l.clone()).unwrap_or_default();
+        self.finish(batch.partition, &jobs, &fates, &lost).await;
+        drop(permits.split(jobs.len()));
+    }
+
+    /// Records one wave of calls and settles their invoices (one statement), noting in
+    /// `outcomes` what each order's job does next.
+    async fn settle_wave(&self, results: Vec<CallResult>, outcomes: &mut Outcomes) {
+        if results.is_empty() {
+            return;
+        }
+        let deps = &self.deps;
+        let Outcomes { wake, fail_reason, handed_back, issued } = outcomes;
         let mut attempts: Vec<NewAttempt> = Vec::with_capacity(results.len());
         let mut settles: Vec<Settle> = Vec::with_capacity(results.len());
         for result in results {
@@ -425,7 +533,7 @@ impl Worker {
             settles.push(result.settle);
         }
         // One statement, atomic by itself (see `issuance::settle`).
-        let second = storage::with_deadline(&deps.db, deadline, async |conn| {
+        let second = storage::with_deadline(&deps.db, deps.settings.db_work_timeout, async |conn| {
             issuance::settle(conn, &settles, attempts, &deps.events_topic, &deps.identity).await
         });
         let applied = match second.await {
@@ -442,10 +550,6 @@ impl Worker {
                 vec![false; settles.len()]
             }
         };
-
-        lap("settle");
-        let mut handed_back: HashSet<String> = HashSet::new();
-        let mut issued: HashSet<String> = HashSet::new();
         for (s, ok) in settles.iter().zip(applied) {
             if !ok {
                 continue;
@@ -511,23 +615,6 @@ impl Worker {
                 *entry = (*entry).min(at);
             }
         }
-
-        let now = Utc::now();
-        orders
-            .into_iter()
-            .map(|order| {
-                let fate = match (wake.get(&order), fail_reason.get(&order)) {
-                    (Some(at), _) => Fate::RetryIn(
-                        (*at - now).to_std().unwrap_or(Duration::ZERO).max(Duration::from_millis(10)),
-                        fail_reason.get(&order).cloned().unwrap_or_else(|| "not finished".into()),
-                    ),
-                    (None, _) if handed_back.contains(&order) => Fate::Release,
-                    (None, Some(error)) => Fate::Dead(error.clone()),
-                    (None, None) => Fate::Complete { issued: issued.contains(&order) },
-                };
-                (order, fate)
-            })
-            .collect()
     }
 
     /// How long one provider call may take, everything included: its timeout plus a margin.
@@ -717,6 +804,43 @@ struct CallResult {
     settle: Settle,
 }
 
+/// One claimed batch, as its processing shares it.
+struct Batch<'a> {
+    partition: u32,
+    jobs: &'a [Job],
+    /// Orders whose job lease was lost (see [`heartbeat`]).
+    lost: &'a Arc<Mutex<HashSet<String>>>,
+    /// Orders settled and handed back before the batch's slowest call ended.
+    settled_early: &'a Arc<Mutex<HashSet<String>>>,
+}
+
+/// What a batch's reads and settlements decided for its orders' jobs.
+#[derive(Default)]
+struct Outcomes {
+    /// Come back at the earliest of these times.
+    wake: HashMap<String, DateTime<Utc>>,
+    /// Failed for good, with the reason.
+    fail_reason: HashMap<String, String>,
+    /// Not sent: the worker is stopping.
+    handed_back: HashSet<String>,
+    /// Issued by this batch.
+    issued: HashSet<String>,
+}
+
+impl Outcomes {
+    fn fate_of(&self, order: &str, now: DateTime<Utc>) -> Fate {
+        match (self.wake.get(order), self.fail_reason.get(order)) {
+            (Some(at), reason) => Fate::RetryIn(
+                (*at - now).to_std().unwrap_or(Duration::ZERO).max(Duration::from_millis(10)),
+                reason.cloned().unwrap_or_else(|| "not finished".into()),
+            ),
+            (None, _) if self.handed_back.contains(order) => Fate::Release,
+            (None, Some(error)) => Fate::Dead(error.clone()),
+            (None, None) => Fate::Complete { issued: self.issued.contains(order) },
+        }
+    }
+}
+
 /// A provider call cut at `limit`, whatever it does inside (several HTTP requests with a
 /// re-login): a cut call is an ambiguous outcome, and the lease it ran under covers `limit`.
 async fn bounded(limit: Duration, call: futures::future::BoxFuture<'_, Call>) -> Call {
@@ -866,6 +990,7 @@ async fn heartbeat(
     partition: u32,
     jobs: Vec<Job>,
     lost: Arc<Mutex<HashSet<String>>>,
+    settled_early: Arc<Mutex<HashSet<String>>>,
     stop: CancellationToken,
 ) {
     let every = deps.settings.lease / 3;
@@ -876,9 +1001,16 @@ async fn heartbeat(
         }
         let live: Vec<&Job> = {
             let lost = lost.lock().map(|l| l.clone()).unwrap_or_default();
-            jobs.iter().filter(|j| !lost.contains(&j.order_id)).collect()
+            let early = settled_early.lock().map(|e| e.clone()).unwrap_or_default();
+            jobs.iter().filter(|j| !lost.contains(&j.order_id) && !early.contains(&j.order_id)).collect()
         };
-        match deps.queue.extend(partition, &live, deps.settings.lease).await {
+        let renewed = deps.queue.extend(partition, &live, deps.settings.lease).await.map(|mut gone| {
+            // Completed while the renewal ran (settled early): finished, not lost.
+            let early = settled_early.lock().map(|e| e.clone()).unwrap_or_default();
+            gone.retain(|order| !early.contains(order));
+            gone
+        });
+        match renewed {
             Ok(gone) if !gone.is_empty() => {
                 tracing::warn!(
                     partition,

@@ -750,6 +750,49 @@ async fn sigterm_lets_in_flight_calls_finish_hands_back_the_rest_and_exits_zero(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hanging_provider_call_does_not_hold_back_the_rest_of_its_batch() {
+    // The first create issues, then hangs until the client gives up (8 s); every other call
+    // answers at once. One queue partition, every job waiting before the worker starts: the
+    // hanging call and the nine others share one batch.
+    let s = setup_with(Knobs { timeout_first: 1, hang_ms: 30_000, ..Knobs::default() }, "immediate", |env| {
+        env.insert("APP_ENV_INVOICE_QUEUE_PARTITIONS".into(), "1".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_TIMEOUT_MS".into(), "8000".into());
+    })
+    .await;
+    s.pay((0..10).map(|i| format!("ORD-H-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'QUEUED'", 10).await;
+    let worker = TestWorker::spawn(&s.env).await;
+    // The nine are settled while the hanging call still runs: its invoice is ISSUING with no
+    // attempt recorded yet (a batch settled as a whole records it in the same statement).
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 9).await;
+    assert_eq!(s.scalar("SELECT count(*) FROM invoice WHERE status = 'ISSUING'").await, 1);
+    assert_eq!(
+        s.scalar(
+            "SELECT count(*) FROM issuance_attempt a JOIN invoice i ON i.id = a.invoice_id WHERE i.status = 'ISSUING'"
+        )
+        .await,
+        0,
+        "the hanging call had already ended: the nine waited for it"
+    );
+    assert_eq!(s.scalar("SELECT count(DISTINCT invoice_id) FROM issuance_attempt").await, 9);
+    // Their jobs left the queue too (their slots with them), not at the batch's end.
+    let queue = queue_of(&s.env);
+    wait_until(WAIT, "only the hanging job to be active", || async {
+        let depths = queue.depths().await.unwrap();
+        (depths.iter().map(|d| d.active).sum::<u64>() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(s.scalar("SELECT count(*) FROM invoice WHERE status = 'ISSUING'").await, 1);
+    // The hanging call ends ambiguous; the lookup finds what it issued.
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 10).await;
+    assert_eq!(s.sim.stats().injected_timeouts, 1);
+    assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'issuance_ambiguous'").await, 1);
+    s.assert_one_provider_invoice_each().await;
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_catches_concurrent_creates_with_one_key_as_viettel_would_issue_them() {
     use invoice::domain::document::{self, Document, Seller};
     use invoice::domain::money::{self, LineInput, VatRate};
