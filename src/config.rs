@@ -361,6 +361,10 @@ pub struct Issuance {
     pub lookup_interval: Duration,
     /// Concurrent provider calls per (merchant, series) (`PROVIDER_SERIES_CONCURRENCY`, 4).
     pub series_concurrency: usize,
+    /// Longest wait of a call for its series' slot (`PROVIDER_SERIES_WAIT_MS`, 30 s); past it
+    /// the call is deferred by as long, and so are the series' jobs this worker claims
+    /// meanwhile.
+    pub series_wait: Duration,
     /// First legal day a consumer buyer is printed as "Bán cho người tiêu dùng"
     /// (`CONSUMER_WORDING_FROM`, 2026-07-01; `never`).
     pub consumer_wording: ConsumerWording,
@@ -382,6 +386,7 @@ impl Default for Issuance {
             provider_safe_wait: Duration::from_secs(90),
             lookup_interval: Duration::from_secs(30),
             series_concurrency: 4,
+            series_wait: Duration::from_secs(30),
             consumer_wording: ConsumerWording::default(),
         }
     }
@@ -629,6 +634,7 @@ impl Config {
             provider_safe_wait: ms("PROVIDER_SAFE_WAIT_MS", 90_000, 0..=3_600_000)?,
             lookup_interval: ms("PROVIDER_LOOKUP_INTERVAL_MS", 30_000, 10..=3_600_000)?,
             series_concurrency: number("PROVIDER_SERIES_CONCURRENCY", 4, 1..=10_000)? as usize,
+            series_wait: ms("PROVIDER_SERIES_WAIT_MS", 30_000, 100..=3_600_000)?,
             consumer_wording,
         };
 

@@ -41,6 +41,9 @@ const EARLY_SETTLE_AFTER: Duration = Duration::from_secs(1);
 /// Delay of a job whose batch failed on Postgres (transient).
 const STORAGE_RETRY: Duration = Duration::from_secs(1);
 
+/// (merchant, series) → until when its jobs are deferred.
+type DeferredSeries = HashMap<(String, String), DateTime<Utc>>;
+
 /// The claim loops' shared state.
 #[derive(Clone)]
 pub struct Worker {
@@ -48,6 +51,9 @@ pub struct Worker {
     slots: Arc<Semaphore>,
     /// The per-series limit of this process alone, for batches that cannot reach Redis.
     fallback: Arc<LocalSeriesLimits>,
+    /// (merchant, series) whose calls waited for a slot past `series_wait`, and until when
+    /// their jobs are deferred without being taken.
+    deferred_series: Arc<Mutex<DeferredSeries>>,
     tracker: TaskTracker,
     /// Cancelled on SIGTERM: calls not yet started are handed back instead of sent.
     stopping: CancellationToken,
@@ -57,7 +63,7 @@ impl Worker {
     /// Workers over `deps`, spawning batches on `tracker`.
     pub fn new(deps: Arc<Deps>, tracker: TaskTracker, stopping: CancellationToken) -> Worker {
         let slots = Arc::new(Semaphore::new(deps.settings.concurrency));
-        Worker { deps, slots, fallback: Arc::default(), tracker, stopping }
+        Worker { deps, slots, fallback: Arc::default(), deferred_series: Arc::default(), tracker, stopping }
     }
 
     /// Claims and dispatches jobs of one partition until `shutdown`.
@@ -332,6 +338,24 @@ impl Worker {
             }
         }
 
+        // A series whose calls could not get a slot lately (its provider hangs for this
+        // merchant): its jobs wait without being taken, so they hold no worker slot for
+        // nothing and every other merchant's jobs go through.
+        let deferred = self.deferred_series(now);
+        if !deferred.is_empty() {
+            items.retain(|item| {
+                let key = (item.inv.merchant_id.clone(), item.prepared.doc.series.clone());
+                match deferred.get(&key) {
+                    Some(until) => {
+                        let entry = wake.entry(item.inv.order_id.clone()).or_insert(*until);
+                        *entry = (*entry).min(*until);
+                        false
+                    }
+                    None => true,
+                }
+            });
+        }
+
         // First, take the invoices to call; permanent failures found before any call.
         // The lease covers a wait for a send slot and one whole call; a call that would start
         // later renews it first (see `call`).
@@ -578,6 +602,10 @@ impl Worker {
                     handed_back.insert(inv.order_id.clone());
                     ("QUEUED", None)
                 }
+                Transition::Deferred { next, .. } => {
+                    deps.metrics.issuance.retry(&s.provider, "series_busy");
+                    ("QUEUED", Some(*next))
+                }
                 Transition::Ambiguous { until, error } => {
                     deps.metrics.issuance.retry(&s.provider, "ambiguous");
                     tracing::warn!(
@@ -615,6 +643,28 @@ impl Worker {
                 *entry = (*entry).min(at);
             }
         }
+    }
+
+    /// The series deferred until after `now`, forgetting those whose time is over.
+    fn deferred_series(&self, now: DateTime<Utc>) -> DeferredSeries {
+        let Ok(mut deferred) = self.deferred_series.lock() else { return HashMap::new() };
+        deferred.retain(|_, until| *until > now);
+        deferred.clone()
+    }
+
+    /// Defers a series' jobs in this process until `until`; says so once per deferral.
+    fn defer_series(&self, series: &(String, String), until: DateTime<Utc>) {
+        let Ok(mut deferred) = self.deferred_series.lock() else { return };
+        let now = Utc::now();
+        let current = deferred.entry(series.clone()).or_insert(now);
+        if *current <= now {
+            tracing::warn!(
+                merchantId = %series.0, series = %series.1, until = %until,
+                wait_ms = self.deps.settings.series_wait.as_millis() as u64,
+                "[_handleIssuanceFailure] Series calls found no slot in time (provider slow or hanging); its jobs are deferred"
+            );
+        }
+        *current = (*current).max(until);
     }
 
     /// How long one provider call may take, everything included: its timeout plus a margin.
@@ -671,7 +721,36 @@ impl Worker {
         let mut lease_until = lease_until;
         let deps = &self.deps;
         let Item { inv, step, provider, target, mut prepared } = item;
-        let _slot = series.slot(&self.stopping).await;
+        let (expected_status, settle_owner) =
+            if step == Step::Poll { ("SUBMITTED", None) } else { ("ISSUING", Some(owner.clone())) };
+        let wait = deps.settings.series_wait;
+        let Ok(_slot) = tokio::time::timeout(wait, series.slot(&self.stopping)).await else {
+            // Nothing sent: the invoice goes back (its lease with it) for as long as it
+            // waited, and so do the series' next jobs here.
+            let next = plan::at(Utc::now(), wait);
+            self.defer_series(&series.series, next);
+            let reason = format!(
+                "no call slot for series {} of merchant {} within {} ms (the provider is slow or hanging); deferred",
+                series.series.1,
+                series.series.0,
+                wait.as_millis()
+            );
+            let transition = match step {
+                Step::Create => Transition::Deferred { next, reason },
+                Step::Poll => Transition::StillSubmitted { next },
+                _ => Transition::Ambiguous { until: next, error: reason },
+            };
+            return CallResult {
+                attempts: Vec::new(),
+                settle: Settle {
+                    invoice: inv,
+                    expected_status,
+                    owner: settle_owner,
+                    transition,
+                    provider: provider.name().to_owned(),
+                },
+            };
+        };
         let attempt =
             if step == Step::Poll { inv.attempts.max(0) as u32 } else { inv.attempts.max(0) as u32 + 1 };
         let delay = backoff(
@@ -747,14 +826,12 @@ impl Worker {
             (None, None) => Transition::Failed { error: "validation failed".into() },
         };
         drop(target);
-        let (expected_status, owner) =
-            if step == Step::Poll { ("SUBMITTED", None) } else { ("ISSUING", Some(owner)) };
         CallResult {
             attempts,
             settle: Settle {
                 invoice: inv,
                 expected_status,
-                owner,
+                owner: settle_owner,
                 transition,
                 provider: provider.name().to_owned(),
             },

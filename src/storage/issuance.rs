@@ -267,6 +267,14 @@ pub enum Transition {
     /// Back to QUEUED, due now, its attempt not counted: the worker is stopping and never
     /// sent anything for it.
     HandBack,
+    /// Back to QUEUED, due at `next`, its attempt not counted: nothing was sent because its
+    /// series' calls were all busy for too long (a provider hanging for this merchant).
+    Deferred {
+        /// When it is due again.
+        next: DateTime<Utc>,
+        /// Why (secret-free).
+        reason: String,
+    },
 }
 
 /// One invoice's result to write.
@@ -340,6 +348,9 @@ fn row(t: &Transition) -> Row<'_> {
         Transition::Failed { error } => Row { status: "FAILED", error: Some(error), ..base },
         Transition::HandBack => {
             Row { status: "QUEUED", next_at: Some(Utc::now()), attempts_delta: -1, ..base }
+        }
+        Transition::Deferred { next, reason } => {
+            Row { status: "QUEUED", next_at: Some(*next), error: Some(reason), attempts_delta: -1, ..base }
         }
     }
 }
@@ -528,6 +539,7 @@ fn records<'a>(
             Transition::HandBack => {
                 ("issuance_handed_back", None, Some("worker stopping before the call".to_owned()))
             }
+            Transition::Deferred { reason, .. } => ("issuance_deferred", None, Some(reason.clone())),
         };
         let after = match &s.transition {
             Transition::Issued { invoice_no, series, .. } => {

@@ -793,6 +793,52 @@ async fn one_hanging_provider_call_does_not_hold_back_the_rest_of_its_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_wait_too_long_for_a_hanging_series_are_deferred_uncounted_then_issued() {
+    // One call at a time for the series; the first create hangs until the client gives up
+    // (8 s). The others may wait 1 s for the slot, then are deferred.
+    let s = setup_with(Knobs { timeout_first: 1, hang_ms: 30_000, ..Knobs::default() }, "immediate", |env| {
+        env.insert("APP_ENV_INVOICE_QUEUE_PARTITIONS".into(), "1".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_SERIES_CONCURRENCY".into(), "1".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_TIMEOUT_MS".into(), "8000".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_SERIES_WAIT_MS".into(), "1000".into());
+    })
+    .await;
+    s.pay((0..5).map(|i| format!("ORD-W-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'QUEUED'", 5).await;
+    let worker = TestWorker::spawn(&s.env).await;
+    // The four waiting calls are deferred while the hanging one still runs (no attempt of
+    // anyone is recorded yet), their attempt uncounted and their jobs no longer active.
+    s.wait_count(
+        "SELECT count(DISTINCT invoice_id) FROM audit_log WHERE event_type = 'issuance_deferred'",
+        4,
+    )
+    .await;
+    assert_eq!(s.scalar("SELECT count(*) FROM issuance_attempt").await, 0, "the hanging call had ended");
+    assert_eq!(s.scalar("SELECT count(*) FROM invoice WHERE status = 'ISSUING'").await, 1);
+    assert_eq!(s.scalar("SELECT count(*) FROM invoice WHERE status = 'QUEUED' AND attempts <> 0").await, 0);
+    let reason: String = sqlx::query_scalar(
+        "SELECT reason FROM audit_log WHERE event_type = 'issuance_deferred' ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert!(reason.contains("no call slot for series") && reason.contains("M-1"), "{reason}");
+    let queue = queue_of(&s.env);
+    wait_until(WAIT, "only the hanging job to be active", || async {
+        let depths = queue.depths().await.unwrap();
+        (depths.iter().map(|d| d.active).sum::<u64>() == 1).then_some(())
+    })
+    .await;
+    // Once the hanging call gives up (ambiguous, then found by lookup), everything is issued,
+    // once each.
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 5).await;
+    assert_eq!(s.sim.stats().issued, 5, "{:?}", s.sim.stats());
+    s.assert_one_provider_invoice_each().await;
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_catches_concurrent_creates_with_one_key_as_viettel_would_issue_them() {
     use invoice::domain::document::{self, Document, Seller};
     use invoice::domain::money::{self, LineInput, VatRate};
