@@ -44,6 +44,16 @@ const STORAGE_RETRY: Duration = Duration::from_secs(1);
 /// (merchant, series) → until when its jobs are deferred.
 type DeferredSeries = HashMap<(String, String), DateTime<Utc>>;
 
+/// What this process knows of its series' call slots.
+#[derive(Default)]
+struct SeriesHealth {
+    /// Series whose calls found no slot for a whole wait, and until when their jobs are
+    /// deferred without being taken.
+    deferred: DeferredSeries,
+    /// When a call of each series last got a slot here.
+    granted: HashMap<(String, String), std::time::Instant>,
+}
+
 /// The claim loops' shared state.
 #[derive(Clone)]
 pub struct Worker {
@@ -51,9 +61,8 @@ pub struct Worker {
     slots: Arc<Semaphore>,
     /// The per-series limit of this process alone, for batches that cannot reach Redis.
     fallback: Arc<LocalSeriesLimits>,
-    /// (merchant, series) whose calls waited for a slot past `series_wait`, and until when
-    /// their jobs are deferred without being taken.
-    deferred_series: Arc<Mutex<DeferredSeries>>,
+    /// Series stuck on their call slots (see [`SeriesHealth`]).
+    series_health: Arc<Mutex<SeriesHealth>>,
     tracker: TaskTracker,
     /// Cancelled on SIGTERM: calls not yet started are handed back instead of sent.
     stopping: CancellationToken,
@@ -63,7 +72,7 @@ impl Worker {
     /// Workers over `deps`, spawning batches on `tracker`.
     pub fn new(deps: Arc<Deps>, tracker: TaskTracker, stopping: CancellationToken) -> Worker {
         let slots = Arc::new(Semaphore::new(deps.settings.concurrency));
-        Worker { deps, slots, fallback: Arc::default(), deferred_series: Arc::default(), tracker, stopping }
+        Worker { deps, slots, fallback: Arc::default(), series_health: Arc::default(), tracker, stopping }
     }
 
     /// Claims and dispatches jobs of one partition until `shutdown`.
@@ -471,46 +480,43 @@ impl Worker {
         drop(shares);
         let mut outcomes = Outcomes { wake, fail_reason, ..Outcomes::default() };
         let mut pending: futures::stream::FuturesUnordered<_> = calls.into_iter().collect();
-        // Results whose order's calls have all ended, and since when the oldest has waited.
-        let mut ready: Vec<CallResult> = Vec::new();
-        let mut waiting_since: Option<tokio::time::Instant> = None;
-        let mut parked: Vec<CallResult> = Vec::new();
-        loop {
-            let next = match waiting_since {
-                Some(since) if !pending.is_empty() => {
-                    match tokio::time::timeout_at(since + EARLY_SETTLE_AFTER, pending.next()).await {
-                        Ok(next) => next,
-                        Err(_) => {
-                            waiting_since = None;
-                            self.settle_early(batch, std::mem::take(&mut ready), &mut outcomes, permits)
-                                .await;
-                            continue;
-                        }
+        // Orders with no call (waiting, skipped, failed before any call, nothing left to do)
+        // are decided already: they do not wait for the calls.
+        let uncalled: HashSet<String> =
+            orders.iter().filter(|o| !calls_per_order.contains_key(*o)).cloned().collect();
+        if !pending.is_empty() && !uncalled.is_empty() {
+            self.finish_early(batch, uncalled, &outcomes, permits).await;
+        }
+        let mut waves = Waves { calls_left: calls_per_order, ..Waves::default() };
+        while !pending.is_empty() {
+            let wave_due = match waves.due() {
+                Some(due) => tokio::select! {
+                    next = pending.next() => {
+                        waves.accept(next);
+                        false
+                    }
+                    () = tokio::time::sleep_until(due) => true,
+                },
+                None => {
+                    waves.accept(pending.next().await);
+                    false
+                }
+            };
+            if wave_due {
+                // The other calls go on meanwhile.
+                let settling = self.settle_early(batch, waves.take(), &mut outcomes, permits);
+                tokio::pin!(settling);
+                loop {
+                    tokio::select! {
+                        () = &mut settling => break,
+                        Some(result) = pending.next() => waves.accept(Some(result)),
                     }
                 }
-                _ => pending.next().await,
-            };
-            let Some(result) = next else { break };
-            let order = result.settle.invoice.order_id.clone();
-            let left = calls_per_order.entry(order.clone()).or_insert(1);
-            *left = left.saturating_sub(1);
-            if *left > 0 {
-                // An order with several invoices (a replacement and its original) is settled
-                // once all of its calls have ended: its job has one fate.
-                parked.push(result);
-                continue;
             }
-            let (mine, others): (Vec<CallResult>, Vec<CallResult>) =
-                parked.into_iter().partition(|r| r.settle.invoice.order_id == order);
-            parked = others;
-            ready.extend(mine);
-            ready.push(result);
-            waiting_since.get_or_insert_with(tokio::time::Instant::now);
         }
-        ready.append(&mut parked);
 
         lap("calls");
-        self.settle_wave(ready, &mut outcomes).await;
+        self.settle_wave(waves.rest(), &mut outcomes).await;
         lap("settle");
 
         let now = Utc::now();
@@ -528,6 +534,18 @@ impl Worker {
     ) {
         let orders: HashSet<String> = results.iter().map(|r| r.settle.invoice.order_id.clone()).collect();
         self.settle_wave(results, outcomes).await;
+        self.finish_early(batch, orders, outcomes, permits).await;
+    }
+
+    /// Hands the jobs of `orders`, whose fates are decided, back to the queue before the
+    /// batch ends, and frees their worker slots.
+    async fn finish_early(
+        &self,
+        batch: &Batch<'_>,
+        orders: HashSet<String>,
+        outcomes: &Outcomes,
+        permits: &mut OwnedSemaphorePermit,
+    ) {
         let now = Utc::now();
         let fates: HashMap<String, Fate> =
             orders.iter().map(|order| (order.clone(), outcomes.fate_of(order, now))).collect();
@@ -544,11 +562,19 @@ impl Worker {
 
     /// Records one wave of calls and settles their invoices (one statement), noting in
     /// `outcomes` what each order's job does next.
-    async fn settle_wave(&self, results: Vec<CallResult>, outcomes: &mut Outcomes) {
+    async fn settle_wave(&self, mut results: Vec<CallResult>, outcomes: &mut Outcomes) {
         if results.is_empty() {
             return;
         }
         let deps = &self.deps;
+        // A deferral counts from its settlement, which may come a wave after the wait ran
+        // out.
+        let deferred_until = plan::at(Utc::now(), deps.settings.series_wait);
+        for result in &mut results {
+            if let Transition::Deferred { next, .. } = &mut result.settle.transition {
+                *next = (*next).max(deferred_until);
+            }
+        }
         let Outcomes { wake, fail_reason, handed_back, issued } = outcomes;
         let mut attempts: Vec<NewAttempt> = Vec::with_capacity(results.len());
         let mut settles: Vec<Settle> = Vec::with_capacity(results.len());
@@ -602,9 +628,9 @@ impl Worker {
                     handed_back.insert(inv.order_id.clone());
                     ("QUEUED", None)
                 }
-                Transition::Deferred { next, .. } => {
+                Transition::Deferred { status, next, .. } => {
                     deps.metrics.issuance.retry(&s.provider, "series_busy");
-                    ("QUEUED", Some(*next))
+                    (if *status == "QUEUED" { "QUEUED" } else { "" }, Some(*next))
                 }
                 Transition::Ambiguous { until, error } => {
                     deps.metrics.issuance.retry(&s.provider, "ambiguous");
@@ -647,21 +673,38 @@ impl Worker {
 
     /// The series deferred until after `now`, forgetting those whose time is over.
     fn deferred_series(&self, now: DateTime<Utc>) -> DeferredSeries {
-        let Ok(mut deferred) = self.deferred_series.lock() else { return HashMap::new() };
-        deferred.retain(|_, until| *until > now);
-        deferred.clone()
+        let Ok(mut health) = self.series_health.lock() else { return HashMap::new() };
+        health.deferred.retain(|_, until| *until > now);
+        health.deferred.clone()
     }
 
-    /// Defers a series' jobs in this process until `until`; says so once per deferral.
-    fn defer_series(&self, series: &(String, String), until: DateTime<Utc>) {
-        let Ok(mut deferred) = self.deferred_series.lock() else { return };
+    /// Notes that a call of `series` got a slot.
+    fn slot_granted(&self, series: &(String, String)) {
+        let Ok(mut health) = self.series_health.lock() else { return };
+        if health.granted.len() >= 10_000 {
+            let wait = self.deps.settings.series_wait;
+            health.granted.retain(|_, at| at.elapsed() < wait);
+        }
+        health.granted.insert(series.clone(), std::time::Instant::now());
+    }
+
+    /// After a call of `series` waited a whole `series_wait` for a slot: if no call of the
+    /// series got one here meanwhile, the series is stuck (its slots held by calls that hang),
+    /// not merely busy, and its jobs are deferred until `until` without being taken. Says so
+    /// once per deferral.
+    fn series_wait_ran_out(&self, series: &(String, String), until: DateTime<Utc>) {
+        let Ok(mut health) = self.series_health.lock() else { return };
+        let wait = self.deps.settings.series_wait;
+        if health.granted.get(series).is_some_and(|at| at.elapsed() < wait) {
+            return;
+        }
         let now = Utc::now();
-        let current = deferred.entry(series.clone()).or_insert(now);
+        let current = health.deferred.entry(series.clone()).or_insert(now);
         if *current <= now {
             tracing::warn!(
                 merchantId = %series.0, series = %series.1, until = %until,
-                wait_ms = self.deps.settings.series_wait.as_millis() as u64,
-                "[_handleIssuanceFailure] Series calls found no slot in time (provider slow or hanging); its jobs are deferred"
+                wait_ms = wait.as_millis() as u64,
+                "[_handleIssuanceFailure] No call of the series got a slot in time (provider hanging?); its jobs are deferred"
             );
         }
         *current = (*current).max(until);
@@ -725,21 +768,22 @@ impl Worker {
             if step == Step::Poll { ("SUBMITTED", None) } else { ("ISSUING", Some(owner.clone())) };
         let wait = deps.settings.series_wait;
         let Ok(_slot) = tokio::time::timeout(wait, series.slot(&self.stopping)).await else {
-            // Nothing sent: the invoice goes back (its lease with it) for as long as it
-            // waited, and so do the series' next jobs here.
+            // Nothing sent: the invoice waits (leased to nobody) for as long again, uncounted.
             let next = plan::at(Utc::now(), wait);
-            self.defer_series(&series.series, next);
+            self.series_wait_ran_out(&series.series, next);
             let reason = format!(
                 "no call slot for series {} of merchant {} within {} ms (the provider is slow or hanging); deferred",
                 series.series.1,
                 series.series.0,
                 wait.as_millis()
             );
-            let transition = match step {
-                Step::Create => Transition::Deferred { next, reason },
-                Step::Poll => Transition::StillSubmitted { next },
-                _ => Transition::Ambiguous { until: next, error: reason },
+            let status = match step {
+                Step::Create => "QUEUED",
+                Step::Poll => "SUBMITTED",
+                // A call may exist under its key: looked up when the deferral ends.
+                _ => "ISSUING",
             };
+            let transition = Transition::Deferred { status, next, reason };
             return CallResult {
                 attempts: Vec::new(),
                 settle: Settle {
@@ -753,6 +797,7 @@ impl Worker {
         };
         let attempt =
             if step == Step::Poll { inv.attempts.max(0) as u32 } else { inv.attempts.max(0) as u32 + 1 };
+        self.slot_granted(&series.series);
         let delay = backoff(
             attempt,
             deps.settings.backoff_base,
@@ -879,6 +924,56 @@ struct Item {
 struct CallResult {
     attempts: Vec<NewAttempt>,
     settle: Settle,
+}
+
+/// A batch's ended calls, gathered into waves to settle.
+#[derive(Default)]
+struct Waves {
+    /// Calls still running, per order.
+    calls_left: HashMap<String, usize>,
+    /// Results of orders whose calls have all ended, not settled yet.
+    ready: Vec<CallResult>,
+    /// When the oldest of `ready` ended.
+    ready_since: Option<tokio::time::Instant>,
+    /// Results of orders with calls still running: an order with several invoices (a
+    /// replacement and its original) is settled once all of them are, its job having one
+    /// fate.
+    parked: Vec<CallResult>,
+}
+
+impl Waves {
+    fn accept(&mut self, result: Option<CallResult>) {
+        let Some(result) = result else { return };
+        let order = result.settle.invoice.order_id.clone();
+        let left = self.calls_left.entry(order.clone()).or_insert(1);
+        *left = left.saturating_sub(1);
+        if *left > 0 {
+            self.parked.push(result);
+            return;
+        }
+        let (mine, others): (Vec<CallResult>, Vec<CallResult>) =
+            std::mem::take(&mut self.parked).into_iter().partition(|r| r.settle.invoice.order_id == order);
+        self.parked = others;
+        self.ready.extend(mine);
+        self.ready.push(result);
+        self.ready_since.get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// When the ready results stop waiting for the rest of the batch.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.ready_since.map(|since| since + EARLY_SETTLE_AFTER)
+    }
+
+    fn take(&mut self) -> Vec<CallResult> {
+        self.ready_since = None;
+        std::mem::take(&mut self.ready)
+    }
+
+    /// Everything not settled yet, once every call has ended.
+    fn rest(mut self) -> Vec<CallResult> {
+        self.ready.append(&mut self.parked);
+        self.ready
+    }
 }
 
 /// One claimed batch, as its processing shares it.

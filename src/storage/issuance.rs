@@ -267,9 +267,13 @@ pub enum Transition {
     /// Back to QUEUED, due now, its attempt not counted: the worker is stopping and never
     /// sent anything for it.
     HandBack,
-    /// Back to QUEUED, due at `next`, its attempt not counted: nothing was sent because its
-    /// series' calls were all busy for too long (a provider hanging for this merchant).
+    /// Nothing sent, due again at `next`, its attempt not counted: its series' calls were all
+    /// busy for too long (a provider hanging for this merchant). `status` is where it waits:
+    /// QUEUED (nothing ever sent), ISSUING (a call may exist: leased to nobody until `next`,
+    /// then looked up) or SUBMITTED (its number lookup waits).
     Deferred {
+        /// QUEUED, ISSUING or SUBMITTED.
+        status: &'static str,
         /// When it is due again.
         next: DateTime<Utc>,
         /// Why (secret-free).
@@ -349,9 +353,15 @@ fn row(t: &Transition) -> Row<'_> {
         Transition::HandBack => {
             Row { status: "QUEUED", next_at: Some(Utc::now()), attempts_delta: -1, ..base }
         }
-        Transition::Deferred { next, reason } => {
-            Row { status: "QUEUED", next_at: Some(*next), error: Some(reason), attempts_delta: -1, ..base }
-        }
+        Transition::Deferred { status, next, reason } => Row {
+            status,
+            next_at: Some(*next),
+            lease_until: (*status == "ISSUING").then_some(*next),
+            error: Some(reason),
+            // Taken (QUEUED or ISSUING) counted an attempt; a number lookup takes nothing.
+            attempts_delta: if *status == "SUBMITTED" { 0 } else { -1 },
+            ..base
+        },
     }
 }
 
