@@ -356,6 +356,7 @@ impl Worker {
                 let key = (item.inv.merchant_id.clone(), item.prepared.doc.series.clone());
                 match deferred.get(&key) {
                     Some(until) => {
+                        m.retry(item.provider.name(), "series_busy");
                         let entry = wake.entry(item.inv.order_id.clone()).or_insert(*until);
                         *entry = (*entry).min(*until);
                         false
@@ -484,10 +485,10 @@ impl Worker {
         // are decided already: they do not wait for the calls.
         let uncalled: HashSet<String> =
             orders.iter().filter(|o| !calls_per_order.contains_key(*o)).cloned().collect();
-        if !pending.is_empty() && !uncalled.is_empty() {
-            self.finish_early(batch, uncalled, &outcomes, permits).await;
-        }
         let mut waves = Waves { calls_left: calls_per_order, ..Waves::default() };
+        if !pending.is_empty() && !uncalled.is_empty() {
+            alongside(self.finish_early(batch, uncalled, &outcomes, permits), &mut pending, &mut waves).await;
+        }
         while !pending.is_empty() {
             let wave_due = match waves.due() {
                 Some(due) => tokio::select! {
@@ -503,15 +504,9 @@ impl Worker {
                 }
             };
             if wave_due {
-                // The other calls go on meanwhile.
-                let settling = self.settle_early(batch, waves.take(), &mut outcomes, permits);
-                tokio::pin!(settling);
-                loop {
-                    tokio::select! {
-                        () = &mut settling => break,
-                        Some(result) = pending.next() => waves.accept(Some(result)),
-                    }
-                }
+                let wave = waves.take();
+                alongside(self.settle_early(batch, wave, &mut outcomes, permits), &mut pending, &mut waves)
+                    .await;
             }
         }
 
@@ -924,6 +919,21 @@ struct Item {
 struct CallResult {
     attempts: Vec<NewAttempt>,
     settle: Settle,
+}
+
+/// Runs `work` while the batch's calls go on, gathering those that end meanwhile.
+async fn alongside(
+    work: impl std::future::Future<Output = ()>,
+    calls: &mut (impl futures::Stream<Item = CallResult> + Unpin),
+    waves: &mut Waves,
+) {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            () = &mut work => return,
+            Some(result) = calls.next() => waves.accept(Some(result)),
+        }
+    }
 }
 
 /// A batch's ended calls, gathered into waves to settle.

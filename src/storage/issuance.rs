@@ -353,11 +353,12 @@ fn row(t: &Transition) -> Row<'_> {
         Transition::HandBack => {
             Row { status: "QUEUED", next_at: Some(Utc::now()), attempts_delta: -1, ..base }
         }
-        Transition::Deferred { status, next, reason } => Row {
+        Transition::Deferred { status, next, .. } => Row {
             status,
             next_at: Some(*next),
             lease_until: (*status == "ISSUING").then_some(*next),
-            error: Some(reason),
+            // The last provider error stays what the API shows; the audit row says why.
+            error: None,
             // Taken (QUEUED or ISSUING) counted an attempt; a number lookup takes nothing.
             attempts_delta: if *status == "SUBMITTED" { 0 } else { -1 },
             ..base
