@@ -362,8 +362,8 @@ pub struct Issuance {
     /// Concurrent provider calls per (merchant, series) (`PROVIDER_SERIES_CONCURRENCY`, 4).
     pub series_concurrency: usize,
     /// Longest wait of a call for its series' slot (`PROVIDER_SERIES_WAIT_MS`, 30 s); past it
-    /// the call is deferred by as long, and so are the series' jobs this worker claims
-    /// meanwhile.
+    /// nothing is sent and the invoice waits as long again, uncounted (and the worker leaves
+    /// the series' jobs untaken as long if none of its calls got a slot meanwhile).
     pub series_wait: Duration,
     /// First legal day a consumer buyer is printed as "Bán cho người tiêu dùng"
     /// (`CONSUMER_WORDING_FROM`, 2026-07-01; `never`).

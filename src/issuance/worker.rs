@@ -779,16 +779,7 @@ impl Worker {
                 _ => "ISSUING",
             };
             let transition = Transition::Deferred { status, next, reason };
-            return CallResult {
-                attempts: Vec::new(),
-                settle: Settle {
-                    invoice: inv,
-                    expected_status,
-                    owner: settle_owner,
-                    transition,
-                    provider: provider.name().to_owned(),
-                },
-            };
+            return call_result(inv, expected_status, settle_owner, transition, &provider, Vec::new());
         };
         let attempt =
             if step == Step::Poll { inv.attempts.max(0) as u32 } else { inv.attempts.max(0) as u32 + 1 };
@@ -866,16 +857,22 @@ impl Worker {
             (None, None) => Transition::Failed { error: "validation failed".into() },
         };
         drop(target);
-        CallResult {
-            attempts,
-            settle: Settle {
-                invoice: inv,
-                expected_status,
-                owner: settle_owner,
-                transition,
-                provider: provider.name().to_owned(),
-            },
-        }
+        call_result(inv, expected_status, settle_owner, transition, &provider, attempts)
+    }
+}
+
+/// One invoice's calls and where they leave it.
+fn call_result(
+    invoice: WorkInvoice,
+    expected_status: &'static str,
+    owner: Option<String>,
+    transition: Transition,
+    provider: &Arc<dyn Provider>,
+    attempts: Vec<NewAttempt>,
+) -> CallResult {
+    CallResult {
+        attempts,
+        settle: Settle { invoice, expected_status, owner, transition, provider: provider.name().to_owned() },
     }
 }
 
