@@ -228,6 +228,27 @@ fn every_feature_on_renders_keda_capped_at_the_partitions_monitoring_and_the_das
 }
 
 #[test]
+fn keda_on_an_authenticated_broker_without_a_trigger_authentication_is_refused_at_render() {
+    let args = [
+        "template",
+        "inv",
+        CHART,
+        "--set",
+        "autoscaling.keda.enabled=true",
+        "--set",
+        "config.kafka.securityProtocol=sasl_ssl",
+    ];
+    let error = run("helm", &args).expect_err("rendered a scaler that cannot read the lag");
+    assert!(error.contains("autoscaling.keda.stream.authenticationRef is required"), "{error}");
+    assert!(error.contains("sasl_ssl"), "{error}");
+    // With one, or on a plaintext broker, it renders.
+    let mut with_ref = args.to_vec();
+    with_ref.extend(["--set", "autoscaling.keda.stream.authenticationRef=kafka-auth"]);
+    run("helm", &with_ref).unwrap();
+    run("helm", &["template", "inv", CHART, "--set", "autoscaling.keda.enabled=true"]).unwrap();
+}
+
+#[test]
 fn without_keda_the_hpas_scale_each_mode_and_the_stream_stays_within_its_partitions() {
     let objects = render(&[
         "--set",
