@@ -751,12 +751,13 @@ async fn sigterm_lets_in_flight_calls_finish_hands_back_the_rest_and_exits_zero(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_hanging_provider_call_does_not_hold_back_the_rest_of_its_batch() {
-    // The first create issues, then hangs until the client gives up (8 s); every other call
-    // answers at once. One queue partition, every job waiting before the worker starts: the
-    // hanging call and the nine others share one batch.
+    // The first create issues, then hangs until the client gives up (15 s: far from the
+    // second or two the others need, even on a loaded machine); every other call answers at
+    // once. One queue partition, every job waiting before the worker starts: the hanging call
+    // and the nine others share one batch.
     let s = setup_with(Knobs { timeout_first: 1, hang_ms: 30_000, ..Knobs::default() }, "immediate", |env| {
         env.insert("APP_ENV_INVOICE_QUEUE_PARTITIONS".into(), "1".into());
-        env.insert("APP_ENV_INVOICE_PROVIDER_TIMEOUT_MS".into(), "8000".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_TIMEOUT_MS".into(), "15000".into());
     })
     .await;
     s.pay((0..10).map(|i| format!("ORD-H-{i}"))).await;
@@ -795,11 +796,11 @@ async fn one_hanging_provider_call_does_not_hold_back_the_rest_of_its_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_that_wait_too_long_for_a_hanging_series_are_deferred_uncounted_then_issued() {
     // One call at a time for the series; the first create hangs until the client gives up
-    // (8 s). The others may wait 1 s for the slot, then are deferred.
+    // (15 s). The others may wait 1 s for the slot, then are deferred.
     let s = setup_with(Knobs { timeout_first: 1, hang_ms: 30_000, ..Knobs::default() }, "immediate", |env| {
         env.insert("APP_ENV_INVOICE_QUEUE_PARTITIONS".into(), "1".into());
         env.insert("APP_ENV_INVOICE_PROVIDER_SERIES_CONCURRENCY".into(), "1".into());
-        env.insert("APP_ENV_INVOICE_PROVIDER_TIMEOUT_MS".into(), "8000".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_TIMEOUT_MS".into(), "15000".into());
         env.insert("APP_ENV_INVOICE_PROVIDER_SERIES_WAIT_MS".into(), "1000".into());
     })
     .await;
