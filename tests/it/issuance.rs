@@ -794,6 +794,32 @@ async fn one_hanging_provider_call_does_not_hold_back_the_rest_of_its_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_after_settling_part_of_a_batch_early_loses_and_duplicates_nothing() {
+    // As above, with a shorter hang (4 s) so the hanging invoice's lease lapses soon: once
+    // the nine are settled early, the worker is killed with SIGKILL mid-batch, its hanging
+    // call and its batch's end never recorded. A fresh worker finishes the rest.
+    let s = setup_with(Knobs { timeout_first: 1, hang_ms: 30_000, ..Knobs::default() }, "immediate", |env| {
+        env.insert("APP_ENV_INVOICE_QUEUE_PARTITIONS".into(), "1".into());
+        env.insert("APP_ENV_INVOICE_PROVIDER_TIMEOUT_MS".into(), "4000".into());
+    })
+    .await;
+    s.pay((0..10).map(|i| format!("ORD-HK-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'QUEUED'", 10).await;
+    let mut first = spawn_worker_process(&s.env);
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 9).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let worker = TestWorker::spawn(&s.env).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 10).await;
+    assert_eq!(s.sim.stats().issued, 10, "{:?}", s.sim.stats());
+    s.assert_one_provider_invoice_each().await;
+    assert_eq!(s.scalar("SELECT count(DISTINCT transaction_uuid) FROM invoice").await, 10);
+    crate::support::assert_no_orphans(&s.db).await;
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_that_wait_too_long_for_a_hanging_series_are_deferred_uncounted_then_issued() {
     // One call at a time for the series; the first create hangs until the client gives up
     // (15 s). The others may wait 1 s for the slot, then are deferred.
