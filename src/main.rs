@@ -417,6 +417,9 @@ async fn replay(cfg: &Config, order_id: &str, reason: &str, failed_only: bool) -
             "[enqueueIssuance] order {order_id}: job {state}, partition: {}",
             queue.partition_of(order_id)
         )),
+        None if report.enqueue_failed => out(format_args!(
+            "order {order_id}: queued in Postgres; Redis did not answer, so the sweeper will enqueue the job"
+        )),
         None => out(format_args!("nothing to issue for order {order_id}")),
     }
     Ok(ExitCode::SUCCESS)

@@ -302,14 +302,20 @@ impl Inner {
             }
             Err(error) => {
                 self.metrics.api.jwks_fetch(trigger, None);
-                tracing::warn!(%error, trigger, url = %self.settings.jwks_url, "JWKS fetch failed; keeping the keys held");
+                // Only the origin: a URL may carry a password or a token in its query.
+                let origin = reqwest::Url::parse(&self.settings.jwks_url)
+                    .map(|url| url.origin().ascii_serialization())
+                    .unwrap_or_default();
+                tracing::warn!(%error, trigger, jwks = %origin, "JWKS fetch failed; keeping the keys held");
                 false
             }
         }
     }
 
     async fn download(&self) -> anyhow::Result<HashMap<String, Arc<DecodingKey>>> {
-        let mut response = self.http.get(&self.settings.jwks_url).send().await?;
+        // reqwest's errors quote the URL; it is never repeated (it may carry a secret).
+        let mut response =
+            self.http.get(&self.settings.jwks_url).send().await.map_err(reqwest::Error::without_url)?;
         if !response.status().is_success() {
             anyhow::bail!("the JWKS endpoint answered {}", response.status());
         }
@@ -317,7 +323,7 @@ impl Inner {
             anyhow::bail!("the JWKS is larger than {MAX_JWKS_BYTES} bytes");
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await? {
+        while let Some(chunk) = response.chunk().await.map_err(reqwest::Error::without_url)? {
             body.extend_from_slice(&chunk);
             if body.len() > MAX_JWKS_BYTES {
                 anyhow::bail!("the JWKS is larger than {MAX_JWKS_BYTES} bytes");

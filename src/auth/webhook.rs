@@ -111,6 +111,12 @@ impl Verifier {
     /// Checks a delivery received at Unix time `now`; returns the `webhook-id` on success.
     /// Cheap checks come first; the MAC is computed only for a well-formed, fresh delivery.
     pub fn verify<'a>(&self, headers: Headers<'a>, body: &[u8], now: i64) -> Result<&'a str, Rejection> {
+        self.check_body(Self::check_headers(headers, now)?, body)
+    }
+
+    /// The checks that need no body: a delivery with missing, malformed or stale headers is
+    /// refused before its body is read (security R5: no body buffered for unsigned requests).
+    pub fn check_headers(headers: Headers<'_>, now: i64) -> Result<Checked<'_>, Rejection> {
         let id = headers.id.ok_or(Rejection::MissingHeader("webhook-id"))?;
         let timestamp = headers.timestamp.ok_or(Rejection::MissingHeader("webhook-timestamp"))?;
         let signature = headers.signature.ok_or(Rejection::MissingHeader("webhook-signature"))?;
@@ -130,30 +136,43 @@ impl Verifier {
         if sent - now > TOLERANCE_SECONDS {
             return Err(Rejection::FutureTimestamp);
         }
-        let candidates = parse_signatures(signature)?;
         // One MAC per key, compared with every candidate: a MAC per (key, candidate) made an
         // unsigned request carrying ten candidates hash its body twenty times.
-        let candidates: Vec<&[u8]> =
-            candidates.iter().map(Vec::as_slice).filter(|c| c.len() == MAC_LEN).collect();
+        let candidates: Vec<Vec<u8>> =
+            parse_signatures(signature)?.into_iter().filter(|c| c.len() == MAC_LEN).collect();
         if candidates.is_empty() {
             return Err(Rejection::BadSignature);
         }
+        Ok(Checked { id, timestamp, candidates })
+    }
+
+    /// The MAC check of a delivery whose headers passed [`Verifier::check_headers`].
+    pub fn check_body<'a>(&self, checked: Checked<'a>, body: &[u8]) -> Result<&'a str, Rejection> {
         for key in &self.keys {
             let Ok(mut mac) = HmacSha256::new_from_slice(key.expose()) else { continue };
-            mac.update(id.as_bytes());
+            mac.update(checked.id.as_bytes());
             mac.update(b".");
-            mac.update(timestamp.as_bytes());
+            mac.update(checked.timestamp.as_bytes());
             mac.update(b".");
             mac.update(body);
             let tag = mac.finalize().into_bytes();
-            // Constant time, and lengths were checked above: a truncated or empty signature can
+            // Constant time, and lengths were checked: a truncated or empty signature can
             // never match (RUSTSEC-2024-0010).
-            if candidates.iter().any(|candidate| bool::from(tag.as_slice().ct_eq(candidate))) {
-                return Ok(id);
+            if checked.candidates.iter().any(|candidate| bool::from(tag.as_slice().ct_eq(candidate))) {
+                return Ok(checked.id);
             }
         }
         Err(Rejection::BadSignature)
     }
+}
+
+/// A delivery's headers once they passed every check that needs no body.
+#[derive(Debug)]
+pub struct Checked<'a> {
+    id: &'a str,
+    timestamp: &'a str,
+    /// The full-length `v1` MACs offered.
+    candidates: Vec<Vec<u8>>,
 }
 
 /// The decoded `v1` MACs of a `webhook-signature` header. Other versions are ignored; an

@@ -79,6 +79,14 @@ pub enum BuyerError {
         /// Its limit.
         max: usize,
     },
+    /// A member carries a character an invoice cannot (a control character such as NUL).
+    #[error("buyer.{field} {reason}")]
+    Character {
+        /// Which member.
+        field: &'static str,
+        /// Which character, by code point.
+        reason: String,
+    },
     /// Not an email address.
     #[error("buyer.email is not an email address")]
     Email,
@@ -94,6 +102,10 @@ fn clean(value: &Option<String>) -> Option<String> {
 fn check_len(field: &'static str, value: &Option<String>, max: usize) -> Result<(), BuyerError> {
     match value {
         Some(v) if v.chars().count() > max => Err(BuyerError::TooLong { field, max }),
+        Some(v) => match super::text::forbidden_char(v) {
+            Some(c) => Err(BuyerError::Character { field, reason: super::text::forbidden_reason(c) }),
+            None => Ok(()),
+        },
         _ => Ok(()),
     }
 }

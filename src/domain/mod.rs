@@ -11,4 +11,5 @@ pub mod money;
 pub mod rules;
 pub mod tax_code;
 pub mod tax_info;
+pub mod text;
 pub mod words;

@@ -29,7 +29,10 @@ fn string<'a>(map: &'a Map<String, Value>, path: &str, field: &str, max: usize) 
         Some(Value::String(s)) if s.chars().count() > max => {
             Err(Invalid::field(name, format!("longer than {max} characters")))
         }
-        Some(Value::String(s)) => Ok(s),
+        Some(Value::String(s)) => match crate::domain::text::forbidden_char(s) {
+            Some(c) => Err(Invalid::field(name, crate::domain::text::forbidden_reason(c))),
+            None => Ok(s),
+        },
         Some(other) => Err(Invalid::field(name, format!("expected a string, found {}", json_kind(other)))),
     }
 }

@@ -1,6 +1,6 @@
 //! Liveness and readiness. `/health` only says the process serves HTTP; `/ready` asks
-//! Postgres, Redis and Kafka, concurrently and each with a deadline, and names the ones
-//! that failed.
+//! Postgres, Redis and Kafka, concurrently and each with a deadline, checks that the JWKS
+//! was loaded where the API is served, and names the ones that failed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,11 +136,20 @@ impl Probes {
 }
 
 impl Readiness {
-    /// `GET /ready`: 200 when all answer, else 503 naming the failed ones.
-    pub async fn check(&self, metrics: &Metrics) -> Response<Body> {
+    /// `GET /ready`: 200 when all answer, else 503 naming the failed ones. `jwks_loaded` is
+    /// given where the JWT routes are served: until the identity provider's keys were
+    /// loaded once, those routes can only answer 503, so the process is not ready either
+    /// (security R9); keys held from an earlier load keep it ready while the IdP is down.
+    pub async fn check(&self, metrics: &Metrics, jwks_loaded: Option<bool>) -> Response<Body> {
         let results = self.probed(metrics).await;
         let mut checks = serde_json::Map::new();
         let mut failed = Vec::new();
+        if let Some(loaded) = jwks_loaded {
+            checks.insert("jwks".into(), json!(if loaded { "ok" } else { "unavailable" }));
+            if !loaded {
+                failed.push("jwks");
+            }
+        }
         for (dependency, result) in &results {
             match result {
                 Ok(()) => {

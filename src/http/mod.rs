@@ -132,45 +132,49 @@ pub async fn route(state: Arc<HttpState>, request: Request<Incoming>) -> Respons
             }
             (template, response)
         }
-        Matched::Route(route, params) => {
-            let params: Vec<String> = params.into_iter().map(str::to_owned).collect();
-            // Probes and scrapes take no slot: with every slot held (slow uploads, say), the
-            // liveness probe would wait behind them and the pod be restarted for nothing.
-            let probe = matches!(route.id, RouteId::Health | RouteId::Ready | RouteId::Metrics);
-            let slot = if probe {
-                Ok(None)
-            } else {
-                tokio::time::timeout(SLOT_WAIT, state.in_flight.acquire()).await.map(Result::ok)
-            };
-            let response = match slot {
-                Err(_waited) => {
-                    tracing::warn!(route = route.template, "No request slot free; answered 503");
-                    let mut response = Problem::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        "too many requests in progress; retry later",
-                    )
-                    .into_response();
-                    response.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    response
-                }
-                Ok(_slot) => {
-                    let handled =
-                        tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, route.id, params, request))
-                            .await;
-                    handled.unwrap_or_else(|_| {
-                        tracing::warn!(route = route.template, "Request timed out");
-                        Problem::new(
+        Matched::Route(route, params) => match decode_params(&params) {
+            Err(problem) => (route.template, problem.into_response()),
+            Ok(params) => {
+                // Probes and scrapes take no slot: with every slot held (slow uploads, say), the
+                // liveness probe would wait behind them and the pod be restarted for nothing.
+                let probe = matches!(route.id, RouteId::Health | RouteId::Ready | RouteId::Metrics);
+                let slot = if probe {
+                    Ok(None)
+                } else {
+                    tokio::time::timeout(SLOT_WAIT, state.in_flight.acquire()).await.map(Result::ok)
+                };
+                let response = match slot {
+                    Err(_waited) => {
+                        tracing::warn!(route = route.template, "No request slot free; answered 503");
+                        let mut response = Problem::new(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            "timeout",
-                            "the request took too long; retry later",
+                            "overloaded",
+                            "too many requests in progress; retry later",
                         )
-                        .into_response()
-                    })
-                }
-            };
-            (route.template, response)
-        }
+                        .into_response();
+                        response
+                            .headers_mut()
+                            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                        response
+                    }
+                    Ok(_slot) => {
+                        let handled =
+                            tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, route.id, params, request))
+                                .await;
+                        handled.unwrap_or_else(|_| {
+                            tracing::warn!(route = route.template, "Request timed out");
+                            Problem::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "timeout",
+                                "the request took too long; retry later",
+                            )
+                            .into_response()
+                        })
+                    }
+                };
+                (route.template, response)
+            }
+        },
     };
     let mut response = response;
     if path.starts_with("/v1/api/claims/") {
@@ -220,7 +224,13 @@ async fn handle(
     let param = |i: usize| params.get(i).map(String::as_str).unwrap_or_default();
     match (id, api) {
         (RouteId::Health, _) => health::health(),
-        (RouteId::Ready, _) => state.readiness.check(&state.metrics).await,
+        (RouteId::Ready, _) => {
+            let jwks_loaded = match &state.api {
+                Some(api) => Some(api.auth.loaded().await),
+                None => None,
+            };
+            state.readiness.check(&state.metrics, jwks_loaded).await
+        }
         (RouteId::Metrics, _) => {
             let mut response = Response::new(Body::from(state.metrics.render()));
             response
@@ -310,6 +320,35 @@ async fn drain(body: &mut Incoming) {
         }
     })
     .await;
+}
+
+/// Path parameters as the ids they encode: `ORD%20A` is the order `ORD A`. A parameter that
+/// does not decode to UTF-8 text without control characters is a 400.
+fn decode_params(raw: &[&str]) -> Result<Vec<String>, Problem> {
+    raw.iter()
+        .map(|param| {
+            percent_encoding::percent_decode_str(param)
+                .decode_utf8()
+                .ok()
+                .filter(|decoded| !decoded.chars().any(char::is_control))
+                .map(|decoded| decoded.into_owned())
+                .ok_or_else(|| {
+                    Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid-parameter",
+                        "a path parameter is not percent-encoded UTF-8 text without control characters",
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Drops a request's body unread, draining it within bounds when that lets the client read
+/// the answer (see [`drain`]): for requests refused on their headers alone.
+pub async fn discard_body(request: Request<Incoming>) {
+    if worth_draining(request.headers()) {
+        drain(&mut request.into_body()).await;
+    }
 }
 
 /// The request's `Content-Length`, when it has a valid one.
@@ -447,6 +486,16 @@ impl From<crate::storage::StorageError> for Problem {
                     "the database is not available; retry later",
                 )
                 .with("retryAfterSeconds", serde_json::json!(5))
+            }
+            // A data exception or a limit of the database (a NUL byte no check caught, an
+            // index row too large): the same values fail the same way, and nothing was written.
+            StorageError::Refused(reason) => {
+                tracing::warn!(error = %reason, "Postgres refused a request's values");
+                Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid-body",
+                    "a value in the request cannot be stored (for example a control character or an over-long value)",
+                )
             }
             other => internal(&other),
         }

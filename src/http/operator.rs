@@ -90,8 +90,7 @@ pub async fn handle(
                 "operator replay (API)",
                 "replay",
             )
-            .await
-            .map_err(|e| super::internal(&e))?;
+            .await?;
             let this = report.invoices.iter().find(|i| i.invoice_id == id);
             Ok(super::json(
                 StatusCode::ACCEPTED,
@@ -101,6 +100,7 @@ pub async fn handle(
                     "status": this.map(|i| i.after.clone()),
                     "replayed": this.is_some_and(|i| i.before != i.after),
                     "job": report.job,
+                    "enqueueDeferred": report.enqueue_failed,
                 }),
             ))
         }
@@ -147,8 +147,7 @@ pub async fn handle(
                 "operator requeue from the DLQ (API)",
                 "dlq_requeue",
             )
-            .await
-            .map_err(|e| super::internal(&e))?;
+            .await?;
             if report.invoices.is_empty() {
                 return Err(not_found(&format!("invoice for order {param}")));
             }
@@ -159,7 +158,8 @@ pub async fn handle(
                 .collect();
             Ok(super::json(
                 StatusCode::ACCEPTED,
-                &json!({"orderId": param, "partition": api.queue.partition_of(param), "job": report.job, "invoices": invoices}),
+                &json!({"orderId": param, "partition": api.queue.partition_of(param), "job": report.job,
+                        "enqueueDeferred": report.enqueue_failed, "invoices": invoices}),
             ))
         }
         RouteId::ProviderConfigGet => {
@@ -220,8 +220,10 @@ async fn list(api: &Api, request: &Request<Incoming>) -> Result<Response<Body>, 
             continue;
         }
         match key.as_str() {
-            "orderId" if value.len() > 128 => {
-                return Err(bad_request("orderId must be at most 128 characters"));
+            "orderId" if value.len() > 128 || value.chars().any(char::is_control) => {
+                return Err(bad_request(
+                    "orderId must be at most 128 characters, none of them a control character",
+                ));
             }
             "orderId" => filter.order_id = Some(value),
             "status" => {
@@ -270,8 +272,8 @@ fn decode_cursor(cursor: &str) -> Option<i64> {
 }
 
 /// The provider configuration body (SPEC §5). Unknown members are refused (no mass
-/// assignment of `id`, `keyId`, …).
-#[derive(Debug, Deserialize)]
+/// assignment of `id`, `keyId`, …). Its `Debug` masks the credentials (security R14).
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConfigBody {
     /// Provider name.
@@ -288,6 +290,19 @@ pub struct ConfigBody {
     pub credentials: Map<String, Value>,
 }
 
+impl std::fmt::Debug for ConfigBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigBody")
+            .field("provider", &self.provider)
+            .field("endpoint", &self.endpoint)
+            .field("supplier_tax_code", &self.supplier_tax_code)
+            .field("template_code", &self.template_code)
+            .field("series", &self.series)
+            .field("credentials", &self.credentials.keys().map(|name| (name, "***")).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// Validates a configuration body; the detail names the member.
 pub fn validate_config(body: &ConfigBody) -> Result<(), String> {
     if !crate::providers::KNOWN.contains(&body.provider.as_str()) {
@@ -297,6 +312,14 @@ pub fn validate_config(body: &ConfigBody) -> Result<(), String> {
     let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
     if !(url.scheme() == "https" || (url.scheme() == "http" && loopback)) || body.endpoint.len() > 500 {
         return Err("endpoint must be an https URL (http only on loopback)".into());
+    }
+    if body.endpoint.chars().any(char::is_control) {
+        return Err("endpoint must not contain control characters".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(
+            "endpoint must not carry a query or a fragment: the API's paths are appended to it".into()
+        );
     }
     if url.username() != "" || url.password().is_some() {
         return Err("endpoint must not carry credentials; put them in `credentials`".into());
@@ -319,6 +342,9 @@ pub fn validate_config(body: &ConfigBody) -> Result<(), String> {
         return Err("credentials must have 1-10 members".into());
     }
     for (name, value) in &body.credentials {
+        if name.chars().any(char::is_control) {
+            return Err("credentials member names must not contain control characters".into());
+        }
         let ok = value.as_str().is_some_and(|v| !v.is_empty() && v.len() <= 1024);
         if name.is_empty() || name.len() > 64 || !ok {
             return Err(format!("credentials.{name} must be a non-empty string of at most 1024 characters"));
@@ -460,6 +486,17 @@ mod tests {
             ..body()
         };
         assert_eq!(validate_config(&local), Ok(()));
+    }
+
+    #[test]
+    fn the_debug_form_of_a_configuration_never_shows_a_credential() {
+        let config = ConfigBody {
+            credentials: serde_json::from_value(json!({"username": "u", "password": "SENTINEL-pw"})).unwrap(),
+            ..body()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("SENTINEL-pw"), "{shown}");
+        assert!(shown.contains("password") && shown.contains("***"), "{shown}");
     }
 
     #[test]

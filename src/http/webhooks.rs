@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 
 use super::problem::Problem;
 use super::server::bytes_body::Body;
-use super::{parse_json, read_body, Api, MAX_BODY};
-use crate::auth::webhook::Headers;
+use super::{parse_json, read_body, Api};
+use crate::auth::webhook::{Headers, Rejection, Verifier};
 use crate::domain::buyer::Buyer;
 use crate::storage::buyers::{self, Cancelled, Given, Giver};
 
@@ -135,6 +135,15 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Payload, Problem> {
             ),
         ));
     }
+    // Postgres can store no U+0000 (in `text` or `jsonb`): refused here with a 422, not by
+    // the database with a 500 that the sender would retry for days.
+    if crate::events::contains_nul(&envelope.data) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-body",
+            "data holds a string with the NUL character (U+0000)",
+        ));
+    }
     let data = |e: serde_json::Error| {
         Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -182,13 +191,28 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Payload, Problem> {
     Ok(payload)
 }
 
+/// Largest webhook body (security R5): deliveries are small JSON documents, and a body is
+/// buffered whole before its MAC can be checked.
+pub const WEBHOOK_MAX_BODY: usize = 256 * 1024;
+
 /// Handles one delivery.
 pub async fn handle(api: &Api, endpoint: Endpoint, request: Request<Incoming>) -> Response<Body> {
     let label = endpoint.as_str();
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (id, timestamp, signature) =
         (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
-    let body = match read_body(request, MAX_BODY).await {
+    let headers =
+        Headers { id: id.as_deref(), timestamp: timestamp.as_deref(), signature: signature.as_deref() };
+    // Every header check before any body is buffered: an unsigned or stale request costs
+    // neither memory nor HMAC work. A signed one over the limit gets its 413 unread too.
+    let checked = match Verifier::check_headers(headers, chrono::Utc::now().timestamp()) {
+        Ok(checked) => checked,
+        Err(rejection) => {
+            super::discard_body(request).await;
+            return rejected(api, label, rejection);
+        }
+    };
+    let body = match read_body(request, WEBHOOK_MAX_BODY).await {
         Ok(body) => body,
         Err(problem) => {
             api.metrics.api.webhook(label, "rejected", "too_large");
@@ -199,17 +223,9 @@ pub async fn handle(api: &Api, endpoint: Endpoint, request: Request<Incoming>) -
         Endpoint::Merchant => &api.merchant_webhooks,
         Endpoint::Internal => &api.internal_webhooks,
     };
-    let headers =
-        Headers { id: id.as_deref(), timestamp: timestamp.as_deref(), signature: signature.as_deref() };
-    let webhook_id = match verifier.verify(headers, &body, chrono::Utc::now().timestamp()) {
+    let webhook_id = match verifier.check_body(checked, &body) {
         Ok(id) => id.to_owned(),
-        Err(rejection) => {
-            api.metrics.api.webhook(label, "rejected", rejection.reason());
-            tracing::warn!(endpoint = label, reason = rejection.reason(), "Webhook rejected");
-            return Problem::new(StatusCode::UNAUTHORIZED, "invalid-signature", rejection.to_string())
-                .with("reason", json!(rejection.reason()))
-                .into_response();
-        }
+        Err(rejection) => return rejected(api, label, rejection),
     };
     let payload = match parse(endpoint, &body) {
         Ok(payload) => payload,
@@ -235,6 +251,15 @@ pub async fn handle(api: &Api, endpoint: Endpoint, request: Request<Incoming>) -
             problem.into_response()
         }
     }
+}
+
+/// The 401 of a delivery that failed verification, counted by reason.
+fn rejected(api: &Api, label: &'static str, rejection: Rejection) -> Response<Body> {
+    api.metrics.api.webhook(label, "rejected", rejection.reason());
+    tracing::warn!(endpoint = label, reason = rejection.reason(), "Webhook rejected");
+    Problem::new(StatusCode::UNAUTHORIZED, "invalid-signature", rejection.to_string())
+        .with("reason", json!(rejection.reason()))
+        .into_response()
 }
 
 enum Processed {

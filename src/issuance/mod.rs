@@ -110,10 +110,14 @@ pub struct ReplayReport {
     pub invoices: Vec<crate::storage::issuance::Replayed>,
     /// The job's state after the requeue.
     pub job: Option<String>,
+    /// Postgres changed but Redis could not be told: the sweeper enqueues the job later.
+    pub enqueue_failed: bool,
 }
 
 /// `replay`, `dlq requeue` and their API twins: FAILED → QUEUED in Postgres (audited), then
-/// the order's job back in Redis (also from the DLQ) if anything is left to issue.
+/// the order's job back in Redis (also from the DLQ) if anything is left to issue. A queue
+/// failure after the commit is not the caller's error: what it asked for is done in
+/// Postgres, the record, and the sweeper enqueues the job once Redis answers.
 pub async fn replay_order(
     db: &sqlx::PgPool,
     queue: &Queue,
@@ -122,25 +126,33 @@ pub async fn replay_order(
     actor: &str,
     reason: &str,
     source: &str,
-) -> anyhow::Result<ReplayReport> {
+) -> Result<ReplayReport, crate::storage::StorageError> {
     let invoices = crate::storage::issuance::replay(db, order_id, merchant_id, actor, reason).await?;
     let unfinished = invoices.iter().any(|i| matches!(i.after.as_str(), "QUEUED" | "ISSUING" | "SUBMITTED"));
-    let mut job = None;
+    let (mut job, mut enqueue_failed) = (None, false);
     if let (true, Some(first)) = (unfinished, invoices.first()) {
         let payload = JobPayload {
             merchant_id: first.merchant_id.clone(),
             enqueued_at_ms: crate::queue::now_ms(),
             source: source.to_owned(),
         };
-        let state = queue.requeue(order_id, &payload).await?;
         let partition = queue.partition_of(order_id);
-        tracing::info!(
-            orderId = %order_id, merchantId = %first.merchant_id, partition, source,
-            "[enqueueIssuance] job {state} in queue invoice-issuance, partition: {partition}"
-        );
-        job = Some(state);
+        match queue.requeue(order_id, &payload).await {
+            Ok(state) => {
+                tracing::info!(
+                    orderId = %order_id, merchantId = %first.merchant_id, partition, source,
+                    "[enqueueIssuance] job {state} in queue invoice-issuance, partition: {partition}"
+                );
+                job = Some(state);
+            }
+            Err(error) => {
+                tracing::warn!(orderId = %order_id, merchantId = %first.merchant_id, partition, source, %error,
+                    "Replayed in Postgres but the queue did not answer; the sweeper will enqueue the job");
+                enqueue_failed = true;
+            }
+        }
     }
-    Ok(ReplayReport { invoices, job })
+    Ok(ReplayReport { invoices, job, enqueue_failed })
 }
 
 /// The enqueue source of the sweeper's re-enqueues.

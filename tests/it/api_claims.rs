@@ -132,6 +132,9 @@ async fn invalid_buyers_are_refused_with_the_field_named_and_change_nothing() {
         (json!({"taxCode": "0101243150", "address": "B"}), "legalName"),
         (json!({"legalName": "A", "taxCode": "0101243150"}), "address"),
         (json!({"name": "A", "email": "not-an-email"}), "email"),
+        // Postgres stores no NUL and the invoice's XML no bell: a 422 naming the field, not a 500.
+        (json!({"name": "A\u{0}B"}), "buyer.name contains the character U+0000"),
+        (json!({"legalName": "A\u{7}", "taxCode": "0101243150", "address": "B"}), "buyer.legalName contains"),
     ] {
         let response = post_claim(&api, &token, buyer).await;
         assert_eq!(response.status(), 422, "{field}");

@@ -284,6 +284,13 @@ async fn provider_configuration_is_validated_stored_encrypted_masked_and_audited
     let response = client.put(&url).bearer_auth(&writer).json(&bad).send().await.unwrap();
     assert_eq!(response.status(), 422);
     assert!(response.json::<Value>().await.unwrap()["detail"].as_str().unwrap().starts_with("series"));
+    for endpoint in ["https://x.vn/api?redirect=", "https://x.vn/api#f", "https://x.vn/api\u{0}"] {
+        let mut bad = body.clone();
+        bad["endpoint"] = json!(endpoint);
+        let response = client.put(&url).bearer_auth(&writer).json(&bad).send().await.unwrap();
+        assert_eq!(response.status(), 422, "{endpoint}");
+        assert!(response.json::<Value>().await.unwrap()["detail"].as_str().unwrap().starts_with("endpoint"));
+    }
     let mut extra = body.clone();
     extra["keyId"] = json!("k-evil");
     assert_eq!(client.put(&url).bearer_auth(&writer).json(&extra).send().await.unwrap().status(), 422);
@@ -350,6 +357,15 @@ async fn invoices_list_by_cursor_show_masked_snapshots_audit_trails_and_replay()
         api.get_as(&reader, "/v1/api/invoices?orderId=&status=&limit=&cursor=").await.json().await.unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 6, "{page}");
     assert_eq!(api.get_as(&reader, "/v1/api/invoices?colour=red").await.status(), 400);
+    // A NUL in a filter is a 400, not a database error; ids in paths are percent-decoded.
+    assert_eq!(api.get_as(&reader, "/v1/api/invoices?orderId=A%00B").await.status(), 400);
+    let page: Value = api.get_as(&reader, "/v1/api/invoices?orderId=ORD-L-F").await.json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    let encoded: String = ids[0].to_string().bytes().map(|b| format!("%{b:02X}")).collect();
+    let one: Value = api.get_as(&reader, &format!("/v1/api/invoices/{encoded}")).await.json().await.unwrap();
+    assert_eq!(one["id"], ids[0].to_string(), "{one}");
+    assert_eq!(api.get_as(&reader, "/v1/api/invoices/%FF").await.status(), 400);
+    assert_eq!(api.get_as(&reader, "/v1/api/invoices/1%00").await.status(), 400);
     // A declared body over 1 MiB is refused before authentication, on a route that reads none.
     let response = reqwest::Client::new()
         .post(api.url(&format!("/v1/api/invoices/{failed}/replay")))

@@ -1,6 +1,7 @@
 //! Signed webhooks: Standard Webhooks verification at the door, exactly-once effects behind
 //! it (R1–R6 of the security notes).
 
+use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::support::{company_buyer, metric_value, scalar, seed_invoice, TestApi};
@@ -217,15 +218,17 @@ async fn bad_signatures_are_401_with_their_reason_and_change_nothing() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.json::<Value>().await.unwrap()["status"], "processed");
 
-    // SPEC §5: bodies up to 1 MiB are read (this one then fails its signature); over 1 MiB:
-    // 413 before any HMAC work, read to the end (within bounds) so that the client, still
-    // uploading, gets the answer rather than a broken pipe.
-    for (size, status) in [(1024 * 1024, 401), (1024 * 1024 + 1, 413), (3 * 1024 * 1024, 413)] {
+    // Security R5: webhook bodies up to 256 KiB are read (this one then fails its signature);
+    // over: 413 before any HMAC work, read to the end (within bounds) so that the client,
+    // still uploading, gets the answer rather than a broken pipe. A full-length (wrong) MAC,
+    // so that the headers pass the checks made before the body is read.
+    let wrong_mac = format!("v1,{}", base64::engine::general_purpose::STANDARD.encode([7u8; 32]));
+    for (size, status) in [(256 * 1024, 401), (256 * 1024 + 1, 413), (3 * 1024 * 1024, 413)] {
         let response = send(
             vec![
                 ("webhook-id", "e9".into()),
                 ("webhook-timestamp", now.to_string()),
-                ("webhook-signature", "v1,AAAA".into()),
+                ("webhook-signature", wrong_mac.clone()),
             ],
             "x".repeat(size),
         )
@@ -233,6 +236,10 @@ async fn bad_signatures_are_401_with_their_reason_and_change_nothing() {
         .unwrap();
         assert_eq!(response.status(), status, "{size} bytes");
     }
+    // A request whose headers fail is refused on them, its body dropped unread: 401, not 413.
+    let response = send(vec![("webhook-timestamp", now.to_string())], "x".repeat(300 * 1024)).await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.json::<Value>().await.unwrap()["reason"], "missing_header");
     // Signed but not JSON: 400; signed unknown type: 422; signed bad buyer: 422.
     assert_eq!(api.webhook("merchant", &secret, "e10", "not json").await.status(), 400);
     let unknown =
@@ -245,12 +252,21 @@ async fn bad_signatures_are_401_with_their_reason_and_change_nothing() {
     let response = api.webhook("merchant", &secret, "e12", &bad_buyer).await;
     assert_eq!(response.status(), 422);
     assert!(response.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("taxCode"));
+    // A NUL anywhere in the data is a 422 (Postgres could not store it), not a 500 the
+    // sender would retry for days; nothing is recorded, not even the id.
+    let nul = request_body("ORD-W-7", json!({"name": "A\u{0}"}));
+    let response = api.webhook("merchant", &secret, "e13", &nul).await;
+    assert_eq!(response.status(), 422);
+    let cancel =
+        json!({"type": "invoice.cancel", "data": {"orderId": "O", "merchantId": "M-1", "reason": "x\u{0}"}});
+    let response = api.webhook("internal", &api.internal_secret(), "e14", &cancel.to_string()).await;
+    assert_eq!(response.status(), 422);
     assert_eq!(scalar(&api.db, "SELECT count(*) FROM invoice_request").await, 1);
     assert_eq!(scalar(&api.db, "SELECT count(*) FROM webhook_seen").await, 1);
 
     let metrics = api.metrics().await;
     for (reason, count) in
-        [("bad_signature", 5.0), ("stale_timestamp", 1.0), ("missing_header", 2.0), ("too_large", 2.0)]
+        [("bad_signature", 5.0), ("stale_timestamp", 1.0), ("missing_header", 3.0), ("too_large", 2.0)]
     {
         assert_eq!(
             metric_value(

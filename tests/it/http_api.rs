@@ -18,7 +18,26 @@ async fn ready_is_200_when_postgres_redis_and_kafka_answer() {
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["status"], "ok");
-    assert_eq!(body["checks"], serde_json::json!({"postgres": "ok", "redis": "ok", "kafka": "ok"}));
+    assert_eq!(
+        body["checks"],
+        serde_json::json!({"postgres": "ok", "redis": "ok", "kafka": "ok", "jwks": "ok"})
+    );
+    api.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ready_is_503_naming_jwks_until_the_identity_providers_keys_were_loaded_once() {
+    // Security R9: nothing answers at this address, so the JWT routes can only answer 503.
+    let api = TestApi::spawn_with(|env| {
+        env.insert("APP_ENV_INVOICE_JWKS_URL".into(), "http://127.0.0.1:9/jwks.json".into());
+    })
+    .await;
+    let response = reqwest::get(api.url("/ready")).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["failed"], serde_json::json!(["jwks"]));
+    assert_eq!(body["checks"]["postgres"], "ok");
+    assert!(!body.to_string().contains("127.0.0.1:9"), "the URL is not repeated: {body}");
     api.stop().await.unwrap();
 }
 
