@@ -173,6 +173,41 @@ impl Buyer {
         };
         Ok(ValidBuyer { buyer, kind })
     }
+
+    /// Validates the buyer of a payment. A payment is not a form its buyer can correct, and a
+    /// paid order should get its invoice: contact details that fail (the email or the phone,
+    /// and, without a tax code, any member) are dropped instead of refusing the payment, and
+    /// their names returned. With a tax code, everything else a company invoice carries is
+    /// checked as strictly as [`Buyer::validate`] does.
+    pub fn validate_lenient(&self) -> Result<(ValidBuyer, Vec<&'static str>), BuyerError> {
+        let has_tax_code = self.tax_code.as_deref().is_some_and(|t| !t.trim().is_empty());
+        let mut buyer = self.clone();
+        let mut dropped = Vec::new();
+        loop {
+            let error = match buyer.validate() {
+                Ok(valid) => return Ok((valid, dropped)),
+                Err(error) => error,
+            };
+            let field = match &error {
+                BuyerError::Email => "email",
+                BuyerError::Phone => "phone",
+                BuyerError::TooLong { field, .. } | BuyerError::Character { field, .. } => field,
+                _ => return Err(error),
+            };
+            let member = match field {
+                "email" => &mut buyer.email,
+                "phone" => &mut buyer.phone,
+                "name" if !has_tax_code => &mut buyer.name,
+                "legalName" if !has_tax_code => &mut buyer.legal_name,
+                "address" if !has_tax_code => &mut buyer.address,
+                _ => return Err(error),
+            };
+            if member.take().is_none() {
+                return Err(error);
+            }
+            dropped.push(field);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -201,6 +236,28 @@ mod tests {
             ..Buyer::default()
         };
         assert_eq!(person.validate().unwrap().kind, BuyerKind::Individual);
+    }
+
+    #[test]
+    fn a_payments_buyer_loses_the_contact_details_that_fail_not_the_invoice() {
+        let consumer = Buyer {
+            name: Some("x".repeat(101)),
+            email: Some("a@localhost".into()),
+            phone: Some("028 3823 4567 ext 1".into()),
+            ..Buyer::default()
+        };
+        let (valid, dropped) = consumer.validate_lenient().unwrap();
+        assert_eq!(valid.kind, BuyerKind::Consumer);
+        assert_eq!(valid.buyer, Buyer::default());
+        assert_eq!(dropped.len(), 3, "{dropped:?}");
+        // A company keeps what its invoice needs strict; only its email or phone may go.
+        let bad_email = Buyer { email: Some("nope".into()), ..company() };
+        let (valid, dropped) = bad_email.validate_lenient().unwrap();
+        assert_eq!((valid.kind, valid.buyer.email, dropped), (BuyerKind::Company, None, vec!["email"]));
+        let long_name = Buyer { legal_name: Some("x".repeat(401)), ..company() };
+        assert!(matches!(long_name.validate_lenient(), Err(BuyerError::TooLong { field: "legalName", .. })));
+        let bad_code = Buyer { tax_code: Some("0100109107".into()), ..company() };
+        assert!(matches!(bad_code.validate_lenient(), Err(BuyerError::TaxCode(_))));
     }
 
     #[test]

@@ -17,7 +17,10 @@ use super::words;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Seller {
-    /// Tax code (the provider's `supplierTaxCode`).
+    /// Tax code (the provider's `supplierTaxCode`). Empty when the merchant's TaxInfo had
+    /// none (snapshots written before they fell back to `supplierTaxCode` hold `null`):
+    /// the worker then uses the configuration's.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub tax_code: String,
     /// Legal name.
     pub legal_name: Option<String>,
@@ -27,6 +30,10 @@ pub struct Seller {
     pub email: Option<String>,
     /// Phone.
     pub phone: Option<String>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// The invoice a replacement replaces, as the provider knows it.
@@ -305,6 +312,15 @@ pub(crate) mod tests {
 
     fn at(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_seller_without_a_tax_code_reads_as_empty() {
+        let seller: Seller =
+            serde_json::from_value(serde_json::json!({"taxCode": null, "legalName": "ABC"})).unwrap();
+        assert_eq!((seller.tax_code.as_str(), seller.legal_name.as_deref()), ("", Some("ABC")));
+        let seller: Seller = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(seller.tax_code, "");
     }
 
     #[test]

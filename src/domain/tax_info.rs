@@ -50,6 +50,9 @@ pub struct TaxInfo {
     pub provider: Option<String>,
 }
 
+/// The longest claim window kept: 31 days (longer ones are clamped).
+pub const MAX_CLAIM_WINDOW_MINUTES: u64 = 60 * 24 * 31;
+
 /// Default claim window when the merchant sets none: one day.
 pub const DEFAULT_CLAIM_WINDOW_MINUTES: u32 = 1440;
 
@@ -144,17 +147,32 @@ pub fn parse(tax: &Value) -> Result<TaxInfo, TaxInfoError> {
             })
         }
     };
+    // A longer window than a month is clamped, not refused: the deadline stops at the end of
+    // the sale day anyway, and refusing would throw away the rest of the update (an
+    // `invoiceEnabled: false` with it). Digits in a string are read as the number.
     let claim_window_minutes = match map.get("claimWindowMinutes") {
         None | Some(Value::Null) => DEFAULT_CLAIM_WINDOW_MINUTES,
-        Some(Value::Number(n)) => {
-            let whole =
-                n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
+        Some(value @ (Value::Number(_) | Value::String(_))) => {
+            let whole = match value {
+                Value::Number(n) => n
+                    .as_u64()
+                    .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
+                Value::String(s)
+                    if !s.is_empty() && s.len() <= 12 && s.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    s.parse::<u64>().ok()
+                }
+                _ => None,
+            };
             match whole {
-                Some(m) if m <= 60 * 24 * 31 => m as u32,
-                _ => {
+                Some(m) => m.min(MAX_CLAIM_WINDOW_MINUTES) as u32,
+                None => {
                     return Err(TaxInfoError::Field {
                         field: "claimWindowMinutes",
-                        reason: format!("expected whole minutes 0–44640, found {n}"),
+                        reason: format!(
+                            "expected whole minutes (0 or more), found {}",
+                            value.to_string().chars().take(24).collect::<String>()
+                        ),
                     })
                 }
             }
@@ -317,6 +335,11 @@ mod tests {
         assert!(!empty.invoice_enabled);
         assert_eq!(empty.issuance_mode, IssuanceMode::Immediate);
         assert_eq!(empty.claim_window_minutes, DEFAULT_CLAIM_WINDOW_MINUTES);
+        // Longer than a month is clamped (the rest of the update still applies); digits in a
+        // string are the number.
+        let long = parse(&json!({"invoiceEnabled": false, "claimWindowMinutes": 50_000})).unwrap();
+        assert_eq!((long.invoice_enabled, long.claim_window_minutes), (false, 44_640));
+        assert_eq!(parse(&json!({"claimWindowMinutes": "1440"})).unwrap().claim_window_minutes, 1440);
     }
 
     #[test]
@@ -326,6 +349,8 @@ mod tests {
             (json!({"issuanceMode": "weekly"}), "issuanceMode"),
             (json!({"claimWindowMinutes": -1}), "claimWindowMinutes"),
             (json!({"claimWindowMinutes": 1.5}), "claimWindowMinutes"),
+            (json!({"claimWindowMinutes": "a day"}), "claimWindowMinutes"),
+            (json!({"claimWindowMinutes": true}), "claimWindowMinutes"),
             (json!({"taxCode": 100}), "taxCode"),
         ];
         for (tax, field) in cases {

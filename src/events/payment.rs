@@ -44,7 +44,9 @@ fn optional_string(
     max: usize,
 ) -> Result<Option<String>, Invalid> {
     match map.get(field) {
+        // An empty optional member is an absent one (the topic's schema allows "").
         None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
         Some(_) => string(map, path, field, max).map(|s| Some(s.to_owned())),
     }
 }
@@ -109,6 +111,14 @@ pub fn parse(value: &[u8]) -> Result<Payment, Invalid> {
     let currency = string(map, "", "currency", 3)?.to_owned();
     if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(Invalid::field("currency", format!("`{currency}` is not an ISO 4217 code")));
+    }
+    // Refused here rather than decided: an invoice (and a claim shown to the buyer) would be
+    // created only to fail at validation, as no exchange rate travels with a payment.
+    if currency != "VND" {
+        return Err(Invalid::field(
+            "currency",
+            format!("`{currency}`: only VND payments are invoiced (a payment carries no exchange rate)"),
+        ));
     }
     let total = decimal(map, "", "totalAmount")?;
     money::check_scale("totalAmount", total, &currency).map_err(|e| Invalid(e.to_string()))?;
@@ -178,9 +188,25 @@ pub fn parse(value: &[u8]) -> Result<Payment, Invalid> {
     let buyer = match map.get("buyer") {
         None | Some(Value::Null) => None,
         Some(b @ Value::Object(_)) => {
+            // serde's message would quote the value (a personal id number, say): name the
+            // member and its JSON type only.
+            if let Some((member, value)) = b
+                .as_object()
+                .and_then(|m| m.iter().find(|(_, v)| !matches!(v, Value::String(_) | Value::Null)))
+            {
+                return Err(Invalid::field(
+                    format!("buyer.{}", member.chars().take(64).collect::<String>()),
+                    format!("expected a string or null, found {}", json_kind(value)),
+                ));
+            }
             let buyer: Buyer = serde_json::from_value(b.clone())
-                .map_err(|e| Invalid::field("buyer", format!("members must be strings or null ({e})")))?;
-            Some(buyer.validate().map_err(|e| Invalid(e.to_string()))?)
+                .map_err(|_| Invalid::field("buyer", "members must be strings or null"))?;
+            let (valid, dropped) = buyer.validate_lenient().map_err(|e| Invalid(e.to_string()))?;
+            if !dropped.is_empty() {
+                tracing::warn!(orderId = %order_id, merchantId = %merchant_id, fields = ?dropped,
+                    "[handlePaymentSuccess] buyer contact details that are not valid were left off the invoice");
+            }
+            Some(valid)
         }
         Some(other) => {
             return Err(Invalid::field("buyer", format!("expected an object, found {}", json_kind(other))))
@@ -272,6 +298,16 @@ mod tests {
             .starts_with("buyer.legalName is required"));
         assert!(reason(|v| v["buyer"]["taxCode"] = json!("123")).starts_with("buyer.taxCode: "));
         assert_eq!(reason(|v| v["currency"] = json!("vnd")), "currency: `vnd` is not an ISO 4217 code");
+        assert!(reason(|v| v["currency"] = json!("USD")).starts_with("currency: `USD`: only VND payments"));
+        // A member of the wrong type is named with its type, never quoted (a personal id).
+        assert_eq!(
+            reason(|v| v["buyer"]["taxCode"] = json!(1203004567u64)),
+            "buyer.taxCode: expected a string or null, found a number"
+        );
+        assert_eq!(
+            reason(|v| v["items"][0]["name"] = json!("bell\u{7}")),
+            "items[0].name: contains the character U+0007, which an invoice cannot carry"
+        );
         assert_eq!(
             reason(|v| v["orderId"] = json!("A\u{0}")),
             "a string contains the NUL character (U+0000)"
@@ -283,6 +319,23 @@ mod tests {
         assert!(
             reason(|v| v["items"][0]["unitPrice"] = json!("1000000000000000000000")).contains("out of range")
         );
+    }
+
+    #[test]
+    fn what_the_topic_allows_is_decided_not_dead_lettered() {
+        // Empty optional members are absent ones.
+        let mut v = example();
+        v["items"][0]["sku"] = json!("");
+        v["items"][0]["unit"] = json!(" ");
+        let p = parse(v.to_string().as_bytes()).unwrap();
+        assert_eq!((p.lines[0].input.sku.as_deref(), p.lines[0].input.unit.as_deref()), (None, None));
+        // A consumer's contact details that fail are left off; the payment is still decided.
+        let mut v = example();
+        v["buyer"]["email"] = json!("a@localhost");
+        v["buyer"]["phone"] = json!("028 3823 4567 ext 1");
+        let buyer = parse(v.to_string().as_bytes()).unwrap().buyer.unwrap();
+        assert_eq!((buyer.buyer.email, buyer.buyer.phone), (None, None));
+        assert_eq!(buyer.buyer.name.as_deref(), Some("Nguyễn Văn A"));
     }
 
     #[test]

@@ -70,7 +70,9 @@ fn config_snapshot(
         "credentials": {"keyId": config.key_id, "nonce": b64.encode(&config.nonce), "ciphertext": b64.encode(&config.ciphertext)},
         "seller": {
             "name": merchant_name,
-            "taxCode": tax.tax_code, "legalName": tax.legal_name, "address": tax.address,
+            // A TaxInfo without a tax code: the seller is who the provider account issues for.
+            "taxCode": tax.tax_code.as_deref().unwrap_or(&config.supplier_tax_code),
+            "legalName": tax.legal_name, "address": tax.address,
             "email": tax.email, "phone": tax.phone,
         },
         "ruleSet": rule.map(|r| json!({"from": r.from.to_string(), "basis": r.basis, "consumerBuyerName": wording.name_on(legal_day)})),

@@ -525,6 +525,34 @@ async fn batches_mixing_two_series_with_one_slot_each_never_wait_on_each_other()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_whose_tax_info_has_no_tax_code_is_invoiced_under_its_provider_accounts() {
+    // Before, the snapshot's seller held `taxCode: null`, which the worker could not read:
+    // every invoice of such a merchant failed for good, its claim token already sent.
+    let s = setup(Knobs::default(), "immediate").await;
+    let mut untaxed = tax("immediate");
+    untaxed.as_object_mut().unwrap().remove("taxCode");
+    let p = producer();
+    let cdc_value = cdc("c", "M-3", untaxed, 12).to_string();
+    produce(&p, &s.topics.names.merchant_cdc, "M-3", Some(cdc_value.as_bytes()), &[]).await;
+    insert_provider_config_at(&s.db, "M-3", 3, &s.sim.endpoint()).await;
+    s.wait_count("SELECT count(*) FROM merchant_tax_info", 2).await;
+    let worker = TestWorker::spawn(&s.env).await;
+    let value = payment(&uuid::Uuid::new_v4().to_string(), "ORD-NT-1", "M-3").to_string();
+    produce(&p, &s.topics.names.payment, "ORD-NT-1", Some(value.as_bytes()), &[]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE order_id = 'ORD-NT-1' AND status = 'ISSUED'", 1).await;
+    let seller: String = sqlx::query_scalar(
+        "SELECT config_snapshot->'seller'->>'taxCode' FROM invoice WHERE order_id = 'ORD-NT-1'",
+    )
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(seller, "0100109106", "the provider configuration's supplierTaxCode");
+    s.assert_one_provider_invoice_each().await;
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_claims_queue_the_invoice_exactly_once_with_several_workers() {
     // claim_window with a window of 0 minutes: every claim is past its deadline at once.
     let s = setup(Knobs::default(), "claim_window").await;
