@@ -185,9 +185,11 @@ pub fn after_lookup(
         (_, Outcome::NotFound) => Some(Transition::Failed {
             error: "attempts exhausted; the provider has no invoice under this key".into(),
         }),
-        // The lookup itself failed: still unknown; ask again later, never create blindly.
+        // The lookup itself failed: still unknown; ask again later, never create blindly. Not
+        // sooner than the number lookups' interval: a failed lookup counts no attempt, so the
+        // backoff does not grow, and a provider that is down is not asked every second.
         (_, other) => Some(Transition::Ambiguous {
-            until: at(now, backoff),
+            until: at(now, backoff.max(timing.lookup_interval)),
             error: format!("lookup failed: {}", other.code().unwrap_or("unknown")),
         }),
     }
@@ -314,17 +316,20 @@ mod tests {
             after_lookup(Step::LookupOnly, &Outcome::NotFound, "s", now(), &TIMING, b),
             Some(Transition::Failed { .. })
         ));
-        assert!(matches!(
-            after_lookup(
-                Step::LookupThenCreate,
-                &Outcome::Retryable { code: "x".into(), retry_after: None },
-                "s",
-                now(),
-                &TIMING,
-                b
+        assert!(
+            matches!(
+                after_lookup(
+                    Step::LookupThenCreate,
+                    &Outcome::Retryable { code: "x".into(), retry_after: None },
+                    "s",
+                    now(),
+                    &TIMING,
+                    b
+                ),
+                Some(Transition::Ambiguous { until, .. }) if until == now() + chrono::Duration::seconds(30)
             ),
-            Some(Transition::Ambiguous { .. })
-        ));
+            "a failed lookup is asked again after the lookup interval, not a 4 s backoff"
+        );
         assert!(matches!(
             after_lookup(Step::Poll, &Outcome::Accepted, "s", now(), &TIMING, b),
             Some(Transition::StillSubmitted { .. })

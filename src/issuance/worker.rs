@@ -21,7 +21,7 @@ use crate::crypto::Sealed;
 use crate::domain::buyer::Buyer;
 use crate::domain::document::{self, Document, Original, Prepared, Seller};
 use crate::domain::money::{Line, Totals};
-use crate::providers::{Call, Provider, Target};
+use crate::providers::{self, Call, Provider, Target};
 use crate::queue::{backoff, Job, Retry, SeriesKey};
 use crate::storage;
 use crate::storage::issuance::{self, NewAttempt, Settle, Transition, WorkInvoice};
@@ -40,6 +40,9 @@ const GATHER: Duration = Duration::from_millis(5);
 const EARLY_SETTLE_AFTER: Duration = Duration::from_secs(1);
 /// Delay of a job whose batch failed on Postgres (transient).
 const STORAGE_RETRY: Duration = Duration::from_secs(1);
+/// How much of a call lease, beyond one whole call, a create starts with: time for the
+/// provider's login (usually cached) before the request is written.
+const SEND_MARGIN: Duration = Duration::from_secs(10);
 
 /// (merchant, series) → until when its jobs are deferred.
 type DeferredSeries = HashMap<(String, String), DateTime<Utc>>;
@@ -705,10 +708,20 @@ impl Worker {
         *current = (*current).max(until);
     }
 
-    /// How long one provider call may take, everything included: its timeout plus a margin.
+    /// How long one provider call may take, everything included: its timeout plus a margin;
+    /// and never less than the provider's safe wait, as a worker that dies mid-call is
+    /// looked up by the next one as soon as this lease ends.
     fn call_lease(&self) -> Duration {
         let timeout = self.deps.settings.provider_timeout;
-        timeout + Duration::from_secs(5).min(timeout)
+        (timeout + Duration::from_secs(5).min(timeout)).max(self.deps.settings.provider_safe_wait)
+    }
+
+    /// The latest instant a create may still be written under a lease ending at
+    /// `lease_until`: one whole call lease before it. A provider waiting for its login
+    /// (another call's, or a slow one) past this sends nothing ([`providers::NOT_SENT`]).
+    fn send_by(&self, lease_until: DateTime<Utc>) -> tokio::time::Instant {
+        let left = (lease_until - Utc::now()).to_std().unwrap_or_default();
+        tokio::time::Instant::now() + left.saturating_sub(self.call_lease())
     }
 
     /// Whether this delivery may still send for `inv`: its job lease is not lost, and its
@@ -724,7 +737,8 @@ impl Worker {
         if lost.lock().map(|l| l.contains(&inv.order_id)).unwrap_or(true) {
             return false;
         }
-        let needed = plan::at(Utc::now(), self.call_lease());
+        // A margin for the provider's login before the request is written (see `send_by`).
+        let needed = plan::at(Utc::now(), self.call_lease() + SEND_MARGIN);
         if needed <= *lease_until {
             return true;
         }
@@ -827,14 +841,23 @@ impl Worker {
                 let mut call =
                     bounded(self.call_lease(), provider.lookup(&target, &inv.transaction_uuid)).await;
                 record("lookup", &mut call, started);
-                // `None`: nothing under the key, so resend with the same key.
-                plan::after_lookup(step, &call.outcome, &symbol, Utc::now(), &timing, delay)
+                // `None`: nothing under the key, so resend with the same key; unless the
+                // worker began stopping during the lookup: a create now could outlast the
+                // drain, so it is handed back for an immediate lookup elsewhere.
+                match plan::after_lookup(step, &call.outcome, &symbol, Utc::now(), &timing, delay) {
+                    None if self.stopping.is_cancelled() => Some(Transition::Ambiguous {
+                        until: Utc::now(),
+                        error: "handed back on shutdown".into(),
+                    }),
+                    transition => transition,
+                }
             }
             Step::WaitUntil(_) | Step::WaitForOriginal | Step::Exhausted => Some(Transition::Ambiguous {
                 until: Utc::now(),
                 error: "internal: no call for this step".into(),
             }),
         };
+        let mut create_sent = false;
         let transition = match (looked_up, &prepared.prepared) {
             (Some(transition), _) => transition,
             (None, Some(valid)) if self.may_send(&inv, &owner, &mut lease_until, lost).await => {
@@ -843,10 +866,20 @@ impl Worker {
                 // the series slot, which can outlast other calls in the series, and an
                 // invoice dated before the series' latest one is refused by the provider.
                 prepared.doc.issued_at = started;
+                let send_by = self.send_by(lease_until);
                 let mut call =
-                    bounded(self.call_lease(), provider.create(&target, &prepared.doc, valid)).await;
-                record("create", &mut call, started);
-                plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
+                    bounded(self.call_lease(), provider.create(&target, &prepared.doc, valid, send_by)).await;
+                if call.outcome.code() == Some(providers::NOT_SENT) {
+                    // Nothing written: due again at once, uncounted (the token is cached now).
+                    Transition::Retry {
+                        next: Utc::now(),
+                        error: "not sent: the provider's login outlasted the call lease".into(),
+                    }
+                } else {
+                    create_sent = true;
+                    record("create", &mut call, started);
+                    plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
+                }
             }
             // This delivery lost the invoice (lease lost or taken over): send nothing; the
             // owner-fenced write below changes nothing either.
@@ -857,7 +890,14 @@ impl Worker {
             (None, None) => Transition::Failed { error: "validation failed".into() },
         };
         drop(target);
-        call_result(inv, expected_status, settle_owner, transition, &provider, attempts)
+        // Attempts count creates sent: a delivery that only looked up (or sent nothing) gives
+        // back what its take counted, unless it ends the invoice FAILED ("exhausted" keeps
+        // the count that exhausted it).
+        let uncounted =
+            step != Step::Poll && !create_sent && !matches!(transition, Transition::Failed { .. });
+        let mut result = call_result(inv, expected_status, settle_owner, transition, &provider, attempts);
+        result.settle.uncounted = uncounted;
+        result
     }
 }
 
@@ -872,7 +912,14 @@ fn call_result(
 ) -> CallResult {
     CallResult {
         attempts,
-        settle: Settle { invoice, expected_status, owner, transition, provider: provider.name().to_owned() },
+        settle: Settle {
+            invoice,
+            expected_status,
+            owner,
+            transition,
+            provider: provider.name().to_owned(),
+            uncounted: false,
+        },
     }
 }
 
@@ -1042,7 +1089,14 @@ fn prefail(inv: WorkInvoice, error: String) -> Settle {
     };
     let provider =
         inv.config_snapshot.get("provider").and_then(Value::as_str).unwrap_or("unknown").to_owned();
-    Settle { invoice: inv, expected_status, owner: None, transition: Transition::Failed { error }, provider }
+    Settle {
+        invoice: inv,
+        expected_status,
+        owner: None,
+        transition: Transition::Failed { error },
+        provider,
+        uncounted: false,
+    }
 }
 
 #[derive(Deserialize)]

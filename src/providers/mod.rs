@@ -116,6 +116,9 @@ impl Outcome {
     }
 }
 
+/// The code of a create that wrote nothing because its `send_by` had passed.
+pub const NOT_SENT: &str = "NOT_SENT";
+
 /// One provider call as it is recorded: the outcome, and the request and response with
 /// credentials and personal data redacted.
 #[derive(Debug, Clone)]
@@ -135,12 +138,15 @@ pub trait Provider: Send + Sync {
     /// The name in configurations and metrics (`viettel`).
     fn name(&self) -> &'static str;
 
-    /// Issues `doc` (or its replacement) under its transaction UUID.
+    /// Issues `doc` (or its replacement) under its transaction UUID. No request may be
+    /// written after `send_by` (the caller's lease would no longer cover the call): a
+    /// provider still waiting for a token then answers `Retryable` with code [`NOT_SENT`].
     fn create<'a>(
         &'a self,
         target: &'a Target,
         doc: &'a Document,
         prepared: &'a Prepared,
+        send_by: tokio::time::Instant,
     ) -> BoxFuture<'a, Call>;
 
     /// Looks up what the provider holds under `transaction_uuid`.

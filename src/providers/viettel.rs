@@ -170,7 +170,13 @@ impl Viettel {
         Ok(token.to_owned())
     }
 
-    async fn create_call(&self, target: &Target, doc: &Document, prepared: &Prepared) -> Call {
+    async fn create_call(
+        &self,
+        target: &Target,
+        doc: &Document,
+        prepared: &Prepared,
+        send_by: tokio::time::Instant,
+    ) -> Call {
         let started = Instant::now();
         let body = create_body(doc, prepared);
         let url = format!(
@@ -181,6 +187,12 @@ impl Viettel {
         let (client, url, sent_body) = (&self.client, &url, &body);
         let (outcome, response) = match self
             .authorized(target, |token| async move {
+                // The token may have taken a login (or a wait for another call's): past
+                // `send_by` the caller's lease no longer covers a whole call, so nothing is
+                // written (a crash now would let the next worker resend too early).
+                if tokio::time::Instant::now() > send_by {
+                    return (Outcome::Retryable { code: super::NOT_SENT.into(), retry_after: None }, None);
+                }
                 let sent = client
                     .post(url)
                     .header(reqwest::header::COOKIE, format!("access_token={token}"))
@@ -293,8 +305,9 @@ impl Provider for Viettel {
         target: &'a Target,
         doc: &'a Document,
         prepared: &'a Prepared,
+        send_by: tokio::time::Instant,
     ) -> BoxFuture<'a, Call> {
-        self.create_call(target, doc, prepared).boxed()
+        self.create_call(target, doc, prepared, send_by).boxed()
     }
 
     fn lookup<'a>(&'a self, target: &'a Target, transaction_uuid: &'a str) -> BoxFuture<'a, Call> {
@@ -379,7 +392,9 @@ pub fn classify_create(status: u16, body: &Value, retry_after: Option<Duration>)
         }
         (_, Some(code)) => classify_code(status, code, retry_after),
         (429, None) => Outcome::Retryable { code: "HTTP_429".into(), retry_after },
-        (503, None) => Outcome::Retryable { code: "HTTP_503".into(), retry_after },
+        // A bare 503 may come from a proxy that had already forwarded the request (Envoy's
+        // "upstream reset"): ambiguous, like any 5xx after sending (DOMAIN §7). A 503 with
+        // the provider's own error body is the provider refusing it: retried (below).
         (413 | 415, None) => Outcome::Permanent {
             code: format!("HTTP_{status}"),
             message: "the provider refused the request format".into(),
@@ -742,8 +757,14 @@ mod tests {
         assert!(matches!(classify_create(400, &vat, None), Outcome::Permanent { .. }));
         let serial = json!({"errorCode": "INVOICE_SERIAL_NOT_FOUND"});
         assert!(matches!(classify_create(200, &serial, None), Outcome::Permanent { .. }));
-        assert!(matches!(classify_create(503, &Value::Null, Some(Duration::from_secs(3))),
+        let refused = json!({"code": 503, "message": "SERVICE_UNAVAILABLE"});
+        assert!(matches!(classify_create(503, &refused, Some(Duration::from_secs(3))),
             Outcome::Retryable { retry_after: Some(d), .. } if d == Duration::from_secs(3)));
+        assert!(matches!(classify_create(503, &Value::Null, None), Outcome::Ambiguous { .. }));
+        assert!(matches!(
+            classify_create(503, &json!("<html>upstream reset</html>"), None),
+            Outcome::Ambiguous { .. }
+        ));
         assert!(matches!(classify_create(429, &Value::Null, None), Outcome::Retryable { .. }));
         assert!(matches!(classify_create(502, &Value::Null, None), Outcome::Ambiguous { .. }));
         assert!(matches!(

@@ -294,6 +294,10 @@ pub struct Settle {
     pub transition: Transition,
     /// Provider name for the event.
     pub provider: String,
+    /// Give back the attempt the take counted: this delivery sent no create (it only looked
+    /// up, or sent nothing) and the invoice stays unfinished. Attempts count creates sent, so
+    /// lookups failing while a provider is down cannot use up an invoice's attempts.
+    pub uncounted: bool,
 }
 
 /// The columns one settlement writes (see [`settle`]).
@@ -458,7 +462,14 @@ pub async fn settle(
     if settles.is_empty() && attempts.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<Row<'_>> = settles.iter().map(|s| row(&s.transition)).collect();
+    let rows: Vec<Row<'_>> = settles
+        .iter()
+        .map(|s| {
+            let row = row(&s.transition);
+            let attempts_delta = if s.uncounted { row.attempts_delta.min(-1) } else { row.attempts_delta };
+            Row { attempts_delta, ..row }
+        })
+        .collect();
     let (audits, events, replaced) = records(settles, events_topic, actor);
     // Moved, not cloned, into the columns: requests and responses are the bulk of the bytes.
     let mut attempts = attempts;

@@ -201,6 +201,8 @@ async fn a_timeout_after_issuing_is_found_by_lookup_and_never_issued_twice() {
         3
     );
     assert_eq!(s.scalar("SELECT count(*) FROM audit_log WHERE event_type = 'issuance_ambiguous'").await, 3);
+    // Attempts count creates sent: the lookups that found the three counted none.
+    assert_eq!(s.scalar("SELECT count(*) FROM invoice WHERE attempts = 1").await, 6);
     worker.stop().await.unwrap();
     s.stream.stop().await.unwrap();
 }
@@ -936,14 +938,22 @@ async fn the_simulator_catches_concurrent_creates_with_one_key_as_viettel_would_
         consumer_wording: Default::default(),
     };
     let prepared = document::validate(&doc).unwrap();
+    let far = tokio::time::Instant::now() + Duration::from_secs(600);
     // Two concurrent creates with one key: the provider issues twice (what we must never do).
-    let (a, b) =
-        tokio::join!(provider.create(&target, &doc, &prepared), provider.create(&target, &doc, &prepared));
+    let (a, b) = tokio::join!(
+        provider.create(&target, &doc, &prepared, far),
+        provider.create(&target, &doc, &prepared, far)
+    );
     assert!(matches!(a.outcome, Outcome::Issued(_)) && matches!(b.outcome, Outcome::Issued(_)));
     assert_eq!((sim.stats().overlaps, sim.stats().duplicates), (1, 1));
     // A repeat after they finished answers with the first invoice; a lookup finds it.
-    let c = provider.create(&target, &doc, &prepared).await;
+    let c = provider.create(&target, &doc, &prepared, far).await;
     assert_eq!(sim.stats().repeats, 1);
+    // Past its send-by instant (the worker's lease would not cover it) a create writes nothing.
+    let late =
+        provider.create(&target, &doc, &prepared, tokio::time::Instant::now() - Duration::from_secs(1)).await;
+    assert_eq!(late.outcome.code(), Some(invoice::providers::NOT_SENT));
+    assert_eq!(sim.stats().repeats, 1, "nothing reached the provider");
     let (Outcome::Issued(ia), Outcome::Issued(ib), Outcome::Issued(again)) =
         (&a.outcome, &b.outcome, &c.outcome)
     else {
