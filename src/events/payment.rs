@@ -190,12 +190,15 @@ pub fn parse(value: &[u8]) -> Result<Payment, Invalid> {
         Some(b @ Value::Object(_)) => {
             // serde's message would quote the value (a personal id number, say): name the
             // member and its JSON type only.
-            if let Some((member, value)) = b
-                .as_object()
-                .and_then(|m| m.iter().find(|(_, v)| !matches!(v, Value::String(_) | Value::Null)))
-            {
+            // Members the invoice does not use are ignored, whatever their type.
+            let known = ["name", "legalName", "taxCode", "address", "email", "phone"];
+            if let Some((member, value)) = b.as_object().and_then(|m| {
+                m.iter().find(|(k, v)| {
+                    known.contains(&k.as_str()) && !matches!(v, Value::String(_) | Value::Null)
+                })
+            }) {
                 return Err(Invalid::field(
-                    format!("buyer.{}", member.chars().take(64).collect::<String>()),
+                    format!("buyer.{member}"),
                     format!("expected a string or null, found {}", json_kind(value)),
                 ));
             }
@@ -304,6 +307,10 @@ mod tests {
             reason(|v| v["buyer"]["taxCode"] = json!(1203004567u64)),
             "buyer.taxCode: expected a string or null, found a number"
         );
+        // Members the invoice does not use may be anything (the schema allows them).
+        let mut v = example();
+        v["buyer"]["customerId"] = json!(42);
+        assert!(parse(v.to_string().as_bytes()).is_ok());
         assert_eq!(
             reason(|v| v["items"][0]["name"] = json!("bell\u{7}")),
             "items[0].name: contains the character U+0007, which an invoice cannot carry"

@@ -151,7 +151,8 @@ async fn submit(
         now: crate::storage::transaction_time(&mut tx).await?,
         asked_at: None,
     };
-    let submitted = claims::submit(&mut tx, &token_hash(token), buyer, &giver).await?;
+    let submitted =
+        claims::submit(&mut tx, &token_hash(token), buyer, &giver).await.map_err(super::values_refused)?;
     let (merchant_id, order_id, given) = match submitted {
         // A guess counts against the client like a GET's: POST is no way around the limit.
         Submitted::Unknown => return Ok(unknown(api, client, "POST")),

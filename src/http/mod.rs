@@ -107,7 +107,8 @@ pub async fn route(state: Arc<HttpState>, request: Request<Incoming>) -> Respons
     let matched = routes::find(method.as_str(), &path, state.api.is_some());
     // A declared body over the limit is refused on every route, before any handler (or its
     // authentication) runs; handlers that read a body also cap what they read. Webhook routes
-    // read theirs first thing and count the refusal among their rejections.
+    // check their signature headers first, then read theirs under their own (smaller) cap and
+    // count the refusal among their rejections.
     let is_webhook = matches!(&matched, Matched::Route(route, _)
         if matches!(route.id, RouteId::WebhookMerchant | RouteId::WebhookInternal));
     let declared_too_large =
@@ -487,18 +488,25 @@ impl From<crate::storage::StorageError> for Problem {
                 )
                 .with("retryAfterSeconds", serde_json::json!(5))
             }
-            // A data exception or a limit of the database (a NUL byte no check caught, an
-            // index row too large): the same values fail the same way, and nothing was written.
-            StorageError::Refused(reason) => {
-                tracing::warn!(error = %reason, "Postgres refused a request's values");
-                Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid-body",
-                    "a value in the request cannot be stored (for example a control character or an over-long value)",
-                )
-            }
             other => internal(&other),
         }
+    }
+}
+
+/// The error of a write of the request's own values: Postgres refusing those values (a data
+/// exception, a value too large for an index, one no check caught) is a 422, and nothing was
+/// written. Elsewhere a refusal is the server's fault, a 500 the caller may retry.
+pub fn values_refused(error: crate::storage::StorageError) -> Problem {
+    match error {
+        crate::storage::StorageError::Refused(reason) => {
+            tracing::warn!(error = %reason, "Postgres refused a request's values");
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-body",
+                "a value in the request cannot be stored (for example a control character or an over-long value)",
+            )
+        }
+        other => Problem::from(other),
     }
 }
 

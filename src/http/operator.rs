@@ -419,7 +419,7 @@ async fn put_config(
             "conflict",
             "a concurrent request changed this merchant's configuration; read it again and retry",
         ),
-        other => other.into(),
+        other => super::values_refused(other),
     })?;
     tracing::info!(merchantId = %merchant_id, sub = %principal.subject, "Provider configuration replaced");
     Ok(super::json(StatusCode::OK, &stored))

@@ -294,8 +294,9 @@ async fn process(
                 now,
                 asked_at: None,
             };
-            let (given, claim_closed) =
-                buyers::give(&mut tx, &d.merchant_id, &d.order_id, &buyer, &giver).await?;
+            let (given, claim_closed) = buyers::give(&mut tx, &d.merchant_id, &d.order_id, &buyer, &giver)
+                .await
+                .map_err(super::values_refused)?;
             claimed = claim_closed;
             if let Given::Refused(refusal) = given {
                 return Err(Problem::new(StatusCode::CONFLICT, "request-refused", refusal.to_string()));
@@ -310,7 +311,8 @@ async fn process(
                 &given,
                 &giver,
             )
-            .await?;
+            .await
+            .map_err(super::values_refused)?;
             if !recorded {
                 return Err(Problem::new(
                     StatusCode::CONFLICT,
@@ -342,7 +344,8 @@ async fn process(
                 &api.events_topic,
                 now,
             )
-            .await?
+            .await
+            .map_err(super::values_refused)?
             {
                 Cancelled::Done { invoice_id, .. } | Cancelled::Already { invoice_id } => {
                     tracing::info!(orderId = %d.order_id, merchantId = %d.merchant_id, invoiceId = invoice_id, "Invoice cancelled");
@@ -372,7 +375,8 @@ async fn process(
                 d.tax_authority_code.as_deref(),
                 &actor,
             )
-            .await?
+            .await
+            .map_err(super::values_refused)?
             {
                 Some(Ok(invoice_id)) => (
                     json!({"status": "processed", "type": "provider.status", "invoiceId": invoice_id.to_string()}),

@@ -708,17 +708,19 @@ impl Worker {
         *current = (*current).max(until);
     }
 
-    /// How long one provider call may take, everything included: its timeout plus a margin;
-    /// and never less than the provider's safe wait, as a worker that dies mid-call is
-    /// looked up by the next one as soon as this lease ends.
+    /// How long one provider call may take, everything included: its timeout plus a margin.
+    /// And a create checked at `send_by` (a call lease before the lease ends) is written
+    /// within the client's connect timeout; a worker that dies mid-call is looked up by the
+    /// next one as soon as the lease ends, so the lease also covers that and the safe wait.
     fn call_lease(&self) -> Duration {
         let timeout = self.deps.settings.provider_timeout;
-        (timeout + Duration::from_secs(5).min(timeout)).max(self.deps.settings.provider_safe_wait)
+        let connect = providers::connect_timeout(timeout);
+        (timeout + Duration::from_secs(5).min(timeout)).max(self.deps.settings.provider_safe_wait + connect)
     }
 
     /// The latest instant a create may still be written under a lease ending at
     /// `lease_until`: one whole call lease before it. A provider waiting for its login
-    /// (another call's, or a slow one) past this sends nothing ([`providers::NOT_SENT`]).
+    /// (another call's, or a slow one) past this writes nothing ([`providers::NOT_SENT`]).
     fn send_by(&self, lease_until: DateTime<Utc>) -> tokio::time::Instant {
         let left = (lease_until - Utc::now()).to_std().unwrap_or_default();
         tokio::time::Instant::now() + left.saturating_sub(self.call_lease())
@@ -738,7 +740,8 @@ impl Worker {
             return false;
         }
         // A margin for the provider's login before the request is written (see `send_by`).
-        let needed = plan::at(Utc::now(), self.call_lease() + SEND_MARGIN);
+        // (At most half a call lease: a renewal gives two, so one always leaves the margin.)
+        let needed = plan::at(Utc::now(), self.call_lease() + SEND_MARGIN.min(self.call_lease() / 2));
         if needed <= *lease_until {
             return true;
         }
@@ -857,6 +860,7 @@ impl Worker {
                 error: "internal: no call for this step".into(),
             }),
         };
+        // Whether a create was attempted (attempts count those).
         let mut create_sent = false;
         let transition = match (looked_up, &prepared.prepared) {
             (Some(transition), _) => transition,
@@ -866,20 +870,15 @@ impl Worker {
                 // the series slot, which can outlast other calls in the series, and an
                 // invoice dated before the series' latest one is refused by the provider.
                 prepared.doc.issued_at = started;
+                // A create the provider declined to write for lack of lease ([`NOT_SENT`], a
+                // login slower than the margin) is retried with backoff and counted like any
+                // other: a login that is always that slow must end in FAILED, not loop.
                 let send_by = self.send_by(lease_until);
                 let mut call =
                     bounded(self.call_lease(), provider.create(&target, &prepared.doc, valid, send_by)).await;
-                if call.outcome.code() == Some(providers::NOT_SENT) {
-                    // Nothing written: due again at once, uncounted (the token is cached now).
-                    Transition::Retry {
-                        next: Utc::now(),
-                        error: "not sent: the provider's login outlasted the call lease".into(),
-                    }
-                } else {
-                    create_sent = true;
-                    record("create", &mut call, started);
-                    plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
-                }
+                create_sent = true;
+                record("create", &mut call, started);
+                plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
             }
             // This delivery lost the invoice (lease lost or taken over): send nothing; the
             // owner-fenced write below changes nothing either.

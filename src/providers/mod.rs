@@ -116,6 +116,12 @@ impl Outcome {
     }
 }
 
+/// How long a provider client may take to connect, for a call of `timeout`: a request
+/// checked against its send-by instant is written at most this much later.
+pub fn connect_timeout(timeout: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(10).min(timeout)
+}
+
 /// The code of a create that wrote nothing because its `send_by` had passed.
 pub const NOT_SENT: &str = "NOT_SENT";
 

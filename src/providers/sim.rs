@@ -43,6 +43,10 @@ pub struct Knobs {
     pub fail_first: u32,
     /// Status of injected transient failures (503, 429, …).
     pub fail_status: u16,
+    /// Injected failures come with an empty body, as from a proxy in front of the provider
+    /// (which may have forwarded the request: a bare 5xx is ambiguous), not the provider's
+    /// own error document.
+    pub fail_bare: bool,
     /// Share of creates refused permanently (`INVOICE_SERIAL_NOT_FOUND`).
     pub permanent_rate: f64,
     /// The next N creates are refused permanently.
@@ -74,6 +78,7 @@ impl Default for Knobs {
             fail_rate: 0.0,
             fail_first: 0,
             fail_status: 503,
+            fail_bare: false,
             permanent_rate: 0.0,
             permanent_first: 0,
             timeout_rate: 0.0,
@@ -360,7 +365,7 @@ impl Sim {
                 &json!({"code": 400, "message": "IVI_TOTAL_A_WITHOUT_TAX_AND_UP_QUAN_NOT_COMPARED", "data": ""}),
             );
         }
-        let (latency, fail, fail_status, permanent, timeout, hang, accept_only, number_delay) = {
+        let (latency, fail, permanent, timeout, hang, accept_only, number_delay) = {
             let mut k = self.lock_knobs();
             let (fail_rate, permanent_rate, timeout_rate, accept_rate) =
                 (k.fail_rate, k.permanent_rate, k.timeout_rate, k.accept_without_number_rate);
@@ -368,7 +373,8 @@ impl Sim {
             let permanent = !fail && take(&mut k.permanent_first, permanent_rate);
             let timeout = !fail && !permanent && take(&mut k.timeout_first, timeout_rate);
             let accept_only = !fail && !permanent && take(&mut k.accept_without_number_first, accept_rate);
-            (k.latency_ms, fail, k.fail_status, permanent, timeout, k.hang_ms, accept_only, k.number_delay_ms)
+            let fail = fail.then_some((k.fail_status, k.fail_bare));
+            (k.latency_ms, fail, permanent, timeout, k.hang_ms, accept_only, k.number_delay_ms)
         };
         let arrived = Instant::now();
         let series = format!(
@@ -394,8 +400,7 @@ impl Sim {
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
-        let response =
-            self.issue(&body, &uuid, arrived, fail, fail_status, permanent, accept_only, number_delay);
+        let response = self.issue(&body, &uuid, arrived, fail, permanent, accept_only, number_delay);
         drop(in_flight);
         if timeout {
             self.lock_inner().stats.injected_timeouts += 1;
@@ -410,16 +415,20 @@ impl Sim {
         body: &Value,
         uuid: &str,
         arrived: Instant,
-        fail: bool,
-        fail_status: u16,
+        fail: Option<(u16, bool)>,
         permanent: bool,
         accept_only: bool,
         number_delay: u64,
     ) -> Response<Body> {
         let mut inner = self.lock_inner();
-        if fail {
+        if let Some((fail_status, bare)) = fail {
             inner.stats.injected_failures += 1;
             let status = StatusCode::from_u16(fail_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            if bare {
+                let mut response = Response::new(Body::from(Vec::new()));
+                *response.status_mut() = status;
+                return response;
+            }
             return reply(
                 status,
                 &json!({"code": fail_status, "message": "SERVICE_UNAVAILABLE", "data": "injected"}),

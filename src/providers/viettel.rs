@@ -84,7 +84,7 @@ impl Viettel {
     pub fn new(settings: Settings) -> Result<Viettel, ProviderInitError> {
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
-            .connect_timeout(Duration::from_secs(10).min(settings.timeout))
+            .connect_timeout(super::connect_timeout(settings.timeout))
             .pool_max_idle_per_host(settings.max_idle_per_host)
             // A burst's connections are not kept open long after it.
             .pool_idle_timeout(Duration::from_secs(30))
@@ -238,17 +238,20 @@ impl Viettel {
         F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = (Outcome, Option<Value>)>,
     {
-        let mut rejected: Option<String> = None;
-        loop {
-            let retried = rejected.is_some();
-            let token = self.token(target, rejected.as_deref()).await?;
-            let (outcome, response) = send(token.clone()).await;
-            if outcome == token_expired() && !retried {
-                rejected = Some(token);
-                continue;
-            }
-            return Ok((outcome, response));
+        let token = self.token(target, None).await?;
+        let first = send(token.clone()).await;
+        if first.0 != token_expired() {
+            return Ok(first);
         }
+        // One re-login; a login that fails is the outcome (refused credentials are permanent).
+        let token = self.token(target, Some(&token)).await?;
+        let second = send(token).await;
+        // A resend past its send-by instant wrote nothing; the first request was written
+        // and refused: that is what to record (and count).
+        if matches!(&second.0, Outcome::Retryable { code, .. } if code == super::NOT_SENT) {
+            return Ok(first);
+        }
+        Ok(second)
     }
 
     async fn lookup_call(&self, target: &Target, transaction_uuid: &str) -> Call {

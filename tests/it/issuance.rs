@@ -208,6 +208,30 @@ async fn a_timeout_after_issuing_is_found_by_lookup_and_never_issued_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_503_may_have_been_forwarded_so_it_is_looked_up_before_any_resend() {
+    // A proxy's 503 with no provider error body: the request may have reached the provider.
+    let s = setup(Knobs { fail_first: 2, fail_bare: true, ..Knobs::default() }, "immediate").await;
+    let worker = TestWorker::spawn(&s.env).await;
+    s.pay((0..2).map(|i| format!("ORD-B-{i}"))).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'ISSUED'", 2).await;
+    assert_eq!(s.sim.stats().injected_failures, 2);
+    s.assert_one_provider_invoice_each().await;
+    let attempts = |operation: &str, outcome: &str| {
+        format!(
+            "SELECT count(*) FROM issuance_attempt WHERE operation = '{operation}' AND outcome = '{outcome}'"
+        )
+    };
+    assert_eq!(s.scalar(&attempts("create", "ambiguous")).await, 2);
+    // Each was looked up (nothing there) before its one resend.
+    assert_eq!(s.scalar(&attempts("lookup", "not_found")).await, 2);
+    assert_eq!(s.scalar(&attempts("create", "issued")).await, 2);
+    // Two creates sent each; the lookups counted nothing.
+    assert_eq!(s.scalar("SELECT count(*) FROM invoice WHERE attempts = 2").await, 2);
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_without_a_number_is_submitted_then_issued() {
     let s = setup(
         Knobs { accept_without_number_first: 2, number_delay_ms: 1_500, latency_ms: 0, ..Knobs::default() },
