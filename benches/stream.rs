@@ -745,6 +745,8 @@ async fn main() {
             "APP_ENV_INVOICE_PROVIDER_SERIES_CONCURRENCY".into(),
             env_usize("BENCH_SERIES_CONCURRENCY", 64).to_string(),
         ),
+        // The provider simulator listens on loopback.
+        ("APP_ENV_INVOICE_PROVIDER_ALLOW_PRIVATE_NETWORKS".into(), "true".into()),
     ]);
     // Any service setting can be tried from the bench's own environment
     // (`APP_ENV_INVOICE_STREAM_BATCH_LINGER_MS=20 make bench`); the run's names stay its own.

@@ -95,6 +95,7 @@ pub fn providers(cfg: &Config) -> anyhow::Result<crate::providers::Registry> {
         timeout: cfg.issuance.provider_timeout,
         concurrency_per_series: cfg.issuance.series_concurrency,
         max_idle_per_host: cfg.issuance.concurrency,
+        allow_private_networks: cfg.issuance.allow_private_networks,
     })?)
 }
 
@@ -262,6 +263,7 @@ fn api_deps(cfg: &Config, base: &Base, stop: &CancellationToken) -> anyhow::Resu
             Duration::from_secs(600),
         ),
         trusted_proxies: auth_cfg.trusted_proxies.clone(),
+        allow_private_networks: cfg.issuance.allow_private_networks,
         metrics: base.metrics.clone(),
     }))
 }

@@ -368,6 +368,10 @@ pub struct Issuance {
     /// First legal day a consumer buyer is printed as "Bán cho người tiêu dùng"
     /// (`CONSUMER_WORDING_FROM`, 2026-07-01; `never`).
     pub consumer_wording: ConsumerWording,
+    /// Whether provider endpoints may be on loopback or private networks
+    /// (`PROVIDER_ALLOW_PRIVATE_NETWORKS`, false): development, the simulator, or a
+    /// provider gateway inside the network. See `providers::egress`.
+    pub allow_private_networks: bool,
 }
 
 impl Default for Issuance {
@@ -388,6 +392,7 @@ impl Default for Issuance {
             series_concurrency: 4,
             series_wait: Duration::from_secs(30),
             consumer_wording: ConsumerWording::default(),
+            allow_private_networks: false,
         }
     }
 }
@@ -636,6 +641,14 @@ impl Config {
             series_concurrency: number("PROVIDER_SERIES_CONCURRENCY", 4, 1..=10_000)? as usize,
             series_wait: ms("PROVIDER_SERIES_WAIT_MS", 30_000, 100..=3_600_000)?,
             consumer_wording,
+            allow_private_networks: {
+                let name = var("PROVIDER_ALLOW_PRIVATE_NETWORKS");
+                match get(&name).as_deref().map(str::trim) {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(_) => return Err(ConfigError::new(&name, "`true` or `false`")),
+                }
+            },
         };
 
         let mut http_auth = if mode.serves_http() {

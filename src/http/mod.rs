@@ -73,6 +73,8 @@ pub struct Api {
     pub claim_limiter: rate_limit::FailureLimiter,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Whether provider endpoints may be on loopback or private networks.
+    pub allow_private_networks: bool,
     /// Metrics.
     pub metrics: Metrics,
 }

@@ -304,7 +304,9 @@ impl std::fmt::Debug for ConfigBody {
 }
 
 /// Validates a configuration body; the detail names the member.
-pub fn validate_config(body: &ConfigBody) -> Result<(), String> {
+/// `allow_private_networks`: whether the endpoint may be on loopback or a private network
+/// (see `providers::egress`; calls are checked again when made).
+pub fn validate_config(body: &ConfigBody, allow_private_networks: bool) -> Result<(), String> {
     if !crate::providers::KNOWN.contains(&body.provider.as_str()) {
         return Err(format!("provider must be one of {}", crate::providers::KNOWN.join(", ")));
     }
@@ -312,6 +314,13 @@ pub fn validate_config(body: &ConfigBody) -> Result<(), String> {
     let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
     if !(url.scheme() == "https" || (url.scheme() == "http" && loopback)) || body.endpoint.len() > 500 {
         return Err("endpoint must be an https URL (http only on loopback)".into());
+    }
+    if !allow_private_networks {
+        if let Some(reason) = crate::providers::egress::literal_refused(&body.endpoint) {
+            return Err(format!(
+                "endpoint: {reason}; set APP_ENV_INVOICE_PROVIDER_ALLOW_PRIVATE_NETWORKS=true where that is intended"
+            ));
+        }
     }
     if body.endpoint.chars().any(char::is_control) {
         return Err("endpoint must not contain control characters".into());
@@ -390,7 +399,7 @@ async fn put_config(
         return Err(bad_request("merchantId must be 1-128 characters"));
     }
     let config: ConfigBody = parse_json(body)?;
-    validate_config(&config)
+    validate_config(&config, api.allow_private_networks)
         .map_err(|detail| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-config", detail))?;
     let credentials = serde_json::to_vec(&config.credentials).map_err(|e| super::internal(&e))?;
     let names: Vec<String> = config.credentials.keys().cloned().collect();
@@ -460,7 +469,7 @@ mod tests {
 
     #[test]
     fn a_good_configuration_passes_and_each_bad_member_is_named() {
-        assert_eq!(validate_config(&body()), Ok(()));
+        assert_eq!(validate_config(&body(), false), Ok(()));
         let cases: Vec<(ConfigBody, &str)> = vec![
             (ConfigBody { provider: "misa".into(), ..body() }, "provider"),
             (ConfigBody { endpoint: "http://example.com/api".into(), ..body() }, "endpoint"),
@@ -478,14 +487,20 @@ mod tests {
             ),
         ];
         for (config, member) in cases {
-            let err = validate_config(&config).unwrap_err();
+            let err = validate_config(&config, false).unwrap_err();
             assert!(err.starts_with(member), "{member}: {err}");
         }
         let local = ConfigBody {
             endpoint: "http://127.0.0.1:31150/services/einvoiceapplication/api".into(),
             ..body()
         };
-        assert_eq!(validate_config(&local), Ok(()));
+        // Loopback (the simulator) only where private networks are allowed.
+        assert_eq!(validate_config(&local, true), Ok(()));
+        assert!(validate_config(&local, false)
+            .unwrap_err()
+            .starts_with("endpoint: the provider endpoint is a private"));
+        let metadata = ConfigBody { endpoint: "https://169.254.169.254/latest".into(), ..body() };
+        assert!(validate_config(&metadata, false).unwrap_err().starts_with("endpoint"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`sim`]: `invoice provider-sim`, a local server speaking the same API, for `make run`,
 //!   tests and benchmarks.
 
+pub mod egress;
 pub mod sim;
 pub mod viettel;
 

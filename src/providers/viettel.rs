@@ -35,11 +35,18 @@ pub struct Settings {
     /// (its worker concurrency). Fewer made every call beyond them open a connection and
     /// close it afterwards; in `make bench`, one call in eight.
     pub max_idle_per_host: usize,
+    /// Whether calls may reach loopback and private networks (see [`super::egress`]).
+    pub allow_private_networks: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { timeout: Duration::from_secs(90), concurrency_per_series: 4, max_idle_per_host: 64 }
+        Settings {
+            timeout: Duration::from_secs(90),
+            concurrency_per_series: 4,
+            max_idle_per_host: 64,
+            allow_private_networks: false,
+        }
     }
 }
 
@@ -82,7 +89,11 @@ type TokenSlot = Arc<Mutex<Option<(String, Instant)>>>;
 impl Viettel {
     /// An adapter with its own connection pool.
     pub fn new(settings: Settings) -> Result<Viettel, ProviderInitError> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(resolver) = super::egress::resolver(settings.allow_private_networks) {
+            builder = builder.dns_resolver(resolver);
+        }
+        let client = builder
             .timeout(settings.timeout)
             .connect_timeout(super::connect_timeout(settings.timeout))
             .pool_max_idle_per_host(settings.max_idle_per_host)
@@ -238,6 +249,11 @@ impl Viettel {
         F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = (Outcome, Option<Value>)>,
     {
+        if !self.settings.allow_private_networks {
+            if let Some(reason) = super::egress::literal_refused(&target.endpoint) {
+                return Err(Outcome::Permanent { code: "ENDPOINT_NOT_ALLOWED".into(), message: reason });
+            }
+        }
         let token = self.token(target, None).await?;
         let first = send(token.clone()).await;
         if first.0 != token_expired() {

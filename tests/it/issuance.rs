@@ -232,6 +232,28 @@ async fn a_bare_503_may_have_been_forwarded_so_it_is_looked_up_before_any_resend
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_provider_endpoint_on_loopback_is_never_called() {
+    // Production's default: a configuration aiming the workers at this machine (the simulator
+    // here, the cluster's own services in production) sends nothing, not even a login.
+    let s = setup_with(Knobs::default(), "immediate", |env| {
+        env.remove("APP_ENV_INVOICE_PROVIDER_ALLOW_PRIVATE_NETWORKS");
+    })
+    .await;
+    let worker = TestWorker::spawn(&s.env).await;
+    s.pay(["ORD-E-1".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'FAILED'", 1).await;
+    let error: String = sqlx::query_scalar("SELECT last_error FROM invoice WHERE order_id = 'ORD-E-1'")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert!(error.starts_with("ENDPOINT_NOT_ALLOWED"), "{error}");
+    let stats = s.sim.stats();
+    assert_eq!((stats.logins, stats.creates, stats.lookups), (0, 0, 0), "{stats:?}");
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_without_a_number_is_submitted_then_issued() {
     let s = setup(
         Knobs { accept_without_number_first: 2, number_delay_ms: 1_500, latency_ms: 0, ..Knobs::default() },

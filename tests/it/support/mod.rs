@@ -227,6 +227,8 @@ pub fn base_env(db_url: &str) -> HashMap<String, String> {
         ("APP_ENV_INVOICE_JWKS_URL".to_owned(), "http://127.0.0.1:9/jwks.json".to_owned()),
         ("APP_ENV_INVOICE_JWT_ISSUER".to_owned(), "https://auth.test".to_owned()),
         ("APP_ENV_INVOICE_JWT_AUDIENCE".to_owned(), "invoice".to_owned()),
+        // The provider simulator listens on loopback.
+        ("APP_ENV_INVOICE_PROVIDER_ALLOW_PRIVATE_NETWORKS".to_owned(), "true".to_owned()),
     ])
 }
 
