@@ -950,7 +950,11 @@ async fn the_simulator_catches_concurrent_creates_with_one_key_as_viettel_would_
     use invoice::domain::money::{self, LineInput, VatRate};
     use invoice::providers::{viettel, Outcome, Provider, Target};
     let sim = TestSim::spawn(Knobs { latency_ms: 200, ..Knobs::default() }).await;
-    let provider = viettel::Viettel::new(viettel::Settings::default()).unwrap();
+    let provider = viettel::Viettel::new(viettel::Settings {
+        allow_private_networks: true,
+        ..viettel::Settings::default()
+    })
+    .unwrap();
     let target = Target {
         endpoint: sim.endpoint(),
         supplier_tax_code: "0100109106".into(),
