@@ -889,7 +889,7 @@ impl Worker {
             (None, None) => Transition::Failed { error: "validation failed".into() },
         };
         drop(target);
-        // Attempts count creates sent: a delivery that only looked up (or sent nothing) gives
+        // Attempts count creates attempted: a delivery that only looked up (or sent nothing) gives
         // back what its take counted, unless it ends the invoice FAILED ("exhausted" keeps
         // the count that exhausted it).
         let uncounted =

@@ -91,7 +91,9 @@ impl Viettel {
     pub fn new(settings: Settings) -> Result<Viettel, ProviderInitError> {
         let mut builder = reqwest::Client::builder();
         if let Some(resolver) = super::egress::resolver(settings.allow_private_networks) {
-            builder = builder.dns_resolver(resolver);
+            // A proxy from the environment would resolve and connect in our stead, past the
+            // resolver's check: with the egress policy on, calls go direct.
+            builder = builder.dns_resolver(resolver).no_proxy();
         }
         let client = builder
             .timeout(settings.timeout)
@@ -366,6 +368,10 @@ fn transport_code(e: &reqwest::Error) -> String {
 /// A transport failure: before the request left (connect) nothing was sent, so a resend is
 /// safe; after it, the provider may have acted.
 fn transport_outcome(e: &reqwest::Error, after_sending_matters: bool) -> Outcome {
+    // A name the egress policy refused: nothing was sent, and retrying changes nothing.
+    if let Some(reason) = super::egress::refused_name(e) {
+        return Outcome::Permanent { code: "ENDPOINT_NOT_ALLOWED".into(), message: reason };
+    }
     if e.is_connect() || !after_sending_matters {
         Outcome::Retryable { code: transport_code(e), retry_after: None }
     } else {

@@ -295,7 +295,7 @@ pub struct Settle {
     /// Provider name for the event.
     pub provider: String,
     /// Give back the attempt the take counted: this delivery sent no create (it only looked
-    /// up, or sent nothing) and the invoice stays unfinished. Attempts count creates sent, so
+    /// up, or sent nothing) and the invoice stays unfinished. Attempts count creates attempted, so
     /// lookups failing while a provider is down cannot use up an invoice's attempts.
     pub uncounted: bool,
 }

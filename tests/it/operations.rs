@@ -278,6 +278,8 @@ fn the_values_schema_refuses_secrets_in_values_and_malformed_settings() {
         "config.extraEnv.APP_ENV_INVOICE_WORKER_ID=3",
         // Set by the chart from its own values: a second key would be ambiguous.
         "config.extraEnv.APP_ENV_INVOICE_PROVIDER_TIMEOUT_MS=300000",
+        "config.extraEnv.APP_ENV_INVOICE_PROVIDER_ALLOW_PRIVATE_NETWORKS=true",
+        "config.providerAllowPrivateNetworks=maybe",
         "config.extraEnv.APP_ENV_INVOICE_HTTP_ADDR=0.0.0.0:8080",
         "config.extraEnv.SOMETHING_ELSE=1",
         "config.logFormat=xml",
