@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use super::{route, HttpState, Peer};
 
@@ -100,12 +100,24 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
     let shared = ServiceBuilder::new()
         .map_request(drop_unusable_request_id)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<Incoming>| {
-            let request_id =
-                request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-            let route = super::routes::loggable(request.method().as_str(), request.uri().path());
-            tracing::info_span!("http", method = super::method_label(request.method()), route, request_id)
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<Incoming>| {
+                    let request_id =
+                        request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                    let route = super::routes::loggable(request.method().as_str(), request.uri().path());
+                    tracing::info_span!(
+                        "http",
+                        method = super::method_label(request.method()),
+                        route,
+                        request_id
+                    )
+                })
+                // A 5xx is already logged where it is made, with its cause (an internal error at ERROR,
+                // an unavailable dependency or a readiness probe's 503 at WARN): this line adds only
+                // the status and latency, and at ERROR it made every failing readiness probe an error.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)),
+        )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(CatchPanicLayer::custom(panic_response))
         .service(tower::service_fn(move |request: Request<Incoming>| {
