@@ -860,8 +860,8 @@ impl Worker {
                 error: "internal: no call for this step".into(),
             }),
         };
-        // Whether a create was attempted (attempts count those).
-        let mut create_sent = false;
+        // Attempts count creates attempted, whatever their outcome (`NOT_SENT` included).
+        let mut create_attempted = false;
         let transition = match (looked_up, &prepared.prepared) {
             (Some(transition), _) => transition,
             (None, Some(valid)) if self.may_send(&inv, &owner, &mut lease_until, lost).await => {
@@ -876,7 +876,7 @@ impl Worker {
                 let send_by = self.send_by(lease_until);
                 let mut call =
                     bounded(self.call_lease(), provider.create(&target, &prepared.doc, valid, send_by)).await;
-                create_sent = true;
+                create_attempted = true;
                 record("create", &mut call, started);
                 plan::after_create(&call.outcome, attempt, &symbol, Utc::now(), &timing, delay)
             }
@@ -893,7 +893,7 @@ impl Worker {
         // back what its take counted, unless it ends the invoice FAILED ("exhausted" keeps
         // the count that exhausted it).
         let uncounted =
-            step != Step::Poll && !create_sent && !matches!(transition, Transition::Failed { .. });
+            step != Step::Poll && !create_attempted && !matches!(transition, Transition::Failed { .. });
         let mut result = call_result(inv, expected_status, settle_owner, transition, &provider, attempts);
         result.settle.uncounted = uncounted;
         result

@@ -294,9 +294,10 @@ pub struct Settle {
     pub transition: Transition,
     /// Provider name for the event.
     pub provider: String,
-    /// Give back the attempt the take counted: this delivery sent no create (it only looked
-    /// up, or sent nothing) and the invoice stays unfinished. Attempts count creates attempted, so
-    /// lookups failing while a provider is down cannot use up an invoice's attempts.
+    /// Give back the attempt the take counted: this delivery attempted no create (it only
+    /// looked up, or sent nothing) and does not end the invoice FAILED. Attempts count creates
+    /// attempted, so lookups failing while a provider is down cannot use up an invoice's
+    /// attempts.
     pub uncounted: bool,
 }
 
