@@ -213,7 +213,7 @@ fn every_feature_on_renders_keda_capped_at_the_partitions_monitoring_and_the_das
     let rule = named(&objects, "PrometheusRule", "inv-invoice");
     assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
     let alerts = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
-    assert_eq!(alerts.len(), 16);
+    assert_eq!(alerts.len(), 17);
     for alert in alerts {
         let url = alert["annotations"]["runbook_url"].as_str().unwrap();
         assert!(
@@ -368,7 +368,7 @@ fn metric_names_are_read_from_promql() {
 #[test]
 fn every_alert_passes_promtool_and_its_runbook_link_names_a_runbook_section() {
     let checked = run("promtool", &["check", "rules", "helm/invoice/alerts/invoice-rules.yaml"]).unwrap();
-    assert!(checked.contains("SUCCESS: 16 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 17 rules found"), "{checked}");
     let tested = run("promtool", &["test", "rules", "helm/invoice/alerts/tests.yaml"]).unwrap();
     assert!(tested.contains("SUCCESS"), "{tested}");
     let runbook =
@@ -398,7 +398,7 @@ fn every_alert_passes_promtool_and_its_runbook_link_names_a_runbook_section() {
         );
         linked += 1;
     }
-    assert_eq!(linked, 16);
+    assert_eq!(linked, 17);
 }
 
 #[test]
