@@ -88,6 +88,16 @@ async fn payments_become_invoices_with_claims_audit_events_and_offsets() {
     assert_eq!(snapshot["series"], "C26TAA");
     assert!(snapshot["credentials"]["ciphertext"].is_string());
     assert!(!snapshot.to_string().contains("\"password\""));
+    // Each invoice has its own merchant's snapshot (a batch sends each distinct one once).
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT count(*) FROM invoice WHERE config_snapshot->>'configId' <> provider_config_id::text"
+        )
+        .await,
+        0
+    );
+    assert_eq!(scalar(&db, "SELECT count(DISTINCT config_snapshot->>'configId') FROM invoice").await, 2);
     // Stored offsets cover every payment: 31 messages over 3 partitions.
     assert_eq!(
         scalar(
