@@ -313,8 +313,9 @@ pub struct Writes {
 /// Everything a batch writes, one statement (see [`Writes::write`]): first the partition's
 /// offset moved by compare-and-set (`$52`-`$56`: topic, group, partition, expected next offset
 /// or `NULL` for a partition never stored, new next offset), then, only if it moved, the
-/// invoices (`$1`-`$18`; `$16` indexes the batch's distinct config snapshots, `$58`), the claims, the decisions, the request joins, the audit rows and the
-/// outbox rows. A statement of empty arrays moves the offset only.
+/// invoices (`$1`-`$18`; `$16` indexes the batch's distinct config snapshots, `$58`), the
+/// claims, the decisions, the request joins, the audit rows and the outbox rows. A statement
+/// of empty arrays moves the offset only.
 ///
 /// One statement is atomic by itself: no BEGIN and COMMIT round trips. The offset row is
 /// locked before any row is written (every write reads `fence`), so a second owner of the
