@@ -31,10 +31,10 @@ const IDLE_MAX: Duration = Duration::from_millis(20);
 /// How long a claim loop waits after a claim that emptied its partition: jobs trickling in
 /// then go out in batches rather than one claim (and one batch of round trips) each, and
 /// the polls of a nearly idle queue stop costing Redis and the service more than the work.
-/// Small next to any provider call. Each batch costs three Postgres statements and two Redis
-/// scripts whatever its size: at 500 payments/s, 15 ms instead of 5 took batches from 2.2 to
-/// 3.0 invoices and the CPU per payment down by 6 %, for 3 ms more at the median.
-const GATHER: Duration = Duration::from_millis(15);
+/// Small next to any provider call. A longer gather (15 ms) was measured: batches at 500/s
+/// grew from 2.2 to 3.0 invoices, but the CPU per payment fell by 6 % in one run and not at
+/// all in the full benchmark, while the median latency rose by 3–5 ms.
+const GATHER: Duration = Duration::from_millis(5);
 /// How long a finished call waits for the slower calls of its batch before it is settled
 /// without them. One slow provider (its timeout is 90 s) must not hold back the other
 /// merchants' invoices of the batch, nor their worker slots, for the length of its call;
