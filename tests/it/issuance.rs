@@ -65,6 +65,15 @@ impl Setup {
         }
     }
 
+    /// A second merchant beside `M-1`: its TaxInfo through CDC and provider configuration
+    /// `config_id` at the simulator; returns once the stream has stored the TaxInfo.
+    async fn add_merchant(&self, merchant: &str, tax: Value, config_id: i64) {
+        let value = cdc("c", merchant, tax, 10 + config_id).to_string();
+        produce(&producer(), &self.topics.names.merchant_cdc, merchant, Some(value.as_bytes()), &[]).await;
+        insert_provider_config_at(&self.db, merchant, config_id, &self.sim.endpoint()).await;
+        self.wait_count("SELECT count(*) FROM merchant_tax_info", 2).await;
+    }
+
     async fn scalar(&self, sql: &str) -> i64 {
         let v: Option<Option<i64>> = sqlx::query_scalar(sql).fetch_optional(&self.db.pool).await.unwrap();
         v.flatten().unwrap_or(-1)
@@ -548,11 +557,8 @@ async fn batches_mixing_two_series_with_one_slot_each_never_wait_on_each_other()
     // A second merchant (its own seller tax code, so the simulator counts its series apart).
     let mut second = tax("immediate");
     second["taxCode"] = json!("0101243150");
+    s.add_merchant("M-2", second, 2).await;
     let p = producer();
-    let cdc_value = cdc("c", "M-2", second, 11).to_string();
-    produce(&p, &s.topics.names.merchant_cdc, "M-2", Some(cdc_value.as_bytes()), &[]).await;
-    insert_provider_config_at(&s.db, "M-2", 2, &s.sim.endpoint()).await;
-    s.wait_count("SELECT count(*) FROM merchant_tax_info", 2).await;
     let a = TestWorker::spawn(&s.env).await;
     let b = TestWorker::spawn(&s.env).await;
     for i in 0..60 {
@@ -579,11 +585,8 @@ async fn a_merchant_whose_tax_info_has_no_tax_code_is_invoiced_under_its_provide
     let s = setup(Knobs::default(), "immediate").await;
     let mut untaxed = tax("immediate");
     untaxed.as_object_mut().unwrap().remove("taxCode");
+    s.add_merchant("M-3", untaxed, 3).await;
     let p = producer();
-    let cdc_value = cdc("c", "M-3", untaxed, 12).to_string();
-    produce(&p, &s.topics.names.merchant_cdc, "M-3", Some(cdc_value.as_bytes()), &[]).await;
-    insert_provider_config_at(&s.db, "M-3", 3, &s.sim.endpoint()).await;
-    s.wait_count("SELECT count(*) FROM merchant_tax_info", 2).await;
     let worker = TestWorker::spawn(&s.env).await;
     let value = payment(&uuid::Uuid::new_v4().to_string(), "ORD-NT-1", "M-3").to_string();
     produce(&p, &s.topics.names.payment, "ORD-NT-1", Some(value.as_bytes()), &[]).await;
