@@ -142,27 +142,36 @@ pub struct Retry<'a> {
 const ENQUEUE: &str = r#"
 -- KEYS: wait state job att dlq err ; ARGV: id payload [id payload ...] ; returns 1/0 per id
 -- A dead job is revived: whoever enqueues read Postgres, which says the order is due again.
+-- A new job has no `att` field (HINCRBY counts from nothing). The payloads and the line are
+-- written with one command each, not one per job: every write is also an AOF entry.
 local out = {}
+local payloads = {}
+local ids = {}
 for i = 1, #ARGV, 2 do
   local id = ARGV[i]
-  local state = redis.call('HGET', KEYS[2], id)
-  if state == 'dead' then
+  local new = redis.call('HSETNX', KEYS[2], id, 'waiting') == 1
+  if not new and redis.call('HGET', KEYS[2], id) == 'dead' then
     redis.call('ZREM', KEYS[5], id)
     redis.call('HDEL', KEYS[6], id)
+    redis.call('HDEL', KEYS[4], id)
     redis.call('HSET', KEYS[2], id, 'waiting')
-    redis.call('HSET', KEYS[3], id, ARGV[i + 1])
-    redis.call('HSET', KEYS[4], id, 0)
-    redis.call('RPUSH', KEYS[1], id)
-    out[#out + 1] = 1
-  elseif state then
-    out[#out + 1] = 0
-  else
-    redis.call('HSET', KEYS[2], id, 'waiting')
-    redis.call('HSET', KEYS[3], id, ARGV[i + 1])
-    redis.call('HSET', KEYS[4], id, 0)
-    redis.call('RPUSH', KEYS[1], id)
-    out[#out + 1] = 1
+    new = true
   end
+  if new then
+    payloads[#payloads + 1] = id
+    payloads[#payloads + 1] = ARGV[i + 1]
+    ids[#ids + 1] = id
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+-- In slices: Lua's unpack has a bounded stack.
+for s = 1, #payloads, 1000 do
+  redis.call('HSET', KEYS[3], unpack(payloads, s, math.min(s + 999, #payloads)))
+end
+for s = 1, #ids, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ids, s, math.min(s + 999, #ids)))
 end
 return out
 "#;
@@ -194,22 +203,46 @@ for _, id in ipairs(due) do
   redis.call('RPUSH', KEYS[1], id)
 end
 local out = {#expired, #due}
-local taken = 0
-while taken < n do
-  local id = redis.call('LPOP', KEYS[1])
-  if not id then break end
-  if redis.call('HGET', KEYS[4], id) == 'waiting' then
-    local delivery = redis.call('HINCRBY', KEYS[6], id, 1)
-    local token = ARGV[4] .. '.' .. taken
-    redis.call('HSET', KEYS[7], id, token)
-    redis.call('ZADD', KEYS[2], now + lease, id)
-    redis.call('HSET', KEYS[4], id, 'active')
+-- Popped in bulk and written in bulk, one command per key per slice, not one per job: every
+-- write is also an AOF entry. A copy of an id already taken here is stale, like one whose
+-- state is not `waiting`.
+local ids = {}
+local seen = {}
+while #ids < n do
+  local popped = redis.call('LPOP', KEYS[1], n - #ids)
+  if not popped then break end
+  for _, id in ipairs(popped) do
+    if not seen[id] and redis.call('HGET', KEYS[4], id) == 'waiting' then
+      seen[id] = true
+      ids[#ids + 1] = id
+    end
+  end
+end
+for s = 1, #ids, 500 do
+  local slice = {unpack(ids, s, math.min(s + 499, #ids))}
+  local deliveries = redis.call('HMGET', KEYS[6], unpack(slice))
+  local payloads = redis.call('HMGET', KEYS[5], unpack(slice))
+  local att, tok, lease_until, state = {}, {}, {}, {}
+  for j, id in ipairs(slice) do
+    local delivery = (tonumber(deliveries[j]) or 0) + 1
+    local token = ARGV[4] .. '.' .. (s + j - 2)
+    att[#att + 1] = id
+    att[#att + 1] = delivery
+    tok[#tok + 1] = id
+    tok[#tok + 1] = token
+    lease_until[#lease_until + 1] = now + lease
+    lease_until[#lease_until + 1] = id
+    state[#state + 1] = id
+    state[#state + 1] = 'active'
     out[#out + 1] = id
-    out[#out + 1] = redis.call('HGET', KEYS[5], id) or ''
+    out[#out + 1] = payloads[j] or ''
     out[#out + 1] = delivery
     out[#out + 1] = token
-    taken = taken + 1
   end
+  redis.call('HSET', KEYS[6], unpack(att))
+  redis.call('HSET', KEYS[7], unpack(tok))
+  redis.call('ZADD', KEYS[2], unpack(lease_until))
+  redis.call('HSET', KEYS[4], unpack(state))
 end
 return out
 "#;
@@ -232,18 +265,26 @@ return lost
 
 const COMPLETE: &str = r#"
 -- KEYS: active state job att tok err ; ARGV: id token [id token ...] ; returns the count of stale tokens
+-- Removed with one command per key per slice (every write is also an AOF entry); an id
+-- presented twice counts as stale the second time, as if the first had already removed it.
 local stale = 0
+local done = {}
+local seen = {}
 for i = 1, #ARGV, 2 do
   local id = ARGV[i]
-  if redis.call('HGET', KEYS[2], id) == 'active' and redis.call('HGET', KEYS[5], id) == ARGV[i + 1] then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('HDEL', KEYS[3], id)
-    redis.call('HDEL', KEYS[4], id)
-    redis.call('HDEL', KEYS[5], id)
-    redis.call('HDEL', KEYS[6], id)
+  if not seen[id] and redis.call('HGET', KEYS[2], id) == 'active'
+      and redis.call('HGET', KEYS[5], id) == ARGV[i + 1] then
+    seen[id] = true
+    done[#done + 1] = id
   else
     stale = stale + 1
+  end
+end
+for s = 1, #done, 1000 do
+  local last = math.min(s + 999, #done)
+  redis.call('ZREM', KEYS[1], unpack(done, s, last))
+  for k = 2, 6 do
+    redis.call('HDEL', KEYS[k], unpack(done, s, last))
   end
 end
 return stale

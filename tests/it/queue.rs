@@ -87,6 +87,48 @@ async fn dedupe_lease_expiry_and_stale_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_claim_skips_stale_copies_and_a_bulk_complete_counts_a_repeat_as_stale() {
+    let (q, prefix) = queue();
+    let orders: Vec<String> =
+        (0..200).map(|i| format!("ORD-B-{i}")).filter(|o| q.partition_of(o) == 2).take(5).collect();
+    let jobs: Vec<(String, JobPayload)> = orders.iter().map(|o| (o.clone(), payload())).collect();
+    assert_eq!(q.enqueue(&jobs).await.unwrap(), vec![Enqueued::New; 5]);
+    // Stale copies in the line: a second copy of a waiting job, and an id with no job.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let wait = format!("{prefix}:{{p2}}:wait");
+    let _: i64 =
+        redis::cmd("LPUSH").arg(&wait).arg(&orders[3]).arg("ORD-GONE").query_async(&mut c).await.unwrap();
+
+    let claimed = q.claim(2, 10, Duration::from_secs(30)).await.unwrap().jobs;
+    let ids: Vec<&str> = claimed.iter().map(|j| j.order_id.as_str()).collect();
+    // The copy at the head is taken first; its later copy is skipped.
+    let mut expected: Vec<&str> = vec![orders[3].as_str()];
+    expected.extend(orders.iter().map(String::as_str).filter(|o| *o != orders[3]));
+    assert_eq!(ids, expected);
+    assert!(claimed.iter().all(|j| j.delivery == 1 && j.payload.source == "test"));
+    let tokens: std::collections::HashSet<&str> = claimed.iter().map(|j| j.token.as_str()).collect();
+    assert_eq!(tokens.len(), 5);
+    let left: i64 = redis::cmd("LLEN").arg(&wait).query_async(&mut c).await.unwrap();
+    assert_eq!(left, 0);
+    check_invariant(&prefix, 2).await;
+
+    // Completing the first job twice in one call: the repeat is stale; the others are done.
+    let mut done: Vec<&Job> = claimed.iter().collect();
+    done.push(&claimed[0]);
+    assert_eq!(q.complete(2, &done).await.unwrap(), 1);
+    for o in &orders {
+        assert_eq!(q.job_state(o).await.unwrap(), (None, None), "{o}");
+    }
+    for hash in ["state", "job", "att", "tok", "err"] {
+        let len: i64 =
+            redis::cmd("HLEN").arg(format!("{prefix}:{{p2}}:{hash}")).query_async(&mut c).await.unwrap();
+        assert_eq!(len, 0, "{hash}");
+    }
+    check_invariant(&prefix, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_wait_their_delay_dead_jobs_requeue_and_released_jobs_keep_their_place() {
     let (q, prefix) = queue();
     // Three orders in one partition.
