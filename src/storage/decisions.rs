@@ -427,9 +427,9 @@ impl Writes {
             .bind(invoices.iter().map(|i| i.payment_event_id.as_str()).collect::<Vec<_>>())
             .bind(invoices.iter().map(|i| i.paid_at).collect::<Vec<_>>())
             .bind(invoices.iter().map(|i| i.currency.as_str()).collect::<Vec<_>>())
-            .bind(invoices.iter().map(|i| i.buyer.clone()).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| i.buyer.as_ref().map(Json)).collect::<Vec<_>>())
             .bind(invoices.iter().map(|i| i.buyer_kind).collect::<Vec<_>>())
-            .bind(invoices.iter().map(|i| Json(i.lines.clone())).collect::<Vec<_>>())
+            .bind(invoices.iter().map(|i| Json(i.lines.as_ref())).collect::<Vec<_>>())
             .bind(invoices.iter().map(|i| i.total_net).collect::<Vec<_>>())
             .bind(invoices.iter().map(|i| i.total_vat).collect::<Vec<_>>())
             .bind(invoices.iter().map(|i| i.total_amount).collect::<Vec<_>>())
@@ -486,19 +486,20 @@ pub(crate) const AUDIT_COLUMNS: &str =
 pub(crate) const AUDIT_TYPES: [&str; 11] =
     ["text", "text", "bigint", "text", "text", "text", "text", "jsonb", "jsonb", "text", "text"];
 
-/// Binds audit rows as one array per column of [`AUDIT_COLUMNS`].
-pub(crate) fn bind_audits<'q>(q: Bound<'q>, v: &[NewAudit]) -> Bound<'q> {
+/// Binds audit rows as one array per column of [`AUDIT_COLUMNS`]. Borrowed, not cloned: the
+/// arguments are encoded as they are bound, and copies were a tenth of the stream's own CPU.
+pub(crate) fn bind_audits<'q>(q: Bound<'q>, v: &'q [NewAudit]) -> Bound<'q> {
     q.bind(v.iter().map(|a| a.entity).collect::<Vec<_>>())
-        .bind(v.iter().map(|a| a.entity_id.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.entity_id.as_str()).collect::<Vec<_>>())
         .bind(v.iter().map(|a| a.invoice_id).collect::<Vec<_>>())
-        .bind(v.iter().map(|a| a.merchant_id.clone()).collect::<Vec<_>>())
-        .bind(v.iter().map(|a| a.order_id.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.merchant_id.as_deref()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.order_id.as_deref()).collect::<Vec<_>>())
         .bind(v.iter().map(|a| a.event_type).collect::<Vec<_>>())
-        .bind(v.iter().map(|a| a.outcome.clone()).collect::<Vec<_>>())
-        .bind(v.iter().map(|a| a.before.clone()).collect::<Vec<_>>())
-        .bind(v.iter().map(|a| a.after.clone()).collect::<Vec<_>>())
-        .bind(v.iter().map(|a| a.actor.clone()).collect::<Vec<_>>())
-        .bind(v.iter().map(|a| a.reason.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.outcome.as_str()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.before.as_ref().map(Json)).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.after.as_ref().map(Json)).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.actor.as_str()).collect::<Vec<_>>())
+        .bind(v.iter().map(|a| a.reason.as_deref()).collect::<Vec<_>>())
 }
 
 /// The columns of an outbox row, in the order [`bind_outbox`] binds them.
@@ -506,13 +507,14 @@ pub(crate) const OUTBOX_COLUMNS: &str = "event_id, topic, message_key, payload, 
 /// The element types of [`OUTBOX_COLUMNS`].
 pub(crate) const OUTBOX_TYPES: [&str; 6] = ["uuid", "text", "bytea", "bytea", "jsonb", "bool"];
 
-/// Binds outbox rows as one array per column of [`OUTBOX_COLUMNS`].
-pub(crate) fn bind_outbox<'q>(q: Bound<'q>, v: &[NewOutbox]) -> Bound<'q> {
+/// Binds outbox rows as one array per column of [`OUTBOX_COLUMNS`] (borrowed, as in
+/// [`bind_audits`]).
+pub(crate) fn bind_outbox<'q>(q: Bound<'q>, v: &'q [NewOutbox]) -> Bound<'q> {
     q.bind(v.iter().map(|o| o.event_id).collect::<Vec<_>>())
-        .bind(v.iter().map(|o| o.topic.clone()).collect::<Vec<_>>())
-        .bind(v.iter().map(|o| o.key.clone()).collect::<Vec<_>>())
-        .bind(v.iter().map(|o| o.payload.clone()).collect::<Vec<_>>())
-        .bind(v.iter().map(|o| o.headers.clone()).collect::<Vec<_>>())
+        .bind(v.iter().map(|o| o.topic.as_str()).collect::<Vec<_>>())
+        .bind(v.iter().map(|o| o.key.as_deref()).collect::<Vec<_>>())
+        .bind(v.iter().map(|o| o.payload.as_deref()).collect::<Vec<_>>())
+        .bind(v.iter().map(|o| Json(&o.headers)).collect::<Vec<_>>())
         .bind(v.iter().map(|o| o.has_secret).collect::<Vec<_>>())
 }
 

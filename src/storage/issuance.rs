@@ -479,7 +479,7 @@ pub async fn settle(
     let q = sqlx::query(SETTLE.as_str())
         .bind(settles.iter().map(|s| s.invoice.id).collect::<Vec<_>>())
         .bind(settles.iter().map(|s| s.expected_status).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.owner.clone()).collect::<Vec<_>>())
+        .bind(settles.iter().map(|s| s.owner.as_deref()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.invoice_no).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.series).collect::<Vec<_>>())
