@@ -412,7 +412,9 @@ async fn vacuum_before_stage(pool: &PgPool) {
 /// and no service on the CPU. Payments decided per second can at best approach it.
 async fn write_ceiling(sample: &PgPool, sessions: usize, secs: u64) -> f64 {
     let (snapshot, lines): (String, String) =
-        sqlx::query_as("SELECT config_snapshot::text, lines::text FROM invoice LIMIT 1")
+        sqlx::query_as(
+            "SELECT invoice_snapshot(config_snapshot, config_snapshot_digest)::text, lines::text FROM invoice LIMIT 1",
+        )
             .fetch_one(sample)
             .await
             .unwrap();
@@ -432,14 +434,18 @@ async fn write_ceiling(sample: &PgPool, sessions: usize, secs: u64) -> f64 {
     invoice::storage::migrate(&pool).await.unwrap();
     // `CASE WHEN g > 0` keeps Postgres from parsing a parameter's JSON once for all rows: the
     // stream sends each row's lines and audit document. It sends each distinct config snapshot
-    // once per batch (one per merchant), which the plain `$3::jsonb` stands for.
+    // once per batch (one per merchant), stored once and referenced by its digest, which the
+    // one shared snapshot row here stands for.
     const STATEMENTS: [&str; 5] = [
-        "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at, currency,
-             buyer_kind, lines, total_net, total_vat, total_amount, provider_config_id, config_snapshot,
+        "WITH snapshot AS (
+             INSERT INTO invoice_config_snapshot (digest, merchant_id, snapshot)
+             VALUES (sha256('ceiling'::bytea), 'M-0', $3::jsonb) ON CONFLICT (digest) DO NOTHING)
+         INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at, currency,
+             buyer_kind, lines, total_net, total_vat, total_amount, provider_config_id, config_snapshot_digest,
              transaction_uuid, next_attempt_at)
          SELECT $1 + g, 'M-' || g % 100, 'ORD-' || ($1 + g), 'QUEUED', 'immediate', 'ev-' || ($1 + g), now(), 'VND',
              'consumer', (CASE WHEN g > 0 THEN $2 END)::jsonb, 1000000, 100000, 1100000, 1 + g % 100,
-             $3::jsonb, gen_random_uuid()::text, now()
+             sha256('ceiling'::bytea), gen_random_uuid()::text, now()
          FROM generate_series(1, 1000) g",
         "INSERT INTO claim (id, invoice_id, merchant_id, order_id, token_hash, deadline, status)
          SELECT $1 + g, $1 + g, 'M-' || g % 100, 'ORD-' || ($1 + g), sha256(int8send($1 + g)),

@@ -313,8 +313,9 @@ pub struct Writes {
 /// Everything a batch writes, one statement (see [`Writes::write`]): first the partition's
 /// offset moved by compare-and-set (`$52`-`$56`: topic, group, partition, expected next offset
 /// or `NULL` for a partition never stored, new next offset), then, only if it moved, the
-/// invoices (`$1`-`$18`; `$16` indexes the batch's distinct config snapshots, `$58`), the
-/// claims, the decisions, the request joins, the audit rows and the outbox rows. A statement
+/// batch's distinct config snapshots (`$58` their JSON, `$59` their digests, `$60` their
+/// merchants; written once, shared by every invoice that has the same: see
+/// [`snapshot_digest`]), the invoices (`$1`-`$18`; `$16` indexes those snapshots), the claims, the decisions, the request joins, the audit rows and the outbox rows. A statement
 /// of empty arrays moves the offset only.
 ///
 /// One statement is atomic by itself: no BEGIN and COMMIT round trips. The offset row is
@@ -333,13 +334,22 @@ static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| {
                AND next_offset = $55::bigint
              RETURNING 1),
          fence AS (SELECT 1 FROM offset_inserted UNION ALL SELECT 1 FROM offset_moved),
+         -- In digest order, so that two partitions writing the same new snapshots wait for
+         -- each other in the same order instead of deadlocking.
+         snapshots AS (
+             INSERT INTO invoice_config_snapshot (digest, merchant_id, snapshot)
+             SELECT digest, merchant_id, snapshot
+             FROM UNNEST($59::bytea[], $60::text[], $58::jsonb[]) AS s(digest, merchant_id, snapshot)
+             WHERE EXISTS (SELECT 1 FROM fence)
+             ORDER BY digest
+             ON CONFLICT (digest) DO NOTHING),
          invoices AS (
              INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at,
                  currency, buyer, buyer_kind, lines, total_net, total_vat, total_amount, provider_config_id,
-                 config_snapshot, transaction_uuid, next_attempt_at)
+                 config_snapshot_digest, transaction_uuid, next_attempt_at)
              SELECT id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at, currency, buyer,
                  buyer_kind, lines, total_net, total_vat, total_amount, provider_config_id,
-                 ($58::jsonb[])[snapshot], transaction_uuid, next_attempt_at
+                 ($59::bytea[])[snapshot], transaction_uuid, next_attempt_at
              FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                  $7::timestamptz[], $8::text[], $9::jsonb[], $10::text[], $11::jsonb[], $12::numeric[],
                  $13::numeric[], $14::numeric[], $15::bigint[], $16::int[], $17::text[], $18::timestamptz[])
@@ -406,18 +416,21 @@ impl Writes {
         let claims = &self.claims;
         let decisions = &self.decisions;
         // A batch's invoices share a few snapshots (one per merchant and rule set), each some
-        // 700 bytes of JSON: sent and parsed once each, not once per invoice.
-        let mut snapshots: Vec<&RawValue> = Vec::new();
-        let mut snapshot_of: HashMap<&str, i32> = HashMap::new();
+        // 700 bytes of JSON: sent, parsed and stored once each, not once per invoice.
+        let mut snapshots: Vec<(&str, &RawValue)> = Vec::new();
+        let mut snapshot_of: HashMap<(&str, &str), i32> = HashMap::new();
         let snapshot_index: Vec<i32> = invoices
             .iter()
             .map(|i| {
-                *snapshot_of.entry(i.config_snapshot.get()).or_insert_with(|| {
-                    snapshots.push(&i.config_snapshot);
+                let key = (i.merchant_id.as_str(), i.config_snapshot.get());
+                *snapshot_of.entry(key).or_insert_with(|| {
+                    snapshots.push((&i.merchant_id, &i.config_snapshot));
                     snapshots.len() as i32
                 })
             })
             .collect();
+        let digests: Vec<[u8; 32]> =
+            snapshots.iter().map(|(merchant, snapshot)| snapshot_digest(merchant, snapshot)).collect();
         let q = sqlx::query(WRITE_BATCH.as_str())
             .bind(invoices.iter().map(|i| i.id).collect::<Vec<_>>())
             .bind(invoices.iter().map(|i| i.merchant_id.as_str()).collect::<Vec<_>>())
@@ -461,12 +474,26 @@ impl Writes {
             .bind(offset.expected)
             .bind(offset.next)
             .bind(self.request_joins.iter().map(|j| &j.2).collect::<Vec<_>>())
-            .bind(snapshots.into_iter().map(Json).collect::<Vec<_>>())
+            .bind(snapshots.iter().map(|(_, snapshot)| Json(*snapshot)).collect::<Vec<_>>())
+            .bind(digests.iter().map(|d| d.as_slice()).collect::<Vec<_>>())
+            .bind(snapshots.iter().map(|(merchant, _)| *merchant).collect::<Vec<_>>())
             .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
             .fetch_one(conn)
             .await?;
         Ok(moved)
     }
+}
+
+/// The key of a shared config snapshot (`invoice_config_snapshot`): SHA-256 of the merchant
+/// and the snapshot's JSON text, so each merchant's invoices reference their own rows (the
+/// sealed credentials in a snapshot are bound to its merchant).
+pub fn snapshot_digest(merchant_id: &str, snapshot: &RawValue) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(merchant_id.as_bytes());
+    hash.update([0u8]);
+    hash.update(snapshot.get().as_bytes());
+    hash.finalize().into()
 }
 
 /// A query whose arguments are still being bound.

@@ -24,7 +24,7 @@ pub struct ListFilter {
 const SUMMARY: &str = "jsonb_build_object('id', id::text, 'merchantId', merchant_id, 'orderId', order_id,
     'kind', kind, 'replaces', replaces_invoice_id::text, 'status', status, 'issuanceMode', issuance_mode,
     'buyerKind', buyer_kind, 'totalAmount', total_amount::text, 'currency', currency, 'paidAt', paid_at,
-    'provider', config_snapshot->>'provider', 'invoiceNo', provider_invoice_no, 'series', provider_series,
+    'provider', invoice_snapshot(config_snapshot, config_snapshot_digest)->>'provider', 'invoiceNo', provider_invoice_no, 'series', provider_series,
     'issuedAt', issued_at, 'createdAt', created_at, 'updatedAt', updated_at)";
 
 /// One page, newest first; returns the items and the id to continue below (if more).
@@ -63,7 +63,7 @@ pub async fn get(pool: &PgPool, id: i64) -> Result<Option<(String, Value)>, Stor
              'reservationCode', reservation_code, 'taxAuthorityCode', tax_authority_code,
              'providerStatus', provider_status, 'cancelReason', cancel_reason,
              'replacementReason', replacement_reason),
-             config_snapshot
+             COALESCE(invoice_snapshot(config_snapshot, config_snapshot_digest), 'null'::jsonb)
          FROM invoice WHERE id = $1 AND deleted_at IS NULL"
     ))
     .bind(id)

@@ -75,14 +75,17 @@ pub struct WorkInvoice {
 /// statements whose plans matter, so that tests can check those plans.
 pub const UNFINISHED_FOR_ORDERS: &str =
     "SELECT i.id, i.merchant_id, i.order_id, i.kind, i.replaces_invoice_id, i.status, i.paid_at, i.currency,
-            i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount, i.config_snapshot,
+            i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount,
+            COALESCE(i.config_snapshot, s.snapshot, 'null'::jsonb) AS config_snapshot,
             i.provider_config_id, i.transaction_uuid, i.attempts,
             $2::timestamptz + (i.next_attempt_at - statement_timestamp()) AS next_attempt_at,
             $2::timestamptz + (i.lease_until - statement_timestamp()) AS lease_until, i.updated_at,
             o.status AS original_status, o.provider_invoice_no AS original_invoice_no,
-            o.issued_at AS original_issued_at, o.config_snapshot AS original_snapshot,
+            o.issued_at AS original_issued_at, COALESCE(o.config_snapshot, os.snapshot) AS original_snapshot,
             i.replacement_reason
      FROM invoice i LEFT JOIN invoice o ON o.id = i.replaces_invoice_id
+          LEFT JOIN invoice_config_snapshot s ON s.digest = i.config_snapshot_digest
+          LEFT JOIN invoice_config_snapshot os ON os.digest = o.config_snapshot_digest
      WHERE i.order_id = ANY($1) AND i.status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND i.deleted_at IS NULL
      ORDER BY i.order_id, i.kind, i.id";
 
@@ -860,10 +863,11 @@ pub async fn create_replacement(
     let created: Option<(String, String)> = sqlx::query_as(
         "INSERT INTO invoice (id, merchant_id, order_id, kind, replaces_invoice_id, status, issuance_mode,
              payment_event_id, paid_at, currency, buyer, buyer_kind, lines, total_net, total_vat, total_amount,
-             provider_config_id, config_snapshot, transaction_uuid, next_attempt_at, replacement_reason)
+             provider_config_id, config_snapshot, config_snapshot_digest, transaction_uuid, next_attempt_at,
+             replacement_reason)
          SELECT $2, merchant_id, order_id, 'replacement', id, 'QUEUED', issuance_mode, payment_event_id, paid_at,
-             currency, $3, $4, lines, total_net, total_vat, total_amount, provider_config_id, config_snapshot, $5,
-             now(), $6
+             currency, $3, $4, lines, total_net, total_vat, total_amount, provider_config_id, config_snapshot,
+             config_snapshot_digest, $5, now(), $6
          FROM invoice WHERE id = $1 AND status = 'ISSUED' AND kind = 'original'
          ON CONFLICT DO NOTHING
          RETURNING merchant_id, order_id",
@@ -920,7 +924,8 @@ pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageErro
              'totalAmount', total_amount::text, 'currency', currency, 'transactionUuid', transaction_uuid,
              'attempts', attempts, 'nextAttemptAt', next_attempt_at, 'leaseUntil', lease_until,
              'lastError', last_error, 'invoiceNo', provider_invoice_no, 'series', provider_series,
-             'issuedAt', issued_at, 'provider', config_snapshot->>'provider',
+             'issuedAt', issued_at,
+             'provider', invoice_snapshot(config_snapshot, config_snapshot_digest)->>'provider',
              'partition', NULL, 'createdAt', created_at, 'updatedAt', updated_at)
          FROM invoice WHERE order_id = $1 ORDER BY id",
     )

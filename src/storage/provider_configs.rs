@@ -142,18 +142,17 @@ type SealedRow = (i64, String, Vec<u8>, Vec<u8>, String);
 pub struct Rewrapped {
     /// Provider configuration rows (live and replaced).
     pub configs: u64,
-    /// Invoice config snapshots.
+    /// Invoice config snapshots (an invoice's own, or one shared by newer invoices).
     pub invoices: u64,
     /// Rows whose credentials could not be opened with any configured key (left as they are).
     pub unopenable: u64,
 }
 
 /// Re-seals, under the keyring's current key, every stored credential sealed with another
-/// key: provider configurations and the snapshots copied into invoices (same plaintext, same
-/// AAD, a fresh nonce), in batches of `batch`, so the old key can then be dropped (R13).
+/// key: provider configurations and the snapshots copied for invoices, inline or shared (same
+/// plaintext, same AAD, a fresh nonce), in batches of `batch`, so the old key can then be
+/// dropped (R13).
 pub async fn rewrap(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result<Rewrapped, StorageError> {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
     let current = keyring.current_key_id().to_owned();
     let mut done = Rewrapped::default();
     let mut after = 0i64;
@@ -210,31 +209,15 @@ pub async fn rewrap(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result<Rewr
         .fetch_all(&mut *tx)
         .await?;
         for (id, merchant_id, snapshot) in &rows {
-            let credentials = &snapshot["credentials"];
-            let config_id = snapshot["configId"].as_str().and_then(|s| s.parse::<i64>().ok());
-            let parts = (
-                credentials["keyId"].as_str(),
-                credentials["nonce"].as_str().and_then(|n| b64.decode(n).ok()),
-                credentials["ciphertext"].as_str().and_then(|c| b64.decode(c).ok()),
-                config_id,
-            );
-            let (Some(key_id), Some(nonce), Some(ciphertext), Some(config_id)) = parts else {
+            let Some(credentials) = reseal_snapshot(keyring, merchant_id, snapshot) else {
                 done.unopenable += 1;
                 continue;
             };
-            let aad = provider_config_aad(merchant_id, config_id);
-            let sealed = crate::crypto::Sealed { key_id: key_id.to_owned(), nonce, ciphertext };
-            let Ok(plain) = keyring.open(&sealed, &aad) else {
-                done.unopenable += 1;
-                continue;
-            };
-            let fresh = keyring.seal(plain.expose(), &aad);
-            let value = json!({"keyId": fresh.key_id, "nonce": b64.encode(&fresh.nonce), "ciphertext": b64.encode(&fresh.ciphertext)});
             // Only the sealing changes; the snapshot's content (what is sent to the provider)
             // stays what it was when the invoice was created.
             sqlx::query("UPDATE invoice SET config_snapshot = jsonb_set(config_snapshot, '{credentials}', $2) WHERE id = $1")
                 .bind(id)
-                .bind(&value)
+                .bind(&credentials)
                 .execute(&mut *tx)
                 .await?;
             done.invoices += 1;
@@ -245,5 +228,59 @@ pub async fn rewrap(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result<Rewr
             _ => break,
         }
     }
+    // The shared snapshots of newer invoices, resealed in place: their digest is their
+    // identifier, not a checksum of the current text.
+    let mut after: Vec<u8> = Vec::new();
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<(Vec<u8>, String, Value)> = sqlx::query_as(
+            "SELECT digest, merchant_id, snapshot FROM invoice_config_snapshot
+             WHERE snapshot->'credentials'->>'keyId' <> $1 AND digest > $2 ORDER BY digest LIMIT $3 FOR UPDATE",
+        )
+        .bind(&current)
+        .bind(&after)
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (digest, merchant_id, snapshot) in &rows {
+            let Some(credentials) = reseal_snapshot(keyring, merchant_id, snapshot) else {
+                done.unopenable += 1;
+                continue;
+            };
+            sqlx::query(
+                "UPDATE invoice_config_snapshot SET snapshot = jsonb_set(snapshot, '{credentials}', $2) WHERE digest = $1",
+            )
+            .bind(digest)
+            .bind(&credentials)
+            .execute(&mut *tx)
+            .await?;
+            done.invoices += 1;
+        }
+        tx.commit().await?;
+        match rows.last() {
+            Some(last) if rows.len() as i64 == batch => after = last.0.clone(),
+            _ => break,
+        }
+    }
     Ok(done)
+}
+
+/// The `credentials` member of `snapshot` (of an invoice of `merchant_id`) sealed again under
+/// the keyring's current key: same plaintext, same AAD, a fresh nonce. `None`: no configured
+/// key opens it (or it is not a sealed credential).
+fn reseal_snapshot(keyring: &Keyring, merchant_id: &str, snapshot: &Value) -> Option<Value> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let credentials = &snapshot["credentials"];
+    let key_id = credentials["keyId"].as_str()?;
+    let nonce = credentials["nonce"].as_str().and_then(|n| b64.decode(n).ok())?;
+    let ciphertext = credentials["ciphertext"].as_str().and_then(|c| b64.decode(c).ok())?;
+    let config_id = snapshot["configId"].as_str().and_then(|s| s.parse::<i64>().ok())?;
+    let aad = provider_config_aad(merchant_id, config_id);
+    let sealed = crate::crypto::Sealed { key_id: key_id.to_owned(), nonce, ciphertext };
+    let plain = keyring.open(&sealed, &aad).ok()?;
+    let fresh = keyring.seal(plain.expose(), &aad);
+    Some(
+        json!({"keyId": fresh.key_id, "nonce": b64.encode(&fresh.nonce), "ciphertext": b64.encode(&fresh.ciphertext)}),
+    )
 }

@@ -312,6 +312,21 @@ async fn rewrap_credentials_moves_every_sealed_credential_to_the_new_key() {
     .execute(&db.pool)
     .await
     .unwrap();
+    // A newer invoice references a shared copy of the same snapshot, as the stream writes it.
+    let (shared_id, _) = seed_invoice(&db, "M-1", "ORD-R-2", "QUEUED", chrono::Utc::now()).await;
+    sqlx::query(
+        "INSERT INTO invoice_config_snapshot (digest, merchant_id, snapshot)
+         SELECT sha256('shared'::bytea), merchant_id, config_snapshot FROM invoice WHERE id = $1",
+    )
+    .bind(invoice_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE invoice SET config_snapshot = NULL, config_snapshot_digest = sha256('shared'::bytea) WHERE id = $1")
+        .bind(shared_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let old_key_id: String = sqlx::query_scalar("SELECT key_id FROM provider_config WHERE id = 1")
         .fetch_one(&db.pool)
         .await
@@ -331,13 +346,21 @@ async fn rewrap_credentials_moves_every_sealed_credential_to_the_new_key() {
     env.insert("APP_ENV_INVOICE_CREDENTIALS_KEY_PREVIOUS".into(), TEST_KEY.into());
     let (code, stdout, stderr) = run(&env, &["rewrap-credentials", "--batch", "1"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("1 provider configuration(s), 1 invoice snapshot(s); 0 could not"), "{stdout}");
+    assert!(stdout.contains("1 provider configuration(s), 2 invoice snapshot(s); 0 could not"), "{stdout}");
     assert_eq!(
         scalar(&db, &format!("SELECT count(*) FROM provider_config WHERE key_id = '{old_key_id}'")).await,
         0
     );
     assert_eq!(
         scalar(&db, &format!("SELECT count(*) FROM invoice WHERE config_snapshot->'credentials'->>'keyId' = '{old_key_id}'")).await,
+        0
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            &format!("SELECT count(*) FROM invoice_config_snapshot WHERE snapshot->'credentials'->>'keyId' = '{old_key_id}'")
+        )
+        .await,
         0
     );
     // The new key alone opens both, with the AAD of their row.
@@ -351,6 +374,25 @@ async fn rewrap_credentials_moves_every_sealed_credential_to_the_new_key() {
     .await
     .unwrap();
     let sealed = invoice::crypto::Sealed { key_id, nonce, ciphertext: cipher };
+    let plain = keyring.open(&sealed, &invoice::storage::seed::provider_config_aad("M-1", 1)).unwrap();
+    assert!(String::from_utf8_lossy(plain.expose()).contains("password"));
+    // The shared snapshot too, as the invoice that references it reads it.
+    let shared: serde_json::Value = sqlx::query_scalar(
+        "SELECT invoice_snapshot(config_snapshot, config_snapshot_digest)->'credentials' FROM invoice WHERE id = $1",
+    )
+    .bind(shared_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let b64 = |v: &serde_json::Value| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap()
+    };
+    let sealed = invoice::crypto::Sealed {
+        key_id: shared["keyId"].as_str().unwrap().to_owned(),
+        nonce: b64(&shared["nonce"]),
+        ciphertext: b64(&shared["ciphertext"]),
+    };
     let plain = keyring.open(&sealed, &invoice::storage::seed::provider_config_aad("M-1", 1)).unwrap();
     assert!(String::from_utf8_lossy(plain.expose()).contains("password"));
     // Idempotent: a second run has nothing to do.

@@ -592,7 +592,8 @@ async fn a_merchant_whose_tax_info_has_no_tax_code_is_invoiced_under_its_provide
     produce(&p, &s.topics.names.payment, "ORD-NT-1", Some(value.as_bytes()), &[]).await;
     s.wait_count("SELECT count(*) FROM invoice WHERE order_id = 'ORD-NT-1' AND status = 'ISSUED'", 1).await;
     let seller: String = sqlx::query_scalar(
-        "SELECT config_snapshot->'seller'->>'taxCode' FROM invoice WHERE order_id = 'ORD-NT-1'",
+        "SELECT invoice_snapshot(config_snapshot, config_snapshot_digest)->'seller'->>'taxCode'
+         FROM invoice WHERE order_id = 'ORD-NT-1'",
     )
     .fetch_one(&s.db.pool)
     .await

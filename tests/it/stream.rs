@@ -83,21 +83,32 @@ async fn payments_become_invoices_with_claims_audit_events_and_offsets() {
         1
     );
     // The config snapshot carries ciphertext only.
-    let snapshot: Value =
-        sqlx::query_scalar("SELECT config_snapshot FROM invoice LIMIT 1").fetch_one(&db.pool).await.unwrap();
+    let snapshot: Value = sqlx::query_scalar(
+        "SELECT invoice_snapshot(config_snapshot, config_snapshot_digest) FROM invoice LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(snapshot["series"], "C26TAA");
     assert!(snapshot["credentials"]["ciphertext"].is_string());
     assert!(!snapshot.to_string().contains("\"password\""));
-    // Each invoice has its own merchant's snapshot (a batch sends each distinct one once).
+    // Stored once per merchant and configuration, shared by their invoices (none inline), and
+    // each invoice has its own merchant's (a batch sends each distinct one once).
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice_config_snapshot").await, 2);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM invoice WHERE config_snapshot IS NOT NULL OR config_snapshot_digest IS NULL")
+            .await,
+        0
+    );
     assert_eq!(
         scalar(
             &db,
-            "SELECT count(*) FROM invoice WHERE config_snapshot->>'configId' <> provider_config_id::text"
+            "SELECT count(*) FROM invoice i JOIN invoice_config_snapshot s ON s.digest = i.config_snapshot_digest
+             WHERE s.snapshot->>'configId' = i.provider_config_id::text AND s.merchant_id = i.merchant_id"
         )
         .await,
-        0
+        30
     );
-    assert_eq!(scalar(&db, "SELECT count(DISTINCT config_snapshot->>'configId') FROM invoice").await, 2);
     // Stored offsets cover every payment: 31 messages over 3 partitions.
     assert_eq!(
         scalar(

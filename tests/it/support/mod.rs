@@ -435,8 +435,8 @@ pub async fn scalar(db: &TestDb, sql: &str) -> i64 {
     v.flatten().unwrap_or(-1)
 }
 
-/// Fails if a row points at an invoice or provider configuration that does not exist, or two
-/// invoices share a transaction UUID. The schema leaves these to the code (migration 0004):
+/// Fails if a row points at an invoice or provider configuration that does not exist, an
+/// invoice's shared config snapshot is missing, or two invoices share a transaction UUID. The schema leaves these to the code (migration 0004):
 /// such rows are written with their invoice or after it committed, and neither invoices nor
 /// configurations are ever deleted.
 pub async fn assert_no_orphans(db: &TestDb) {
@@ -464,6 +464,12 @@ pub async fn assert_no_orphans(db: &TestDb) {
     )
     .await;
     assert_eq!(unconfigured, 0, "invoices copied from no provider configuration");
+    let without_snapshot = scalar(
+        db,
+        "SELECT count(*) FROM invoice i WHERE invoice_snapshot(i.config_snapshot, i.config_snapshot_digest) IS NULL",
+    )
+    .await;
+    assert_eq!(without_snapshot, 0, "invoices whose config snapshot is missing");
 }
 
 /// The `invoice` binary with a clean environment (only `env`), run in an empty directory so
