@@ -105,10 +105,8 @@ pub async fn run(
             }
             if last_gauges.elapsed() >= GAUGES_EVERY {
                 last_gauges = tokio::time::Instant::now();
-                if let Ok(backlog) = outbox::backlog(&db).await {
+                if let Ok((backlog, parked)) = outbox::backlog_and_parked(&db).await {
                     metrics.outbox_backlog(backlog);
-                }
-                if let Ok(parked) = outbox::parked(&db).await {
                     metrics.outbox_parked(parked);
                     if parked > 0 {
                         tracing::error!(parked, "Outbox rows parked after repeated publication failures");

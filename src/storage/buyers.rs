@@ -104,6 +104,16 @@ pub async fn lock_original(
     .await?)
 }
 
+/// The newest live replacement of original `$1` (of merchant `$2`, order `$3`): `(id,
+/// status)`. A replacement has its original's merchant and order, which puts the lookup on
+/// the order's index; no index has `replaces_invoice_id` (one would cost every invoice write
+/// for this rare lookup), and without them each buyer given read the whole invoice table.
+/// Public so that tests can check its plan.
+pub const REPLACEMENT_OF: &str = "SELECT id, status FROM invoice
+     WHERE merchant_id = $2 AND order_id = $3 AND kind = 'replacement' AND replaces_invoice_id = $1
+       AND status <> 'CANCELLED'
+     ORDER BY id DESC LIMIT 1";
+
 /// Gives `(merchant, order)`'s active original invoice the buyer, per
 /// [`crate::domain::assign::action`]. Closes its open claim when the buyer is taken; the
 /// flag says whether there was one (for the `claimed` count).
@@ -119,13 +129,12 @@ pub async fn give(
     };
     // Not locked: the worker's settle takes the replacement before the original, the
     // reverse of this path's order; the retry below changes it only if it is still FAILED.
-    let replacement: Option<(i64, String)> = sqlx::query_as(
-        "SELECT id, status FROM invoice WHERE replaces_invoice_id = $1 AND status <> 'CANCELLED'
-         ORDER BY id DESC LIMIT 1",
-    )
-    .bind(invoice_id)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let replacement: Option<(i64, String)> = sqlx::query_as(REPLACEMENT_OF)
+        .bind(invoice_id)
+        .bind(merchant_id)
+        .bind(order_id)
+        .fetch_optional(&mut *tx)
+        .await?;
     let deadline: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT deadline FROM claim WHERE invoice_id = $1 ORDER BY id DESC LIMIT 1")
             .bind(invoice_id)

@@ -30,11 +30,29 @@ const SUMMARY: &str = "jsonb_build_object('id', id::text, 'merchantId', merchant
 /// One page, newest first; returns the items and the id to continue below (if more).
 pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<(Vec<Value>, Option<i64>), StorageError> {
     // Built per filter set so each shape gets its own plan on the index it needs
-    // (`invoice_merchant_recent`, `invoice_order`, the primary key).
-    let mut query =
-        sqlx::QueryBuilder::new(format!("SELECT id, {SUMMARY} FROM invoice WHERE deleted_at IS NULL"));
-    if let Some(merchants) = &filter.merchants {
-        query.push(" AND merchant_id = ANY(").push_bind(merchants.clone()).push(")");
+    // (`invoice_merchant_recent`, `invoice_order`, the primary key). A merchant is compared
+    // with `=`, never `= ANY(..)`: Postgres reads `(merchant_id, id DESC)` in id order only for
+    // one value, and with an array it fetched all of the merchant's invoices and sorted them
+    // for every page. Several merchants are read one by one (`LATERAL`), each up to a page.
+    let page = filter.limit + 1;
+    let mut query = sqlx::QueryBuilder::new("");
+    let several = match filter.merchants.as_deref() {
+        Some([_]) | None => None,
+        Some(many) => Some(many.to_vec()),
+    };
+    match &several {
+        Some(merchants) => {
+            query
+                .push(format!("SELECT id, {SUMMARY} FROM (SELECT l.* FROM unnest("))
+                .push_bind(merchants.clone())
+                .push("::text[]) AS m(merchant_id), LATERAL (SELECT * FROM invoice WHERE merchant_id = m.merchant_id AND deleted_at IS NULL");
+        }
+        None => {
+            query.push(format!("SELECT id, {SUMMARY} FROM invoice WHERE deleted_at IS NULL"));
+            if let Some([one]) = filter.merchants.as_deref() {
+                query.push(" AND merchant_id = ").push_bind(one.clone());
+            }
+        }
     }
     if let Some(order_id) = &filter.order_id {
         query.push(" AND order_id = ").push_bind(order_id.clone());
@@ -45,7 +63,10 @@ pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<(Vec<Value>, Opt
     if let Some(before) = filter.before_id {
         query.push(" AND id < ").push_bind(before);
     }
-    query.push(" ORDER BY id DESC LIMIT ").push_bind(filter.limit + 1);
+    if several.is_some() {
+        query.push(" ORDER BY id DESC LIMIT ").push_bind(page).push(") l) invoice");
+    }
+    query.push(" ORDER BY id DESC LIMIT ").push_bind(page);
     let rows: Vec<(i64, Value)> = query.build_query_as().fetch_all(pool).await?;
     let more = rows.len() as i64 > filter.limit;
     let items: Vec<(i64, Value)> = rows.into_iter().take(filter.limit as usize).collect();

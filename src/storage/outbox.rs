@@ -58,9 +58,11 @@ pub async fn mark_failed(pool: &PgPool, id: i64, error: &str, counts: bool) -> R
     Ok(())
 }
 
-/// Rows parked after too many failed attempts.
-pub async fn parked(pool: &PgPool) -> Result<i64, StorageError> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE attempts >= $1")
+/// `(unpublished rows, rows parked after too many failed attempts)`, for the gauges: one pass
+/// over the table (only its primary key is indexed, and a backlog can be millions of rows
+/// while Kafka is away), not one per count.
+pub async fn backlog_and_parked(pool: &PgPool) -> Result<(i64, i64), StorageError> {
+    Ok(sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE attempts >= $1) FROM outbox")
         .persistent(false)
         .bind(PARK_AFTER_ATTEMPTS)
         .fetch_one(pool)
@@ -72,11 +74,6 @@ pub async fn parked(pool: &PgPool) -> Result<i64, StorageError> {
 pub async fn mark_published(pool: &PgPool, ids: &[i64]) -> Result<(), StorageError> {
     sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").persistent(false).bind(ids).execute(pool).await?;
     Ok(())
-}
-
-/// Unpublished rows (for the backlog gauge).
-pub async fn backlog(pool: &PgPool) -> Result<i64, StorageError> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").persistent(false).fetch_one(pool).await?)
 }
 
 /// Tries to become the single relay (advisory lock on a connection the caller keeps).

@@ -315,6 +315,34 @@ async fn provider_configuration_is_validated_stored_encrypted_masked_and_audited
     api.stop().await.unwrap();
 }
 
+/// Every item of the invoice list for `query`, page after page (following `nextCursor`).
+async fn all_pages(api: &TestApi, token: &str, query: &str) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/api/invoices?{query}&cursor={c}"),
+            None => format!("/v1/api/invoices?{query}"),
+        };
+        let page: Value = api.get_as(token, &path).await.json().await.unwrap();
+        items.extend(page["items"].as_array().unwrap().iter().cloned());
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    items
+}
+
+/// The items' ids, asserting they come newest first.
+fn newest_first_ids(items: &[Value]) -> Vec<i64> {
+    let ids: Vec<i64> = items.iter().map(|item| item["id"].as_str().unwrap().parse().unwrap()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_by_key(|id| std::cmp::Reverse(*id));
+    assert_eq!(ids, sorted, "newest first");
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invoices_list_by_cursor_show_masked_snapshots_audit_trails_and_replay() {
     let api = TestApi::spawn().await;
@@ -327,27 +355,22 @@ async fn invoices_list_by_cursor_show_masked_snapshots_audit_trails_and_replay()
     seed_invoice(&api.db, "M-2", "ORD-L-X", "ISSUED", deadline).await;
     let reader = token(&["invoice:read", "invoice:replay"], &["M-1"]);
 
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/api/invoices?limit=2&cursor={c}"),
-            None => "/v1/api/invoices?limit=2".into(),
-        };
-        let page: Value = api.get_as(&reader, &path).await.json().await.unwrap();
-        for item in page["items"].as_array().unwrap() {
-            assert_eq!(item["merchantId"], "M-1");
-            seen.push(item["id"].as_str().unwrap().to_owned());
-        }
-        match page["nextCursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => break,
-        }
-    }
+    let items = all_pages(&api, &reader, "limit=2").await;
+    assert!(items.iter().all(|item| item["merchantId"] == "M-1"), "{items:?}");
+    let seen = newest_first_ids(&items);
     assert_eq!(seen.len(), 6, "{seen:?}");
-    let mut sorted = seen.clone();
-    sorted.sort_by_key(|s| std::cmp::Reverse(s.parse::<i64>().unwrap()));
-    assert_eq!(seen, sorted, "newest first");
+    // A reader of two merchants pages through both (each read on its own index), newest
+    // first, and never sees a third merchant's invoice.
+    seed_invoice(&api.db, "M-3", "ORD-L-Y", "ISSUED", deadline).await;
+    let two = token(&["invoice:read"], &["M-1", "M-2"]);
+    let items = all_pages(&api, &two, "limit=3").await;
+    assert_eq!(newest_first_ids(&items).len(), 7, "{items:?}");
+    assert_eq!(items.iter().filter(|item| item["merchantId"] == "M-2").count(), 1, "{items:?}");
+    assert!(items.iter().all(|item| item["merchantId"] != "M-3"), "{items:?}");
+    let items = all_pages(&api, &two, "limit=3&orderId=ORD-L-X").await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    let items = all_pages(&api, &two, "limit=1&status=FAILED").await;
+    assert_eq!(items.len(), 1, "{items:?}");
     let page: Value = api.get_as(&reader, "/v1/api/invoices?status=FAILED").await.json().await.unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert_eq!(api.get_as(&reader, "/v1/api/invoices?status=NOPE").await.status(), 400);

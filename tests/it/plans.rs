@@ -108,6 +108,15 @@ async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_
     )
     .await;
 
+    // A buyer given for an order (webhook, claim) looks up the original's replacement.
+    let replacement = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::buyers::REPLACEMENT_OF);
+    assert_key_lookups(
+        pool,
+        "the replacement of an original",
+        sqlx::query(&replacement).bind(7_i64).bind("M-7").bind("O-7"),
+    )
+    .await;
+
     // The queries that do want the backlog still get an index of it, not the whole table.
     let due = "EXPLAIN (FORMAT JSON) SELECT id FROM invoice
                WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now()";
