@@ -6,12 +6,21 @@
 -- every invoice. New invoices reference one shared copy by a digest (SHA-256 of the merchant
 -- and the snapshot's JSON text, computed by the stream) and leave `config_snapshot` empty;
 -- invoices written before keep theirs inline. `invoice_snapshot()` reads either.
--- Every statement here only changes the catalog (no row is read or rewritten); the lock
--- would queue behind a running VACUUM or index build: give up after a while instead (the
--- migration fails and can simply be run again).
-SET LOCAL lock_timeout = '30s';
+--
+-- Versions before this one cannot read an invoice without an inline snapshot: during a
+-- rolling upgrade an old worker retries such an order until it is replaced (nothing is lost
+-- or sent twice, only delayed). To run an older version again after new invoices were
+-- written, first copy their snapshots inline (see the README, "Upgrading").
+--
+-- Only the catalog changes (no row is read or rewritten), but `ALTER TABLE invoice` needs an
+-- exclusive lock, and while it waits (behind a long transaction or a VACUUM) every read and
+-- write of invoices waits behind it: give up after 5 s instead (the migration fails and can
+-- simply be run again). The table and the function come first, so the lock is held only
+-- for the last statement.
+SET LOCAL lock_timeout = '5s';
 
--- Never deleted, like the invoices that reference them; key rotation reseals their
+-- Never deleted, like the invoices that reference them (a merchant has one per
+-- configuration, seller details and rule set it has had); key rotation reseals their
 -- credentials in place (the digest is an identifier, not a checksum of the current text).
 -- `merchant_id` is part of what the credentials' ciphertext is bound to (its AAD).
 CREATE TABLE invoice_config_snapshot (
@@ -22,16 +31,17 @@ CREATE TABLE invoice_config_snapshot (
 );
 ALTER TABLE invoice_config_snapshot ALTER COLUMN snapshot SET STATISTICS 0;
 
--- No foreign key (see 0004): the stream writes the snapshot in the statement that writes its
--- invoices, and the crash tests check that every invoice has its snapshot.
-ALTER TABLE invoice ADD COLUMN config_snapshot_digest BYTEA;
-ALTER TABLE invoice ALTER COLUMN config_snapshot DROP NOT NULL;
--- NOT VALID: rows written before all have their snapshot inline; checking them would read the
--- whole table under this migration's lock.
-ALTER TABLE invoice ADD CONSTRAINT invoice_has_snapshot
-    CHECK (config_snapshot IS NOT NULL OR config_snapshot_digest IS NOT NULL) NOT VALID;
-
 -- An invoice's snapshot, inline or shared.
 CREATE FUNCTION invoice_snapshot(inline JSONB, digest BYTEA) RETURNS JSONB
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$ SELECT COALESCE(inline, (SELECT s.snapshot FROM invoice_config_snapshot s WHERE s.digest = $2)) $$;
+
+-- No foreign key (see 0004): the stream writes the snapshot in the statement that writes its
+-- invoices, and the crash tests check that every invoice has its snapshot. NOT VALID: rows
+-- written before all have their snapshot inline (the column was NOT NULL); checking them
+-- would read the whole table under the lock.
+ALTER TABLE invoice
+    ADD COLUMN config_snapshot_digest BYTEA,
+    ALTER COLUMN config_snapshot DROP NOT NULL,
+    ADD CONSTRAINT invoice_has_snapshot
+        CHECK (config_snapshot IS NOT NULL OR config_snapshot_digest IS NOT NULL) NOT VALID;

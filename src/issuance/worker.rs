@@ -1123,6 +1123,11 @@ fn prepare(
     now: DateTime<Utc>,
 ) -> Result<(Arc<dyn Provider>, Target, PreparedDoc), String> {
     let snapshot = &inv.config_snapshot;
+    // The read answers `null` for a shared snapshot that is not there (it is written with
+    // its invoices, so only a damaged database lacks one).
+    if snapshot.is_null() {
+        return Err("the invoice's config snapshot is missing".into());
+    }
     let text = |name: &str| snapshot.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
     let provider_name = text("provider");
     let provider = deps

@@ -143,7 +143,8 @@ const ENQUEUE: &str = r#"
 -- KEYS: wait state job att dlq err ; ARGV: id payload [id payload ...] ; returns 1/0 per id
 -- A dead job is revived: whoever enqueues read Postgres, which says the order is due again.
 -- A new job has no `att` field (HINCRBY counts from nothing). The payloads and the line are
--- written with one command each, not one per job: every write is also an AOF entry.
+-- written with one command each, not one per job: every write is also an AOF entry (the
+-- state stays one HSETNX per job: it is the dedupe).
 local out = {}
 local payloads = {}
 local ids = {}

@@ -263,6 +263,33 @@ async fn by_default_a_provider_endpoint_on_loopback_is_never_called() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoice_whose_shared_config_snapshot_is_missing_fails_with_that_reason_and_calls_nothing() {
+    let s = setup(Knobs::default(), "immediate").await;
+    s.pay(["ORD-SN-1".to_owned(), "ORD-SN-2".to_owned()]).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status = 'QUEUED'", 2).await;
+    // A damaged database: the invoice points at a shared snapshot that is not there.
+    sqlx::query(
+        "UPDATE invoice SET config_snapshot = NULL, config_snapshot_digest = sha256('gone'::bytea)
+         WHERE order_id = 'ORD-SN-1'",
+    )
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let worker = TestWorker::spawn(&s.env).await;
+    s.wait_count("SELECT count(*) FROM invoice WHERE status IN ('ISSUED', 'FAILED')", 2).await;
+    assert_eq!(s.status_of("ORD-SN-1").await, vec!["FAILED"]);
+    assert_eq!(s.status_of("ORD-SN-2").await, vec!["ISSUED"]);
+    let error: String = sqlx::query_scalar("SELECT last_error FROM invoice WHERE order_id = 'ORD-SN-1'")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert!(error.contains("config snapshot is missing"), "{error}");
+    assert_eq!(s.sim.stats().creates, 1, "only the intact invoice reached the provider");
+    worker.stop().await.unwrap();
+    s.stream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_without_a_number_is_submitted_then_issued() {
     let s = setup(
         Knobs { accept_without_number_first: 2, number_delay_ms: 1_500, latency_ms: 0, ..Knobs::default() },

@@ -109,6 +109,23 @@ async fn payments_become_invoices_with_claims_audit_events_and_offsets() {
         .await,
         30
     );
+    // The README's recipe for running an older version again copies them inline, unchanged.
+    sqlx::query(
+        "UPDATE invoice SET config_snapshot = invoice_snapshot(NULL, config_snapshot_digest)
+         WHERE config_snapshot IS NULL",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT count(*) FROM invoice i JOIN invoice_config_snapshot s ON s.digest = i.config_snapshot_digest
+             WHERE i.config_snapshot = s.snapshot"
+        )
+        .await,
+        30
+    );
     // Stored offsets cover every payment: 31 messages over 3 partitions.
     assert_eq!(
         scalar(
