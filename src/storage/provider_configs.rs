@@ -196,65 +196,67 @@ pub async fn rewrap(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result<Rewr
             _ => break,
         }
     }
-    let mut after = 0i64;
+    // Only the sealing changes; the snapshot's content (what is sent to the provider) stays
+    // what it was when the invoice was created. The shared snapshots of newer invoices are
+    // resealed in place: their digest is their identifier, not a checksum of the current text.
+    let inline = reseal_snapshots::<i64>(
+        pool,
+        keyring,
+        batch,
+        "SELECT id, merchant_id, config_snapshot FROM invoice
+         WHERE config_snapshot->'credentials'->>'keyId' <> $1 AND id > $2 ORDER BY id LIMIT $3 FOR UPDATE",
+        "UPDATE invoice SET config_snapshot = jsonb_set(config_snapshot, '{credentials}', $2) WHERE id = $1",
+    )
+    .await?;
+    let shared = reseal_snapshots::<Vec<u8>>(
+        pool,
+        keyring,
+        batch,
+        "SELECT digest, merchant_id, snapshot FROM invoice_config_snapshot
+         WHERE snapshot->'credentials'->>'keyId' <> $1 AND digest > $2 ORDER BY digest LIMIT $3 FOR UPDATE",
+        "UPDATE invoice_config_snapshot SET snapshot = jsonb_set(snapshot, '{credentials}', $2) WHERE digest = $1",
+    )
+    .await?;
+    done.invoices += inline.0 + shared.0;
+    done.unopenable += inline.1 + shared.1;
+    Ok(done)
+}
+
+/// Reseals, a batch per transaction, the snapshots `select` finds: `(key, merchant,
+/// snapshot)` rows sealed under another key than `$1`, keyed above `$2` (in key order), at
+/// most `$3`; `update` writes each back (`$1` its key, `$2` its new `credentials`). Returns
+/// `(resealed, unopenable)`.
+async fn reseal_snapshots<K>(
+    pool: &PgPool,
+    keyring: &Keyring,
+    batch: i64,
+    select: &str,
+    update: &str,
+) -> Result<(u64, u64), StorageError>
+where
+    K: for<'r> sqlx::Decode<'r, sqlx::Postgres>
+        + for<'q> sqlx::Encode<'q, sqlx::Postgres>
+        + sqlx::Type<sqlx::Postgres>
+        + Default
+        + Clone
+        + Send
+        + Sync
+        + Unpin,
+{
+    let current = keyring.current_key_id();
+    let (mut resealed, mut unopenable) = (0, 0);
+    let mut after = K::default();
     loop {
         let mut tx = pool.begin().await?;
-        let rows: Vec<(i64, String, Value)> = sqlx::query_as(
-            "SELECT id, merchant_id, config_snapshot FROM invoice
-             WHERE config_snapshot->'credentials'->>'keyId' <> $1 AND id > $2 ORDER BY id LIMIT $3 FOR UPDATE",
-        )
-        .bind(&current)
-        .bind(after)
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (id, merchant_id, snapshot) in &rows {
+        let rows: Vec<(K, String, Value)> =
+            sqlx::query_as(select).bind(current).bind(after.clone()).bind(batch).fetch_all(&mut *tx).await?;
+        for (key, merchant_id, snapshot) in &rows {
             let Some(credentials) = reseal_snapshot(keyring, merchant_id, snapshot) else {
-                done.unopenable += 1;
+                unopenable += 1;
                 continue;
             };
-            // Only the sealing changes; the snapshot's content (what is sent to the provider)
-            // stays what it was when the invoice was created.
-            sqlx::query("UPDATE invoice SET config_snapshot = jsonb_set(config_snapshot, '{credentials}', $2) WHERE id = $1")
-                .bind(id)
-                .bind(&credentials)
-                .execute(&mut *tx)
-                .await?;
-            done.invoices += 1;
-        }
-        tx.commit().await?;
-        match rows.last() {
-            Some(last) if rows.len() as i64 == batch => after = last.0,
-            _ => break,
-        }
-    }
-    // The shared snapshots of newer invoices, resealed in place: their digest is their
-    // identifier, not a checksum of the current text.
-    let mut after: Vec<u8> = Vec::new();
-    loop {
-        let mut tx = pool.begin().await?;
-        let rows: Vec<(Vec<u8>, String, Value)> = sqlx::query_as(
-            "SELECT digest, merchant_id, snapshot FROM invoice_config_snapshot
-             WHERE snapshot->'credentials'->>'keyId' <> $1 AND digest > $2 ORDER BY digest LIMIT $3 FOR UPDATE",
-        )
-        .bind(&current)
-        .bind(&after)
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (digest, merchant_id, snapshot) in &rows {
-            let Some(credentials) = reseal_snapshot(keyring, merchant_id, snapshot) else {
-                done.unopenable += 1;
-                continue;
-            };
-            sqlx::query(
-                "UPDATE invoice_config_snapshot SET snapshot = jsonb_set(snapshot, '{credentials}', $2) WHERE digest = $1",
-            )
-            .bind(digest)
-            .bind(&credentials)
-            .execute(&mut *tx)
-            .await?;
-            done.invoices += 1;
+            sqlx::query(update).bind(key.clone()).bind(&credentials).execute(&mut *tx).await?;
+            resealed += 1;
         }
         tx.commit().await?;
         match rows.last() {
@@ -262,7 +264,7 @@ pub async fn rewrap(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result<Rewr
             _ => break,
         }
     }
-    Ok(done)
+    Ok((resealed, unopenable))
 }
 
 /// The `credentials` member of `snapshot` (of an invoice of `merchant_id`) sealed again under
