@@ -315,7 +315,8 @@ pub struct Writes {
 /// or `NULL` for a partition never stored, new next offset), then, only if it moved, the
 /// batch's distinct config snapshots (`$58` their JSON, `$59` their digests, `$60` their
 /// merchants; written once, shared by every invoice that has the same: see
-/// [`snapshot_digest`]), the invoices (`$1`-`$18`; `$16` indexes those snapshots), the claims, the decisions, the request joins, the audit rows and the outbox rows. A statement
+/// [`snapshot_digest`]), the invoices (`$1`-`$18`; `$16` indexes those snapshots), the
+/// claims, the decisions, the request joins, the audit rows and the outbox rows. A statement
 /// of empty arrays moves the offset only.
 ///
 /// One statement is atomic by itself: no BEGIN and COMMIT round trips. The offset row is

@@ -38,13 +38,13 @@ pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<(Vec<Value>, Opt
     let mut query = sqlx::QueryBuilder::new("");
     let several = match filter.merchants.as_deref() {
         Some([_]) | None => None,
-        Some(many) => Some(many.to_vec()),
+        Some(many) => Some(many),
     };
-    match &several {
+    match several {
         Some(merchants) => {
             query
                 .push(format!("SELECT id, {SUMMARY} FROM (SELECT l.* FROM unnest("))
-                .push_bind(merchants.clone())
+                .push_bind(merchants.to_vec())
                 .push("::text[]) AS m(merchant_id), LATERAL (SELECT * FROM invoice WHERE merchant_id = m.merchant_id AND deleted_at IS NULL");
         }
         None => {
