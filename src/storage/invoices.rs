@@ -29,13 +29,23 @@ const SUMMARY: &str = "jsonb_build_object('id', id::text, 'merchantId', merchant
 
 /// One page, newest first; returns the items and the id to continue below (if more).
 pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<(Vec<Value>, Option<i64>), StorageError> {
+    let rows: Vec<(i64, Value)> = list_query("", filter).build_query_as().fetch_all(pool).await?;
+    let more = rows.len() as i64 > filter.limit;
+    let items: Vec<(i64, Value)> = rows.into_iter().take(filter.limit as usize).collect();
+    let next = if more { items.last().map(|(id, _)| *id) } else { None };
+    Ok((items.into_iter().map(|(_, v)| v).collect(), next))
+}
+
+/// The statement of [`list`] for `filter`, after `prefix` (tests pass `EXPLAIN` to check its
+/// plan): `(id, summary)` rows, a page and one more.
+pub fn list_query(prefix: &str, filter: &ListFilter) -> sqlx::QueryBuilder<'static, sqlx::Postgres> {
     // Built per filter set so each shape gets its own plan on the index it needs
     // (`invoice_merchant_recent`, `invoice_order`, the primary key). A merchant is compared
     // with `=`, never `= ANY(..)`: Postgres reads `(merchant_id, id DESC)` in id order only for
     // one value, and with an array it fetched all of the merchant's invoices and sorted them
     // for every page. Several merchants are read one by one (`LATERAL`), each up to a page.
     let page = filter.limit + 1;
-    let mut query = sqlx::QueryBuilder::new("");
+    let mut query = sqlx::QueryBuilder::new(prefix);
     let several = match filter.merchants.as_deref() {
         Some([_]) | None => None,
         Some(many) => Some(many),
@@ -67,11 +77,7 @@ pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<(Vec<Value>, Opt
         query.push(" ORDER BY id DESC LIMIT ").push_bind(page).push(") l) invoice");
     }
     query.push(" ORDER BY id DESC LIMIT ").push_bind(page);
-    let rows: Vec<(i64, Value)> = query.build_query_as().fetch_all(pool).await?;
-    let more = rows.len() as i64 > filter.limit;
-    let items: Vec<(i64, Value)> = rows.into_iter().take(filter.limit as usize).collect();
-    let next = if more { items.last().map(|(id, _)| *id) } else { None };
-    Ok((items.into_iter().map(|(_, v)| v).collect(), next))
+    query
 }
 
 /// One invoice in full, with its merchant (for the scope check). The snapshot's sealed

@@ -117,6 +117,28 @@ async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_
     )
     .await;
 
+    // The operator list reads a page of each merchant in id order, never all of its invoices
+    // to sort them: with one merchant, and with several (one index read per merchant).
+    use invoice::storage::invoices::{list_query, ListFilter};
+    for merchants in [vec!["M-7".to_owned()], vec!["M-7".to_owned(), "M-8".to_owned()]] {
+        for before_id in [None, Some(BACKLOG / 2)] {
+            let filter = ListFilter {
+                merchants: Some(merchants.clone()),
+                before_id,
+                limit: 50,
+                ..ListFilter::default()
+            };
+            let mut explain = list_query("EXPLAIN (FORMAT JSON) ", &filter);
+            let (nodes, indexes, plan) = invoice_plan(pool, explain.build()).await;
+            let what = format!("the list of {merchants:?} below {before_id:?}");
+            assert_eq!(nodes.len(), 1, "{what}: one read of invoice: {plan}");
+            assert_eq!(indexes, ["invoice_merchant_recent"], "{what}: {plan}");
+            if merchants.len() == 1 {
+                assert!(!plan.to_string().contains("\"Sort\""), "{what} sorts: {plan}");
+            }
+        }
+    }
+
     // The queries that do want the backlog still get an index of it, not the whole table.
     let due = "EXPLAIN (FORMAT JSON) SELECT id FROM invoice
                WHERE status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND next_attempt_at <= now()";
