@@ -37,7 +37,7 @@ pub struct BatchFacts {
 /// Five lookups, one round trip: each subquery aggregates its rows into one row of arrays
 /// (the aggregates of one subquery see its rows in the same order).
 ///
-/// Invoices and requests are looked up by `order_id = ANY(..)` (indexes `invoice_order` and
+/// Invoices and requests are looked up by `order_id = ANY(..)` (indexes `invoice_by_order` and
 /// `invoice_request_one_pending_per_order`) and filtered to the exact pairs here: a join against
 /// `UNNEST` of the pairs lets the planner, with the statistics of a table that grew since its
 /// last analyze, scan every active invoice once per pair.

@@ -40,7 +40,7 @@ pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<(Vec<Value>, Opt
 /// plan): `(id, summary)` rows, a page and one more.
 pub fn list_query(prefix: &str, filter: &ListFilter) -> sqlx::QueryBuilder<'static, sqlx::Postgres> {
     // Built per filter set so each shape gets its own plan on the index it needs
-    // (`invoice_merchant_recent`, `invoice_order`, the primary key). A merchant is compared
+    // (`invoice_merchant_recent`, `invoice_by_order`, the primary key). A merchant is compared
     // with `=`, never `= ANY(..)`: Postgres reads `(merchant_id, id DESC)` in id order only for
     // one value, and with an array it fetched all of the merchant's invoices and sorted them
     // for every page. Several merchants are read one by one (`LATERAL`), each up to a page.

@@ -307,7 +307,7 @@ async fn the_schema_refuses_a_second_open_claim_or_a_second_live_configuration()
     .execute(&db.pool)
     .await;
     let error = second_claim.unwrap_err().to_string();
-    assert!(error.contains("claim_one_open_per_invoice"), "{error}");
+    assert!(error.contains("claim_one_per_invoice"), "{error}");
 
     insert_provider_config(&db, "M-1", 1).await;
     let copy = "INSERT INTO provider_config (id, merchant_id, provider, endpoint, supplier_tax_code, template_code,
