@@ -31,5 +31,11 @@ fn crypto(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, ids, crypto);
+fn payments(c: &mut Criterion) {
+    // The shape `make bench` produces (one line, consumer buyer).
+    let payment = br#"{"eventId":"ev-123456","orderId":"ORD-123456","merchantId":"M-56","paidAt":"2026-11-24T10:15:00+07:00","currency":"VND","totalAmount":"1100000","items":[{"sku":"SKU-1","name":"C\u00e0 ph\u00ea s\u1eefa","unit":"ly","quantity":"2","unitPrice":"500000","vatRate":"10"}]}"#;
+    c.bench_function("payment parse", |b| b.iter(|| invoice::events::payment::parse(black_box(payment))));
+}
+
+criterion_group!(benches, ids, crypto, payments);
 criterion_main!(benches);

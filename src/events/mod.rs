@@ -24,6 +24,13 @@ impl Invalid {
     }
 }
 
+/// Whether JSON text may hold U+0000. JSON carries it only escaped (`\u0000`: a raw control
+/// character in a string is not JSON), so text without that sequence cannot; the cheap test
+/// before [`contains_nul`] walks a whole document.
+pub fn may_contain_nul(json_text: &[u8]) -> bool {
+    json_text.windows(6).any(|w| w == br"\u0000")
+}
+
 /// Whether any string (or key) in `value` contains U+0000, which Postgres cannot store.
 pub fn contains_nul(value: &serde_json::Value) -> bool {
     match value {
