@@ -952,21 +952,25 @@ pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageErro
     .bind(order_id)
     .fetch_all(pool)
     .await?;
-    // What the stream decided for the order's payment events: the answer to "why has this
-    // order no invoice?" (a skip reason), which no other table holds.
-    let decisions: Vec<Value> = sqlx::query_scalar(
-        "SELECT jsonb_build_object('eventId', event_id, 'merchantId', merchant_id, 'outcome', outcome,
-             'skipReason', skip_reason, 'invoiceId', invoice_id::text, 'topic', topic, 'partition', partition,
-             'offset', \"offset\", 'decidedAt', decided_at)
-         FROM payment_decision WHERE order_id = $1 ORDER BY decided_at, event_id",
-    )
-    .bind(order_id)
-    .fetch_all(pool)
-    .await?;
+    let decisions: Vec<Value> = sqlx::query_scalar(ORDER_DECISIONS).bind(order_id).fetch_all(pool).await?;
     Ok(
         json!({"orderId": order_id, "decisions": decisions, "invoices": invoices, "issuances": attempts, "audit": audit}),
     )
 }
+
+/// What the stream decided for order `$1`'s payment events, for [`inspect`]: the answer to
+/// "why has this order no invoice?" (a skip reason), which no other table holds. Only skipped
+/// decisions are indexed by order (`payment_decision_skipped_order`); a created one is the
+/// decision of its invoice's payment event, found through the invoice.
+pub const ORDER_DECISIONS: &str = "SELECT jsonb_build_object('eventId', event_id, 'merchantId', merchant_id,
+         'outcome', outcome, 'skipReason', skip_reason, 'invoiceId', invoice_id::text, 'topic', topic,
+         'partition', partition, 'offset', \"offset\", 'decidedAt', decided_at)
+     FROM (SELECT * FROM payment_decision WHERE order_id = $1 AND outcome <> 'created'
+           UNION ALL
+           SELECT * FROM payment_decision
+           WHERE event_id IN (SELECT payment_event_id FROM invoice WHERE order_id = $1)
+             AND order_id = $1 AND outcome = 'created') d
+     ORDER BY decided_at, event_id";
 
 /// The newest `$1` FAILED invoices (see [`failed`]); read through `invoice_failed_recent`.
 pub const FAILED_NEWEST: &str = "SELECT id, merchant_id, order_id, last_error, updated_at FROM invoice

@@ -149,3 +149,71 @@ async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_
     assert_eq!(indexes, ["invoice_failed_recent"], "the DLQ list: {plan}");
     assert!(!nodes.iter().any(|n| n == "Seq Scan"), "the DLQ list: {plan}");
 }
+
+/// Every scan in `plan` (EXPLAIN's JSON) as `(node type, relation, index)`.
+fn scans(plan: &Value, out: &mut Vec<(String, String, String)>) {
+    if let Some(relation) = plan.get("Relation Name").and_then(Value::as_str) {
+        let field = |name: &str| plan.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
+        out.push((field("Node Type"), relation.to_owned(), field("Index Name")));
+    }
+    for child in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
+        scans(child, out);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_reads_an_orders_decisions_by_key() {
+    let db = TestDb::create().await;
+    let pool = &db.pool;
+    // Created decisions (each with its invoice) and a few skipped ones, analyzed.
+    sqlx::query(
+        "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at, currency,
+             lines, total_net, total_vat, total_amount, config_snapshot, transaction_uuid)
+         SELECT n, 'M-' || (n % 100), 'O-' || n, 'ISSUED', 'immediate', 'ev-' || n, now(), 'VND', '[]', 100000,
+             8000, 108000, '{}', 'tx-uuid-' || lpad(n::text, 8, '0')
+         FROM generate_series(1, $1) AS n",
+    )
+    .bind(BACKLOG)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO payment_decision (event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, topic,
+             partition, \"offset\")
+         SELECT 'ev-' || n, 'M-' || (n % 100), 'O-' || n, 'created', NULL, n, 'payments', 0, n
+         FROM generate_series(1, $1) AS n
+         UNION ALL
+         SELECT 'ev-skip-' || n, 'M-1', 'O-' || n, 'skipped', 'merchant_unknown', NULL, 'payments', 1, n
+         FROM generate_series(1, 50) AS n",
+    )
+    .bind(BACKLOG)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE invoice, payment_decision").execute(pool).await.unwrap();
+
+    let explain = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::ORDER_DECISIONS);
+    let row = sqlx::query(&explain).bind("O-7").fetch_one(pool).await.unwrap();
+    let plan = sqlx::Row::get::<sqlx::types::Json<Value>, _>(&row, 0).0;
+    let mut found = Vec::new();
+    scans(&plan[0]["Plan"], &mut found);
+    let decision_reads: Vec<_> =
+        found.iter().filter(|(_, relation, _)| relation == "payment_decision").collect();
+    assert_eq!(decision_reads.len(), 2, "{plan}");
+    assert!(
+        found.iter().all(|(node, _, _)| node != "Seq Scan"),
+        "an order's decisions read a whole table: {plan}"
+    );
+    let by_key = ["payment_decision_pkey", "payment_decision_skipped_order"];
+    assert!(decision_reads.iter().all(|(_, _, index)| by_key.contains(&index.as_str())), "{plan}");
+
+    // And the query answers: the created decision and the skipped one of the order.
+    let decisions: Vec<Value> = sqlx::query_scalar(invoice::storage::issuance::ORDER_DECISIONS)
+        .bind("O-7")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let outcomes: Vec<&str> = decisions.iter().map(|d| d["outcome"].as_str().unwrap_or_default()).collect();
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert!(outcomes.contains(&"created") && outcomes.contains(&"skipped"), "{decisions:?}");
+}
