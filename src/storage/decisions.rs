@@ -5,7 +5,7 @@
 //! those tables.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -203,8 +203,9 @@ pub struct NewInvoice {
     pub total_amount: Decimal,
     /// Provider config id.
     pub provider_config_id: i64,
-    /// Snapshot, serialised once per merchant and batch (a clone is a copy of its text).
-    pub config_snapshot: Box<RawValue>,
+    /// Snapshot, serialised once per merchant, rule set and batch, and shared by the batch's
+    /// invoices that have the same.
+    pub config_snapshot: Arc<RawValue>,
     /// Idempotency key.
     pub transaction_uuid: String,
     /// When a worker may take it (QUEUED) — `None` for PENDING_CLAIM.
@@ -419,11 +420,14 @@ impl Writes {
         // A batch's invoices share a few snapshots (one per merchant and rule set), each some
         // 700 bytes of JSON: sent, parsed and stored once each, not once per invoice.
         let mut snapshots: Vec<(&str, &RawValue)> = Vec::new();
-        let mut snapshot_of: HashMap<(&str, &str), i32> = HashMap::new();
+        // Keyed by the shared text's address, not the text (some 700 bytes to hash per
+        // invoice): invoices sharing a snapshot share its `Arc`. Equal texts in two `Arc`s
+        // only send the row twice; the insert keeps one.
+        let mut snapshot_of: HashMap<(&str, usize), i32> = HashMap::new();
         let snapshot_index: Vec<i32> = invoices
             .iter()
             .map(|i| {
-                let key = (i.merchant_id.as_str(), i.config_snapshot.get());
+                let key = (i.merchant_id.as_str(), Arc::as_ptr(&i.config_snapshot).cast::<u8>() as usize);
                 *snapshot_of.entry(key).or_insert_with(|| {
                     snapshots.push((&i.merchant_id, &i.config_snapshot));
                     snapshots.len() as i32

@@ -119,7 +119,7 @@ pub async fn process(
     let mut summary = Summary::default();
     let now = Utc::now();
     // The snapshot depends on the merchant and the rule set only: built once per batch.
-    let mut snapshots: std::collections::HashMap<(String, chrono::NaiveDate), Box<RawValue>> =
+    let mut snapshots: std::collections::HashMap<(String, chrono::NaiveDate), std::sync::Arc<RawValue>> =
         std::collections::HashMap::new();
     for (message, result) in &parsed {
         let payment = match result {
@@ -202,9 +202,9 @@ pub async fn process(
                             payment,
                             deps.settings.consumer_wording,
                         );
-                        e.insert(
+                        e.insert(std::sync::Arc::from(
                             to_raw_value(&value).map_err(|_| BatchError::Bug("unserialisable snapshot"))?,
-                        )
+                        ))
                         .clone()
                     }
                 };
