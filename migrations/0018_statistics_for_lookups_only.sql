@@ -1,18 +1,20 @@
 -- Statistics only on the columns queries select by. The tables below are written by every
 -- payment or provider call and read back only by key (an event id, an invoice, an order, a
 -- claim token, the outbox's id order), yet auto-analyze sampled 30,000 rows of each and sorted
--- the sample of every column (text with the collation's rules) to build statistics nobody
--- reads. A column's statistics target also sets the sample's size (300 rows per point of
--- the highest target in the table): where the few columns left keep 10, a table is sampled
--- with 3,000 rows. On the 150,000 payments of a `make bench` stream stage one auto-analyze of
--- the five tables the stream writes took 690 ms, 226 ms after this; a backlog drain has one
--- every minute (`autovacuum_naptime`).
+-- the sample of every column (text with the collation's rules) to build statistics no plan
+-- needs. A column's statistics target also sets the sample's size (300 rows per point of the
+-- highest target in the table): where the few columns left keep 10, a table is sampled with
+-- 3,000 rows. On the 150,000 payments of a `make bench` stream stage one auto-analyze of the
+-- five tables the stream writes took 690 ms, 226 ms after this; a backlog drain has one every
+-- minute (`autovacuum_naptime`). Statistics already gathered for these columns stay as they
+-- are (an analyze no longer updates them), which no plan here depends on either.
 --
 -- What stays: an invoice's columns that any statement filters, joins or sorts on (the order
 -- id keeps the default: `order_id = ANY(..)` estimated without it reads as the whole table,
 -- the plan migration 0003 is about); the claim's status and deadline (the expiry's range
--- scan); the order and invoice of an audit row or decision. Event ids, claim tokens and
--- claims' invoices are unique indexes, which the planner counts on without statistics.
+-- scan); the order of a decision; the invoice of an audit row or an attempt, and the order of
+-- an audit row. Event ids, claim tokens and claims' invoices have unique indexes, which the
+-- planner counts on without statistics.
 --
 -- The lock taken blocks neither reads nor writes, but would queue behind a running VACUUM,
 -- ANALYZE or concurrent index build: give up after a while instead (the migration fails and
