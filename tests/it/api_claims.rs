@@ -326,6 +326,40 @@ async fn the_schema_refuses_a_second_open_claim_or_a_second_live_configuration()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schema_keeps_one_active_invoice_of_each_kind_per_order() {
+    use crate::support::TestDb;
+    let db = TestDb::create().await;
+    let insert = |id: i64, merchant: &'static str| {
+        sqlx::query(
+            "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, paid_at, currency, lines,
+                 total_net, total_vat, total_amount, config_snapshot, transaction_uuid)
+             VALUES ($1, $2, 'ORD-U-1', 'QUEUED', 'immediate', now(), 'VND', '[]', 100, 8, 108, '{}',
+                 'tx-uuid-' || lpad($1::text, 8, '0'))",
+        )
+        .bind(id)
+        .bind(merchant)
+    };
+    insert(1, "M-1").execute(&db.pool).await.unwrap();
+    let error = insert(2, "M-1").execute(&db.pool).await.unwrap_err().to_string();
+    assert!(error.contains("invoice_by_order"), "{error}");
+    // Another merchant's order of the same id is another order.
+    insert(3, "M-2").execute(&db.pool).await.unwrap();
+    // Once the first is cancelled (or deleted), the order may have a new one, and then the
+    // cancelled one cannot come back.
+    sqlx::query("UPDATE invoice SET status = 'CANCELLED' WHERE id = 1").execute(&db.pool).await.unwrap();
+    insert(2, "M-1").execute(&db.pool).await.unwrap();
+    sqlx::query("UPDATE invoice SET deleted_at = now() WHERE id = 2").execute(&db.pool).await.unwrap();
+    insert(4, "M-1").execute(&db.pool).await.unwrap();
+    let error = sqlx::query("UPDATE invoice SET status = 'QUEUED' WHERE id = 1")
+        .execute(&db.pool)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("invoice_by_order"), "{error}");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-U-1'").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_to_end_a_claim_from_the_event_turns_a_held_payment_into_a_company_invoice() {
     use crate::events::{cdc, payment, tax};
     use crate::support::kafka::{produce, producer, read_all, TestTopics};
