@@ -14,7 +14,9 @@
 //! that stage (for profiling it), writing nothing. Last, Postgres' own ceiling for the stream's
 //! writes: the same rows inserted by SQL alone, with nothing else running.
 //! `BENCH_PG_STATEMENTS=1` prints, after each steady run, what each statement cost in it
-//! (needs `pg_stat_statements` in the server's `shared_preload_libraries`).
+//! (needs `pg_stat_statements` in the server's `shared_preload_libraries`). The run starts and
+//! ends by timing a fixed piece of work (`machine_speed_ns`): the figures of two runs compare
+//! only when those agree.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -638,6 +640,25 @@ async fn steady_run(
     (offered, p50, p99, cpu_ms)
 }
 
+/// How fast the machine is at the moment: the time one core takes to parse a fixed JSON
+/// document (a payment) into a `serde_json::Value`, code this project does not change. On the
+/// shared development machine it moved by a quarter from one hour to the next, the same
+/// binary's figures with it: runs compare only at similar values (measured at the start
+/// and at the end of a run, and written to `e2e.json`).
+fn machine_speed_ns() -> f64 {
+    let document = r#"{"eventId":"ev-123456","orderId":"ORD-123456","merchantId":"M-56",
+        "paidAt":"2026-11-24T10:15:00+07:00","currency":"VND","totalAmount":"1100000",
+        "items":[{"sku":"SKU-1","name":"Cà phê sữa","unit":"ly","quantity":"2","unitPrice":"500000","vatRate":"10"}]}"#;
+    let rounds = 200_000;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(
+            serde_json::from_str::<serde_json::Value>(std::hint::black_box(document)).unwrap(),
+        );
+    }
+    started.elapsed().as_nanos() as f64 / rounds as f64
+}
+
 fn with(env: &HashMap<String, String>, key: &str, value: &str) -> HashMap<String, String> {
     let mut env = env.clone();
     env.insert(key.to_owned(), value.to_owned());
@@ -650,6 +671,8 @@ async fn main() {
         // `cargo test --all-targets` runs bench targets without `--bench`: nothing to measure.
         return;
     }
+    let speed_before = machine_speed_ns();
+    println!("machine speed: {speed_before:.0} ns per reference parse");
     let events = env_usize("BENCH_EVENTS", 50_000);
     let cdc_events = env_usize("BENCH_CDC", 50_000);
     let partitions = env_usize("BENCH_PARTITIONS", 6) as i32;
@@ -922,7 +945,11 @@ async fn main() {
     let write_ceiling_per_sec = write_ceiling(&pool, partitions as usize, 10).await;
     println!("Postgres alone writing the stream's rows: {write_ceiling_per_sec:.0} payments/s");
 
+    let speed_after = machine_speed_ns();
+    println!("machine speed: {speed_after:.0} ns per reference parse");
+
     let report = json!({
+        "machine_speed_ns": [speed_before.round(), speed_after.round()],
         "events": events,
         "partitions": partitions,
         "decided_per_sec": decided_per_sec.round(),
