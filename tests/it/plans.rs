@@ -33,29 +33,38 @@ async fn stale_statistics() -> TestDb {
     db
 }
 
-/// How `plan` (EXPLAIN's JSON) reads the invoice table: the node types of its scans, and
-/// the indexes those scans use.
-fn invoice_access(plan: &Value, nodes: &mut Vec<String>, indexes: &mut Vec<String>) {
-    if plan.get("Relation Name").and_then(Value::as_str) == Some("invoice") {
-        nodes.push(plan["Node Type"].as_str().unwrap_or_default().to_owned());
-        if let Some(index) = plan.get("Index Name").and_then(Value::as_str) {
-            indexes.push(index.to_owned());
-        }
+/// Every scan in `plan` (EXPLAIN's JSON) as `(node type, relation, index or "")`.
+fn scans(plan: &Value, out: &mut Vec<(String, String, String)>) {
+    if let Some(relation) = plan.get("Relation Name").and_then(Value::as_str) {
+        let field = |name: &str| plan.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
+        out.push((field("Node Type"), relation.to_owned(), field("Index Name")));
     }
     for child in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
-        invoice_access(child, nodes, indexes);
+        scans(child, out);
     }
 }
 
 type Bound<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// The plan of `explain` (an `EXPLAIN (FORMAT JSON)` with its arguments) as `(scan node
-/// types, indexes)` on the invoice table.
-async fn invoice_plan(pool: &PgPool, explain: Bound<'_>) -> (Vec<String>, Vec<String>, Value) {
+/// The plan of `explain` (an `EXPLAIN (FORMAT JSON)` with its arguments), and its scans.
+async fn plan_of(pool: &PgPool, explain: Bound<'_>) -> (Value, Vec<(String, String, String)>) {
     let row = explain.fetch_one(pool).await.unwrap();
     let plan = sqlx::Row::get::<sqlx::types::Json<Value>, _>(&row, 0).0;
+    let mut found = Vec::new();
+    scans(&plan[0]["Plan"], &mut found);
+    (plan, found)
+}
+
+/// The plan of `explain` as `(scan node types, indexes)` on the invoice table.
+async fn invoice_plan(pool: &PgPool, explain: Bound<'_>) -> (Vec<String>, Vec<String>, Value) {
+    let (plan, found) = plan_of(pool, explain).await;
     let (mut nodes, mut indexes) = (Vec::new(), Vec::new());
-    invoice_access(&plan[0]["Plan"], &mut nodes, &mut indexes);
+    for (node, _, index) in found.into_iter().filter(|(_, relation, _)| relation == "invoice") {
+        nodes.push(node);
+        if !index.is_empty() {
+            indexes.push(index);
+        }
+    }
     (nodes, indexes, plan)
 }
 
@@ -150,17 +159,6 @@ async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_
     assert!(!nodes.iter().any(|n| n == "Seq Scan"), "the DLQ list: {plan}");
 }
 
-/// Every scan in `plan` (EXPLAIN's JSON) as `(node type, relation, index)`.
-fn scans(plan: &Value, out: &mut Vec<(String, String, String)>) {
-    if let Some(relation) = plan.get("Relation Name").and_then(Value::as_str) {
-        let field = |name: &str| plan.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
-        out.push((field("Node Type"), relation.to_owned(), field("Index Name")));
-    }
-    for child in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
-        scans(child, out);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_reads_an_orders_decisions_by_key() {
     let db = TestDb::create().await;
@@ -193,10 +191,7 @@ async fn inspect_reads_an_orders_decisions_by_key() {
     sqlx::query("ANALYZE invoice, payment_decision").execute(pool).await.unwrap();
 
     let explain = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::ORDER_DECISIONS);
-    let row = sqlx::query(&explain).bind("O-7").fetch_one(pool).await.unwrap();
-    let plan = sqlx::Row::get::<sqlx::types::Json<Value>, _>(&row, 0).0;
-    let mut found = Vec::new();
-    scans(&plan[0]["Plan"], &mut found);
+    let (plan, found) = plan_of(pool, sqlx::query(&explain).bind("O-7")).await;
     let decision_reads: Vec<_> =
         found.iter().filter(|(_, relation, _)| relation == "payment_decision").collect();
     assert_eq!(decision_reads.len(), 2, "{plan}");
