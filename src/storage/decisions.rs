@@ -40,8 +40,9 @@ pub struct BatchFacts {
 /// Invoices and requests are looked up by `order_id = ANY(..)` (indexes `invoice_by_order` and
 /// `invoice_request_one_pending_per_order`) and filtered to the exact pairs here: a join against
 /// `UNNEST` of the pairs lets the planner, with the statistics of a table that grew since its
-/// last analyze, scan every active invoice once per pair.
-const FACTS: &str = "
+/// last analyze, scan every active invoice once per pair. Public so that tests can check its
+/// plan.
+pub const FACTS: &str = "
     SELECT d.event_ids,
            a.merchant_ids AS active_merchants, a.order_ids AS active_orders,
            r.merchant_ids AS request_merchants, r.order_ids AS request_orders, r.ids AS request_ids,

@@ -94,6 +94,17 @@ async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_
     assert_key_lookups(pool, "the worker's read", sqlx::query(&read).bind(&orders).bind(chrono::Utc::now()))
         .await;
 
+    // The stream's read of a batch's facts looks each order's invoices up by key.
+    let facts = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::decisions::FACTS);
+    let events: Vec<String> = (1..=137).map(|n| format!("ev-{n}")).collect();
+    let merchants: Vec<String> = (0..100).map(|n| format!("M-{n}")).collect();
+    assert_key_lookups(
+        pool,
+        "the stream's facts",
+        sqlx::query(&facts).bind(&events).bind(&orders).bind(&merchants),
+    )
+    .await;
+
     let take = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::ACQUIRE);
     let until = chrono::Utc::now() + chrono::Duration::seconds(60);
     assert_key_lookups(
