@@ -408,8 +408,8 @@ async fn vacuum_before_stage(pool: &PgPool) {
 }
 
 /// The database's own ceiling for the stream stage: Postgres alone inserting the rows the
-/// stream writes for a consumer payment (invoice, claim, decision, audit row and two outbox
-/// rows, their JSON sent as text and parsed per row as the stream's is), 1,000 payments per
+/// stream writes for a consumer payment (invoice, claim, audit row and two outbox rows, their
+/// JSON sent as text and parsed per row as the stream's is), 1,000 payments per
 /// transaction from `sessions` connections, in a scratch database, with no Kafka, no lookups
 /// and no service on the CPU. Payments decided per second can at best approach it.
 async fn write_ceiling(sample: &PgPool, sessions: usize, secs: u64) -> f64 {
@@ -438,7 +438,7 @@ async fn write_ceiling(sample: &PgPool, sessions: usize, secs: u64) -> f64 {
     // stream sends each row's lines and audit document. It sends each distinct config snapshot
     // once per batch (one per merchant), stored once and referenced by its digest, which the
     // one shared snapshot row here stands for.
-    const STATEMENTS: [&str; 5] = [
+    const STATEMENTS: [&str; 4] = [
         "WITH snapshot AS (
              INSERT INTO invoice_config_snapshot (digest, merchant_id, snapshot)
              VALUES (sha256('ceiling'::bytea), 'M-0', $3::jsonb) ON CONFLICT (digest) DO NOTHING)
@@ -453,9 +453,6 @@ async fn write_ceiling(sample: &PgPool, sessions: usize, secs: u64) -> f64 {
          SELECT $1 + g, $1 + g, 'M-' || g % 100, 'ORD-' || ($1 + g), sha256(int8send($1 + g)),
              now() + interval '1 day', 'OPEN'
          FROM generate_series(1, 1000) g",
-        "INSERT INTO payment_decision (event_id, merchant_id, order_id, outcome, invoice_id, topic, partition, \"offset\")
-         SELECT 'ev-' || ($1 + g), 'M-' || g % 100, 'ORD-' || ($1 + g), 'created', $1 + g, 'payments', 0, $1 + g
-         FROM generate_series(1, 1000) g ON CONFLICT (event_id) DO NOTHING",
         "INSERT INTO audit_log (entity, entity_id, invoice_id, merchant_id, order_id, event_type, outcome, after, actor,
              reason)
          SELECT 'invoice', ($1 + g)::text, $1 + g, 'M-' || g % 100, 'ORD-' || ($1 + g), 'invoice.created', 'QUEUED',
@@ -469,8 +466,8 @@ async fn write_ceiling(sample: &PgPool, sessions: usize, secs: u64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     // The JSON texts each statement takes after the base id, in order.
-    let texts: std::sync::Arc<[Vec<String>; 5]> =
-        std::sync::Arc::new([vec![lines, snapshot], vec![], vec![], vec![after], vec![]]);
+    let texts: std::sync::Arc<[Vec<String>; 4]> =
+        std::sync::Arc::new([vec![lines, snapshot], vec![], vec![after], vec![]]);
     let tasks = (0..sessions as i64).map(|session| {
         let (pool, texts) = (pool.clone(), texts.clone());
         tokio::spawn(async move {

@@ -21,7 +21,8 @@ use super::StorageError;
 /// What the stream must know to decide a batch, read in one statement ([`FACTS`]).
 #[derive(Debug, Default)]
 pub struct BatchFacts {
-    /// Event ids of the batch that were decided before.
+    /// Event ids of the batch that were decided before: a skip recorded in `payment_decision`,
+    /// or an original invoice of the event's order created by it.
     pub decided: HashSet<String>,
     /// `(merchant, order)` pairs of the batch that have an active original invoice.
     pub active: HashSet<(String, String)>,
@@ -44,15 +45,17 @@ pub struct BatchFacts {
 /// plan.
 pub const FACTS: &str = "
     SELECT d.event_ids,
-           a.merchant_ids AS active_merchants, a.order_ids AS active_orders,
+           a.merchant_ids AS invoice_merchants, a.order_ids AS invoice_orders, a.event_ids AS invoice_events,
+           a.active AS invoice_active,
            r.merchant_ids AS request_merchants, r.order_ids AS request_orders, r.ids AS request_ids,
            r.buyers AS request_buyers,
            m.merchant_ids AS tax_merchants, m.taxes, m.lsns, m.ts_ms, m.deleted, m.names,
            c.merchant_ids AS config_merchants, c.ids AS config_ids, c.providers, c.endpoints,
            c.supplier_tax_codes, c.template_codes, c.series, c.ciphertexts, c.nonces, c.key_ids
     FROM (SELECT array_agg(event_id) AS event_ids FROM payment_decision WHERE event_id = ANY($1)) d,
-         (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(order_id) AS order_ids FROM invoice
-          WHERE order_id = ANY($2) AND kind = 'original' AND status <> 'CANCELLED' AND deleted_at IS NULL) a,
+         (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(order_id) AS order_ids,
+                 array_agg(payment_event_id) AS event_ids, array_agg(status <> 'CANCELLED' AND deleted_at IS NULL) AS active
+          FROM invoice WHERE order_id = ANY($2) AND kind = 'original') a,
          (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(order_id) AS order_ids, array_agg(id) AS ids,
                  array_agg(buyer) AS buyers
           FROM invoice_request WHERE order_id = ANY($2) AND joined_at IS NULL AND deleted_at IS NULL) r,
@@ -71,8 +74,10 @@ pub const FACTS: &str = "
 #[derive(sqlx::FromRow)]
 struct FactsRow {
     event_ids: Option<Vec<String>>,
-    active_merchants: Option<Vec<String>>,
-    active_orders: Option<Vec<String>>,
+    invoice_merchants: Option<Vec<String>>,
+    invoice_orders: Option<Vec<String>>,
+    invoice_events: Option<Vec<Option<String>>>,
+    invoice_active: Option<Vec<bool>>,
     request_merchants: Option<Vec<String>>,
     request_orders: Option<Vec<String>>,
     request_ids: Option<Vec<i64>>,
@@ -111,7 +116,24 @@ pub async fn facts(
     let is_wanted = |pair: &(String, String)| wanted.contains(&(pair.0.as_str(), pair.1.as_str()));
     let list = |v: Option<Vec<String>>| v.unwrap_or_default().into_iter();
 
-    let active = list(row.active_merchants).zip(list(row.active_orders)).filter(is_wanted).collect();
+    // A payment that created an invoice was decided: that invoice, whatever became of it
+    // since, is its decision's only record (older versions also wrote a decision row).
+    let batch_events: HashSet<&str> = event_ids.iter().map(String::as_str).collect();
+    let mut decided: HashSet<String> = list(row.event_ids).collect();
+    let mut active = HashSet::new();
+    let mut invoice_events = row.invoice_events.unwrap_or_default().into_iter();
+    let mut invoice_active = row.invoice_active.unwrap_or_default().into_iter();
+    for pair in list(row.invoice_merchants).zip(list(row.invoice_orders)) {
+        let (Some(event), Some(is_active)) = (invoice_events.next(), invoice_active.next()) else {
+            return Err(StorageError::Other("invoice facts arrays of unequal lengths".into()));
+        };
+        if let Some(event) = event.filter(|e| batch_events.contains(e.as_str())) {
+            decided.insert(event);
+        }
+        if is_active && is_wanted(&pair) {
+            active.insert(pair);
+        }
+    }
     let mut request_orders = list(row.request_orders);
     let mut request_ids = row.request_ids.unwrap_or_default().into_iter();
     let mut request_buyers = row.request_buyers.unwrap_or_default().into_iter();
@@ -168,7 +190,7 @@ pub async fn facts(
         .ok_or_else(|| StorageError::Other("configuration facts arrays of unequal lengths".into()))?;
         configs.insert(merchant, config);
     }
-    Ok(BatchFacts { decided: list(row.event_ids).collect(), active, requests, merchants, configs })
+    Ok(BatchFacts { decided, active, requests, merchants, configs })
 }
 
 /// A new invoice row.

@@ -959,17 +959,26 @@ pub async fn inspect(pool: &PgPool, order_id: &str) -> Result<Value, StorageErro
 }
 
 /// What the stream decided for order `$1`'s payment events, for [`inspect`]: the answer to
-/// "why has this order no invoice?" (a skip reason), which no other table holds. Only skipped
-/// decisions are indexed by order (`payment_decision_skipped_order`); a created one is the
-/// decision of its invoice's payment event, found through the invoice.
+/// "why has this order no invoice?" (a skip reason), which no other table holds. Skipped
+/// decisions are rows of `payment_decision`, indexed by order
+/// (`payment_decision_skipped_order`). A created decision is its original invoice: where the
+/// event was read comes from the invoice's `invoice.created` audit row, or from the decision
+/// row that earlier versions also wrote (found by the event's key).
 pub const ORDER_DECISIONS: &str = "SELECT jsonb_build_object('eventId', event_id, 'merchantId', merchant_id,
          'outcome', outcome, 'skipReason', skip_reason, 'invoiceId', invoice_id::text, 'topic', topic,
          'partition', partition, 'offset', \"offset\", 'decidedAt', decided_at)
-     FROM (SELECT * FROM payment_decision WHERE order_id = $1 AND outcome <> 'created'
+     FROM (SELECT event_id, merchant_id, outcome, skip_reason, invoice_id, topic, partition, \"offset\", decided_at
+           FROM payment_decision WHERE order_id = $1 AND outcome <> 'created'
            UNION ALL
-           SELECT * FROM payment_decision
-           WHERE event_id IN (SELECT payment_event_id FROM invoice WHERE order_id = $1)
-             AND order_id = $1 AND outcome = 'created') d
+           SELECT i.payment_event_id, i.merchant_id, 'created', NULL, i.id,
+                  COALESCE(d.topic, s.source->>'topic'), COALESCE(d.partition, (s.source->>'partition')::int),
+                  COALESCE(d.\"offset\", (s.source->>'offset')::bigint), COALESCE(d.decided_at, i.created_at)
+           FROM invoice i
+           LEFT JOIN payment_decision d ON d.event_id = i.payment_event_id AND d.outcome = 'created'
+           LEFT JOIN LATERAL (SELECT a.after->'source' AS source FROM audit_log a
+                              WHERE a.invoice_id = i.id AND a.event_type = 'invoice.created'
+                              ORDER BY a.id LIMIT 1) s ON true
+           WHERE i.order_id = $1 AND i.kind = 'original' AND i.payment_event_id IS NOT NULL) d
      ORDER BY decided_at, event_id";
 
 /// The newest `$1` FAILED invoices (see [`failed`]); read through `invoice_failed_recent`.

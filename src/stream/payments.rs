@@ -287,6 +287,7 @@ pub async fn process(
                         "totalAmount": payment.totals.gross.to_string(),
                         "claimDeadline": plan.claim_deadline.map(rfc3339),
                         "paymentEventId": payment.event_id,
+                        "source": {"topic": topic, "partition": partition, "offset": offset},
                     })),
                     actor: "stream".into(),
                     reason: Some(match plan.buyer_source {
@@ -302,16 +303,9 @@ pub async fn process(
                     writes.request_joins.push((*request_id, invoice_id, stored.clone()));
                     requests.remove(&key);
                 }
-                writes.decisions.push(NewDecision {
-                    event_id: payment.event_id.clone(),
-                    merchant_id: payment.merchant_id.clone(),
-                    order_id: payment.order_id.clone(),
-                    outcome: "created",
-                    skip_reason: None,
-                    invoice_id: Some(invoice_id),
-                    partition,
-                    offset,
-                });
+                // No decision row: the invoice is the decision's record (it names the event),
+                // and its audit row says where the event was read. One row and one index entry
+                // less per payment.
                 decided.insert(payment.event_id.clone());
                 active.insert(key);
                 let outcome =

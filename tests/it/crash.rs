@@ -12,7 +12,7 @@ use crate::events::{cdc, payment, tax};
 use crate::support::kafka::{producer, read_to_end, TestTopics};
 use crate::support::{
     assert_no_orphans, insert_merchant, insert_provider_config, invoice_cmd, stream_env, unique, wait_until,
-    TestDb,
+    TestDb, DECISIONS,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -87,7 +87,7 @@ async fn setup(partitions: i32) -> (TestDb, TestTopics) {
 /// re-publication after a crash carries the same eventId).
 async fn assert_exact(db: &TestDb, topics: &TestTopics, total: usize, eligible: usize) {
     let eligible = eligible as i64;
-    assert_eq!(count(db, "SELECT count(*) FROM payment_decision").await, total as i64);
+    assert_eq!(count(db, DECISIONS).await, total as i64);
     assert_eq!(count(db, "SELECT count(*) FROM invoice").await, eligible);
     assert_eq!(count(db, "SELECT count(DISTINCT order_id) FROM invoice").await, eligible);
     assert_eq!(count(db, "SELECT count(*) FROM claim").await, eligible);
@@ -137,7 +137,7 @@ async fn a_stream_killed_with_sigkill_again_and_again_loses_and_duplicates_nothi
     let eligible = produce_payments(&topics.names.payment, total).await;
     let mut kills = 0;
     loop {
-        let before = count(&db, "SELECT count(*) FROM payment_decision").await;
+        let before = count(&db, DECISIONS).await;
         if before >= total as i64 {
             break;
         }
@@ -145,7 +145,7 @@ async fn a_stream_killed_with_sigkill_again_and_again_loses_and_duplicates_nothi
         // Kill at a moment chosen by progress, not by the clock: once some batches landed.
         let target = (before + 150 + 97 * kills).min(total as i64);
         wait_until(WAIT, "progress before the kill", || async {
-            (count(&db, "SELECT count(*) FROM payment_decision").await >= target).then_some(())
+            (count(&db, DECISIONS).await >= target).then_some(())
         })
         .await;
         kill9(&mut child);
@@ -170,7 +170,7 @@ async fn two_streams_in_one_group_with_kills_and_rebalances_decide_each_payment_
     // in part), then the other.
     for (round, threshold) in [(0, 600i64), (1, 1400)] {
         wait_until(WAIT, "progress before the kill", || async {
-            (count(&db, "SELECT count(*) FROM payment_decision").await >= threshold).then_some(())
+            (count(&db, DECISIONS).await >= threshold).then_some(())
         })
         .await;
         if round == 0 {
@@ -182,7 +182,7 @@ async fn two_streams_in_one_group_with_kills_and_rebalances_decide_each_payment_
         }
     }
     wait_until(WAIT, "every payment decided", || async {
-        (count(&db, "SELECT count(*) FROM payment_decision").await >= total as i64).then_some(())
+        (count(&db, DECISIONS).await >= total as i64).then_some(())
     })
     .await;
     assert_exact(&db, &topics, total, eligible).await;

@@ -13,7 +13,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::events::{payment, tax};
 use crate::support::{
-    insert_merchant, insert_provider_config, stream_env, unique, wait_until, TestDb, TestStream,
+    insert_merchant, insert_provider_config, stream_env, unique, wait_until, TestDb, TestStream, DECISIONS,
 };
 
 enum Fault {
@@ -96,8 +96,7 @@ async fn leader_changes_request_errors_and_a_broker_bounce_lose_and_duplicate_no
     let stream = TestStream::spawn(&env).await;
 
     let count = || async {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM payment_decision").fetch_one(&db.pool).await.unwrap();
+        let n: i64 = sqlx::query_scalar(DECISIONS).fetch_one(&db.pool).await.unwrap();
         n
     };
     let faults_in_order = [Fault::FetchErrors, Fault::MoveLeaders, Fault::CommitErrors, Fault::BrokerBounce];

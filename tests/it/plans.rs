@@ -174,7 +174,9 @@ async fn per_job_statements_look_invoices_up_by_key_when_statistics_say_none_is_
 async fn inspect_reads_an_orders_decisions_by_key() {
     let db = TestDb::create().await;
     let pool = &db.pool;
-    // Created decisions (each with its invoice) and a few skipped ones, analyzed.
+    // Invoices, the created decisions of the odd ones as earlier versions wrote them (a
+    // decision row), those of the even ones as this one does (only the invoice and its
+    // `invoice.created` audit row), and a few skipped decisions; analyzed.
     sqlx::query(
         "INSERT INTO invoice (id, merchant_id, order_id, status, issuance_mode, payment_event_id, paid_at, currency,
              lines, total_net, total_vat, total_amount, config_snapshot, transaction_uuid)
@@ -190,7 +192,7 @@ async fn inspect_reads_an_orders_decisions_by_key() {
         "INSERT INTO payment_decision (event_id, merchant_id, order_id, outcome, skip_reason, invoice_id, topic,
              partition, \"offset\")
          SELECT 'ev-' || n, 'M-' || (n % 100), 'O-' || n, 'created', NULL, n, 'payments', 0, n
-         FROM generate_series(1, $1) AS n
+         FROM generate_series(1, $1, 2) AS n
          UNION ALL
          SELECT 'ev-skip-' || n, 'M-1', 'O-' || n, 'skipped', 'merchant_unknown', NULL, 'payments', 1, n
          FROM generate_series(1, 50) AS n",
@@ -199,7 +201,18 @@ async fn inspect_reads_an_orders_decisions_by_key() {
     .execute(pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE invoice, payment_decision").execute(pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO audit_log (entity, entity_id, invoice_id, merchant_id, order_id, event_type, outcome, after, actor)
+         SELECT 'invoice', n::text, n, 'M-' || (n % 100), 'O-' || n, 'invoice.created', 'QUEUED',
+             jsonb_build_object('source', jsonb_build_object('topic', 'payments', 'partition', 2, 'offset', n)),
+             'stream'
+         FROM generate_series(2, $1, 2) AS n",
+    )
+    .bind(BACKLOG)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE invoice, payment_decision, audit_log").execute(pool).await.unwrap();
 
     let explain = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::issuance::ORDER_DECISIONS);
     let (plan, found) = plan_of(pool, sqlx::query(&explain).bind("O-7")).await;
@@ -213,13 +226,27 @@ async fn inspect_reads_an_orders_decisions_by_key() {
     let by_key = ["payment_decision_pkey", "payment_decision_skipped_order"];
     assert!(decision_reads.iter().all(|(_, _, index)| by_key.contains(&index.as_str())), "{plan}");
 
-    // And the query answers: the created decision and the skipped one of the order.
-    let decisions: Vec<Value> = sqlx::query_scalar(invoice::storage::issuance::ORDER_DECISIONS)
-        .bind("O-7")
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    let outcomes: Vec<&str> = decisions.iter().map(|d| d["outcome"].as_str().unwrap_or_default()).collect();
-    assert_eq!(decisions.len(), 2, "{decisions:?}");
-    assert!(outcomes.contains(&"created") && outcomes.contains(&"skipped"), "{decisions:?}");
+    let audit_reads: Vec<_> = found.iter().filter(|(_, relation, _)| relation == "audit_log").collect();
+    assert!(audit_reads.iter().all(|(_, _, index)| index == "audit_log_invoice"), "{plan}");
+
+    // And the query answers, for an order decided either way: the created decision, with
+    // where its event was read, and the skipped one.
+    for (order, partition) in [("O-7", 0), ("O-8", 2)] {
+        let decisions: Vec<Value> = sqlx::query_scalar(invoice::storage::issuance::ORDER_DECISIONS)
+            .bind(order)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        assert_eq!(decisions.len(), 2, "{order}: {decisions:?}");
+        let created = decisions.iter().find(|d| d["outcome"] == "created").expect("the created decision");
+        let n: i64 = order[2..].parse().unwrap();
+        assert_eq!(created["eventId"], format!("ev-{n}"), "{created}");
+        assert_eq!(created["invoiceId"], n.to_string(), "{created}");
+        assert_eq!(
+            (created["topic"].as_str(), created["partition"].as_i64()),
+            (Some("payments"), Some(partition))
+        );
+        assert_eq!(created["offset"], n, "{created}");
+        assert!(decisions.iter().any(|d| d["outcome"] == "skipped"), "{order}: {decisions:?}");
+    }
 }

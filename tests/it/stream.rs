@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::events::{cdc, payment, tax};
 use crate::support::kafka::{produce, producer, read_all, TestTopics};
 use crate::support::{
-    insert_provider_config, metric_value, stream_env, unique, wait_until, TestDb, TestStream,
+    insert_provider_config, metric_value, stream_env, unique, wait_until, TestDb, TestStream, DECISIONS,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -65,7 +65,7 @@ async fn payments_become_invoices_with_claims_audit_events_and_offsets() {
         send(&p, &topics.names.payment, &order, &payment(&format!("ev-b-{i}"), &order, "M-2")).await;
     }
     send(&p, &topics.names.payment, "ORD-X", &payment("ev-x", "ORD-X", "M-9")).await;
-    wait_scalar(&db, "SELECT count(*) FROM payment_decision", 31).await;
+    wait_scalar(&db, DECISIONS, 31).await;
 
     assert_eq!(
         scalar(&db, "SELECT count(*) FROM invoice WHERE merchant_id = 'M-1' AND status = 'QUEUED'").await,
@@ -281,7 +281,7 @@ async fn a_message_whose_data_postgres_refuses_is_dead_lettered_alone_and_its_ba
            END IF;
            RETURN NEW;
          END $$;
-         CREATE TRIGGER refuse_poison BEFORE INSERT ON payment_decision
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON invoice
            FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
     )
     .execute(&db.pool)
@@ -384,7 +384,7 @@ async fn a_batch_postgres_does_not_answer_is_abandoned_retried_and_decided_once(
     // offset, and the others find it moved: one invoice, one decision.
     wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 2).await;
     wait_scalar(&db, "SELECT count(*) FROM invoice WHERE order_id = 'ORD-H-1'", 1).await;
-    assert_eq!(scalar(&db, "SELECT count(*) FROM payment_decision").await, 2);
+    assert_eq!(scalar(&db, DECISIONS).await, 2);
     assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 2);
     stream.stop().await.unwrap();
 }
@@ -397,7 +397,7 @@ async fn when_postgres_refuses_every_message_the_partition_waits_after_a_few_ins
     sqlx::raw_sql(
         "CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN RAISE EXCEPTION 'a column this build does not fill' USING ERRCODE = '23502'; END $$;
-         CREATE TRIGGER refuse_all BEFORE INSERT ON payment_decision FOR EACH ROW EXECUTE FUNCTION refuse_all();",
+         CREATE TRIGGER refuse_all BEFORE INSERT ON invoice FOR EACH ROW EXECUTE FUNCTION refuse_all();",
     )
     .execute(&db.pool)
     .await
@@ -420,7 +420,7 @@ async fn when_postgres_refuses_every_message_the_partition_waits_after_a_few_ins
     assert_eq!(metric_value(&metrics, "invoice_dead_lettered_total", &[]), 3.0, "{metrics}");
     assert_eq!(scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'")).await, 3);
     // Fixed: the rest is decided, nothing more dead-lettered.
-    sqlx::query("DROP TRIGGER refuse_all ON payment_decision").execute(&db.pool).await.unwrap();
+    sqlx::query("DROP TRIGGER refuse_all ON invoice").execute(&db.pool).await.unwrap();
     wait_scalar(&db, &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{t}'"), 10).await;
     assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 7);
     assert_eq!(metric_value(&stream.metrics().await, "invoice_dead_lettered_total", &[]), 3.0);
@@ -458,6 +458,16 @@ async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event
     )
     .await;
     first.stop().await.unwrap();
+    // An invoice cancelled and another deleted since: their payments stay decided (the
+    // invoice, whatever its state, is the record of the decision).
+    sqlx::query("UPDATE invoice SET status = 'CANCELLED' WHERE order_id = 'ORD-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE invoice SET deleted_at = now() WHERE order_id = 'ORD-2'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     // A new consumer group reads both topics from offset 0.
     let replay = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-replay-"))).await;
     wait_scalar(
@@ -481,6 +491,7 @@ async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event
     replay.stop().await.unwrap();
 
     assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 10);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice WHERE order_id IN ('ORD-1', 'ORD-2')").await, 2);
     assert_eq!(scalar(&db, "SELECT count(*) FROM claim").await, 10);
     assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE entity = 'invoice'").await, 10);
     assert_eq!(scalar(&db, "SELECT count(*) FROM outbox").await, 0, "everything published");
@@ -489,6 +500,7 @@ async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event
             .await,
         1
     );
+    assert_eq!(scalar(&db, DECISIONS).await, 11, "one decision per event id");
     let events = read_events_within(&topics.names.events, 21, Duration::from_secs(5)).await;
     assert_eq!(events.len(), 20, "exactly one created and one claim_opened per order");
 }
@@ -685,7 +697,7 @@ async fn payments_gone_from_the_log_before_they_were_decided_are_counted_and_log
     .await
     .unwrap();
     let stream = TestStream::spawn(&stream_env(&db, &topics.names, &group)).await;
-    wait_scalar(&db, "SELECT count(*) FROM payment_decision", 6).await;
+    wait_scalar(&db, DECISIONS, 6).await;
     wait_scalar(
         &db,
         &format!("SELECT next_offset FROM consumer_offset WHERE topic = '{}'", topics.names.payment),
