@@ -21,9 +21,13 @@ use super::StorageError;
 /// What the stream must know to decide a batch, read in one statement ([`FACTS`]).
 #[derive(Debug, Default)]
 pub struct BatchFacts {
-    /// Event ids of the batch that were decided before: a skip recorded in `payment_decision`,
-    /// or an original invoice of the event's order created by it.
+    /// Event ids of the batch whose skip was recorded (`payment_decision`; older versions
+    /// also recorded creations there).
     pub decided: HashSet<String>,
+    /// The payment events that created the original invoices (in any state, cancelled and
+    /// deleted ones too) of the batch's `(merchant, order)` pairs: such an event is decided,
+    /// and that invoice is its decision's only record.
+    pub created: HashMap<(String, String), Vec<String>>,
     /// `(merchant, order)` pairs of the batch that have an active original invoice.
     pub active: HashSet<(String, String)>,
     /// Pending (not yet joined) invoice requests of the batch's pairs:
@@ -116,10 +120,7 @@ pub async fn facts(
     let is_wanted = |pair: &(String, String)| wanted.contains(&(pair.0.as_str(), pair.1.as_str()));
     let list = |v: Option<Vec<String>>| v.unwrap_or_default().into_iter();
 
-    // A payment that created an invoice was decided: that invoice, whatever became of it
-    // since, is its decision's only record (older versions also wrote a decision row).
-    let batch_events: HashSet<&str> = event_ids.iter().map(String::as_str).collect();
-    let mut decided: HashSet<String> = list(row.event_ids).collect();
+    let mut created: HashMap<(String, String), Vec<String>> = HashMap::new();
     let mut active = HashSet::new();
     let mut invoice_events = row.invoice_events.unwrap_or_default().into_iter();
     let mut invoice_active = row.invoice_active.unwrap_or_default().into_iter();
@@ -127,11 +128,14 @@ pub async fn facts(
         let (Some(event), Some(is_active)) = (invoice_events.next(), invoice_active.next()) else {
             return Err(StorageError::Other("invoice facts arrays of unequal lengths".into()));
         };
-        if let Some(event) = event.filter(|e| batch_events.contains(e.as_str())) {
-            decided.insert(event);
+        if !is_wanted(&pair) {
+            continue;
         }
-        if is_active && is_wanted(&pair) {
-            active.insert(pair);
+        if is_active {
+            active.insert(pair.clone());
+        }
+        if let Some(event) = event {
+            created.entry(pair).or_default().push(event);
         }
     }
     let mut request_orders = list(row.request_orders);
@@ -190,7 +194,7 @@ pub async fn facts(
         .ok_or_else(|| StorageError::Other("configuration facts arrays of unequal lengths".into()))?;
         configs.insert(merchant, config);
     }
-    Ok(BatchFacts { decided, active, requests, merchants, configs })
+    Ok(BatchFacts { decided: list(row.event_ids).collect(), created, active, requests, merchants, configs })
 }
 
 /// A new invoice row.

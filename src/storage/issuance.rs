@@ -974,7 +974,8 @@ pub const ORDER_DECISIONS: &str = "SELECT jsonb_build_object('eventId', event_id
                   COALESCE(d.topic, s.source->>'topic'), COALESCE(d.partition, (s.source->>'partition')::int),
                   COALESCE(d.\"offset\", (s.source->>'offset')::bigint), COALESCE(d.decided_at, i.created_at)
            FROM invoice i
-           LEFT JOIN payment_decision d ON d.event_id = i.payment_event_id AND d.outcome = 'created'
+           LEFT JOIN payment_decision d
+                  ON d.event_id = i.payment_event_id AND d.outcome = 'created' AND d.invoice_id = i.id
            LEFT JOIN LATERAL (SELECT a.after->'source' AS source FROM audit_log a
                               WHERE a.invoice_id = i.id AND a.event_type = 'invoice.created'
                               ORDER BY a.id LIMIT 1) s ON true

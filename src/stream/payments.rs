@@ -112,8 +112,14 @@ pub async fn process(
     let pair_orders: Vec<String> = valid.iter().map(|p| p.order_id.clone()).collect();
     // Read without the offset row's lock: a second owner reading the same facts is fenced
     // out of every write by the offset move of the write statement.
-    let BatchFacts { mut decided, mut active, mut requests, merchants: merchants_stored, configs } =
-        decisions::facts(conn, &event_ids, &pair_merchants, &pair_orders, &merchant_ids).await?;
+    let BatchFacts {
+        mut decided,
+        mut created,
+        mut active,
+        mut requests,
+        merchants: merchants_stored,
+        configs,
+    } = decisions::facts(conn, &event_ids, &pair_merchants, &pair_orders, &merchant_ids).await?;
 
     let mut writes = Writes::default();
     let mut summary = Summary::default();
@@ -154,7 +160,11 @@ pub async fn process(
             merchant,
             provider_configured: config.is_some(),
             pending_request: request.as_ref().map(|(_, b, _)| b),
-            event_already_decided: decided.contains(&payment.event_id),
+            // An event is decided if its skip was recorded, or if it created this pair's
+            // invoice. An event id that upstream reused for another order is decided anew
+            // for it: the answer must not depend on which batch each one falls in.
+            event_already_decided: decided.contains(&payment.event_id)
+                || created.get(&key).is_some_and(|events| events.contains(&payment.event_id)),
             active_invoice_exists: active.contains(&key),
         };
         let decision = decision::decide(&facts);
@@ -306,7 +316,7 @@ pub async fn process(
                 // No decision row: the invoice is the decision's record (it names the event),
                 // and its audit row says where the event was read. One row and one index entry
                 // less per payment.
-                decided.insert(payment.event_id.clone());
+                created.entry(key.clone()).or_default().push(payment.event_id.clone());
                 active.insert(key);
                 let outcome =
                     if plan.status == decision::InvoiceStatus::Queued { "queued" } else { "pending_claim" };

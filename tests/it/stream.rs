@@ -506,6 +506,40 @@ async fn replaying_the_same_events_creates_no_second_invoice_and_no_second_event
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_id_reused_for_two_orders_gets_each_its_invoice_whichever_batches_they_fall_in() {
+    let (db, topics) = with_invoicing_merchant().await;
+    // Upstream reused an event id for two paid orders. Produced before the stream starts, on
+    // one partition: the first run reads them in one batch.
+    let p = producer();
+    for order in ["ORD-R1", "ORD-R2"] {
+        send(&p, &topics.names.payment, order, &payment("ev-reused", order, "M-1")).await;
+    }
+    let offset = format!(
+        "SELECT sum(next_offset)::bigint FROM consumer_offset WHERE topic = '{}'",
+        topics.names.payment
+    );
+    let first = TestStream::spawn(&stream_env(&db, &topics.names, &unique("g-"))).await;
+    wait_scalar(&db, &offset, 2).await;
+    wait_scalar(&db, "SELECT count(*) FROM outbox", 0).await;
+    first.stop().await.unwrap();
+    let each_invoiced = "SELECT count(DISTINCT order_id) FROM invoice WHERE payment_event_id = 'ev-reused'";
+    assert_eq!(scalar(&db, each_invoiced).await, 2);
+    // A new group reads them one batch each, and finds both decided.
+    let mut env = stream_env(&db, &topics.names, &unique("g-replay-"));
+    env.insert("APP_ENV_INVOICE_STREAM_BATCH_MAX".into(), "1".into());
+    let replay = TestStream::spawn(&env).await;
+    wait_scalar(&db, &offset, 4).await;
+    replay.stop().await.unwrap();
+    assert_eq!(scalar(&db, "SELECT count(*) FROM invoice").await, 2);
+    assert_eq!(scalar(&db, each_invoiced).await, 2);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM audit_log WHERE event_type = 'invoice.created'").await, 2);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM outbox").await, 0);
+    let events = read_events_within(&topics.names.events, 5, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 4, "one created and one claim_opened per order");
+    assert_eq!(scalar(&db, DECISIONS).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cdc_keeps_the_newest_tax_info_whatever_the_order_and_format() {
     let db = TestDb::create().await;
     let topics = TestTopics::create(1).await;

@@ -35,12 +35,12 @@ pub fn redis_url() -> String {
     std::env::var("INVOICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
-/// A fixed credentials key for tests.
 /// How many payment events the stream has decided: its skips are `payment_decision` rows, its
 /// creations the original invoices (which name their event; no decision row is written).
 pub const DECISIONS: &str = "SELECT (SELECT count(*) FROM payment_decision)
      + (SELECT count(*) FROM invoice WHERE kind = 'original' AND payment_event_id IS NOT NULL)";
 
+/// A fixed credentials key for tests.
 pub const TEST_KEY: &str = "746573742d6f6e6c792d6b65792d746573742d6f6e6c792d6b65792d74657374";
 
 /// A short random suffix.
