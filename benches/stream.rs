@@ -7,7 +7,9 @@
 //! gives the CPU time each payment or invoice cost, per process (service, Postgres, Redis,
 //! Kafka): steadier than the rates on a shared machine. Writes `target/bench/e2e.json`.
 //!
-//! Needs the local stack (`make deps`). Sizes: `BENCH_EVENTS` (default 50 000 payments),
+//! Needs the local stack (`make deps`). Sizes: `BENCH_EVENTS` (default 100 000 payments: at
+//! 50 000 the decide stage lasted about two seconds, and Postgres' CPU per payment read some
+//! 8 % above that of longer runs, as what a stage pays once weighs more in a short one),
 //! `BENCH_CDC` (default 50 000 CDC events per path), `BENCH_PARTITIONS` (default 6),
 //! `BENCH_ISSUE_SLOW` (default 20 000 invoices at 50 ms), `BENCH_RATE` (default 2 000
 //! events/s) for `BENCH_STEADY_SECS` (default 15 s). `BENCH_STOP_AFTER=stream` (or `issue`) ends after
@@ -670,7 +672,7 @@ async fn main() {
     }
     let speed_before = machine_speed_ns();
     println!("machine speed: {speed_before:.0} ns per reference parse");
-    let events = env_usize("BENCH_EVENTS", 50_000);
+    let events = env_usize("BENCH_EVENTS", 100_000);
     let cdc_events = env_usize("BENCH_CDC", 50_000);
     let partitions = env_usize("BENCH_PARTITIONS", 6) as i32;
     let merchants = 100;
