@@ -109,7 +109,10 @@ pub async fn run(
                     metrics.outbox_backlog(backlog);
                     metrics.outbox_parked(parked);
                     if parked > 0 {
-                        tracing::error!(parked, "Outbox rows parked after repeated publication failures");
+                        tracing::error!(
+                            parked,
+                            "Outbox rows parked after repeated publication failures; later rows of their keys wait behind them"
+                        );
                     }
                 }
             }
@@ -198,10 +201,11 @@ pub async fn publish_once(
         let results = join_all(sending.iter().map(|row| send(producer, row))).await;
         // Every acknowledged row is marked (re-sending it would be a duplicate); a failed row
         // is retried next pass. Only a failure that the row itself causes (too large,
-        // malformed) counts toward parking it, so a poison row cannot block the others, nor
-        // its own key's later events for long; Kafka being down or slow (the delivery timeout
-        // passed), however long, parks nothing: a parked event would be lost for its
-        // consumers, and a parked `claim_opened` would keep its clear token.
+        // malformed) counts toward parking it, so a poison row cannot block other keys (its
+        // own key's later rows wait behind it, for an operator: see `outbox::pending`); Kafka
+        // being down or slow (the delivery timeout passed), however long, parks nothing: a
+        // parked event waits for an operator, and a parked `claim_opened` keeps its clear
+        // token meanwhile.
         for (row, result) in sending.into_iter().zip(results) {
             match result {
                 Ok(_) => {

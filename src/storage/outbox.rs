@@ -32,17 +32,25 @@ pub const PARK_AFTER_ATTEMPTS: i32 = 10;
 // statements are not kept prepared (`persistent(false)`): each is planned with the table's
 // current size, and a batch of a thousand events pays one plan per statement.
 
-/// The oldest `limit` unpublished, not parked rows, in id order.
-pub async fn pending(pool: &PgPool, limit: i64) -> Result<Vec<Pending>, StorageError> {
-    Ok(sqlx::query_as(
-        "SELECT id, event_id, topic, message_key, payload, headers FROM outbox
-         WHERE attempts < $2 ORDER BY id LIMIT $1",
+/// The relay's read (see [`pending`]): the oldest `$1` rows that are neither parked nor held
+/// behind a parked row of their (topic, key), in id order. The attempts bound is written out:
+/// only a literal lets the planner use the partial index `outbox_parked` (whose predicate
+/// migration 0021 writes with the same bound). Public so that tests can check its plan.
+pub static PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT id, event_id, topic, message_key, payload, headers FROM outbox o
+         WHERE attempts < {PARK_AFTER_ATTEMPTS}
+           AND NOT EXISTS (SELECT 1 FROM outbox p
+                           WHERE p.attempts >= {PARK_AFTER_ATTEMPTS} AND p.topic = o.topic
+                             AND p.message_key = o.message_key AND p.id < o.id)
+         ORDER BY id LIMIT $1"
     )
-    .persistent(false)
-    .bind(limit)
-    .bind(PARK_AFTER_ATTEMPTS)
-    .fetch_all(pool)
-    .await?)
+});
+
+/// The oldest `limit` rows to publish, in id order: not parked, and not behind a parked row of
+/// their key, whose consumers would otherwise get them before it once it is handed back.
+pub async fn pending(pool: &PgPool, limit: i64) -> Result<Vec<Pending>, StorageError> {
+    Ok(sqlx::query_as(PENDING.as_str()).persistent(false).bind(limit).fetch_all(pool).await?)
 }
 
 /// Records a failed publication of a row; `counts`: the failure is the row's own and counts
