@@ -309,16 +309,16 @@ pub async fn run_api(
     let lease_lost = stop_when_lease_lost(&lease, &shutdown);
     // The API writes outbox rows too (claimed, cancelled): a relay must run somewhere, and
     // an API-only deployment has no other process (one leader at a time, advisory lock).
-    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics, &shutdown);
     tracing::info!(addr = %listener.local_addr()?, worker_id = cfg.worker_id, "Serving the HTTP API");
     http::server::serve(listener, state, shutdown).await;
     background_stop.cancel();
     relay_stop.cancel();
-    let _ended = relay.await;
+    let relay_result = relay_outcome(relay.await);
     lease.release().await;
     db.close().await;
     tracing::info!("API stopped");
-    lease_outcome(&lease_lost)
+    relay_result.and(lease_outcome(&lease_lost))
 }
 
 /// Stops the mode (through `shutdown`) when its worker-id lease is gone for good: with ids
@@ -393,18 +393,18 @@ pub async fn run_stream(
     let deps = stream_deps(&cfg, &db, &lease, &metrics, "stream")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
-    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics, &shutdown);
     tracing::info!(group = %cfg.kafka_group_id, worker_id = cfg.worker_id, "Stream starting");
     let result = crate::stream::run(deps, shutdown).await;
     // The relay goes last so that what the final batches wrote is published if it can be.
     relay_stop.cancel();
-    let _ended = relay.await;
+    let relay_result = relay_outcome(relay.await);
     http_stop.cancel();
     let _ended = http.await;
     lease.release().await;
     db.close().await;
     tracing::info!("Stream stopped");
-    result.and(lease_outcome(&lease_lost))
+    result.and(relay_result).and(lease_outcome(&lease_lost))
 }
 
 /// Runs the issuance workers, the sweeper and claim expiry (and an HTTP listener for health,
@@ -424,15 +424,15 @@ pub async fn run_worker(
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
     // Workers write outbox rows too (issued, failed, claim expired): a relay publishes them.
     // Only one relay in the whole deployment is active at a time (advisory lock).
-    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics, &shutdown);
     let result = crate::issuance::run(deps, shutdown).await;
     relay_stop.cancel();
-    let _ended = relay.await;
+    let relay_result = relay_outcome(relay.await);
     http_stop.cancel();
     let _ended = http.await;
     lease.release().await;
     db.close().await;
-    result.and(lease_outcome(&lease_lost))
+    result.and(relay_result).and(lease_outcome(&lease_lost))
 }
 
 /// Runs the API, the stream processor, the workers and the relay in one process (`invoice
@@ -453,7 +453,7 @@ pub async fn run_all(
     let worker_deps = issuance_deps(&cfg, db.clone(), metrics.clone(), lease.ids.clone(), "all")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
-    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics, &shutdown);
     let workers = tokio::spawn(crate::issuance::run(worker_deps, shutdown.clone()));
     tracing::info!(addr = %cfg.http_addr, worker_id = cfg.worker_id, "Running api + stream + worker");
     let stream_result = crate::stream::run(stream_deps, shutdown.clone()).await;
@@ -462,22 +462,24 @@ pub async fn run_all(
     background_stop.cancel();
     let worker_result = workers.await.map_err(|e| anyhow::anyhow!("worker task: {e}"))?;
     relay_stop.cancel();
-    let _ended = relay.await;
+    let relay_result = relay_outcome(relay.await);
     http_stop.cancel();
     let _ended = http.await;
     lease.release().await;
     db.close().await;
-    stream_result.and(worker_result).and(lease_outcome(&lease_lost))
+    stream_result.and(worker_result).and(relay_result).and(lease_outcome(&lease_lost))
 }
 
 /// Starts the outbox relay (one leader per deployment: the others wait on its advisory lock);
-/// cancel the token to stop it.
+/// cancel the token to stop it. If its producer fails for good, it stops the mode (cancels
+/// `shutdown`), and [`relay_outcome`] says why.
 fn spawn_relay(
     cfg: &Config,
     db: &sqlx::PgPool,
     producer: &FutureProducer,
     metrics: &Metrics,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    shutdown: &CancellationToken,
+) -> (CancellationToken, tokio::task::JoinHandle<Result<(), String>>) {
     let stop = CancellationToken::new();
     let relay = tokio::spawn(crate::outbox::run(
         db.clone(),
@@ -485,8 +487,19 @@ fn spawn_relay(
         producer.clone(),
         metrics.clone(),
         stop.clone(),
+        shutdown.clone(),
     ));
     (stop, relay)
+}
+
+/// An error (a non-zero exit, so the orchestrator restarts the process with a new producer)
+/// if the relay stopped because its producer failed for good.
+fn relay_outcome(joined: Result<Result<(), String>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match joined {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(reason)) => Err(anyhow::anyhow!("{reason}; stopped so that a restart builds a new producer")),
+        Err(error) => Err(anyhow::anyhow!("the outbox relay task ended abnormally: {error}")),
+    }
 }
 
 /// This host's name, for lease holders and client ids.

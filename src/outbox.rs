@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +21,23 @@ const BATCH: i64 = 1000;
 /// Polling backs off from the first to the second while the outbox stays empty.
 const IDLE_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
 const LOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// When a leader that cannot deliver hands the lead over.
+#[derive(Debug, Clone, Copy)]
+pub struct StepDown {
+    /// A leader whose passes delivered nothing, every send failing, for this long hands the
+    /// lead over: when the fault is its own (its route to the brokers), another process
+    /// publishes. A minute by default.
+    pub after: Duration,
+    /// How long it then waits before it tries to lead again, so that the others, which retry
+    /// every 2 s, take the lock first. 20 s by default.
+    pub pause: Duration,
+}
+
+impl Default for StepDown {
+    fn default() -> Self {
+        StepDown { after: Duration::from_secs(60), pause: Duration::from_secs(20) }
+    }
+}
 const GAUGES_EVERY: Duration = Duration::from_secs(10);
 /// Longest a relay connection may take to connect, take the lock or answer a ping. A
 /// Postgres that vanished without closing its connections (a lost node) leaves them
@@ -37,23 +54,39 @@ async fn answers(conn: &mut PgConnection) -> Result<(), String> {
     }
 }
 
-/// Runs the relay until `shutdown`; only the process holding the lock publishes.
+/// Runs the relay until `shutdown`; only the process holding the lock publishes. Ends with an
+/// error, having cancelled `failed`, if the producer hit a fatal error: it can deliver
+/// nothing more, and only a new process builds a new one.
 pub async fn run(
     db: PgPool,
     database_url: String,
     producer: FutureProducer,
     metrics: Metrics,
     shutdown: CancellationToken,
-) {
+    failed: CancellationToken,
+) -> Result<(), String> {
+    run_with(db, database_url, producer, metrics, shutdown, failed, StepDown::default()).await
+}
+
+/// [`run`], handing the lead over as `step_down` says.
+pub async fn run_with(
+    db: PgPool,
+    database_url: String,
+    producer: FutureProducer,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    failed: CancellationToken,
+    step_down: StepDown,
+) -> Result<(), String> {
     let mut last_gauges = tokio::time::Instant::now();
     let mut standby = None;
     'lead: loop {
         if shutdown.is_cancelled() {
-            return;
+            return Ok(());
         }
         let led = tokio::select! {
             led = lead(&database_url, &mut standby) => led,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
         };
         let mut leader = match led {
             Some(conn) => conn,
@@ -64,17 +97,18 @@ pub async fn run(
                 metrics.outbox_parked(0);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => continue 'lead,
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return Ok(()),
                 }
             }
         };
         tracing::info!("Outbox relay leading");
         let mut idle = IDLE_POLL.0;
         let mut last_check = tokio::time::Instant::now();
+        let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 let _closed = leader.close().await;
-                return;
+                return Ok(());
             }
             // The lock lives on this connection: if it is gone, so is the leadership. (It is
             // also checked before every marking, in `publish_once`.)
@@ -85,8 +119,35 @@ pub async fn run(
                     continue 'lead;
                 }
             }
-            match publish_once(&db, &producer, &metrics, &mut leader).await {
-                Ok(0) => {
+            let pass = publish_once(&db, &producer, &metrics, &mut leader).await;
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                tracing::error!(?code, %reason, "Outbox relay's Kafka producer failed for good; stopping so that a restart builds a new one");
+                let _closed = leader.close().await;
+                failed.cancel();
+                return Err(format!(
+                    "the outbox relay's Kafka producer failed for good ({code:?}: {reason})"
+                ));
+            }
+            match &pass {
+                Ok(pass) if pass.failed > 0 && pass.published == 0 => {
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= step_down.after {
+                        tracing::warn!(
+                            seconds = since.elapsed().as_secs(),
+                            "Outbox relay delivered nothing, every send failing; handing the lead to another process"
+                        );
+                        let _closed = leader.close().await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(step_down.pause) => continue 'lead,
+                            _ = shutdown.cancelled() => return Ok(()),
+                        }
+                    }
+                }
+                Ok(_) => failing_since = None,
+                Err(_) => {}
+            }
+            match pass {
+                Ok(Pass { published: 0, .. }) => {
                     tokio::select! {
                         _ = tokio::time::sleep(idle) => {}
                         _ = shutdown.cancelled() => {}
@@ -163,19 +224,29 @@ async fn lead(database_url: &str, standby: &mut Option<PgConnection>) -> Option<
     }
 }
 
-/// Publishes up to one batch; returns how many rows were published. `leader` is the
-/// connection holding the relay lock: it is checked again before rows are marked, so a relay
-/// that lost its lock during the pass leaves the marking to the new leader.
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Rows Kafka acknowledged (and that were deleted).
+    pub published: usize,
+    /// Sends that failed (their rows stay).
+    pub failed: usize,
+}
+
+/// Publishes up to one batch. `leader` is the connection holding the relay lock: it is
+/// checked again before rows are marked, so a relay that lost its lock during the pass leaves
+/// the marking to the new leader.
 pub async fn publish_once(
     db: &PgPool,
     producer: &FutureProducer,
     metrics: &Metrics,
     leader: &mut PgConnection,
-) -> Result<usize, storage::StorageError> {
+) -> Result<Pass, storage::StorageError> {
     let rows = outbox::pending(db, BATCH).await?;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(Pass::default());
     }
+    let mut failed = 0;
     // Rows of one key go out one round at a time, each round only after the previous one was
     // acknowledged, and a key whose row failed sends nothing more this pass: sent together,
     // a later event of an order could be acknowledged while an earlier one failed (a delivery
@@ -213,6 +284,7 @@ pub async fn publish_once(
                     *per_topic.entry(row.topic.as_str()).or_default() += 1;
                 }
                 Err((error, _)) => {
+                    failed += 1;
                     tracing::warn!(%error, topic = %row.topic, outbox_id = row.id, "Publishing an outbox row failed; will retry");
                     if let Some(key) = key_of(row) {
                         failed_keys.insert(key);
@@ -233,7 +305,7 @@ pub async fn publish_once(
     for (topic, n) in per_topic {
         metrics.outbox_published(topic, n);
     }
-    Ok(published.len())
+    Ok(Pass { published: published.len(), failed })
 }
 
 fn key_of(row: &outbox::Pending) -> Option<(&str, &[u8])> {

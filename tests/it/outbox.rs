@@ -46,7 +46,11 @@ async fn a_later_event_of_an_order_waits_for_an_earlier_one_that_failed() {
     let other = insert(&db, &events, "ORD-2", b"ORD-2 first").await;
 
     let published = invoice::outbox::publish_once(&db.pool, &producer, &metrics, &mut leader).await.unwrap();
-    assert_eq!(published, 1, "only the other order's event goes out");
+    assert_eq!(
+        published,
+        invoice::outbox::Pass { published: 1, failed: 1 },
+        "only the other order's event goes out"
+    );
     let left: Vec<(i64, i32)> =
         sqlx::query_as("SELECT id, attempts FROM outbox ORDER BY id").fetch_all(&db.pool).await.unwrap();
     assert_eq!(left, vec![(too_large, 1), (later, 0)], "the later event was not even attempted");
@@ -77,11 +81,17 @@ async fn a_later_event_of_an_order_waits_for_an_earlier_one_that_failed() {
     assert_eq!(held, 0, "the later event was never attempted");
     // Another order's new event is not held.
     insert(&db, &events, "ORD-3", b"ORD-3 first").await;
-    assert_eq!(invoice::outbox::publish_once(&db.pool, &producer, &metrics, &mut leader).await.unwrap(), 1);
+    assert_eq!(
+        invoice::outbox::publish_once(&db.pool, &producer, &metrics, &mut leader).await.unwrap().published,
+        1
+    );
 
     // The operator gives the parked event up (the runbook's last resort): the next goes.
     sqlx::query("DELETE FROM outbox WHERE id = $1").bind(too_large).execute(&db.pool).await.unwrap();
-    assert_eq!(invoice::outbox::publish_once(&db.pool, &producer, &metrics, &mut leader).await.unwrap(), 1);
+    assert_eq!(
+        invoice::outbox::publish_once(&db.pool, &producer, &metrics, &mut leader).await.unwrap().published,
+        1
+    );
     assert_eq!(scalar(&db, "SELECT count(*) FROM outbox").await, 0);
     let topic = events.clone();
     let sent = tokio::task::spawn_blocking(move || values(&topic)).await.unwrap();
@@ -121,7 +131,14 @@ async fn a_follower_waits_on_one_connection_and_leads_on_it_when_the_leader_stop
     let topics = TestTopics::create(1).await;
     let events = topics.names.events.clone();
     let start = |stop: tokio_util::sync::CancellationToken| {
-        tokio::spawn(invoice::outbox::run(db.pool.clone(), db.url.clone(), producer(), Metrics::new(), stop))
+        tokio::spawn(invoice::outbox::run(
+            db.pool.clone(),
+            db.url.clone(),
+            producer(),
+            Metrics::new(),
+            stop,
+            tokio_util::sync::CancellationToken::new(),
+        ))
     };
     let wait = Duration::from_secs(30);
 
@@ -142,7 +159,7 @@ async fn a_follower_waits_on_one_connection_and_leads_on_it_when_the_leader_stop
     .await;
 
     stop_first.cancel();
-    first.await.unwrap();
+    first.await.unwrap().unwrap();
     let new_leader = wait_until(wait, "the follower to lead", || async {
         lock_holder(&db).await.filter(|pid| *pid != leader)
     })
@@ -159,5 +176,56 @@ async fn a_follower_waits_on_one_connection_and_leads_on_it_when_the_leader_stop
     let sent = tokio::task::spawn_blocking(move || values(&topic)).await.unwrap();
     assert_eq!(sent, vec!["ORD-1 first", "ORD-1 second"]);
     stop_second.cancel();
-    second.await.unwrap();
+    second.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_deliver_hands_the_lead_to_one_that_can() {
+    use crate::support::wait_until;
+    use invoice::outbox::StepDown;
+    use rdkafka::config::ClientConfig;
+    use tokio_util::sync::CancellationToken;
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let events = topics.names.events.clone();
+    // A producer with no route to the brokers (a port nothing listens on): every send fails.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cut_off: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{closed_port}"))
+        .set("message.timeout.ms", "500")
+        .create()
+        .unwrap();
+    let step_down = StepDown { after: Duration::from_secs(2), pause: Duration::from_secs(60) };
+    let start = |producer, stop: CancellationToken| {
+        tokio::spawn(invoice::outbox::run_with(
+            db.pool.clone(),
+            db.url.clone(),
+            producer,
+            Metrics::new(),
+            stop,
+            CancellationToken::new(),
+            step_down,
+        ))
+    };
+    insert(&db, &events, "ORD-1", b"ORD-1 first").await;
+    let wait = Duration::from_secs(60);
+    let stop_cut_off = CancellationToken::new();
+    let cut_off_relay = start(cut_off, stop_cut_off.clone());
+    let first_leader = wait_until(wait, "the cut-off relay to lead", || lock_holder(&db)).await;
+    let stop_healthy = CancellationToken::new();
+    let healthy = start(producer(), stop_healthy.clone());
+
+    wait_until(wait, "the healthy relay to take the lead and publish", || async {
+        (scalar(&db, "SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+    let leader = lock_holder(&db).await;
+    assert!(leader.is_some() && leader != Some(first_leader), "{leader:?} after {first_leader}");
+    let topic = events.clone();
+    let sent = tokio::task::spawn_blocking(move || values(&topic)).await.unwrap();
+    assert_eq!(sent, vec!["ORD-1 first"]);
+    stop_cut_off.cancel();
+    stop_healthy.cancel();
+    assert_eq!(cut_off_relay.await.unwrap(), Ok(()));
+    assert_eq!(healthy.await.unwrap(), Ok(()));
 }
