@@ -309,7 +309,7 @@ pub async fn run_api(
     let lease_lost = stop_when_lease_lost(&lease, &shutdown);
     // The API writes outbox rows too (claimed, cancelled): a relay must run somewhere, and
     // an API-only deployment has no other process (one leader at a time, advisory lock).
-    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics, &shutdown);
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
     tracing::info!(addr = %listener.local_addr()?, worker_id = cfg.worker_id, "Serving the HTTP API");
     http::server::serve(listener, state, shutdown).await;
     background_stop.cancel();
@@ -393,7 +393,7 @@ pub async fn run_stream(
     let deps = stream_deps(&cfg, &db, &lease, &metrics, "stream")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
-    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics, &shutdown);
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
     tracing::info!(group = %cfg.kafka_group_id, worker_id = cfg.worker_id, "Stream starting");
     let result = crate::stream::run(deps, shutdown).await;
     // The relay goes last so that what the final batches wrote is published if it can be.
@@ -424,7 +424,7 @@ pub async fn run_worker(
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
     // Workers write outbox rows too (issued, failed, claim expired): a relay publishes them.
     // Only one relay in the whole deployment is active at a time (advisory lock).
-    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics, &shutdown);
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
     let result = crate::issuance::run(deps, shutdown).await;
     relay_stop.cancel();
     let relay_result = relay_outcome(relay.await);
@@ -453,14 +453,15 @@ pub async fn run_all(
     let worker_deps = issuance_deps(&cfg, db.clone(), metrics.clone(), lease.ids.clone(), "all")?;
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::server::serve(listener, state, http_stop.clone()));
-    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics, &shutdown);
+    let (relay_stop, relay) = spawn_relay(&cfg, &db, &producer, &metrics);
     let workers = tokio::spawn(crate::issuance::run(worker_deps, shutdown.clone()));
     tracing::info!(addr = %cfg.http_addr, worker_id = cfg.worker_id, "Running api + stream + worker");
     let stream_result = crate::stream::run(stream_deps, shutdown.clone()).await;
     // The stream may end on its own (an error): take the rest down with it.
     shutdown.cancel();
     background_stop.cancel();
-    let worker_result = workers.await.map_err(|e| anyhow::anyhow!("worker task: {e}"))?;
+    // A panicked worker task still lets the relay, the server, the lease and the pool stop.
+    let worker_result = workers.await.map_err(|e| anyhow::anyhow!("worker task: {e}")).and_then(|r| r);
     relay_stop.cancel();
     let relay_result = relay_outcome(relay.await);
     http_stop.cancel();
@@ -471,35 +472,31 @@ pub async fn run_all(
 }
 
 /// Starts the outbox relay (one leader per deployment: the others wait on its advisory lock);
-/// cancel the token to stop it. If its producer fails for good, it stops the mode (cancels
-/// `shutdown`), and [`relay_outcome`] says why.
+/// cancel the token to stop it.
 fn spawn_relay(
     cfg: &Config,
     db: &sqlx::PgPool,
     producer: &FutureProducer,
     metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> (CancellationToken, tokio::task::JoinHandle<Result<(), String>>) {
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
+    let rebuild_cfg = cfg.clone();
+    let rebuild: crate::outbox::Rebuild =
+        std::sync::Arc::new(move || kafka_producer(&rebuild_cfg).map_err(|error| format!("{error:#}")));
     let relay = tokio::spawn(crate::outbox::run(
         db.clone(),
         cfg.database_url.expose().clone(),
         producer.clone(),
+        rebuild,
         metrics.clone(),
         stop.clone(),
-        shutdown.clone(),
     ));
     (stop, relay)
 }
 
-/// An error (a non-zero exit, so the orchestrator restarts the process with a new producer)
-/// if the relay stopped because its producer failed for good.
-fn relay_outcome(joined: Result<Result<(), String>, tokio::task::JoinError>) -> anyhow::Result<()> {
-    match joined {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(reason)) => Err(anyhow::anyhow!("{reason}; stopped so that a restart builds a new producer")),
-        Err(error) => Err(anyhow::anyhow!("the outbox relay task ended abnormally: {error}")),
-    }
+/// An error (a non-zero exit) if the relay's task ended abnormally (a panic).
+fn relay_outcome(joined: Result<(), tokio::task::JoinError>) -> anyhow::Result<()> {
+    joined.map_err(|error| anyhow::anyhow!("the outbox relay task ended abnormally: {error}"))
 }
 
 /// This host's name, for lease holders and client ids.

@@ -21,12 +21,19 @@ const BATCH: i64 = 1000;
 /// Polling backs off from the first to the second while the outbox stays empty.
 const IDLE_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
 const LOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
-/// When a leader that cannot deliver hands the lead over.
+const GAUGES_EVERY: Duration = Duration::from_secs(10);
+/// Longest a relay connection may take to connect, take the lock or answer a ping. A
+/// Postgres that vanished without closing its connections (a lost node) leaves them
+/// half-open, and the kernel gives up on them only after ~15 minutes: the relay would wait
+/// that long, publishing nothing and holding up a shutdown.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// When a leader that cannot reach the brokers hands the lead over.
 #[derive(Debug, Clone, Copy)]
 pub struct StepDown {
-    /// A leader whose passes delivered nothing, every send failing, for this long hands the
-    /// lead over: when the fault is its own (its route to the brokers), another process
-    /// publishes. A minute by default.
+    /// A leader whose passes delivered nothing for this long, its sends failing because no
+    /// broker answered, hands the lead over if another process stands by: the fault may be
+    /// its own (its route to the brokers). A minute by default.
     pub after: Duration,
     /// How long it then waits before it tries to lead again, so that the others, which retry
     /// every 2 s, take the lock first. 20 s by default.
@@ -38,12 +45,10 @@ impl Default for StepDown {
         StepDown { after: Duration::from_secs(60), pause: Duration::from_secs(20) }
     }
 }
-const GAUGES_EVERY: Duration = Duration::from_secs(10);
-/// Longest a relay connection may take to connect, take the lock or answer a ping. A
-/// Postgres that vanished without closing its connections (a lost node) leaves them
-/// half-open, and the kernel gives up on them only after ~15 minutes: the relay would wait
-/// that long, publishing nothing and holding up a shutdown.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds a new Kafka producer for the relay, after the one it had failed for good
+/// (librdkafka's fatal error: it delivers nothing more).
+pub type Rebuild = std::sync::Arc<dyn Fn() -> Result<FutureProducer, String> + Send + Sync>;
 
 /// Whether the lock connection still answers, within [`CONNECTION_TIMEOUT`].
 async fn answers(conn: &mut PgConnection) -> Result<(), String> {
@@ -54,39 +59,37 @@ async fn answers(conn: &mut PgConnection) -> Result<(), String> {
     }
 }
 
-/// Runs the relay until `shutdown`; only the process holding the lock publishes. Ends with an
-/// error, having cancelled `failed`, if the producer hit a fatal error: it can deliver
-/// nothing more, and only a new process builds a new one.
+/// Runs the relay until `shutdown`; only the process holding the lock publishes.
 pub async fn run(
     db: PgPool,
     database_url: String,
     producer: FutureProducer,
+    rebuild: Rebuild,
     metrics: Metrics,
     shutdown: CancellationToken,
-    failed: CancellationToken,
-) -> Result<(), String> {
-    run_with(db, database_url, producer, metrics, shutdown, failed, StepDown::default()).await
+) {
+    run_with(db, database_url, producer, rebuild, metrics, shutdown, StepDown::default()).await
 }
 
 /// [`run`], handing the lead over as `step_down` says.
 pub async fn run_with(
     db: PgPool,
     database_url: String,
-    producer: FutureProducer,
+    mut producer: FutureProducer,
+    rebuild: Rebuild,
     metrics: Metrics,
     shutdown: CancellationToken,
-    failed: CancellationToken,
     step_down: StepDown,
-) -> Result<(), String> {
+) {
     let mut last_gauges = tokio::time::Instant::now();
     let mut standby = None;
     'lead: loop {
         if shutdown.is_cancelled() {
-            return Ok(());
+            return;
         }
         let led = tokio::select! {
             led = lead(&database_url, &mut standby) => led,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
         };
         let mut leader = match led {
             Some(conn) => conn,
@@ -97,18 +100,18 @@ pub async fn run_with(
                 metrics.outbox_parked(0);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => continue 'lead,
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled() => return,
                 }
             }
         };
         tracing::info!("Outbox relay leading");
         let mut idle = IDLE_POLL.0;
         let mut last_check = tokio::time::Instant::now();
-        let mut failing_since: Option<tokio::time::Instant> = None;
+        let mut cut_off_since: Option<tokio::time::Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 let _closed = leader.close().await;
-                return Ok(());
+                return;
             }
             // The lock lives on this connection: if it is gone, so is the leadership. (It is
             // also checked before every marking, in `publish_once`.)
@@ -119,32 +122,47 @@ pub async fn run_with(
                     continue 'lead;
                 }
             }
+            let started = tokio::time::Instant::now();
             let pass = publish_once(&db, &producer, &metrics, &mut leader).await;
-            if let Some((code, reason)) = producer.client().fatal_error() {
-                tracing::error!(?code, %reason, "Outbox relay's Kafka producer failed for good; stopping so that a restart builds a new one");
-                let _closed = leader.close().await;
-                failed.cancel();
-                return Err(format!(
-                    "the outbox relay's Kafka producer failed for good ({code:?}: {reason})"
-                ));
-            }
-            match &pass {
-                Ok(pass) if pass.failed > 0 && pass.published == 0 => {
-                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() >= step_down.after {
-                        tracing::warn!(
-                            seconds = since.elapsed().as_secs(),
-                            "Outbox relay delivered nothing, every send failing; handing the lead to another process"
-                        );
-                        let _closed = leader.close().await;
-                        tokio::select! {
-                            _ = tokio::time::sleep(step_down.pause) => continue 'lead,
-                            _ = shutdown.cancelled() => return Ok(()),
-                        }
+            let hand_over = if let Some((code, reason)) = producer.client().fatal_error() {
+                // It delivers nothing more. Another process leads meanwhile, if there is one.
+                tracing::error!(?code, %reason, "Outbox relay's Kafka producer failed for good; handing the lead over and building a new one");
+                match rebuild() {
+                    Ok(new) => producer = new,
+                    Err(error) => {
+                        tracing::error!(%error, "Outbox relay cannot build a new Kafka producer; will try again")
                     }
                 }
-                Ok(_) => failing_since = None,
-                Err(_) => {}
+                true
+            } else {
+                match &pass {
+                    // Passes that reached no broker, for `step_down.after`: the fault may be
+                    // this process' route, if another process stands by to try its own.
+                    Ok(pass) if pass.unreachable > 0 && pass.published == 0 => {
+                        let since = *cut_off_since.get_or_insert(started);
+                        since.elapsed() >= step_down.after
+                            && outbox::relays_standing_by(&db).await.unwrap_or(0) > 0
+                            && {
+                                tracing::warn!(
+                                    seconds = since.elapsed().as_secs(),
+                                    "Outbox relay reached no Kafka broker; handing the lead to another process"
+                                );
+                                true
+                            }
+                    }
+                    Ok(_) => {
+                        cut_off_since = None;
+                        false
+                    }
+                    Err(_) => false,
+                }
+            };
+            if hand_over {
+                let _closed = leader.close().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(step_down.pause) => continue 'lead,
+                    _ = shutdown.cancelled() => return,
+                }
             }
             match pass {
                 Ok(Pass { published: 0, .. }) => {
@@ -186,7 +204,7 @@ pub async fn run_with(
 /// Postgres a backend start each time, per process, for as long as it ran.
 async fn lead(database_url: &str, standby: &mut Option<PgConnection>) -> Option<PgConnection> {
     if standby.is_none() {
-        let options = match storage::connect_options(database_url, "invoice-outbox-relay") {
+        let options = match storage::connect_options(database_url, outbox::RELAY_APPLICATION) {
             Ok(options) => options,
             Err(error) => {
                 tracing::error!(%error, "Outbox relay cannot connect");
@@ -231,6 +249,8 @@ pub struct Pass {
     pub published: usize,
     /// Sends that failed (their rows stay).
     pub failed: usize,
+    /// Of those, sends that failed because no broker answered.
+    pub unreachable: usize,
 }
 
 /// Publishes up to one batch. `leader` is the connection holding the relay lock: it is
@@ -246,7 +266,7 @@ pub async fn publish_once(
     if rows.is_empty() {
         return Ok(Pass::default());
     }
-    let mut failed = 0;
+    let (mut failed, mut unreachable) = (0, 0);
     // Rows of one key go out one round at a time, each round only after the previous one was
     // acknowledged, and a key whose row failed sends nothing more this pass: sent together,
     // a later event of an order could be acknowledged while an earlier one failed (a delivery
@@ -285,6 +305,9 @@ pub async fn publish_once(
                 }
                 Err((error, _)) => {
                     failed += 1;
+                    if error.rdkafka_error_code().is_some_and(no_broker_answered) {
+                        unreachable += 1;
+                    }
                     tracing::warn!(%error, topic = %row.topic, outbox_id = row.id, "Publishing an outbox row failed; will retry");
                     if let Some(key) = key_of(row) {
                         failed_keys.insert(key);
@@ -305,7 +328,7 @@ pub async fn publish_once(
     for (topic, n) in per_topic {
         metrics.outbox_published(topic, n);
     }
-    Ok(Pass { published: published.len(), failed })
+    Ok(Pass { published: published.len(), failed, unreachable })
 }
 
 fn key_of(row: &outbox::Pending) -> Option<(&str, &[u8])> {
@@ -364,6 +387,16 @@ fn row_is_at_fault(code: rdkafka::types::RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Whether a publication failure says that no broker answered (as opposed to a broker that
+/// answered no): only those count toward handing the lead over.
+fn no_broker_answered(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        code,
+        Code::MessageTimedOut | Code::AllBrokersDown | Code::BrokerTransportFailure | Code::Resolve
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +415,23 @@ mod tests {
             None,
         ];
         assert_eq!(key_rounds(rows.into_iter()), vec![0, 0, 1, 0, 0, 2, 0]);
+    }
+
+    #[test]
+    fn only_brokers_that_do_not_answer_count_toward_handing_the_lead_over() {
+        for code in [Code::MessageTimedOut, Code::AllBrokersDown, Code::BrokerTransportFailure, Code::Resolve]
+        {
+            assert!(no_broker_answered(code), "{code:?}");
+        }
+        // A broken topic (or one refused to this service) fails alike for every process.
+        for code in [
+            Code::UnknownTopicOrPartition,
+            Code::TopicAuthorizationFailed,
+            Code::MessageSizeTooLarge,
+            Code::NotEnoughReplicas,
+        ] {
+            assert!(!no_broker_answered(code), "{code:?}");
+        }
     }
 
     #[test]

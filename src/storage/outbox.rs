@@ -67,8 +67,8 @@ pub async fn mark_failed(pool: &PgPool, id: i64, error: &str, counts: bool) -> R
 }
 
 /// `(unpublished rows, rows parked after too many failed attempts)`, for the gauges: one pass
-/// over the table (only its primary key is indexed, and a backlog can be millions of rows
-/// while Kafka is away), not one per count.
+/// over the table (a backlog can be millions of rows while Kafka is away, and only parked
+/// rows have an index besides the primary key), not one per count.
 pub async fn backlog_and_parked(pool: &PgPool) -> Result<(i64, i64), StorageError> {
     Ok(sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE attempts >= $1) FROM outbox")
         .persistent(false)
@@ -82,6 +82,20 @@ pub async fn backlog_and_parked(pool: &PgPool) -> Result<(i64, i64), StorageErro
 pub async fn mark_published(pool: &PgPool, ids: &[i64]) -> Result<(), StorageError> {
     sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").persistent(false).bind(ids).execute(pool).await?;
     Ok(())
+}
+
+/// The `application_name` of every relay connection, leading or standing by.
+pub const RELAY_APPLICATION: &str = "invoice-outbox-relay";
+
+/// How many other relays (in this or other processes) stand by on their connection, ready to
+/// lead: the leader's own connection is not counted.
+pub async fn relays_standing_by(pool: &PgPool) -> Result<i64, StorageError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) - 1 FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+    )
+    .bind(RELAY_APPLICATION)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Tries to become the single relay (advisory lock on a connection the caller keeps).

@@ -48,7 +48,7 @@ async fn a_later_event_of_an_order_waits_for_an_earlier_one_that_failed() {
     let published = invoice::outbox::publish_once(&db.pool, &producer, &metrics, &mut leader).await.unwrap();
     assert_eq!(
         published,
-        invoice::outbox::Pass { published: 1, failed: 1 },
+        invoice::outbox::Pass { published: 1, failed: 1, unreachable: 0 },
         "only the other order's event goes out"
     );
     let left: Vec<(i64, i32)> =
@@ -98,6 +98,11 @@ async fn a_later_event_of_an_order_waits_for_an_earlier_one_that_failed() {
     assert_eq!(sent, vec!["ORD-2 first", "ORD-3 first", "ORD-1 second"]);
 }
 
+/// Builds the test's producer again (what the relay does after a fatal producer error).
+fn rebuild() -> invoice::outbox::Rebuild {
+    std::sync::Arc::new(|| Ok(producer()))
+}
+
 async fn scalar(db: &TestDb, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap()
 }
@@ -135,9 +140,9 @@ async fn a_follower_waits_on_one_connection_and_leads_on_it_when_the_leader_stop
             db.pool.clone(),
             db.url.clone(),
             producer(),
+            rebuild(),
             Metrics::new(),
             stop,
-            tokio_util::sync::CancellationToken::new(),
         ))
     };
     let wait = Duration::from_secs(30);
@@ -159,7 +164,7 @@ async fn a_follower_waits_on_one_connection_and_leads_on_it_when_the_leader_stop
     .await;
 
     stop_first.cancel();
-    first.await.unwrap().unwrap();
+    first.await.unwrap();
     let new_leader = wait_until(wait, "the follower to lead", || async {
         lock_holder(&db).await.filter(|pid| *pid != leader)
     })
@@ -176,7 +181,7 @@ async fn a_follower_waits_on_one_connection_and_leads_on_it_when_the_leader_stop
     let sent = tokio::task::spawn_blocking(move || values(&topic)).await.unwrap();
     assert_eq!(sent, vec!["ORD-1 first", "ORD-1 second"]);
     stop_second.cancel();
-    second.await.unwrap().unwrap();
+    second.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,9 +206,9 @@ async fn a_leader_that_cannot_deliver_hands_the_lead_to_one_that_can() {
             db.pool.clone(),
             db.url.clone(),
             producer,
+            rebuild(),
             Metrics::new(),
             stop,
-            CancellationToken::new(),
             step_down,
         ))
     };
@@ -214,18 +219,65 @@ async fn a_leader_that_cannot_deliver_hands_the_lead_to_one_that_can() {
     let first_leader = wait_until(wait, "the cut-off relay to lead", || lock_holder(&db)).await;
     let stop_healthy = CancellationToken::new();
     let healthy = start(producer(), stop_healthy.clone());
+    let standing_by = wait_until(wait, "the healthy relay to stand by", || async {
+        relay_backends(&db).await.into_iter().find(|pid| *pid != first_leader)
+    })
+    .await;
 
     wait_until(wait, "the healthy relay to take the lead and publish", || async {
         (scalar(&db, "SELECT count(*) FROM outbox").await == 0).then_some(())
     })
     .await;
-    let leader = lock_holder(&db).await;
-    assert!(leader.is_some() && leader != Some(first_leader), "{leader:?} after {first_leader}");
+    assert_eq!(lock_holder(&db).await, Some(standing_by), "the relay that stood by leads");
     let topic = events.clone();
     let sent = tokio::task::spawn_blocking(move || values(&topic)).await.unwrap();
     assert_eq!(sent, vec!["ORD-1 first"]);
     stop_cut_off.cancel();
     stop_healthy.cancel();
-    assert_eq!(cut_off_relay.await.unwrap(), Ok(()));
-    assert_eq!(healthy.await.unwrap(), Ok(()));
+    cut_off_relay.await.unwrap();
+    healthy.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_deliver_keeps_the_lead_when_no_other_relay_stands_by() {
+    use crate::support::wait_until;
+    use invoice::outbox::StepDown;
+    use rdkafka::config::ClientConfig;
+    use tokio_util::sync::CancellationToken;
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cut_off: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{closed_port}"))
+        .set("message.timeout.ms", "300")
+        .create()
+        .unwrap();
+    // Handing over after 0.5 s would leave nobody leading for the pause; it must not happen.
+    let step_down = StepDown { after: Duration::from_millis(500), pause: Duration::from_secs(60) };
+    insert(&db, &topics.names.events, "ORD-1", b"ORD-1 first").await;
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(invoice::outbox::run_with(
+        db.pool.clone(),
+        db.url.clone(),
+        cut_off,
+        rebuild(),
+        Metrics::new(),
+        stop.clone(),
+        step_down,
+    ));
+    let leader = wait_until(Duration::from_secs(30), "the relay to lead", || lock_holder(&db)).await;
+    // Well past `after`: its sends have failed, unanswered, for several passes.
+    wait_until(Duration::from_secs(30), "several failed passes", || async {
+        let last_error: Option<String> =
+            sqlx::query_scalar("SELECT last_error FROM outbox").fetch_one(&db.pool).await.unwrap();
+        last_error.is_some().then_some(())
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        assert_eq!(lock_holder(&db).await, Some(leader), "it handed the lead to nobody");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    relay.await.unwrap();
 }

@@ -257,41 +257,55 @@ async fn inspect_reads_an_orders_decisions_by_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_reads_the_oldest_rows_by_key_and_parked_ones_through_their_index() {
+    use invoice::storage::outbox::PENDING;
     let db = TestDb::create().await;
     let pool = &db.pool;
-    // A backlog (Kafka was away) with one parked row among it, analyzed.
+    // A backlog (Kafka was away): `BACKLOG` rows over 5,000 keys, and two rows without a key.
     sqlx::query(
-        "INSERT INTO outbox (event_id, topic, message_key, payload, attempts)
-         SELECT gen_random_uuid(), 'events', convert_to('O-' || (n % 5000), 'UTF8'), '\\x00',
-                CASE WHEN n = 77 THEN 10 ELSE 0 END
-         FROM generate_series(1, $1) AS n",
+        "INSERT INTO outbox (event_id, topic, message_key, payload)
+         SELECT gen_random_uuid(), 'events', CASE WHEN n <= $1 THEN convert_to('O-' || (n % 5000), 'UTF8') END, '\\x00'
+         FROM generate_series(1, $1 + 2) AS n",
     )
     .bind(BACKLOG)
     .execute(pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE outbox").execute(pool).await.unwrap();
+    let explain = format!("EXPLAIN (FORMAT JSON) {}", PENDING.as_str());
+    // It reads the oldest rows by key, whether rows are parked or not (the usual case).
+    for parked in [false, true] {
+        if parked {
+            // The second row of key O-77, and the first row without a key.
+            sqlx::query("UPDATE outbox SET attempts = 10 WHERE id IN (5077, $1 + 1)")
+                .bind(BACKLOG)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        sqlx::query("ANALYZE outbox").execute(pool).await.unwrap();
+        let (plan, found) = plan_of(pool, sqlx::query(&explain).bind(1000_i64)).await;
+        assert!(
+            found.iter().all(|(node, _, _)| node != "Seq Scan"),
+            "the relay reads the whole backlog: {plan}"
+        );
+        assert!(!plan.to_string().contains("\"Sort\""), "the relay sorts the backlog: {plan}");
+        assert!(found.iter().any(|(_, _, index)| index == "outbox_pkey"), "{plan}");
+        if parked {
+            assert!(found.iter().any(|(_, _, index)| index == "outbox_parked"), "{plan}");
+        }
+    }
 
-    let explain = format!("EXPLAIN (FORMAT JSON) {}", invoice::storage::outbox::PENDING.as_str());
-    let (plan, found) = plan_of(pool, sqlx::query(&explain).bind(1000_i64)).await;
-    assert!(found.iter().all(|(node, _, _)| node != "Seq Scan"), "the relay reads the whole backlog: {plan}");
-    assert!(found.iter().any(|(_, _, index)| index == "outbox_parked"), "{plan}");
-
-    // And it answers: the rows of the parked row's key after it wait; the others come in order.
-    let ids: Vec<i64> =
-        sqlx::query_scalar(&format!("SELECT id FROM ({}) r", invoice::storage::outbox::PENDING.as_str()))
-            .bind(BACKLOG)
-            .fetch_all(pool)
-            .await
-            .unwrap();
-    let parked_key: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM outbox WHERE message_key = convert_to('O-77', 'UTF8') ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    assert_eq!(parked_key.len(), 4);
-    assert_eq!(ids.len() as i64, BACKLOG - 4, "the parked row and the three of its key after it");
+    // And it answers: what comes before a parked row of its key, and every row of another
+    // key, in id order; not the parked rows, nor what comes after them in their key. A row
+    // without a key orders with nothing.
+    let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM ({}) r", PENDING.as_str()))
+        .bind(BACKLOG + 2)
+        .fetch_all(pool)
+        .await
+        .unwrap();
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
-    assert!(!ids.iter().any(|id| parked_key.contains(id)));
+    for (id, expected) in [(77, true), (5077, false), (10077, false), (15077, false), (78, true)] {
+        assert_eq!(ids.contains(&id), expected, "row {id}");
+    }
+    assert_eq!(ids.last(), Some(&(BACKLOG + 2)), "the row without a key after a parked one");
+    assert_eq!(ids.len() as i64, BACKLOG + 2 - 4);
 }
