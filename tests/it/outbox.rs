@@ -98,6 +98,17 @@ async fn a_later_event_of_an_order_waits_for_an_earlier_one_that_failed() {
     assert_eq!(sent, vec!["ORD-2 first", "ORD-3 first", "ORD-1 second"]);
 }
 
+/// A producer with no route to the brokers (a port nothing listens on): every send fails,
+/// unanswered, after `timeout`.
+fn cut_off_producer(timeout: Duration) -> rdkafka::producer::FutureProducer {
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{closed_port}"))
+        .set("message.timeout.ms", timeout.as_millis().to_string())
+        .create()
+        .unwrap()
+}
+
 /// Builds the test's producer again (what the relay does after a fatal producer error).
 fn rebuild() -> invoice::outbox::Rebuild {
     std::sync::Arc::new(|| Ok(producer()))
@@ -188,18 +199,11 @@ async fn a_follower_waits_on_one_connection_and_leads_on_it_when_the_leader_stop
 async fn a_leader_that_cannot_deliver_hands_the_lead_to_one_that_can() {
     use crate::support::wait_until;
     use invoice::outbox::StepDown;
-    use rdkafka::config::ClientConfig;
     use tokio_util::sync::CancellationToken;
     let db = TestDb::create().await;
     let topics = TestTopics::create(1).await;
     let events = topics.names.events.clone();
-    // A producer with no route to the brokers (a port nothing listens on): every send fails.
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let cut_off: rdkafka::producer::FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", format!("127.0.0.1:{closed_port}"))
-        .set("message.timeout.ms", "500")
-        .create()
-        .unwrap();
+    let cut_off = cut_off_producer(Duration::from_millis(500));
     let step_down = StepDown { after: Duration::from_secs(2), pause: Duration::from_secs(60) };
     let start = |producer, stop: CancellationToken| {
         tokio::spawn(invoice::outbox::run_with(
@@ -242,16 +246,10 @@ async fn a_leader_that_cannot_deliver_hands_the_lead_to_one_that_can() {
 async fn a_leader_that_cannot_deliver_keeps_the_lead_when_no_other_relay_stands_by() {
     use crate::support::wait_until;
     use invoice::outbox::StepDown;
-    use rdkafka::config::ClientConfig;
     use tokio_util::sync::CancellationToken;
     let db = TestDb::create().await;
     let topics = TestTopics::create(1).await;
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let cut_off: rdkafka::producer::FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", format!("127.0.0.1:{closed_port}"))
-        .set("message.timeout.ms", "300")
-        .create()
-        .unwrap();
+    let cut_off = cut_off_producer(Duration::from_millis(300));
     // Handing over after 0.5 s would leave nobody leading for the pause; it must not happen.
     let step_down = StepDown { after: Duration::from_millis(500), pause: Duration::from_secs(60) };
     insert(&db, &topics.names.events, "ORD-1", b"ORD-1 first").await;
