@@ -1,23 +1,37 @@
 //! The outbox relay: publishes what transactions wrote to the `outbox` table (lifecycle
-//! events, dead letters) to Kafka, in id order, then deletes what Kafka acknowledged. One relay runs at a
-//! time across all processes (a Postgres advisory lock), so events of an order keep their
-//! order. A crash between publishing and marking re-publishes the same rows with the same
-//! `eventId`: duplicates only across a crash, never a loss.
+//! events, dead letters) to Kafka, each key's rows in id order, then deletes what Kafka
+//! acknowledged. One relay runs at a time across all processes (a Postgres advisory lock), so
+//! events of an order keep their order. A crash between publishing and marking re-publishes
+//! the same rows with the same `eventId`: duplicates only across a crash, never a loss.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::storage::{self, outbox};
 
-const BATCH: i64 = 1000;
+/// Most rows one read takes.
+const BATCH: usize = 1000;
+/// Most rows held at once (in flight, settling, waiting to be resent or waiting for their
+/// key). A fault that holds this many for a whole delivery timeout stalls the others until it
+/// ends; librdkafka's own queue holds ten times as many.
+const MAX_HELD: usize = 10_000;
+/// How long a row whose send failed waits before it is sent again (its key's later rows wait
+/// with it; other keys go on).
+const RESEND_AFTER: Duration = Duration::from_secs(1);
+/// Longest a read may take on the lock connection (a half-open one would never answer).
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Polling backs off from the first to the second while the outbox stays empty.
 const IDLE_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
 const LOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -27,6 +41,10 @@ const GAUGES_EVERY: Duration = Duration::from_secs(10);
 /// half-open, and the kernel gives up on them only after ~15 minutes: the relay would wait
 /// that long, publishing nothing and holding up a shutdown.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a relay that stops leading waits for its sends in flight, so that what Kafka
+/// acknowledged is deleted rather than sent again by the next leader: a send ends within the
+/// producer's `message.timeout.ms` (25 s), delivered or failed.
+const FINISH_WITHIN: Duration = Duration::from_secs(30);
 
 /// When a leader that cannot reach the brokers hands the lead over.
 #[derive(Debug, Clone, Copy)]
@@ -105,25 +123,48 @@ pub async fn run_with(
             }
         };
         tracing::info!("Outbox relay leading");
+        let mut relay = Relay::default();
         let mut idle = IDLE_POLL.0;
         let mut last_check = tokio::time::Instant::now();
-        let mut cut_off_since: Option<tokio::time::Instant> = None;
         loop {
             if shutdown.is_cancelled() {
+                relay.finish(&db, &metrics, tokio::time::Instant::now() + FINISH_WITHIN).await;
                 let _closed = leader.close().await;
                 return;
             }
-            // The lock lives on this connection: if it is gone, so is the leadership. (It is
-            // also checked before every marking, in `publish_once`.)
+            // The lock lives on this connection: if it is gone, so is the leadership. (Every
+            // read, and so every send, goes through it too.)
             if last_check.elapsed() >= LOCK_CHECK_EVERY {
                 last_check = tokio::time::Instant::now();
                 if let Err(error) = answers(&mut leader).await {
                     tracing::warn!(%error, "Outbox relay lost its lock connection");
+                    relay.finish(&db, &metrics, tokio::time::Instant::now() + FINISH_WITHIN).await;
                     continue 'lead;
                 }
             }
-            let started = tokio::time::Instant::now();
-            let pass = publish_once(&db, &producer, &metrics, &mut leader).await;
+            relay.record_ready();
+            let step = async {
+                let settled = relay.settle(&db, &metrics).await?;
+                relay.release_due();
+                let sent = relay.send_more(&producer, &mut leader).await?;
+                Ok::<_, storage::StorageError>((settled, sent))
+            };
+            let (settled, sent) = match step.await {
+                Ok(step) => step,
+                Err(error) => {
+                    tracing::warn!(%error, "Outbox relay pass failed; retrying");
+                    relay.finish(&db, &metrics, tokio::time::Instant::now() + FINISH_WITHIN).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue 'lead;
+                }
+            };
+            if relay.held.is_empty() {
+                // Nothing left to send: an earlier run of unanswered sends is over.
+                relay.cut_off_since = None;
+            }
             let hand_over = if let Some((code, reason)) = producer.client().fatal_error() {
                 // It delivers nothing more. Another process leads meanwhile, if there is one.
                 tracing::error!(?code, %reason, "Outbox relay's Kafka producer failed for good; handing the lead over and building a new one");
@@ -135,52 +176,41 @@ pub async fn run_with(
                 }
                 true
             } else {
-                match &pass {
-                    // Passes that reached no broker, for `step_down.after`: the fault may be
-                    // this process' route, if another process stands by to try its own.
-                    Ok(pass) if pass.unreachable > 0 && pass.published == 0 => {
-                        let since = *cut_off_since.get_or_insert(started);
-                        since.elapsed() >= step_down.after
-                            && outbox::relays_standing_by(&db).await.unwrap_or(0) > 0
-                            && {
-                                tracing::warn!(
-                                    seconds = since.elapsed().as_secs(),
-                                    "Outbox relay reached no Kafka broker; handing the lead to another process"
-                                );
-                                true
-                            }
+                // Sends that reached no broker, and none acknowledged since, for
+                // `step_down.after`: the fault may be this process' route, if another process
+                // stands by to try its own.
+                match relay.cut_off_since {
+                    Some(since) if settled.unreachable > 0 && since.elapsed() >= step_down.after => {
+                        outbox::relays_standing_by(&db).await.unwrap_or(0) > 0 && {
+                            tracing::warn!(
+                                seconds = since.elapsed().as_secs(),
+                                "Outbox relay reached no Kafka broker; handing the lead to another process"
+                            );
+                            true
+                        }
                     }
-                    Ok(_) => {
-                        cut_off_since = None;
-                        false
-                    }
-                    Err(_) => false,
+                    _ => false,
                 }
             };
             if hand_over {
+                relay.finish(&db, &metrics, tokio::time::Instant::now() + FINISH_WITHIN).await;
                 let _closed = leader.close().await;
                 tokio::select! {
                     _ = tokio::time::sleep(step_down.pause) => continue 'lead,
                     _ = shutdown.cancelled() => return,
                 }
             }
-            match pass {
-                Ok(Pass { published: 0, .. }) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(idle) => {}
-                        _ = shutdown.cancelled() => {}
-                    }
-                    idle = (idle * 2).min(IDLE_POLL.1);
-                }
-                Ok(_) => idle = IDLE_POLL.0,
-                Err(error) => {
-                    tracing::warn!(%error, "Outbox relay pass failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = shutdown.cancelled() => {}
-                    }
-                    continue 'lead;
-                }
+            idle = if sent > 0 || settled.published > 0 { IDLE_POLL.0 } else { (idle * 2).min(IDLE_POLL.1) };
+            // Until a delivery report comes in, a failed row is due again, or it is time to
+            // look for new rows.
+            let mut wake = tokio::time::Instant::now() + idle;
+            if let Some(due) = relay.next_resend() {
+                wake = wake.min(due);
+            }
+            tokio::select! {
+                Some(done) = relay.in_flight.next() => relay.record(done),
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = shutdown.cancelled() => {}
             }
             if last_gauges.elapsed() >= GAUGES_EVERY {
                 last_gauges = tokio::time::Instant::now();
@@ -242,7 +272,7 @@ async fn lead(database_url: &str, standby: &mut Option<PgConnection>) -> Option<
     }
 }
 
-/// What one pass did.
+/// What the relay settled: rows acknowledged (and deleted), sends that failed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pass {
     /// Rows Kafka acknowledged (and that were deleted).
@@ -253,106 +283,247 @@ pub struct Pass {
     pub unreachable: usize,
 }
 
-/// Publishes up to one batch. `leader` is the connection holding the relay lock: it is
-/// checked again before rows are marked, so a relay that lost its lock during the pass leaves
-/// the marking to the new leader.
+/// Publishes up to one batch and waits for every send of it: a whole pass of a relay that
+/// holds nothing. `leader` is the connection holding the relay lock; the rows are read on it.
 pub async fn publish_once(
     db: &PgPool,
     producer: &FutureProducer,
     metrics: &Metrics,
     leader: &mut PgConnection,
 ) -> Result<Pass, storage::StorageError> {
-    let rows = outbox::pending(db, BATCH).await?;
-    if rows.is_empty() {
-        return Ok(Pass::default());
+    let mut relay = Relay::default();
+    relay.send_more(producer, leader).await?;
+    while let Some(done) = relay.in_flight.next().await {
+        relay.record(done);
     }
-    let (mut failed, mut unreachable) = (0, 0);
-    // Rows of one key go out one round at a time, each round only after the previous one was
-    // acknowledged, and a key whose row failed sends nothing more this pass: sent together,
-    // a later event of an order could be acknowledged while an earlier one failed (a delivery
-    // timeout leaves gaps even with idempotence on), and the retry would put the earlier one
-    // after it. Different keys still go out together, so a round is one produce round trip.
-    let rounds = key_rounds(rows.iter().map(key_of));
-    let mut failed_keys: HashSet<(&str, &[u8])> = HashSet::new();
-    let mut published = Vec::with_capacity(rows.len());
-    let mut per_topic: HashMap<&str, u64> = HashMap::new();
-    for round in 0..=rounds.iter().copied().max().unwrap_or(0) {
-        // A round can take the producer's whole delivery timeout: a relay whose lock went
-        // meanwhile (its connection dropped) stops before sending more beside the new leader.
-        if round > 0 && answers(leader).await.is_err() {
-            tracing::warn!("Outbox relay lost its lock during a pass; leaving the rows to the next leader");
-            return Err(storage::StorageError::Unavailable("outbox relay lock lost".into()));
+    relay.settle(db, metrics).await
+}
+
+/// A (topic, key): its rows go out one at a time, in id order.
+type Key = (String, Vec<u8>);
+
+/// A row handed to the producer.
+struct Sent {
+    id: i64,
+    topic: String,
+    key: Option<Key>,
+    at: tokio::time::Instant,
+}
+
+type Delivery = (Sent, Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>);
+
+/// A failed send, to be recorded on its row.
+struct Failure {
+    sent: Sent,
+    error: String,
+    /// The row itself is at fault: it counts toward parking the row.
+    counts: bool,
+    unreachable: bool,
+}
+
+/// The relay's sends in flight, and what it holds until they are settled.
+///
+/// Sends are pipelined: rows are read and handed to the producer while earlier sends are
+/// still in flight, and each is settled when its own acknowledgement comes. A slow send
+/// (a partition without enough in-sync replicas, a topic that is missing: each waits out
+/// `message.timeout.ms`) holds back its own key only, not a batch of other keys' rows. A key
+/// has at most one row in flight: sent together, a later event of an order could be
+/// acknowledged while an earlier one failed (a delivery timeout leaves gaps even with
+/// idempotence on), and the retry would put the earlier one after it. Rows read while their
+/// key is busy wait, left out of reads by id, so that keys waiting behind slow sends never
+/// fill the read window. (Left out by key instead, in SQL, the planner sorted the backlog.)
+#[derive(Default)]
+struct Relay {
+    in_flight: FuturesUnordered<BoxFuture<'static, Delivery>>,
+    /// Rows read and not yet settled (sending, acknowledged, failed or waiting to be resent),
+    /// and rows waiting for their key: reads leave them out.
+    held: HashSet<i64>,
+    /// The keys with a row sent and not yet settled, with that row.
+    busy: HashMap<Key, i64>,
+    /// Rows read while their key was busy.
+    waiting: HashMap<Key, Vec<i64>>,
+    acknowledged: Vec<Sent>,
+    failed: Vec<Failure>,
+    /// Failed rows, in the order they become due again.
+    resend: VecDeque<(tokio::time::Instant, Sent)>,
+    /// When the first send of the current run of unanswered failures started (none since
+    /// the last acknowledgement).
+    cut_off_since: Option<tokio::time::Instant>,
+}
+
+impl Relay {
+    /// Reads what is due (as much as [`MAX_HELD`] leaves room for) and hands it to the
+    /// producer: the first row of each key not held, and rows without a key. The later rows
+    /// of held keys are held too, waiting, and left out of reads until their key is free.
+    /// Returns how many rows were sent.
+    async fn send_more(
+        &mut self,
+        producer: &FutureProducer,
+        leader: &mut PgConnection,
+    ) -> Result<usize, storage::StorageError> {
+        let room = MAX_HELD.saturating_sub(self.held.len()).min(BATCH);
+        if room == 0 {
+            return Ok(0);
         }
-        let sending: Vec<&outbox::Pending> = rows
-            .iter()
-            .zip(&rounds)
-            .filter(|(row, r)| **r == round && !key_of(row).is_some_and(|key| failed_keys.contains(&key)))
-            .map(|(row, _)| row)
-            .collect();
-        let results = join_all(sending.iter().map(|row| send(producer, row))).await;
-        // Every acknowledged row is marked (re-sending it would be a duplicate); a failed row
-        // is retried next pass. Only a failure that the row itself causes (too large,
-        // malformed) counts toward parking it, so a poison row cannot block other keys (its
-        // own key's later rows wait behind it, for an operator: see `outbox::pending`); Kafka
-        // being down or slow (the delivery timeout passed), however long, parks nothing: a
-        // parked event waits for an operator, and a parked `claim_opened` keeps its clear
-        // token meanwhile.
-        for (row, result) in sending.into_iter().zip(results) {
-            match result {
-                Ok(_) => {
-                    published.push(row.id);
-                    *per_topic.entry(row.topic.as_str()).or_default() += 1;
+        let held: Vec<i64> = self.held.iter().copied().collect();
+        let rows =
+            tokio::time::timeout(READ_TIMEOUT, outbox::pending(leader, room as i64, &held)).await.map_err(
+                |_| storage::StorageError::Unavailable("outbox relay read got no answer".into()),
+            )??;
+        let mut sent = 0;
+        for row in rows {
+            let key = row.message_key.clone().map(|key| (row.topic.clone(), key));
+            if let Some(key) = key.as_ref().filter(|key| self.busy.contains_key(*key)) {
+                self.held.insert(row.id);
+                self.waiting.entry(key.clone()).or_default().push(row.id);
+                continue;
+            }
+            let sending = Sent { id: row.id, topic: row.topic.clone(), key, at: tokio::time::Instant::now() };
+            match producer.send_result(record(&row)) {
+                Ok(delivery) => {
+                    self.hold(&sending);
+                    self.in_flight.push(async move { (sending, delivery.await) }.boxed());
+                    sent += 1;
                 }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => break,
                 Err((error, _)) => {
-                    failed += 1;
-                    if error.rdkafka_error_code().is_some_and(no_broker_answered) {
-                        unreachable += 1;
-                    }
-                    tracing::warn!(%error, topic = %row.topic, outbox_id = row.id, "Publishing an outbox row failed; will retry");
-                    if let Some(key) = key_of(row) {
-                        failed_keys.insert(key);
-                    }
-                    let counts = error.rdkafka_error_code().is_some_and(row_is_at_fault);
-                    outbox::mark_failed(db, row.id, &error.to_string(), counts).await?;
+                    self.hold(&sending);
+                    self.failed.push(failure(sending, &error));
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    fn hold(&mut self, sent: &Sent) {
+        self.held.insert(sent.id);
+        if let Some(key) = &sent.key {
+            self.busy.insert(key.clone(), sent.id);
+        }
+    }
+
+    /// Takes in one delivery report.
+    fn record(&mut self, (sent, result): Delivery) {
+        match result {
+            Ok(Ok(_)) => {
+                self.cut_off_since = None;
+                self.acknowledged.push(sent);
+            }
+            Ok(Err((error, _))) => {
+                let failure = failure(sent, &error);
+                if failure.unreachable {
+                    self.cut_off_since.get_or_insert(failure.sent.at);
+                }
+                self.failed.push(failure);
+            }
+            // The producer went away with the send (it was replaced): it may have been
+            // delivered, or not; the row is resent.
+            Err(_) => self.failed.push(Failure {
+                error: "the producer was dropped before it reported the delivery".to_owned(),
+                counts: false,
+                unreachable: false,
+                sent,
+            }),
+        }
+    }
+
+    /// Takes in every delivery report already in.
+    fn record_ready(&mut self) {
+        while let Some(Some(done)) = self.in_flight.next().now_or_never() {
+            self.record(done);
+        }
+    }
+
+    /// Deletes the acknowledged rows and records the failed sends (which are resent after
+    /// [`RESEND_AFTER`], their keys' later rows waiting behind them). What fails to be
+    /// written stays to be settled again.
+    async fn settle(&mut self, db: &PgPool, metrics: &Metrics) -> Result<Pass, storage::StorageError> {
+        let mut pass = Pass::default();
+        if !self.acknowledged.is_empty() {
+            let ids: Vec<i64> = self.acknowledged.iter().map(|sent| sent.id).collect();
+            outbox::mark_published(db, &ids).await?;
+            let mut per_topic: HashMap<String, u64> = HashMap::new();
+            for sent in std::mem::take(&mut self.acknowledged) {
+                *per_topic.entry(sent.topic.clone()).or_default() += 1;
+                self.release(&sent);
+            }
+            for (topic, n) in per_topic {
+                metrics.outbox_published(&topic, n);
+            }
+            pass.published = ids.len();
+        }
+        // Only a failure that the row itself causes (too large, malformed) counts toward
+        // parking it, so a poison row cannot block other keys (its own key's later rows wait
+        // behind it, for an operator: see `outbox::pending`); Kafka being down or slow (the
+        // delivery timeout passed), however long, parks nothing: a parked event waits for an
+        // operator, and a parked `claim_opened` keeps its clear token meanwhile.
+        while let Some(failure) = self.failed.last() {
+            tracing::warn!(error = %failure.error, topic = %failure.sent.topic, outbox_id = failure.sent.id, "Publishing an outbox row failed; will retry");
+            outbox::mark_failed(db, failure.sent.id, &failure.error, failure.counts).await?;
+            if let Some(failure) = self.failed.pop() {
+                pass.failed += 1;
+                pass.unreachable += usize::from(failure.unreachable);
+                self.resend.push_back((tokio::time::Instant::now() + RESEND_AFTER, failure.sent));
+            }
+        }
+        Ok(pass)
+    }
+
+    /// Lets failed rows whose wait is over be read again.
+    fn release_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        while self.resend.front().is_some_and(|(due, _)| *due <= now) {
+            if let Some((_, sent)) = self.resend.pop_front() {
+                self.release(&sent);
+            }
+        }
+    }
+
+    /// Lets go of a settled row, and of the rows of its key waiting for it (read again next).
+    fn release(&mut self, sent: &Sent) {
+        self.held.remove(&sent.id);
+        if let Some(key) = &sent.key {
+            if self.busy.get(key) == Some(&sent.id) {
+                self.busy.remove(key);
+                for id in self.waiting.remove(key).unwrap_or_default() {
+                    self.held.remove(&id);
                 }
             }
         }
     }
-    if answers(leader).await.is_err() {
-        tracing::warn!("Outbox relay lost its lock during a pass; leaving the rows to the next leader");
-        return Err(storage::StorageError::Unavailable("outbox relay lock lost".into()));
-    }
-    if !published.is_empty() {
-        outbox::mark_published(db, &published).await?;
-    }
-    for (topic, n) in per_topic {
-        metrics.outbox_published(topic, n);
-    }
-    Ok(Pass { published: published.len(), failed, unreachable })
-}
 
-fn key_of(row: &outbox::Pending) -> Option<(&str, &[u8])> {
-    row.message_key.as_deref().map(|key| (row.topic.as_str(), key))
-}
+    /// When the next failed row is due again.
+    fn next_resend(&self) -> Option<tokio::time::Instant> {
+        self.resend.front().map(|(due, _)| *due)
+    }
 
-/// For rows in id order, the round in which each is sent: a row's round is the number of
-/// earlier rows with its (topic, key), so a key has at most one row in flight. A row without
-/// a key orders with nothing and goes in the first round.
-fn key_rounds<'a>(keys: impl Iterator<Item = Option<(&'a str, &'a [u8])>>) -> Vec<usize> {
-    let mut seen: HashMap<(&str, &[u8]), usize> = HashMap::new();
-    keys.map(|key| match key {
-        Some(key) => {
-            let count = seen.entry(key).or_default();
-            *count += 1;
-            *count - 1
+    /// Waits, until `deadline`, for the sends in flight, and settles what came back: what
+    /// Kafka acknowledged is not sent again by the next leader.
+    async fn finish(&mut self, db: &PgPool, metrics: &Metrics, deadline: tokio::time::Instant) {
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+                Ok(Some(done)) => self.record(done),
+                Ok(None) | Err(_) => break,
+            }
         }
-        None => 0,
-    })
-    .collect()
+        if let Err(error) = self.settle(db, metrics).await {
+            tracing::warn!(%error, "Outbox relay could not settle its last sends; they will be sent again");
+        }
+    }
 }
 
-/// Hands one row to the producer (a future of its acknowledgement).
-async fn send(producer: &FutureProducer, row: &outbox::Pending) -> OwnedDeliveryResult {
+fn failure(sent: Sent, error: &KafkaError) -> Failure {
+    let code = error.rdkafka_error_code();
+    Failure {
+        error: error.to_string(),
+        counts: code.is_some_and(row_is_at_fault),
+        unreachable: code.is_some_and(no_broker_answered),
+        sent,
+    }
+}
+
+/// The record of one row.
+fn record(row: &outbox::Pending) -> FutureRecord<'_, [u8], [u8]> {
     let mut headers = OwnedHeaders::new();
     if let serde_json::Value::Object(map) = &row.headers {
         for (k, v) in map {
@@ -369,7 +540,7 @@ async fn send(producer: &FutureProducer, row: &outbox::Pending) -> OwnedDelivery
     if let Some(payload) = &row.payload {
         record = record.payload(payload.as_slice());
     }
-    producer.send(record, Duration::from_secs(30)).await
+    record
 }
 
 /// Whether a publication failure says something about the row itself, so that retrying it can
@@ -401,21 +572,6 @@ fn no_broker_answered(code: rdkafka::types::RDKafkaErrorCode) -> bool {
 mod tests {
     use super::*;
     use rdkafka::types::RDKafkaErrorCode as Code;
-
-    #[test]
-    fn a_key_has_one_row_per_round_and_rows_without_a_key_go_first() {
-        let key = |topic, key: &'static str| Some((topic, key.as_bytes()));
-        let rows = [
-            key("events", "ORD-1"),
-            key("events", "ORD-2"),
-            key("events", "ORD-1"),
-            None,
-            key("deadletter", "ORD-1"),
-            key("events", "ORD-1"),
-            None,
-        ];
-        assert_eq!(key_rounds(rows.into_iter()), vec![0, 0, 1, 0, 0, 2, 0]);
-    }
 
     #[test]
     fn only_brokers_that_do_not_answer_count_toward_handing_the_lead_over() {

@@ -33,9 +33,10 @@ pub const PARK_AFTER_ATTEMPTS: i32 = 10;
 // current size, and a batch of a thousand events pays one plan per statement.
 
 /// The relay's read (see [`pending`]): the oldest `$1` rows that are neither parked nor held
-/// behind a parked row of their (topic, key), in id order. The attempts bound is written out:
-/// only a literal lets the planner use the partial index `outbox_parked` (whose predicate
-/// migration 0021 writes with the same bound). Public so that tests can check its plan.
+/// behind a parked row of their (topic, key), nor held by the relay itself (`$2`: their ids),
+/// in id order. The attempts bound is written out: only a literal lets the planner use the
+/// partial index `outbox_parked` (whose predicate migration 0021 writes with the same bound).
+/// Public so that tests can check its plan.
 pub static PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT id, event_id, topic, message_key, payload, headers FROM outbox o
@@ -43,14 +44,22 @@ pub static PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
            AND NOT EXISTS (SELECT 1 FROM outbox p
                            WHERE p.attempts >= {PARK_AFTER_ATTEMPTS} AND p.topic = o.topic
                              AND p.message_key = o.message_key AND p.id < o.id)
+           AND o.id <> ALL($2::bigint[])
          ORDER BY id LIMIT $1"
     )
 });
 
-/// The oldest `limit` rows to publish, in id order: not parked, and not behind a parked row of
-/// their key, whose consumers would otherwise get them before it once it is handed back.
-pub async fn pending(pool: &PgPool, limit: i64) -> Result<Vec<Pending>, StorageError> {
-    Ok(sqlx::query_as(PENDING.as_str()).persistent(false).bind(limit).fetch_all(pool).await?)
+/// The oldest `limit` rows to publish, in id order: not parked, not behind a parked row of
+/// their key (whose consumers would otherwise get them before it once it is handed back),
+/// and not among `held` (rows the relay read and has not settled). Read on the connection
+/// holding the relay's lock, so that a relay whose lock went with its connection reads, and
+/// so sends, nothing.
+pub async fn pending(
+    conn: &mut PgConnection,
+    limit: i64,
+    held: &[i64],
+) -> Result<Vec<Pending>, StorageError> {
+    Ok(sqlx::query_as(PENDING.as_str()).persistent(false).bind(limit).bind(held).fetch_all(conn).await?)
 }
 
 /// Records a failed publication of a row; `counts`: the failure is the row's own and counts

@@ -279,3 +279,62 @@ async fn a_leader_that_cannot_deliver_keeps_the_lead_when_no_other_relay_stands_
     stop.cancel();
     relay.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_that_hangs_holds_back_its_own_key_only() {
+    use crate::support::wait_until;
+    use tokio_util::sync::CancellationToken;
+    let db = TestDb::create().await;
+    let topics = TestTopics::create(1).await;
+    let events = topics.names.events.clone();
+    // A topic that does not exist (the broker creates none): its send waits for it for the
+    // whole delivery timeout, as one to a partition without enough in-sync replicas would.
+    let missing = format!("{events}.missing");
+    let timeout = Duration::from_secs(10);
+    let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", crate::support::kafka_brokers())
+        .set("acks", "all")
+        .set("message.timeout.ms", timeout.as_millis().to_string())
+        .create()
+        .unwrap();
+    let stuck = insert(&db, &missing, "ORD-1", b"ORD-1 dead letter").await;
+    let mut others = Vec::new();
+    for n in 0..3 {
+        others.push(insert(&db, &events, "ORD-1", format!("ORD-1 event {n}").as_bytes()).await);
+        others.push(insert(&db, &events, "ORD-2", format!("ORD-2 event {n}").as_bytes()).await);
+    }
+    let stop = CancellationToken::new();
+    let started = tokio::time::Instant::now();
+    let relay = tokio::spawn(invoice::outbox::run(
+        db.pool.clone(),
+        db.url.clone(),
+        producer,
+        rebuild(),
+        Metrics::new(),
+        stop.clone(),
+    ));
+    wait_until(Duration::from_secs(60), "the other rows to be published", || async {
+        (scalar(&db, "SELECT count(*) FROM outbox").await == 1).then_some(())
+    })
+    .await;
+    // Before the stuck send has even ended: the others did not wait for it.
+    let (id, error): (i64, Option<String>) =
+        sqlx::query_as("SELECT id, last_error FROM outbox").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(id, stuck);
+    assert_eq!(error, None, "the stuck send had already failed: the others waited for it");
+    assert!(started.elapsed() < timeout);
+    let topic = events.clone();
+    let sent = tokio::task::spawn_blocking(move || values(&topic)).await.unwrap();
+    let of = |order: &str| sent.iter().filter(|v| v.starts_with(order)).cloned().collect::<Vec<_>>();
+    assert_eq!(of("ORD-1"), vec!["ORD-1 event 0", "ORD-1 event 1", "ORD-1 event 2"]);
+    assert_eq!(of("ORD-2"), vec!["ORD-2 event 0", "ORD-2 event 1", "ORD-2 event 2"]);
+    assert_eq!(sent.len(), 6);
+    stop.cancel();
+    relay.await.unwrap();
+    let error: Option<String> = sqlx::query_scalar("SELECT last_error FROM outbox WHERE id = $1")
+        .bind(stuck)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(error.is_some(), "a relay that stops waits for its sends in flight and records them");
+}

@@ -282,30 +282,44 @@ async fn the_relay_reads_the_oldest_rows_by_key_and_parked_ones_through_their_in
                 .unwrap();
         }
         sqlx::query("ANALYZE outbox").execute(pool).await.unwrap();
-        let (plan, found) = plan_of(pool, sqlx::query(&explain).bind(1000_i64)).await;
-        assert!(
-            found.iter().all(|(node, _, _)| node != "Seq Scan"),
-            "the relay reads the whole backlog: {plan}"
-        );
-        assert!(!plan.to_string().contains("\"Sort\""), "the relay sorts the backlog: {plan}");
-        assert!(found.iter().any(|(_, _, index)| index == "outbox_pkey"), "{plan}");
-        if parked {
-            assert!(found.iter().any(|(_, _, index)| index == "outbox_parked"), "{plan}");
+        // Holding nothing, or (sends in flight, rows waiting for their key) 5,000 rows.
+        for held in [0, 5000] {
+            let ids: Vec<i64> = (1..=held).collect();
+            let query = sqlx::query(&explain).bind(1000_i64).bind(ids);
+            let (plan, found) = plan_of(pool, query).await;
+            assert!(
+                found.iter().all(|(node, _, _)| node != "Seq Scan"),
+                "the relay reads the whole backlog: {plan}"
+            );
+            assert!(!plan.to_string().contains("\"Sort\""), "the relay sorts the backlog: {plan}");
+            assert!(found.iter().any(|(_, _, index)| index == "outbox_pkey"), "{plan}");
+            if parked {
+                assert!(found.iter().any(|(_, _, index)| index == "outbox_parked"), "{plan}");
+            }
         }
     }
 
     // And it answers: what comes before a parked row of its key, and every row of another
     // key, in id order; not the parked rows, nor what comes after them in their key. A row
     // without a key orders with nothing.
-    let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM ({}) r", PENDING.as_str()))
-        .bind(BACKLOG + 2)
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    let read = |held: Vec<i64>| async move {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT id FROM ({}) r", PENDING.as_str()))
+            .bind(BACKLOG + 2)
+            .bind(held)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    };
+    let ids = read(vec![]).await;
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     for (id, expected) in [(77, true), (5077, false), (10077, false), (15077, false), (78, true)] {
         assert_eq!(ids.contains(&id), expected, "row {id}");
     }
     assert_eq!(ids.last(), Some(&(BACKLOG + 2)), "the row without a key after a parked one");
     assert_eq!(ids.len() as i64, BACKLOG + 2 - 4);
+    // What the relay holds is left out, and nothing else.
+    let held = vec![78, 5078, BACKLOG + 2];
+    let expected: Vec<i64> = ids.iter().copied().filter(|id| !held.contains(id)).collect();
+    assert_eq!(read(held).await, expected);
+    assert_eq!(expected.len(), ids.len() - 3);
 }
