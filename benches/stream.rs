@@ -960,17 +960,28 @@ async fn main() {
     // An upstream service's producer as librdkafka configures it by default (5 ms linger):
     // the backlog's 20 ms linger made every payment wait 20 ms before it left the bench, a
     // quarter of the median at 2,000/s, and none of it the service's.
-    let steady_producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", BROKERS).set("compression.type", "lz4").create().unwrap();
+    let steady_producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("compression.type", "lz4")
+        .create()
+        .unwrap();
     for rate in [env_usize("BENCH_RATE", 2_000), env_usize("BENCH_RATE_LOW", 500)] {
         // Steady means steady: not while the relay still publishes the previous stage's
         // events and the database still vacuums after it.
         outbox_drained(&pool).await;
         vacuum_before_stage(&pool).await;
         reset_statements(&pool).await;
-        let (offered, p50, p99, cpu_ms) =
-            steady_run(&pool, &issued, &steady_producer, &names.payment, merchants, rate, steady_secs, next_order)
-                .await;
+        let (offered, p50, p99, cpu_ms) = steady_run(
+            &pool,
+            &issued,
+            &steady_producer,
+            &names.payment,
+            merchants,
+            rate,
+            steady_secs,
+            next_order,
+        )
+        .await;
         print_statements(&pool, rate * steady_secs).await;
         println!("steady {offered:.0} events/s: payment → ISSUED p50 {p50:.1} ms, p99 {p99:.1} ms");
         println!("CPU ms per payment at that rate, decided and issued: {cpu_ms}");
