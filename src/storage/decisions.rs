@@ -45,8 +45,9 @@ pub struct BatchFacts {
 /// Invoices and requests are looked up by `order_id = ANY(..)` (indexes `invoice_by_order` and
 /// `invoice_request_one_pending_per_order`) and filtered to the exact pairs here: a join against
 /// `UNNEST` of the pairs lets the planner, with the statistics of a table that grew since its
-/// last analyze, scan every active invoice once per pair. Public so that tests can check its
-/// plan.
+/// last analyze, scan every active invoice once per pair. The arrays are read through scalar
+/// subqueries so that the statement is planned once, not at every batch (see [`unnest`]).
+/// Public so that tests can check its plan.
 pub const FACTS: &str = "
     SELECT d.event_ids,
            a.merchant_ids AS invoice_merchants, a.order_ids AS invoice_orders, a.event_ids AS invoice_events,
@@ -56,23 +57,23 @@ pub const FACTS: &str = "
            m.merchant_ids AS tax_merchants, m.taxes, m.lsns, m.ts_ms, m.deleted, m.names,
            c.merchant_ids AS config_merchants, c.ids AS config_ids, c.providers, c.endpoints,
            c.supplier_tax_codes, c.template_codes, c.series, c.ciphertexts, c.nonces, c.key_ids
-    FROM (SELECT array_agg(event_id) AS event_ids FROM payment_decision WHERE event_id = ANY($1)) d,
+    FROM (SELECT array_agg(event_id) AS event_ids FROM payment_decision WHERE event_id = ANY((SELECT $1::text[])::text[])) d,
          (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(order_id) AS order_ids,
                  array_agg(payment_event_id) AS event_ids, array_agg(status <> 'CANCELLED' AND deleted_at IS NULL) AS active
-          FROM invoice WHERE order_id = ANY($2) AND kind = 'original') a,
+          FROM invoice WHERE order_id = ANY((SELECT $2::text[])::text[]) AND kind = 'original') a,
          (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(order_id) AS order_ids, array_agg(id) AS ids,
                  array_agg(buyer) AS buyers
-          FROM invoice_request WHERE order_id = ANY($2) AND joined_at IS NULL AND deleted_at IS NULL) r,
+          FROM invoice_request WHERE order_id = ANY((SELECT $2::text[])::text[]) AND joined_at IS NULL AND deleted_at IS NULL) r,
          (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(tax) AS taxes, array_agg(source_lsn) AS lsns,
                  array_agg(source_ts_ms) AS ts_ms, array_agg(deleted_at IS NOT NULL) AS deleted,
                  array_agg(merchant_name) AS names
-          FROM merchant_tax_info WHERE merchant_id = ANY($3)) m,
+          FROM merchant_tax_info WHERE merchant_id = ANY((SELECT $3::text[])::text[])) m,
          (SELECT array_agg(merchant_id) AS merchant_ids, array_agg(id) AS ids, array_agg(provider) AS providers,
                  array_agg(endpoint) AS endpoints, array_agg(supplier_tax_code) AS supplier_tax_codes,
                  array_agg(template_code) AS template_codes, array_agg(series) AS series,
                  array_agg(credentials_ciphertext) AS ciphertexts, array_agg(credentials_nonce) AS nonces,
                  array_agg(key_id) AS key_ids
-          FROM provider_config WHERE merchant_id = ANY($3) AND deleted_at IS NULL) c";
+          FROM provider_config WHERE merchant_id = ANY((SELECT $3::text[])::text[]) AND deleted_at IS NULL) c";
 
 /// The row of [`FACTS`]: `NULL` (no row matched) reads as empty.
 #[derive(sqlx::FromRow)]
@@ -531,10 +532,25 @@ pub fn snapshot_digest(merchant_id: &str, snapshot: &RawValue) -> [u8; 32] {
 /// A query whose arguments are still being bound.
 pub(crate) type Bound<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// `UNNEST` over arrays of the given element types, bound from parameter `$first` on.
+/// `UNNEST` over arrays of the given element types, bound from parameter `$first` on, each
+/// array behind a scalar subquery: `UNNEST((SELECT $1::bigint[]))`. The batch statements read
+/// their array arguments that way (`= ANY((SELECT $1::text[])::text[])` too: the cast keeps it
+/// an array, not the subquery's rows), rather than directly.
+///
+/// Postgres plans a prepared statement's first five executions for their arguments (custom
+/// plans), then keeps a plan made for no arguments in particular (generic) unless that one
+/// looks dearer than the custom ones did. An array argument it can see is counted exactly
+/// (one element at a quiet hour), while the generic plan counts 10 or 100, so it always looked
+/// dearer: a service that started while batches were small planned its settlement, its take,
+/// its read and the stream's lookups at every execution, for ever. At ~140 payments/s (one
+/// per batch) planning took more of Postgres' time than executing (11.0 s against 8.2 s in
+/// 20 s, `pg_stat_statements`). Behind a subquery the array is unknown to both kinds of plan,
+/// so they cost the same and the generic one is kept after five executions; it is the plan
+/// the statements had anyway once their connection had seen a large batch (key lookups per
+/// element, as `tests/it/plans.rs` checks).
 pub(crate) fn unnest(first: usize, types: &[&str]) -> String {
     let arrays: Vec<String> =
-        types.iter().enumerate().map(|(i, t)| format!("${}::{t}[]", first + i)).collect();
+        types.iter().enumerate().map(|(i, t)| format!("(SELECT ${}::{t}[])", first + i)).collect();
     format!("UNNEST({})", arrays.join(", "))
 }
 

@@ -71,8 +71,10 @@ pub struct WorkInvoice {
 
 /// The worker's read: the unfinished invoices (QUEUED, ISSUING, SUBMITTED) of orders `$1`,
 /// originals first, with their deadlines on the worker's clock (which read `$2` as it sent
-/// this; see [`ACQUIRE`]), since the worker compares them with it. Public, like the other
-/// statements whose plans matter, so that tests can check those plans.
+/// this; see [`ACQUIRE`]), since the worker compares them with it. Array arguments are read
+/// through scalar subqueries here, in [`ACQUIRE`] and in [`SETTLE`], so that each is planned
+/// once rather than per batch (see `decisions::unnest`). Public, like the other statements
+/// whose plans matter, so that tests can check those plans.
 pub const UNFINISHED_FOR_ORDERS: &str =
     "SELECT i.id, i.merchant_id, i.order_id, i.kind, i.replaces_invoice_id, i.status, i.paid_at, i.currency,
             i.buyer, i.lines, i.total_net, i.total_vat, i.total_amount,
@@ -86,7 +88,7 @@ pub const UNFINISHED_FOR_ORDERS: &str =
      FROM invoice i LEFT JOIN invoice o ON o.id = i.replaces_invoice_id
           LEFT JOIN invoice_config_snapshot s ON s.digest = i.config_snapshot_digest
           LEFT JOIN invoice_config_snapshot os ON os.digest = o.config_snapshot_digest
-     WHERE i.order_id = ANY($1) AND i.status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND i.deleted_at IS NULL
+     WHERE i.order_id = ANY((SELECT $1::text[])::text[]) AND i.status IN ('QUEUED', 'ISSUING', 'SUBMITTED') AND i.deleted_at IS NULL
      ORDER BY i.order_id, i.kind, i.id";
 
 /// The unfinished invoices (QUEUED, ISSUING, SUBMITTED) of the given orders, originals first;
@@ -114,7 +116,7 @@ pub async fn unfinished_for_orders(
 /// shift can only lengthen them (a statement reaches Postgres after it is sent). Read back
 /// ([`UNFINISHED_FOR_ORDERS`]), they are shifted onto the reader's clock the same way.
 pub const ACQUIRE: &str = "WITH old AS (
-         SELECT i.id, i.status FROM invoice i JOIN unnest($1::bigint[], $4::timestamptz[]) AS r(id, seen)
+         SELECT i.id, i.status FROM invoice i JOIN unnest((SELECT $1::bigint[]), (SELECT $4::timestamptz[])) AS r(id, seen)
               ON r.id = i.id AND i.updated_at = r.seen
          WHERE (i.status = 'QUEUED' OR (i.status = 'ISSUING' AND i.lease_until < now()))
            -- A consumer original whose order has a pending buyer (a request that committed
@@ -415,8 +417,7 @@ static SETTLE: LazyLock<String> = LazyLock::new(|| {
                  last_error = CASE WHEN u.status = 'ISSUED' THEN NULL ELSE COALESCE(u.error, i.last_error) END,
                  attempts = greatest(i.attempts + u.attempts_delta, 0),
                  updated_at = now()
-             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[], $13::int[])
+             FROM {updates}
                   AS u(id, expected, owner, status, invoice_no, series, reservation, tax_code, provider_status,
                        next_at, lease_until, error, attempts_delta)
              WHERE i.id = u.id AND i.status = u.expected AND (u.owner IS NULL OR i.lease_owner = u.owner)
@@ -445,6 +446,13 @@ static SETTLE: LazyLock<String> = LazyLock::new(|| {
                     jsonb_build_object('status', 'REPLACED', 'replacedBy', replacement_id::text), ${actor}::text, reason
              FROM replaced)
          SELECT id FROM updated",
+        updates = unnest(
+            1,
+            &[
+                "bigint", "text", "text", "text", "text", "text", "text", "text", "text", "timestamptz",
+                "timestamptz", "text", "int"
+            ]
+        ),
         attempt_rows = unnest(attempts, &ATTEMPT_TYPES),
         audit_rows = unnest(audits, &AUDIT_TYPES),
         outbox_rows = unnest(outbox, &[&["bigint"][..], &OUTBOX_TYPES[..]].concat()),
