@@ -119,6 +119,11 @@ fn the_default_render_has_one_deployment_per_mode_with_probes_grace_and_secret_r
             env_of(container).into_iter().filter(|e| e["name"] == "APP_ENV_INVOICE_WORKER_ID").collect();
         assert_eq!(worker_id.len(), 1, "{name}");
         assert_eq!(worker_id[0]["value"], "auto", "{name}");
+        // The allocator without transparent huge pages, whatever the node's THP setting.
+        let thp: Vec<&Value> =
+            env_of(container).into_iter().filter(|e| e["name"] == "MIMALLOC_ALLOW_THP").collect();
+        assert_eq!(thp.len(), 1, "{name}");
+        assert_eq!(thp[0]["value"], "0", "{name}");
         // Secrets by reference only.
         for variable in env_of(container) {
             let var = variable["name"].as_str().unwrap();
