@@ -32,8 +32,9 @@ const MAX_HELD: usize = 10_000;
 const RESEND_AFTER: Duration = Duration::from_secs(1);
 /// How long the relay gathers delivery reports after the first before it settles them.
 const GATHER: Duration = Duration::from_millis(10);
-/// Longest a read may take on the lock connection (a half-open one would never answer).
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a read may take on the lock connection (a half-open one would never answer, and the
+/// lock may be gone with it).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Polling backs off from the first to the second while the outbox stays empty.
 const IDLE_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
 const LOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -295,8 +296,9 @@ pub struct Pass {
     pub unreachable: usize,
 }
 
-/// Publishes up to one batch and waits for every send of it: a whole pass of a relay that
-/// holds nothing. `leader` is the connection holding the relay lock; the rows are read on it.
+/// One pass of a relay that holds nothing: reads up to one batch, sends the first row of each
+/// key in it (and rows without a key), and waits for every send. `leader` is the connection
+/// holding the relay lock; the rows are read on it.
 pub async fn publish_once(
     db: &PgPool,
     producer: &FutureProducer,
@@ -322,6 +324,17 @@ struct Sent {
     at: tokio::time::Instant,
 }
 
+impl Sent {
+    fn of(row: &outbox::Pending) -> Sent {
+        Sent {
+            id: row.id,
+            topic: row.topic.clone(),
+            key: row.message_key.clone().map(|key| (row.topic.clone(), key)),
+            at: tokio::time::Instant::now(),
+        }
+    }
+}
+
 type Delivery = (Sent, Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>);
 
 /// A failed send, to be recorded on its row.
@@ -342,39 +355,44 @@ struct Failure {
 /// has at most one row in flight: sent together, a later event of an order could be
 /// acknowledged while an earlier one failed (a delivery timeout leaves gaps even with
 /// idempotence on), and the retry would put the earlier one after it. Rows read while their
-/// key is busy wait, left out of reads by id, so that keys waiting behind slow sends never
-/// fill the read window. (Left out by key instead, in SQL, the planner sorted the backlog.)
+/// key is busy wait in memory, left out of reads by id, so that keys waiting behind slow sends
+/// never fill the read window (left out by key instead, in SQL, the planner sorted the
+/// backlog); once the row ahead is acknowledged the next goes out without being read again.
 #[derive(Default)]
 struct Relay {
     in_flight: FuturesUnordered<BoxFuture<'static, Delivery>>,
-    /// Rows read and not yet settled (sending, acknowledged, failed or waiting to be resent),
-    /// and rows waiting for their key: reads leave them out.
+    /// Rows read and not yet settled (sending, acknowledged, failed, waiting to be resent,
+    /// waiting for their key or ready to go): reads leave them out.
     held: HashSet<i64>,
-    /// The keys with a row sent and not yet settled, with that row.
+    /// The keys with a row sent (or ready to be) and not yet settled, with that row.
     busy: HashMap<Key, i64>,
-    /// Rows read while their key was busy.
-    waiting: HashMap<Key, Vec<i64>>,
+    /// Rows read while their key was busy, in id order.
+    waiting: HashMap<Key, VecDeque<outbox::Pending>>,
+    /// Rows whose key's previous row was acknowledged: the next to send, before any read.
+    ready: VecDeque<outbox::Pending>,
     acknowledged: Vec<Sent>,
     failed: Vec<Failure>,
     /// Failed rows, in the order they become due again.
     resend: VecDeque<(tokio::time::Instant, Sent)>,
-    /// When the first send of the current run of unanswered failures started (none since
-    /// the last acknowledgement).
+    /// When the last acknowledgement came.
+    last_ack: Option<tokio::time::Instant>,
+    /// Since when sends have failed unanswered, none acknowledged since.
     cut_off_since: Option<tokio::time::Instant>,
 }
 
 impl Relay {
     /// Reads what is due (as much as [`MAX_HELD`] leaves room for) and hands it to the
-    /// producer: the first row of each key not held, and rows without a key. The later rows
-    /// of held keys are held too, waiting, and left out of reads until their key is free.
-    /// Returns how many rows were sent.
+    /// producer, after the rows already [`ready`](Relay::ready): the first row of each key
+    /// not held, and rows without a key; later rows of held keys wait. The read goes first
+    /// even when nothing is left to read: it proves the lock is still held. Returns how many
+    /// rows were sent.
     async fn send_more(
         &mut self,
         producer: &FutureProducer,
         leader: &mut PgConnection,
     ) -> Result<usize, storage::StorageError> {
         let room = MAX_HELD.saturating_sub(self.held.len()).min(BATCH);
-        if room == 0 {
+        if room == 0 && self.ready.is_empty() {
             return Ok(0);
         }
         let held: Vec<i64> = self.held.iter().copied().collect();
@@ -383,34 +401,52 @@ impl Relay {
                 |_| storage::StorageError::Unavailable("outbox relay read got no answer".into()),
             )??;
         let mut sent = 0;
+        while let Some(row) = self.ready.pop_front() {
+            // Already held, its key busy with it.
+            match self.send(producer, &row) {
+                Ok(()) => sent += 1,
+                Err(()) => {
+                    self.ready.push_front(row);
+                    return Ok(sent);
+                }
+            }
+        }
         for row in rows {
-            let key = row.message_key.clone().map(|key| (row.topic.clone(), key));
-            if let Some(key) = key.as_ref().filter(|key| self.busy.contains_key(*key)) {
+            let sending = Sent::of(&row);
+            if let Some(key) = sending.key.as_ref().filter(|key| self.busy.contains_key(*key)) {
                 self.held.insert(row.id);
-                self.waiting.entry(key.clone()).or_default().push(row.id);
+                self.waiting.entry(key.clone()).or_default().push_back(row);
                 continue;
             }
-            let sending = Sent { id: row.id, topic: row.topic.clone(), key, at: tokio::time::Instant::now() };
-            match producer.send_result(record(&row)) {
-                Ok(delivery) => {
-                    self.hold(&sending);
-                    self.in_flight.push(async move { (sending, delivery.await) }.boxed());
-                    sent += 1;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => break,
-                Err((error, _)) => {
-                    self.hold(&sending);
-                    self.failed.push(failure(sending, &error));
+            self.held.insert(sending.id);
+            if let Some(key) = &sending.key {
+                self.busy.insert(key.clone(), sending.id);
+            }
+            match self.send(producer, &row) {
+                Ok(()) => sent += 1,
+                Err(()) => {
+                    // Not handed over: it is read again.
+                    self.release(&sending);
+                    break;
                 }
             }
         }
         Ok(sent)
     }
 
-    fn hold(&mut self, sent: &Sent) {
-        self.held.insert(sent.id);
-        if let Some(key) = &sent.key {
-            self.busy.insert(key.clone(), sent.id);
+    /// Hands a held row to the producer; `Err` when its queue is full (nothing was sent).
+    fn send(&mut self, producer: &FutureProducer, row: &outbox::Pending) -> Result<(), ()> {
+        let sending = Sent::of(row);
+        match producer.send_result(record(row)) {
+            Ok(delivery) => {
+                self.in_flight.push(async move { (sending, delivery.await) }.boxed());
+                Ok(())
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(()),
+            Err((error, _)) => {
+                self.fail(failure(sending, &error));
+                Ok(())
+            }
         }
     }
 
@@ -418,25 +454,32 @@ impl Relay {
     fn record(&mut self, (sent, result): Delivery) {
         match result {
             Ok(Ok(_)) => {
+                self.last_ack = Some(tokio::time::Instant::now());
                 self.cut_off_since = None;
                 self.acknowledged.push(sent);
             }
-            Ok(Err((error, _))) => {
-                let failure = failure(sent, &error);
-                if failure.unreachable {
-                    self.cut_off_since.get_or_insert(failure.sent.at);
-                }
-                self.failed.push(failure);
-            }
+            Ok(Err((error, _))) => self.fail(failure(sent, &error)),
             // The producer went away with the send (it was replaced): it may have been
             // delivered, or not; the row is resent.
-            Err(_) => self.failed.push(Failure {
+            Err(_) => self.fail(Failure {
                 error: "the producer was dropped before it reported the delivery".to_owned(),
                 counts: false,
                 unreachable: false,
                 sent,
             }),
         }
+    }
+
+    fn fail(&mut self, failure: Failure) {
+        if failure.unreachable {
+            // Counted from when the send started, but never from before an acknowledgement.
+            let since = match self.last_ack {
+                Some(ack) => failure.sent.at.max(ack),
+                None => failure.sent.at,
+            };
+            self.cut_off_since.get_or_insert(since);
+        }
+        self.failed.push(failure);
     }
 
     /// Takes in every delivery report already in.
@@ -446,9 +489,9 @@ impl Relay {
         }
     }
 
-    /// Deletes the acknowledged rows and records the failed sends (which are resent after
-    /// [`RESEND_AFTER`], their keys' later rows waiting behind them). What fails to be
-    /// written stays to be settled again.
+    /// Deletes the acknowledged rows and records the failed sends, in one statement each
+    /// (which are resent after [`RESEND_AFTER`], their keys' later rows waiting behind them).
+    /// What fails to be written stays to be settled again.
     async fn settle(&mut self, db: &PgPool, metrics: &Metrics) -> Result<Pass, storage::StorageError> {
         let mut pass = Pass::default();
         if !self.acknowledged.is_empty() {
@@ -457,31 +500,58 @@ impl Relay {
             let mut per_topic: HashMap<String, u64> = HashMap::new();
             for sent in std::mem::take(&mut self.acknowledged) {
                 *per_topic.entry(sent.topic.clone()).or_default() += 1;
-                self.release(&sent);
+                self.next_of_key(&sent);
             }
             for (topic, n) in per_topic {
                 metrics.outbox_published(&topic, n);
             }
             pass.published = ids.len();
         }
-        // Only a failure that the row itself causes (too large, malformed) counts toward
-        // parking it, so a poison row cannot block other keys (its own key's later rows wait
-        // behind it, for an operator: see `outbox::pending`); Kafka being down or slow (the
-        // delivery timeout passed), however long, parks nothing: a parked event waits for an
-        // operator, and a parked `claim_opened` keeps its clear token meanwhile.
-        while let Some(failure) = self.failed.last() {
-            tracing::warn!(error = %failure.error, topic = %failure.sent.topic, outbox_id = failure.sent.id, "Publishing an outbox row failed; will retry");
-            outbox::mark_failed(db, failure.sent.id, &failure.error, failure.counts).await?;
-            if let Some(failure) = self.failed.pop() {
+        if !self.failed.is_empty() {
+            // Only a failure that the row itself causes (too large, malformed) counts toward
+            // parking it, so a poison row cannot block other keys (its own key's later rows
+            // wait behind it, for an operator: see `outbox::pending`); Kafka being down or slow
+            // (the delivery timeout passed), however long, parks nothing: a parked event waits
+            // for an operator, and a parked `claim_opened` keeps its clear token meanwhile.
+            let failures: Vec<(i64, &str, bool)> =
+                self.failed.iter().map(|f| (f.sent.id, f.error.as_str(), f.counts)).collect();
+            outbox::mark_failed(db, &failures).await?;
+            let mut errors: HashMap<(&str, &str), (usize, i64)> = HashMap::new();
+            for f in &self.failed {
+                errors.entry((f.sent.topic.as_str(), f.error.as_str())).or_insert((0, f.sent.id)).0 += 1;
+            }
+            for ((topic, error), (rows, first)) in errors {
+                tracing::warn!(%error, %topic, rows, outbox_id = first, "Publishing outbox rows failed; will retry");
+            }
+            let due = tokio::time::Instant::now() + RESEND_AFTER;
+            for failure in std::mem::take(&mut self.failed) {
                 pass.failed += 1;
                 pass.unreachable += usize::from(failure.unreachable);
-                self.resend.push_back((tokio::time::Instant::now() + RESEND_AFTER, failure.sent));
+                self.resend.push_back((due, failure.sent));
             }
         }
         Ok(pass)
     }
 
-    /// Lets failed rows whose wait is over be read again.
+    /// After `sent` was published: its key's next waiting row becomes ready (the key stays
+    /// busy with it), or the key is free.
+    fn next_of_key(&mut self, sent: &Sent) {
+        self.held.remove(&sent.id);
+        let Some(key) = &sent.key else { return };
+        match self.waiting.get_mut(key).and_then(VecDeque::pop_front) {
+            Some(next) => {
+                self.busy.insert(key.clone(), next.id);
+                self.ready.push_back(next);
+            }
+            None => {
+                self.busy.remove(key);
+                self.waiting.remove(key);
+            }
+        }
+    }
+
+    /// Lets failed rows whose wait is over be read again, with their keys' waiting rows
+    /// (read again too: the failed row may have been parked meanwhile, holding them back).
     fn release_due(&mut self) {
         let now = tokio::time::Instant::now();
         while self.resend.front().is_some_and(|(due, _)| *due <= now) {
@@ -491,15 +561,14 @@ impl Relay {
         }
     }
 
-    /// Lets go of a settled row, and of the rows of its key waiting for it (read again next).
+    /// Lets go of a row not sent or not delivered, and of its key's waiting rows.
     fn release(&mut self, sent: &Sent) {
         self.held.remove(&sent.id);
-        if let Some(key) = &sent.key {
-            if self.busy.get(key) == Some(&sent.id) {
-                self.busy.remove(key);
-                for id in self.waiting.remove(key).unwrap_or_default() {
-                    self.held.remove(&id);
-                }
+        let Some(key) = &sent.key else { return };
+        if self.busy.get(key) == Some(&sent.id) {
+            self.busy.remove(key);
+            for row in self.waiting.remove(key).unwrap_or_default() {
+                self.held.remove(&row.id);
             }
         }
     }

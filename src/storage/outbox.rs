@@ -62,16 +62,22 @@ pub async fn pending(
     Ok(sqlx::query_as(PENDING.as_str()).persistent(false).bind(limit).bind(held).fetch_all(conn).await?)
 }
 
-/// Records a failed publication of a row; `counts`: the failure is the row's own and counts
-/// toward parking it.
-pub async fn mark_failed(pool: &PgPool, id: i64, error: &str, counts: bool) -> Result<(), StorageError> {
-    sqlx::query("UPDATE outbox SET attempts = attempts + CASE WHEN $3 THEN 1 ELSE 0 END, last_error = $2 WHERE id = $1")
-        .persistent(false)
-        .bind(id)
-        .bind(error)
-        .bind(counts)
-        .execute(pool)
-        .await?;
+/// Records failed publications: `(row id, error, whether the failure is the row's own and
+/// counts toward parking it)`, in one statement.
+pub async fn mark_failed(pool: &PgPool, failures: &[(i64, &str, bool)]) -> Result<(), StorageError> {
+    let ids: Vec<i64> = failures.iter().map(|f| f.0).collect();
+    let errors: Vec<&str> = failures.iter().map(|f| f.1).collect();
+    let counts: Vec<bool> = failures.iter().map(|f| f.2).collect();
+    sqlx::query(
+        "UPDATE outbox o SET attempts = o.attempts + CASE WHEN f.counts THEN 1 ELSE 0 END, last_error = f.error
+         FROM UNNEST($1::bigint[], $2::text[], $3::bool[]) AS f(id, error, counts) WHERE o.id = f.id",
+    )
+    .persistent(false)
+    .bind(ids)
+    .bind(errors)
+    .bind(counts)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

@@ -298,6 +298,8 @@ async fn a_send_that_hangs_holds_back_its_own_key_only() {
         .create()
         .unwrap();
     let stuck = insert(&db, &missing, "ORD-1", b"ORD-1 dead letter").await;
+    // Its own key's next row waits behind it.
+    let behind = insert(&db, &missing, "ORD-1", b"ORD-1 second dead letter").await;
     let mut others = Vec::new();
     for n in 0..3 {
         others.push(insert(&db, &events, "ORD-1", format!("ORD-1 event {n}").as_bytes()).await);
@@ -314,14 +316,17 @@ async fn a_send_that_hangs_holds_back_its_own_key_only() {
         stop.clone(),
     ));
     wait_until(Duration::from_secs(60), "the other rows to be published", || async {
-        (scalar(&db, "SELECT count(*) FROM outbox").await == 1).then_some(())
+        (scalar(&db, "SELECT count(*) FROM outbox").await == 2).then_some(())
     })
     .await;
     // Before the stuck send has even ended: the others did not wait for it.
-    let (id, error): (i64, Option<String>) =
-        sqlx::query_as("SELECT id, last_error FROM outbox").fetch_one(&db.pool).await.unwrap();
-    assert_eq!(id, stuck);
-    assert_eq!(error, None, "the stuck send had already failed: the others waited for it");
+    let left: Vec<(i64, Option<String>)> =
+        sqlx::query_as("SELECT id, last_error FROM outbox ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(
+        left,
+        vec![(stuck, None), (behind, None)],
+        "the stuck send had already failed: the others waited for it"
+    );
     assert!(started.elapsed() < timeout);
     let topic = events.clone();
     let sent = tokio::task::spawn_blocking(move || values(&topic)).await.unwrap();
@@ -331,10 +336,62 @@ async fn a_send_that_hangs_holds_back_its_own_key_only() {
     assert_eq!(sent.len(), 6);
     stop.cancel();
     relay.await.unwrap();
-    let error: Option<String> = sqlx::query_scalar("SELECT last_error FROM outbox WHERE id = $1")
-        .bind(stuck)
-        .fetch_one(&db.pool)
-        .await
+    let left: Vec<(i64, Option<String>)> =
+        sqlx::query_as("SELECT id, last_error FROM outbox ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    assert!(
+        left[0].1.is_some(),
+        "a relay that stops waits for its sends in flight and records them: {left:?}"
+    );
+    assert_eq!(left[1], (behind, None), "the row behind the stuck one was never sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_event_failed_sends_it_again_before_its_later_ones() {
+    use crate::support::wait_until;
+    use tokio_util::sync::CancellationToken;
+    let db = TestDb::create().await;
+    // Topics that do not exist yet: the first send fails (its delivery timeout passes).
+    let names = invoice::config::Topics::prefixed(&crate::support::unique("it-late-"));
+    let events = names.events.clone();
+    let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", crate::support::kafka_brokers())
+        .set("acks", "all")
+        .set("message.timeout.ms", "1500")
+        .create()
         .unwrap();
-    assert!(error.is_some(), "a relay that stops waits for its sends in flight and records them");
+    for n in 0..3 {
+        insert(&db, &events, "ORD-1", format!("ORD-1 event {n}").as_bytes()).await;
+    }
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(invoice::outbox::run(
+        db.pool.clone(),
+        db.url.clone(),
+        producer,
+        rebuild(),
+        Metrics::new(),
+        stop.clone(),
+    ));
+    wait_until(Duration::from_secs(30), "the first send to fail", || async {
+        let failed = scalar(&db, "SELECT count(*) FROM outbox WHERE last_error IS NOT NULL").await;
+        (failed > 0).then_some(())
+    })
+    .await;
+    let tried: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT last_error FROM outbox ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    assert!(tried[0].is_some() && tried[1..].iter().all(Option::is_none), "one send at a time: {tried:?}");
+    // The topic appears; the relay resends the failed event, then the later ones.
+    let mut specs = invoice::topics::specs(&names).unwrap();
+    for spec in &mut specs {
+        spec.partitions = 1;
+    }
+    invoice::topics::apply(&crate::support::kafka(), &specs).await.unwrap();
+    let _topics = TestTopics { names };
+    wait_until(Duration::from_secs(60), "every event to be published", || async {
+        (scalar(&db, "SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+    stop.cancel();
+    relay.await.unwrap();
+    let sent = tokio::task::spawn_blocking(move || values(&events)).await.unwrap();
+    assert_eq!(sent, vec!["ORD-1 event 0", "ORD-1 event 1", "ORD-1 event 2"]);
 }

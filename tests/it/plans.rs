@@ -282,8 +282,9 @@ async fn the_relay_reads_the_oldest_rows_by_key_and_parked_ones_through_their_in
                 .unwrap();
         }
         sqlx::query("ANALYZE outbox").execute(pool).await.unwrap();
-        // Holding nothing, or (sends in flight, rows waiting for their key) 5,000 rows.
-        for held in [0, 5000] {
+        // Holding nothing, or (sends in flight, rows waiting for their key) as many rows as
+        // the relay may hold.
+        for held in [0, 10_000] {
             let ids: Vec<i64> = (1..=held).collect();
             let query = sqlx::query(&explain).bind(1000_i64).bind(ids);
             let (plan, found) = plan_of(pool, query).await;
