@@ -109,6 +109,32 @@ fn cut_off_producer(timeout: Duration) -> rdkafka::producer::FutureProducer {
         .unwrap()
 }
 
+/// A producer to the test broker whose sends fail after `timeout` (delivered or not).
+fn producer_timing_out_after(timeout: Duration) -> rdkafka::producer::FutureProducer {
+    rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", crate::support::kafka_brokers())
+        .set("acks", "all")
+        .set("message.timeout.ms", timeout.as_millis().to_string())
+        .create()
+        .unwrap()
+}
+
+/// Runs a relay on the test database with `producer` until `stop`.
+fn spawn_relay(
+    db: &TestDb,
+    producer: rdkafka::producer::FutureProducer,
+    stop: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(invoice::outbox::run(
+        db.pool.clone(),
+        db.url.clone(),
+        producer,
+        rebuild(),
+        Metrics::new(),
+        stop.clone(),
+    ))
+}
+
 /// Builds the test's producer again (what the relay does after a fatal producer error).
 fn rebuild() -> invoice::outbox::Rebuild {
     std::sync::Arc::new(|| Ok(producer()))
@@ -291,30 +317,17 @@ async fn a_send_that_hangs_holds_back_its_own_key_only() {
     // whole delivery timeout, as one to a partition without enough in-sync replicas would.
     let missing = format!("{events}.missing");
     let timeout = Duration::from_secs(10);
-    let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", crate::support::kafka_brokers())
-        .set("acks", "all")
-        .set("message.timeout.ms", timeout.as_millis().to_string())
-        .create()
-        .unwrap();
+    let producer = producer_timing_out_after(timeout);
     let stuck = insert(&db, &missing, "ORD-1", b"ORD-1 dead letter").await;
     // Its own key's next row waits behind it.
     let behind = insert(&db, &missing, "ORD-1", b"ORD-1 second dead letter").await;
-    let mut others = Vec::new();
     for n in 0..3 {
-        others.push(insert(&db, &events, "ORD-1", format!("ORD-1 event {n}").as_bytes()).await);
-        others.push(insert(&db, &events, "ORD-2", format!("ORD-2 event {n}").as_bytes()).await);
+        insert(&db, &events, "ORD-1", format!("ORD-1 event {n}").as_bytes()).await;
+        insert(&db, &events, "ORD-2", format!("ORD-2 event {n}").as_bytes()).await;
     }
     let stop = CancellationToken::new();
     let started = tokio::time::Instant::now();
-    let relay = tokio::spawn(invoice::outbox::run(
-        db.pool.clone(),
-        db.url.clone(),
-        producer,
-        rebuild(),
-        Metrics::new(),
-        stop.clone(),
-    ));
+    let relay = spawn_relay(&db, producer, &stop);
     wait_until(Duration::from_secs(60), "the other rows to be published", || async {
         (scalar(&db, "SELECT count(*) FROM outbox").await == 2).then_some(())
     })
@@ -353,24 +366,12 @@ async fn an_order_whose_event_failed_sends_it_again_before_its_later_ones() {
     // Topics that do not exist yet: the first send fails (its delivery timeout passes).
     let names = invoice::config::Topics::prefixed(&crate::support::unique("it-late-"));
     let events = names.events.clone();
-    let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", crate::support::kafka_brokers())
-        .set("acks", "all")
-        .set("message.timeout.ms", "1500")
-        .create()
-        .unwrap();
+    let producer = producer_timing_out_after(Duration::from_millis(1500));
     for n in 0..3 {
         insert(&db, &events, "ORD-1", format!("ORD-1 event {n}").as_bytes()).await;
     }
     let stop = CancellationToken::new();
-    let relay = tokio::spawn(invoice::outbox::run(
-        db.pool.clone(),
-        db.url.clone(),
-        producer,
-        rebuild(),
-        Metrics::new(),
-        stop.clone(),
-    ));
+    let relay = spawn_relay(&db, producer, &stop);
     wait_until(Duration::from_secs(30), "the first send to fail", || async {
         let failed = scalar(&db, "SELECT count(*) FROM outbox WHERE last_error IS NOT NULL").await;
         (failed > 0).then_some(())
