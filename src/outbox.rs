@@ -403,9 +403,9 @@ impl Relay {
         let mut sent = 0;
         while let Some(row) = self.ready.pop_front() {
             // Already held, its key busy with it.
-            match self.send(producer, &row) {
+            match self.send(producer, &row, Sent::of(&row)) {
                 Ok(()) => sent += 1,
-                Err(()) => {
+                Err(_) => {
                     self.ready.push_front(row);
                     return Ok(sent);
                 }
@@ -422,9 +422,9 @@ impl Relay {
             if let Some(key) = &sending.key {
                 self.busy.insert(key.clone(), sending.id);
             }
-            match self.send(producer, &row) {
+            match self.send(producer, &row, sending) {
                 Ok(()) => sent += 1,
-                Err(()) => {
+                Err(sending) => {
                     // Not handed over: it is read again.
                     self.release(&sending);
                     break;
@@ -434,15 +434,15 @@ impl Relay {
         Ok(sent)
     }
 
-    /// Hands a held row to the producer; `Err` when its queue is full (nothing was sent).
-    fn send(&mut self, producer: &FutureProducer, row: &outbox::Pending) -> Result<(), ()> {
-        let sending = Sent::of(row);
+    /// Hands a held row to the producer; `Err` (with `sending` back) when its queue is full
+    /// and nothing was sent.
+    fn send(&mut self, producer: &FutureProducer, row: &outbox::Pending, sending: Sent) -> Result<(), Sent> {
         match producer.send_result(record(row)) {
             Ok(delivery) => {
                 self.in_flight.push(async move { (sending, delivery.await) }.boxed());
                 Ok(())
             }
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(sending),
             Err((error, _)) => {
                 self.fail(failure(sending, &error));
                 Ok(())
